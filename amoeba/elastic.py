@@ -1,0 +1,475 @@
+"""The elastic model: any depth and width of a stock Hugging Face Llama-family model, no fork.
+
+How it works, on the installed transformers:
+
+- **Depth.** A forward pre-hook on the decoder swaps its ``layers`` list for the kept layers (and
+  renumbers their cache slots and ``config.layer_types`` to match); a forward hook that always runs
+  puts the full list back. Parameters of every layer stay registered, so optimizers, ``state_dict``
+  and DDP see the whole model, while skipped layers get no gradient.
+- **Width.** Each layer's KV groups (a KV head with its query heads; plain heads for MHA) and MLP
+  channels are ordered by importance once (a function-preserving permutation of weight rows and
+  columns). Width ``r`` is then a prefix: q/k/v/gate/up use ``weight[:k]`` and o/down use
+  ``weight[:, :k]``, so a narrower subnet does less arithmetic. The projections are the original
+  modules with their class swapped for an elastic subclass, so ``state_dict`` keys do not change.
+- **Masks** only where a weight cannot be sliced (bitsandbytes 4/8-bit): the same kept sets, the same
+  result, full-size arithmetic.
+- **One shared state**: every elastic projection reads the current subnet's sizes from a single
+  :class:`ElasticState`; setting a subnet is O(layers), no loop over modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amoeba.args import width_key
+from amoeba.errors import UsageError
+from amoeba.subnet import Subnet, Width
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
+ATTN_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_ROLES = ("gate_proj", "up_proj", "down_proj")
+OUT_SLICED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+IN_SLICED = ("o_proj", "down_proj")
+
+
+@dataclass
+class WidthPlan:
+    """Per-layer kept KV groups and MLP channels for one width key, with optional FLAP biases.
+
+    ``bias[(layer, role)]`` (role ``o_proj`` or ``down_proj``) is added to that module's output: the
+    mean contribution of the removed heads/channels (FLAP's bias compensation).
+    """
+
+    groups: tuple[int, ...]
+    channels: tuple[int, ...]
+    bias: Optional[dict[tuple[int, str], torch.Tensor]] = None
+
+
+class ElasticState:
+    """The current subnet as every elastic projection sees it (one object per model)."""
+
+    def __init__(self, num_layers: int):
+        # dims[layer] = None when the layer runs at full width, else (q_out, kv_out, mlp_channels)
+        self.dims: list[Optional[tuple[int, int, int]]] = [None] * num_layers
+        self.bias: list[dict[str, torch.Tensor]] = [{} for _ in range(num_layers)]
+        self.sliceable = True
+        # Kept unit order per layer (original indices, most important first); used by masks.
+        self.group_order: list[torch.Tensor] = []
+        self.channel_order: list[torch.Tensor] = []
+        self.head_dim = 0
+        self.queries_per_group = 1
+        self._mask_cache: dict = {}
+        self._bias_cache: dict = {}
+
+    def out_in(self, layer: int, role: str) -> tuple[Optional[int], Optional[int]]:
+        """(kept output size or None, kept input size or None) of one projection now."""
+        d = self.dims[layer]
+        if d is None:
+            return None, None
+        q_out, kv_out, ch = d
+        if role == "q_proj":
+            return q_out, None
+        if role in ("k_proj", "v_proj"):
+            return kv_out, None
+        if role == "o_proj":
+            return None, q_out
+        if role in ("gate_proj", "up_proj"):
+            return ch, None
+        return None, ch  # down_proj
+
+    def unit_mask(self, layer: int, role: str, size: int, kept: int, device, dtype) -> torch.Tensor:
+        """0/1 vector over ``size`` features keeping the ``kept`` most important ones (mask mode)."""
+        key = (layer, role, size, kept, device, dtype)
+        m = self._mask_cache.get(key)
+        if m is None:
+            if role in ("gate_proj", "up_proj", "down_proj"):
+                order, unit = self.channel_order[layer], 1
+            elif role == "q_proj" or role == "o_proj":
+                order, unit = self.group_order[layer], self.head_dim * self.queries_per_group
+            else:
+                order, unit = self.group_order[layer], self.head_dim
+            units = order[: kept // unit]
+            m = torch.zeros(size // unit, dtype=dtype, device=device)
+            m[units.to(device)] = 1
+            m = m.repeat_interleave(unit)
+            self._mask_cache[key] = m
+        return m
+
+    def output_bias(self, layer: int, role: str, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The FLAP bias of this projection under the current subnet, cast like ``like``."""
+        b = self.bias[layer].get(role)
+        if b is None:
+            return None
+        key = (id(b), like.device, like.dtype)
+        cached = self._bias_cache.get(key)
+        if cached is None:
+            cached = b.to(device=like.device, dtype=like.dtype)
+            self._bias_cache[key] = cached
+        return cached
+
+
+class ElasticLinearMixin:
+    """Mixed into the class of each q/k/v/o/gate/up/down projection (see :func:`_make_elastic_class`).
+
+    ``amoeba_state``/``amoeba_layer``/``amoeba_role`` locate the module; ``amoeba_adapter``, when set,
+    is called as ``adapter(x, out_k)`` on the (possibly narrowed) input and returns the output delta.
+    """
+
+    amoeba_state: ElasticState
+    amoeba_layer: int
+    amoeba_role: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 (documented on the class)
+        st = self.amoeba_state
+        out_k, in_k = st.out_in(self.amoeba_layer, self.amoeba_role)
+        if out_k is None and in_k is None:
+            y = super().forward(x)
+        elif st.sliceable:
+            weight, bias = self.weight, self.bias
+            if out_k is not None:
+                weight = weight[:out_k]
+                bias = bias[:out_k] if bias is not None else None
+            if in_k is not None:
+                weight = weight[:, :in_k]
+            y = F.linear(x, weight, bias)
+        else:
+            if in_k is not None:
+                x = x * st.unit_mask(self.amoeba_layer, self.amoeba_role, x.shape[-1], in_k, x.device, x.dtype)
+            y = super().forward(x)
+            if out_k is not None:
+                y = y * st.unit_mask(self.amoeba_layer, self.amoeba_role, y.shape[-1], out_k, y.device, y.dtype)
+        adapter = self._modules.get("amoeba_adapter")
+        if adapter is not None:
+            y = y + adapter(x, out_k)
+        extra = st.output_bias(self.amoeba_layer, self.amoeba_role, y)
+        if extra is not None:
+            y = y + extra
+        return y
+
+
+_ELASTIC_CLASSES: dict[type, type] = {}
+
+
+def _make_elastic_class(base: type) -> type:
+    """An elastic subclass of a linear class (cached), so isinstance checks and state_dict keep working."""
+    cls = _ELASTIC_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"Elastic{base.__name__}", (ElasticLinearMixin, base), {"__module__": __name__})
+        _ELASTIC_CLASSES[base] = cls
+    return cls
+
+
+def _is_dense_linear(module: nn.Module) -> bool:
+    """True when the weight is a plain 2-D parameter that can be sliced (not packed 4/8-bit)."""
+    w = getattr(module, "weight", None)
+    return type(w) is nn.Parameter and w.dim() == 2
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
+    """The decoder (the module holding ``layers``) of a causal LM, through PEFT wrappers too."""
+    m = model
+    for _ in range(4):
+        if hasattr(m, "layers") and isinstance(m.layers, nn.ModuleList):
+            return m
+        inner = getattr(m, "model", None) or getattr(m, "base_model", None)
+        if inner is None or inner is m:
+            break
+        m = inner
+    raise UsageError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+class ElasticModel:
+    """Run any subnet of a Llama-family causal LM. Create with :func:`make_elastic`.
+
+    The wrapped ``model`` stays a normal ``transformers`` model: call it, train it, evaluate it; it
+    runs whatever subnet was set last (the full model at first).
+    """
+
+    def __init__(self, model: nn.Module):
+        config = model.config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UsageError(
+                f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
+                "--model_name_or_path")
+        self.model = model
+        self.config = config
+        self.decoder = find_decoder(model)
+        self.all_layers: nn.ModuleList = self.decoder.layers
+        self.num_layers = len(self.all_layers)
+        attn0 = self.all_layers[0].self_attn
+        self.head_dim = int(getattr(attn0, "head_dim", config.hidden_size // config.num_attention_heads))
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_groups = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        if self.num_heads % self.num_kv_groups:
+            raise UsageError(f"{self.num_heads} query heads do not split into {self.num_kv_groups} KV groups")
+        self.queries_per_group = self.num_heads // self.num_kv_groups
+        self.intermediate_size = int(self.all_layers[0].mlp.gate_proj.out_features)
+        self.state = ElasticState(self.num_layers)
+        self.state.head_dim = self.head_dim
+        self.state.queries_per_group = self.queries_per_group
+        self.state.group_order = [torch.arange(self.num_kv_groups) for _ in range(self.num_layers)]
+        self.state.channel_order = [torch.arange(self.intermediate_size) for _ in range(self.num_layers)]
+        self.width_plans: dict[float, WidthPlan] = {}
+        self._subnet = Subnet.full(self.num_layers)
+        self._kept: Optional[nn.ModuleList] = None
+        self._orig_layer_types = list(getattr(config, "layer_types", None) or []) or None
+        self._wrap_projections()
+        self.decoder.register_forward_pre_hook(self._enter_depth)
+        self.decoder.register_forward_hook(self._leave_depth, always_call=True)
+
+    # ------------------------------------------------------------------ structure
+    def projections(self, layer: int) -> dict[str, nn.Module]:
+        """The seven projections of one decoder layer, by role."""
+        blk = self.all_layers[layer]
+        mods = {r: getattr(blk.self_attn, r) for r in ATTN_ROLES}
+        mods.update({r: getattr(blk.mlp, r) for r in MLP_ROLES})
+        return mods
+
+    def _wrap_projections(self) -> None:
+        sliceable = True
+        for i in range(self.num_layers):
+            for role, mod in self.projections(i).items():
+                if not isinstance(mod, ElasticLinearMixin):
+                    sliceable &= _is_dense_linear(mod)
+                    mod.__class__ = _make_elastic_class(type(mod))
+                mod.amoeba_state, mod.amoeba_layer, mod.amoeba_role = self.state, i, role
+        self.state.sliceable = sliceable
+        logger.info("elastic model: %d layers, %d KV groups x %d queries, head dim %d, MLP %d, %s width",
+                    self.num_layers, self.num_kv_groups, self.queries_per_group, self.head_dim,
+                    self.intermediate_size, "sliced" if sliceable else "masked")
+
+    @property
+    def sliceable(self) -> bool:
+        """True when width is taken by slicing weights (dense), False when by masks (4/8-bit)."""
+        return self.state.sliceable
+
+    # ------------------------------------------------------------------ depth hooks
+    def _enter_depth(self, module, args):
+        if self._kept is None:
+            return
+        module.layers = self._kept
+        for pos, blk in enumerate(self._kept):
+            _set_layer_idx(blk, pos)
+        if self._orig_layer_types is not None:
+            self.config.layer_types = [self._orig_layer_types[i] for i in self._subnet.layers]
+
+    def _leave_depth(self, module, args, output):
+        if self._kept is None:
+            return
+        module.layers = self.all_layers
+        for idx in self._subnet.layers:
+            _set_layer_idx(self.all_layers[idx], idx)
+        if self._orig_layer_types is not None:
+            self.config.layer_types = list(self._orig_layer_types)
+
+    # ------------------------------------------------------------------ subnets
+    @property
+    def subnet(self) -> Subnet:
+        """The subnet the model runs now."""
+        return self._subnet
+
+    def full_subnet(self) -> Subnet:
+        """The whole model as a subnet."""
+        return Subnet.full(self.num_layers)
+
+    def layer_sizes(self, subnet: Subnet) -> list[tuple[int, int]]:
+        """(kept KV groups, kept MLP channels) of every kept layer of ``subnet``."""
+        if isinstance(subnet.width, tuple):
+            return [self._uniform_sizes(w) for w in subnet.width]
+        plan = self.width_plans.get(subnet.width)
+        if plan is not None:
+            return [(plan.groups[i], plan.channels[i]) for i in subnet.layers]
+        return [self._uniform_sizes(subnet.width)] * subnet.num_layers
+
+    def _uniform_sizes(self, ratio: float) -> tuple[int, int]:
+        groups = max(1, int(ratio * self.num_kv_groups + 0.5))
+        channels = max(1, int(ratio * self.intermediate_size + 0.5))
+        return groups, channels
+
+    def check(self, subnet: Subnet) -> None:
+        """Raise UsageError when ``subnet`` does not fit this model."""
+        if subnet.layers[-1] >= self.num_layers:
+            raise UsageError(f"layer {subnet.layers[-1]} asked, the model has {self.num_layers} layers")
+
+    def set_subnet(self, subnet: Subnet) -> None:
+        """Make the model run ``subnet`` from now on."""
+        self.check(subnet)
+        st = self.state
+        plan = None if isinstance(subnet.width, tuple) else self.width_plans.get(subnet.width)
+        st.dims = [None] * self.num_layers
+        st.bias = [{} for _ in range(self.num_layers)]
+        for layer, (groups, channels) in zip(subnet.layers, self.layer_sizes(subnet)):
+            if groups < self.num_kv_groups or channels < self.intermediate_size:
+                q_out = groups * self.queries_per_group * self.head_dim
+                st.dims[layer] = (q_out, groups * self.head_dim, channels)
+            if plan is not None and plan.bias:
+                for role in IN_SLICED:
+                    b = plan.bias.get((layer, role))
+                    if b is not None:
+                        st.bias[layer][role] = b
+        full_depth = subnet.num_layers == self.num_layers
+        self._kept = None if full_depth else nn.ModuleList([self.all_layers[i] for i in subnet.layers])
+        self._subnet = subnet
+
+    @contextlib.contextmanager
+    def use(self, subnet: Subnet) -> Iterator[None]:
+        """Run ``subnet`` inside the block, then restore the previous one."""
+        previous = self._subnet
+        self.set_subnet(subnet)
+        try:
+            yield
+        finally:
+            self.set_subnet(previous)
+
+    # ------------------------------------------------------------------ width plans and order
+    def add_width_plan(self, ratio: float, groups: Sequence[int], channels: Sequence[int],
+                       bias: Optional[dict[tuple[int, str], torch.Tensor]] = None) -> None:
+        """Register per-layer kept sizes (and FLAP biases) under the width key ``ratio``."""
+        groups, channels = tuple(int(g) for g in groups), tuple(int(c) for c in channels)
+        if len(groups) != self.num_layers or len(channels) != self.num_layers:
+            raise UsageError(f"width plan {ratio:g} covers {len(groups)} layers, the model has {self.num_layers}")
+        if min(groups) < 1 or max(groups) > self.num_kv_groups:
+            raise UsageError(f"width plan {ratio:g}: KV groups per layer must lie in [1, {self.num_kv_groups}]")
+        if min(channels) < 1 or max(channels) > self.intermediate_size:
+            raise UsageError(f"width plan {ratio:g}: MLP channels per layer must lie in [1, "
+                             f"{self.intermediate_size}]")
+        self.width_plans[width_key(ratio)] = WidthPlan(groups, channels, dict(bias) if bias else None)
+
+    def reorder(self, group_order: Sequence[torch.Tensor], channel_order: Sequence[torch.Tensor]) -> None:
+        """Put each layer's KV groups and MLP channels in the given order (most important first).
+
+        Orders are in the current unit order. Dense weights are permuted (function-preserving); packed
+        weights keep their layout and the order drives the masks instead.
+        """
+        if len(group_order) != self.num_layers or len(channel_order) != self.num_layers:
+            raise ValueError("one group order and one channel order per layer are needed")
+        for i in range(self.num_layers):
+            g = torch.as_tensor(group_order[i], dtype=torch.long).cpu()
+            c = torch.as_tensor(channel_order[i], dtype=torch.long).cpu()
+            _check_perm(g, self.num_kv_groups, f"layer {i} group order")
+            _check_perm(c, self.intermediate_size, f"layer {i} channel order")
+            if self.sliceable:
+                self._permute_layer(i, g, c)
+            self.state.group_order[i] = self.state.group_order[i][g]
+            self.state.channel_order[i] = self.state.channel_order[i][c]
+        self.state._mask_cache.clear()
+
+    @torch.no_grad()
+    def _permute_layer(self, i: int, g: torch.Tensor, c: torch.Tensor) -> None:
+        p = self.projections(i)
+        hd, rep = self.head_dim, self.queries_per_group
+        q_rows = (g[:, None] * rep * hd + torch.arange(rep * hd)[None, :]).reshape(-1)
+        kv_rows = (g[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+        for role, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows),
+                           ("gate_proj", c), ("up_proj", c)):
+            _permute_rows(p[role], rows)
+        _permute_cols(p["o_proj"], q_rows)
+        _permute_cols(p["down_proj"], c)
+
+    def group_kept_mask(self, layer: int, groups: int) -> torch.Tensor:
+        """Boolean mask over the original KV groups of ``layer`` kept at ``groups`` groups."""
+        m = torch.zeros(self.num_kv_groups, dtype=torch.bool)
+        m[self.state.group_order[layer][:groups]] = True
+        return m
+
+    def channel_kept_mask(self, layer: int, channels: int) -> torch.Tensor:
+        """Boolean mask over the original MLP channels of ``layer`` kept at ``channels`` channels."""
+        m = torch.zeros(self.intermediate_size, dtype=torch.bool)
+        m[self.state.channel_order[layer][:channels]] = True
+        return m
+
+    # ------------------------------------------------------------------ accounting
+    def param_count(self, subnet: Optional[Subnet] = None) -> int:
+        """Parameters that ``subnet`` (default: the current one) uses, as an exported model would hold."""
+        subnet = subnet or self._subnet
+        total = sum(p.numel() for n, p in self.model.named_parameters()
+                    if ".layers." not in n and "amoeba_adapter" not in n and "lora_" not in n)
+        out_emb = self.model.get_output_embeddings()
+        if out_emb is not None and out_emb.weight is self.model.get_input_embeddings().weight:
+            pass  # tied: counted once by named_parameters already
+        hidden = self.config.hidden_size
+        for layer, (groups, channels) in zip(subnet.layers, self.layer_sizes(subnet)):
+            p = self.projections(layer)
+            q_out = groups * self.queries_per_group * self.head_dim
+            kv_out = groups * self.head_dim
+            n = hidden * q_out * 2 + hidden * kv_out * 2 + hidden * channels * 3
+            for role, size in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out),
+                               ("gate_proj", channels), ("up_proj", channels)):
+                if getattr(p[role], "bias", None) is not None:
+                    n += size
+            for role in IN_SLICED:
+                if getattr(p[role], "bias", None) is not None:
+                    n += hidden
+            blk = self.all_layers[layer]
+            n += sum(prm.numel() for name, prm in blk.named_parameters()
+                     if not any(r in name for r in ATTN_ROLES + MLP_ROLES))
+            total += n
+        return int(total)
+
+
+def _set_layer_idx(block: nn.Module, idx: int) -> None:
+    """Point a decoder layer's KV-cache slot at ``idx`` (depth changes renumber kept layers)."""
+    if hasattr(block, "self_attn") and hasattr(block.self_attn, "layer_idx"):
+        block.self_attn.layer_idx = idx
+    if hasattr(block, "layer_idx"):
+        block.layer_idx = idx
+
+
+def _check_perm(p: torch.Tensor, n: int, what: str) -> None:
+    if p.numel() != n or not torch.equal(torch.sort(p).values, torch.arange(n)):
+        raise ValueError(f"{what} is not a permutation of {n} units")
+
+
+def _permute_rows(lin: nn.Module, rows: torch.Tensor) -> None:
+    lin.weight.data = lin.weight.data[rows.to(lin.weight.device)].contiguous()
+    if getattr(lin, "bias", None) is not None:
+        lin.bias.data = lin.bias.data[rows.to(lin.bias.device)].contiguous()
+
+
+def _permute_cols(lin: nn.Module, cols: torch.Tensor) -> None:
+    lin.weight.data = lin.weight.data[:, cols.to(lin.weight.device)].contiguous()
+
+
+def make_elastic(model: nn.Module) -> ElasticModel:
+    """Make ``model`` elastic (idempotent) and return its :class:`ElasticModel` handle."""
+    existing = getattr(model, "_amoeba_elastic", None)
+    if existing is not None:
+        return existing
+    em = ElasticModel(model)
+    object.__setattr__(model, "_amoeba_elastic", em)  # not a submodule: keep state_dict unchanged
+    return em
+
+
+def get_elastic(model: nn.Module) -> ElasticModel:
+    """The :class:`ElasticModel` handle of a model made elastic earlier."""
+    em = getattr(model, "_amoeba_elastic", None)
+    if em is None:
+        raise ValueError("the model is not elastic; call make_elastic(model) first")
+    return em
+
+
+def subnet_for(em: ElasticModel, num_layers: int, width: Width,
+               layer_masks: Optional[dict[int, Sequence]] = None, flag: str = "--eval_num_layer") -> Subnet:
+    """Build the subnet of ``num_layers`` layers: from the strategy's masks {removed: mask} if given,
+    else the first layers (the seed's ``first_layers``)."""
+    if not 1 <= num_layers <= em.num_layers:
+        raise UsageError(f"{num_layers} layers asked, the model has {em.num_layers}", flag)
+    removed = em.num_layers - num_layers
+    if removed == 0:
+        return Subnet(tuple(range(em.num_layers)), width)
+    if layer_masks is not None:
+        if removed not in layer_masks:
+            have = sorted(em.num_layers - k for k in layer_masks)
+            raise UsageError(f"the strategy has no {num_layers}-layer subnet (it has {have})", flag)
+        return Subnet.from_mask(layer_masks[removed], width)
+    return Subnet(tuple(range(num_layers)), width)

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random Llama-family models (MHA and GQA), the real model, offline data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+REAL_MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
+
+# Tests read real benchmark files from ../shared/data unless told otherwise.
+os.environ.setdefault("AMOEBA_DATA_DIR", str(SHARED_DATA))
+
+
+def tiny_config(kind: str = "gqa", layers: int = 4, **overrides):
+    """A tiny random config. kind: gqa (Llama-3 style), mha (Llama-2 style), qwen2, qwen3, mistral."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+                  tie_word_embeddings=False)
+    common.update(overrides)
+    if kind == "mha":
+        common["num_key_value_heads"] = common["num_attention_heads"]
+        return LlamaConfig(**common)
+    if kind == "gqa":
+        return LlamaConfig(**common)
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    if kind == "qwen3":
+        return Qwen3Config(head_dim=8, **common)
+    if kind == "mistral":
+        return MistralConfig(**common)
+    raise ValueError(kind)
+
+
+def tiny_model(kind: str = "gqa", layers: int = 4, seed: int = 0, **overrides):
+    """A tiny random causal LM in eval mode, fp32, with non-trivial weights everywhere."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, layers, **overrides), dtype=torch.float32)
+    with torch.no_grad():  # random norms and biases, so tests cannot pass by symmetry
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def tokens():
+    """A small batch of token ids."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 128, (2, 12), generator=g)
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """The real SmolLM2-135M-Instruct folder (materialised once; skipped if the package is missing)."""
+    from amoeba.default_model import is_materialized, materialize_default_model, packaged_gguf
+    from amoeba.errors import UsageError
+
+    if not is_materialized(REAL_MODEL_DIR):
+        try:
+            packaged_gguf()
+        except UsageError as err:
+            pytest.skip(str(err))
+        materialize_default_model(REAL_MODEL_DIR)
+    return REAL_MODEL_DIR
