@@ -21,7 +21,7 @@ def tiny_config(kind: str = "gqa", layers: int = 4, **overrides):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=128,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
                   tie_word_embeddings=False)
     common.update(overrides)
     if kind == "mha":
