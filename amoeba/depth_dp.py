@@ -1,0 +1,571 @@
+"""Stage 1a: which layers to drop at every depth, chosen by dynamic programming (DESIGN.md 1a).
+
+The table follows the seed exactly. ``N`` candidate layers (the last ``--dp_keep_last_layer`` are never
+removed), at most ``M = layers - --min_num_layer`` removed. ``d[n][m]`` is the best calibration score
+with ``m`` layers removed among the last ``n`` candidates; at ``(n, m)`` the candidate removes layer
+``N - n`` on top of the solution at ``(n-1, m-1)`` and replaces the solution at ``(n-1, m)`` only when
+it scores strictly better. The result per ``m`` is a 0/1 mask over all layers.
+
+Speed: every candidate at step ``n`` keeps layers ``0..N-n-1``, so the model runs once over the
+calibration batches while the input hidden states of every layer are kept; a candidate whose first
+removed layer is ``f`` then starts from the stored input of layer ``f`` and runs only the kept layers
+after it. The layers are called with the keyword arguments captured in that full run (rotary
+embeddings, attention masks), so this works on stock transformers models without knowing their
+internals, and gives the same numbers as running each candidate from the embeddings (``naive=True``).
+
+Also here: the ShortGPT baseline (Block Influence, :func:`block_influence`, :func:`shortgpt_masks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from amoeba.errors import UsageError
+from amoeba.files import atomic_path, write_json, write_text
+from amoeba.text_data import is_local_text_file, load_text, model_device, token_windows, window_nll
+
+logger = logging.getLogger(__name__)
+
+TEXT_DATASETS = ("wikitext2", "c4", "wiki")
+CALIB_DATASETS = ("mmlu",) + TEXT_DATASETS
+
+
+# ----------------------------------------------------------------------------------------------
+# The dynamic program
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DPResult:
+    """The filled DP table and the per-depth answer.
+
+    ``strategy``: float array ``[N+1, M+1, layers]`` of kept-layer masks over all layers (cells that
+    cannot exist, ``m > n``, are all zero); ``metric``: ``d`` as float array ``[N+1, M+1]`` (``inf``/
+    ``-inf`` where no subnet was scored); ``final``: the seed's ``{'strategy': {m: mask}, 'metric':
+    {m: score}}`` for ``m = 1..M``.
+    """
+
+    num_layers: int
+    candidates: int
+    max_removed: int
+    keep_last: int
+    higher_is_better: bool
+    strategy: np.ndarray
+    metric: np.ndarray
+    final: dict
+    evaluations: int = 0
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def kept_layers(self, removed: int) -> list[int]:
+        """Indices of the layers kept when ``removed`` layers are dropped."""
+        if removed == 0:
+            return list(range(self.num_layers))
+        return [int(i) for i in np.flatnonzero(self.final["strategy"][removed] > 0.5)]
+
+
+def dp_size(num_layers: int, min_num_layer: int, keep_last: int) -> tuple[int, int]:
+    """``(N, M)``: removable candidate layers and the most layers removed; bad values raise UsageError."""
+    if not 1 <= min_num_layer < num_layers:
+        raise UsageError(f"{min_num_layer} must be at least 1 and smaller than the model's {num_layers} layers",
+                         "--min_num_layer")
+    if keep_last >= num_layers:
+        raise UsageError(f"{keep_last} would keep all {num_layers} layers of the model", "--dp_keep_last_layer")
+    n = num_layers - keep_last if keep_last > 0 else num_layers
+    m = num_layers - min_num_layer
+    if m > n:
+        raise UsageError(f"{m} layers must go to reach {min_num_layer}, but only the first {n} may be removed "
+                         f"(--dp_keep_last_layer {keep_last})", "--min_num_layer")
+    return n, m
+
+
+def select_layers_dp(num_layers: int, min_num_layer: int, keep_last: int,
+                     score: Callable[[np.ndarray], float], higher_is_better: bool,
+                     progress: bool = True) -> DPResult:
+    """Fill the seed's DP table, scoring each candidate mask (over all layers) with ``score``."""
+    n_cand, m_max = dp_size(num_layers, min_num_layer, keep_last)
+    tail = np.ones(num_layers - n_cand)
+    worst = -math.inf if higher_is_better else math.inf
+    d = np.full((n_cand + 1, m_max + 1), worst, dtype=np.float64)
+    masks = np.zeros((n_cand + 1, m_max + 1, n_cand), dtype=np.float64)
+    masks[:, 0] = 1.0  # nothing removed yet: every candidate layer active
+
+    def better(new: float, old: float) -> bool:
+        if math.isnan(new):
+            return False
+        return new > old if higher_is_better else new < old
+
+    evaluations = 0
+    start = time.perf_counter()
+    bar = tqdm(range(1, n_cand + 1), desc="layer DP", disable=not progress)
+    for n in bar:
+        for m in range(1, min(n, m_max) + 1):
+            candidate = masks[n - 1, m - 1].copy()
+            candidate[n_cand - n] = 0.0
+            current = float(score(np.concatenate([candidate, tail])))
+            evaluations += 1
+            if better(current, d[n - 1, m]) or m == n:  # m == n: the only way to remove n of n layers
+                d[n, m] = current
+                masks[n, m] = candidate
+            else:
+                d[n, m] = d[n - 1, m]
+                masks[n, m] = masks[n - 1, m]
+        bar.set_postfix(best=f"{d[n, min(n, m_max)]:.4g}")
+    seconds = time.perf_counter() - start
+    full = np.concatenate([masks, np.broadcast_to(tail, masks.shape[:2] + tail.shape)], axis=2)
+    impossible = np.arange(m_max + 1)[None, :] > np.arange(n_cand + 1)[:, None]
+    full[impossible] = 0.0
+    final = {"strategy": {m: full[n_cand, m].copy() for m in range(1, m_max + 1)},
+             "metric": {m: float(d[n_cand, m]) for m in range(1, m_max + 1)}}
+    return DPResult(num_layers, n_cand, m_max, max(keep_last, 0), higher_is_better, full, d, final,
+                    evaluations, seconds)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running subnets on the calibration set: naive (from the embeddings) or from cached hidden states
+# ----------------------------------------------------------------------------------------------
+class CalibrationMetric:
+    """How a batch's final (normed) hidden states become a score. Subclasses define the three methods."""
+
+    higher_is_better = False
+    name = "metric"
+
+    def batch_stats(self, hidden: torch.Tensor, batch: dict):  # pragma: no cover - interface
+        """Statistics of one batch from its final normed hidden states ``[b, t, h]``."""
+        raise NotImplementedError
+
+    def finish(self, stats: list) -> float:  # pragma: no cover - interface
+        """The score from all batches' statistics."""
+        raise NotImplementedError
+
+
+class PerplexityMetric(CalibrationMetric):
+    """Perplexity of full token windows (lower is better)."""
+
+    name = "ppl"
+
+    def __init__(self, lm_head: nn.Module):
+        self.lm_head = lm_head
+
+    def batch_stats(self, hidden, batch):
+        return window_nll(self.lm_head(hidden), batch["input_ids"])
+
+    def finish(self, stats):
+        nll = sum(s[0] for s in stats)
+        count = sum(s[1] for s in stats)
+        return math.exp(nll / count)
+
+
+class MMLUMetric(CalibrationMetric):
+    """MMLU accuracy (mean of per-subject accuracies) or loss from the answer-letter logits at each
+    prompt's last token, computed as :func:`amoeba.mmlu.score_mmlu` does."""
+
+    def __init__(self, lm_head: nn.Module, letters: Sequence[int], examples: Sequence, use_loss: bool):
+        self.lm_head = lm_head
+        self.letters = torch.tensor(list(letters))
+        self.examples = list(examples)
+        self.use_loss = use_loss
+        self.higher_is_better = not use_loss
+        self.name = "mmlu_loss" if use_loss else "mmlu_acc"
+
+    def batch_stats(self, hidden, batch):
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, batch["last"].to(hidden.device)]
+        logits = self.lm_head(last)[:, self.letters.to(hidden.device)].float().cpu()
+        return batch["index"], logits
+
+    def finish(self, stats):
+        logits = torch.empty(len(self.examples), 4)
+        for index, part in stats:
+            logits[index] = part
+        answers = torch.tensor([e.answer for e in self.examples])
+        if self.use_loss:
+            return float(F.cross_entropy(logits, answers))
+        hits: dict[str, list[bool]] = defaultdict(list)
+        for e, p in zip(self.examples, logits.argmax(-1).tolist()):
+            hits[e.subject].append(p == e.answer)
+        return float(sum(sum(h) / len(h) for h in hits.values()) / len(hits))
+
+
+def _final_norm(decoder: nn.Module) -> nn.Module:
+    norm = getattr(decoder, "norm", None)
+    if norm is None:
+        raise UsageError(f"{type(decoder).__name__} has no final norm; the layer DP supports Llama-family models")
+    return norm
+
+
+class LayerDropScorer:
+    """Scores kept-layer masks on fixed calibration batches.
+
+    ``naive=True`` runs every candidate through the whole (elastic) model from the embeddings.
+    Otherwise the per-layer inputs of one full run are kept (on ``store_device``) and a candidate
+    runs only from its first removed layer on.
+    """
+
+    def __init__(self, model: nn.Module, batches: list[dict], metric: CalibrationMetric, naive: bool = False,
+                 store_device: Optional[torch.device] = None, progress: bool = True):
+        from amoeba.elastic import make_elastic
+
+        self.model = model
+        self.em = make_elastic(model)
+        self.decoder = self.em.decoder
+        self.layers = list(self.em.all_layers)
+        self.norm = _final_norm(self.decoder)
+        self.batches = batches
+        self.metric = metric
+        self.naive = naive
+        self.device = model_device(model)
+        self.higher_is_better = metric.higher_is_better
+        self.calls = 0
+        self.layer_calls = 0
+        self._inputs: list[list[torch.Tensor]] = []  # [batch][layer] input hidden states (+ final output)
+        self._kwargs: list[list[dict]] = []
+        self._positional: list[bool] = []
+        self.store_device = store_device
+        if not naive:
+            self._capture(progress)
+
+    # -- naive ------------------------------------------------------------------------------
+    def _run_naive(self, mask: np.ndarray, batch: dict) -> torch.Tensor:
+        from amoeba.subnet import Subnet
+
+        with self.em.use(Subnet.from_mask(mask, 1.0)):
+            out = self.decoder(**_model_inputs(batch, self.device), use_cache=False)
+        self.layer_calls += int((mask > 0.5).sum())
+        return out.last_hidden_state
+
+    # -- cached -----------------------------------------------------------------------------
+    def _capture(self, progress: bool) -> None:
+        """One full run: keep every layer's input hidden states and keyword arguments."""
+        from amoeba.subnet import Subnet
+
+        store = self.store_device or self._choose_store_device()
+        current: dict = {}
+        handles = []
+
+        def pre_hook(index):
+            def hook(module, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                current["inputs"].append(hidden.detach().to(store))
+                current["kwargs"].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+                current["positional"] = bool(args)
+            return hook
+
+        def last_hook(module, args, output):
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            current["inputs"].append(hidden.detach().to(store))
+
+        for i, layer in enumerate(self.layers):
+            handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
+        handles.append(self.layers[-1].register_forward_hook(last_hook))
+        try:
+            with torch.no_grad(), self.em.use(Subnet.full(len(self.layers))):
+                for batch in tqdm(self.batches, desc="hidden states", disable=not progress, leave=False):
+                    current.update(inputs=[], kwargs=[], positional=True)
+                    self.decoder(**_model_inputs(batch, self.device), use_cache=False)
+                    if len(current["inputs"]) != len(self.layers) + 1:
+                        raise RuntimeError("the decoder did not call every layer once; cannot cache its inputs")
+                    self._inputs.append(current["inputs"])
+                    self._kwargs.append(current["kwargs"])
+                    self._positional.append(current["positional"])
+        finally:
+            for h in handles:
+                h.remove()
+        self.store_device = store
+        size = sum(t.numel() * t.element_size() for per in self._inputs for t in per)
+        logger.info("cached %d layer inputs x %d batches (%.1f MB on %s)", len(self.layers) + 1, len(self.batches),
+                    size / 2**20, store)
+
+    def _choose_store_device(self) -> torch.device:
+        """The model's device when the cached states fit comfortably in its free memory, else the CPU."""
+        if self.device.type != "cuda":
+            return self.device
+        elem = next(self.model.parameters()).element_size()
+        tokens = sum(int(b["input_ids"].numel()) for b in self.batches)
+        need = tokens * self.model.config.hidden_size * (len(self.layers) + 1) * elem
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if need < 0.5 * free:
+            return self.device
+        logger.info("keeping %.1f GB of cached hidden states in CPU memory", need / 2**30)
+        return torch.device("cpu")
+
+    def _run_cached(self, mask: np.ndarray, b: int) -> torch.Tensor:
+        removed = np.flatnonzero(mask < 0.5)
+        first = int(removed[0]) if removed.size else len(self.layers)
+        hidden = self._inputs[b][first].to(self.device)
+        for k in range(first + 1, len(self.layers)):
+            if mask[k] < 0.5:
+                continue
+            kwargs = self._kwargs[b][k]
+            out = self.layers[k](hidden, **kwargs) if self._positional[b] else \
+                self.layers[k](hidden_states=hidden, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            self.layer_calls += 1
+        return self.norm(hidden)
+
+    # -- scoring ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, mask: np.ndarray) -> float:
+        """The metric of the subnet keeping the layers where ``mask`` is 1."""
+        mask = np.asarray(mask, dtype=np.float64).reshape(-1)
+        if mask.shape[0] != len(self.layers):
+            raise ValueError(f"mask over {mask.shape[0]} layers for a {len(self.layers)}-layer model")
+        stats = []
+        for b, batch in enumerate(self.batches):
+            hidden = self._run_naive(mask, batch) if self.naive else self._run_cached(mask, b)
+            stats.append(self.metric.batch_stats(hidden, batch))
+        self.calls += 1
+        return self.metric.finish(stats)
+
+    __call__ = score
+
+
+def _model_inputs(batch: dict, device: torch.device) -> dict:
+    out = {"input_ids": batch["input_ids"].to(device)}
+    for key in ("attention_mask", "position_ids"):
+        if key in batch:
+            out[key] = batch[key].to(device)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration data
+# ----------------------------------------------------------------------------------------------
+def text_batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
+    """Batches of equal-length token windows."""
+    return [{"input_ids": windows[i: i + batch_size]} for i in range(0, windows.shape[0], batch_size)]
+
+
+def mmlu_batches(tokenizer, examples: Sequence, batch_size: int, max_len: int) -> list[dict]:
+    """Right-padded prompt batches (longest first), with each row's last real position and its index."""
+    from amoeba.mmlu import encode_prompts
+
+    encoded = encode_prompts(tokenizer, [e.prompt for e in examples], max_len)
+    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[r, : len(encoded[i])] = 1
+        last = mask.sum(-1) - 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        batches.append({"input_ids": ids, "attention_mask": mask, "position_ids": positions, "last": last,
+                        "index": torch.tensor(rows)})
+    return batches
+
+
+def calibration_metric_name(dataset: str, calib_metric: Optional[str]) -> str:
+    """``acc``, ``loss`` (MMLU) or ``ppl`` (text); a metric that does not fit the data raises UsageError."""
+    if dataset == "mmlu":
+        if calib_metric in (None, "acc"):
+            return "acc"
+        if calib_metric == "loss":
+            return "loss"
+        raise UsageError(f"'{calib_metric}' does not apply to MMLU (acc or loss)", "--calib_metric")
+    if calib_metric == "acc":
+        raise UsageError(f"accuracy needs --calib_dataset mmlu; text data ({dataset}) is scored by perplexity",
+                         "--calib_metric")
+    return "ppl"
+
+
+def check_calib_dataset(name: str) -> str:
+    """The normalised dataset name (a known corpus or a local file); anything else raises UsageError."""
+    key = str(name).lower()
+    if key in CALIB_DATASETS:
+        return key
+    if is_local_text_file(name):
+        if not Path(name).is_file():
+            raise UsageError(f"no such file: {name}", "--calib_dataset")
+        return str(name)
+    raise UsageError(f"unknown calibration dataset '{name}'; known: {', '.join(CALIB_DATASETS)}, or a local "
+                     ".txt/.json/.jsonl/.jsonl.gz file", "--calib_dataset")
+
+
+def build_scorer(args, model: nn.Module, tokenizer, naive: bool = False, progress: bool = True) -> LayerDropScorer:
+    """The calibration set and metric that ``args`` asks for, ready to score layer masks."""
+    t = args.train
+    dataset = check_calib_dataset(t.calib_dataset)
+    metric_name = calibration_metric_name(dataset, t.calib_metric)
+    lm_head = model.get_output_embeddings()
+    if dataset == "mmlu":
+        from amoeba.mmlu import SPLITS, answer_token_ids, load_mmlu
+
+        split = t.calib_mmlu_split
+        if split not in SPLITS:
+            raise UsageError(f"'{split}' is not an MMLU split (eval, test, dev)", "--calib_mmlu_split")
+        if SPLITS[split] == "test":
+            logger.warning("!!! calibrating on the MMLU TEST split: MMLU test accuracies of the selected subnets "
+                           "are then biased; use --calib_mmlu_split eval !!!")
+        if t.do_mmlu_eval and SPLITS[split] == SPLITS.get(t.mmlu_split):
+            logger.warning("!!! calibrating on the same MMLU split that this run reports (--mmlu_split %s): "
+                           "its accuracies are biased !!!", t.mmlu_split)
+        shots = 0 if t.mmlu_dataset == "mmlu-zs" else 5
+        pool = load_mmlu(split, shots, args.data_dir)
+        if t.num_calib_sample < len(pool):
+            # A seeded sample over all subjects (the first N questions would all be abstract algebra).
+            picked = sorted(random.Random(t.seed).sample(range(len(pool)), t.num_calib_sample))
+            examples = [pool[i] for i in picked]
+        else:
+            examples = pool
+        metric = MMLUMetric(lm_head, answer_token_ids(tokenizer), examples, use_loss=metric_name == "loss")
+        batches = mmlu_batches(tokenizer, examples, t.calib_batch_size, t.mmlu_source_max_len)
+        logger.info("layer DP on %d MMLU %s questions (%d-shot), metric %s", len(examples), split, shots,
+                    metric.name)
+    else:
+        text = load_text(dataset, split="test", data_dir=args.data_dir)
+        windows = token_windows(tokenizer, text, t.calib_seqlen, n=t.num_calib_sample, seed=t.seed)
+        metric = PerplexityMetric(lm_head)
+        batches = text_batches(windows, t.calib_batch_size)
+        logger.info("layer DP on %d windows of %d tokens from %s, metric perplexity", windows.shape[0],
+                    t.calib_seqlen, dataset)
+    return LayerDropScorer(model, batches, metric, naive=naive, progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+# ----------------------------------------------------------------------------------------------
+def run_layer_calibration(args, model: nn.Module, tokenizer, naive: bool = False,
+                          progress: bool = True) -> DPResult:
+    """``--layer_calib_dp``: fill the DP table and write the strategy files into ``--output_dir``."""
+    t = args.train
+    num_layers = int(model.config.num_hidden_layers)
+    dp_size(num_layers, t.min_num_layer, t.dp_keep_last_layer)  # bad flags fail before any data loads
+    was_training = model.training
+    model.eval()
+    try:
+        prep = time.perf_counter()
+        scorer = build_scorer(args, model, tokenizer, naive=naive, progress=progress)
+        prep = time.perf_counter() - prep
+        result = select_layers_dp(num_layers, t.min_num_layer, t.dp_keep_last_layer, scorer.score,
+                                  scorer.higher_is_better, progress=progress)
+    finally:
+        model.train(was_training)
+    result.seconds += prep
+    result.info = {"calib_dataset": t.calib_dataset, "metric": scorer.metric.name,
+                   "num_calib_sample": t.num_calib_sample, "calib_seqlen": t.calib_seqlen,
+                   "calib_batch_size": t.calib_batch_size, "seed": t.seed, "mode": "naive" if naive else "cached",
+                   "layer_forwards": scorer.layer_calls, "setup_seconds": round(prep, 3)}
+    write_dp_outputs(Path(t.output_dir), result)
+    logger.info("layer DP: %d subnets scored in %.1f s; strategy in %s", result.evaluations, result.seconds,
+                t.output_dir)
+    return result
+
+
+def save_npy(path: Path, obj) -> None:
+    """``np.save`` through a temporary file, so an existing file is replaced only by a complete one."""
+    with atomic_path(path, suffix=".npy") as tmp:
+        np.save(tmp, obj, allow_pickle=isinstance(obj, dict))
+
+
+def dp_table_rows(result: DPResult) -> list[dict]:
+    """One row per depth: layers kept and removed, and the score."""
+    rows = []
+    for m in range(1, result.max_removed + 1):
+        kept = result.kept_layers(m)
+        rows.append({"num_layers": result.num_layers - m, "removed": m,
+                     "removed_layers": sorted(set(range(result.num_layers)) - set(kept)),
+                     "kept_layers": kept, "score": result.final["metric"][m]})
+    return rows
+
+
+def write_dp_outputs(output_dir: Path, result: DPResult) -> None:
+    """``final_strategy.npy`` (seed layout), ``full_strategy.npy`` and ``metric.npy`` (numeric arrays),
+    and ``dp_table.json`` / ``dp_table.md`` (readable)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_npy(output_dir / "final_strategy.npy", result.final)
+    save_npy(output_dir / "full_strategy.npy", result.strategy.astype(np.float32))
+    save_npy(output_dir / "metric.npy", result.metric)
+    rows = dp_table_rows(result)
+    write_json(output_dir / "dp_table.json", {
+        "num_layers": result.num_layers, "candidates": result.candidates, "max_removed": result.max_removed,
+        "keep_last": result.keep_last, "higher_is_better": result.higher_is_better,
+        "evaluations": result.evaluations, "seconds": round(result.seconds, 3), **result.info, "depths": rows})
+    metric = result.info.get("metric", "score")
+    lines = [f"# Layer selection ({metric}, {'higher' if result.higher_is_better else 'lower'} is better)", "",
+             f"{result.num_layers} layers, candidates 0..{result.candidates - 1}, "
+             f"{result.evaluations} subnets scored in {result.seconds:.1f} s.", "",
+             f"| layers | removed | {metric} | removed layers |", "| ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['num_layers']} | {r['removed']} | {r['score']:.4f} | "
+                     f"{', '.join(map(str, r['removed_layers']))} |")
+    write_text(output_dir / "dp_table.md", "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Baselines
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def block_influence(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> np.ndarray:
+    """ShortGPT's Block Influence of every decoder layer: ``1 - cos(input, output)`` averaged over tokens."""
+    from amoeba.elastic import find_decoder
+
+    layers = find_decoder(model).layers
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def pre(i):
+        def hook(module, args, kwargs):
+            inputs[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def post(i):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, (tuple, list)) else output
+            cos = F.cosine_similarity(inputs.pop(i).float(), out.float(), dim=-1)
+            sums[i] += cos.double().sum().cpu()
+        return hook
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(post(i), with_kwargs=True))
+    device = model_device(model)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start: start + batch_size].to(device)
+            model(input_ids=ids, use_cache=False)
+            count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return (1.0 - sums / count).numpy()
+
+
+def shortgpt_masks(bi: np.ndarray, min_layers: int, keep_last: int = 0) -> dict[int, np.ndarray]:
+    """{removed m: mask} dropping the ``m`` layers of lowest Block Influence (never the last ``keep_last``)."""
+    bi = np.asarray(bi, dtype=np.float64)
+    num_layers = bi.shape[0]
+    order = [int(i) for i in np.argsort(bi, kind="stable") if i < num_layers - keep_last]
+    out = {}
+    for m in range(1, num_layers - min_layers + 1):
+        mask = np.ones(num_layers)
+        mask[order[:m]] = 0.0
+        out[m] = mask
+    return out
+
+
+def first_layers_masks(num_layers: int, min_layers: int) -> dict[int, np.ndarray]:
+    """{removed m: mask} keeping the first ``num_layers - m`` layers (the seed's ``first_layers``)."""
+    out = {}
+    for m in range(1, num_layers - min_layers + 1):
+        mask = np.zeros(num_layers)
+        mask[: num_layers - m] = 1.0
+        out[m] = mask
+    return out

@@ -1,0 +1,246 @@
+"""Plain-text corpora for calibration and perplexity: offline files first, the Hugging Face hub otherwise.
+
+Where data comes from (:func:`data_dir`): an explicit directory, else ``$AMOEBA_DATA_DIR``, else the hub.
+A data directory is laid out like ``shared/data``::
+
+    wikitext2/wikitext-2-raw-v1_test.hfrows.jsonl   # the HF wikitext-2-raw-v1 test rows, {"text": ...}
+    calib/c4_demo.jsonl                             # C4-style web text, {"text": ...}
+    calib/wiki_demo.txt                             # Wikipedia articles, one per line
+
+Local files (``.txt``, ``.json``, ``.jsonl``, ``.jsonl.gz`` with a ``text`` field) work everywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from amoeba.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+FLAG = "--calib_dataset"
+KNOWN_TEXT_DATASETS = ("wikitext2", "c4", "wiki")
+LOCAL_SUFFIXES = (".txt", ".json", ".jsonl", ".jsonl.gz")
+
+# Offline file of each named corpus (relative to the data directory), per split.
+_LOCAL_FILES = {
+    ("wikitext2", "test"): "wikitext2/wikitext-2-raw-v1_test.hfrows.jsonl",
+    ("c4", "validation"): "calib/c4_demo.jsonl",
+    ("wiki", "train"): "calib/wiki_demo.txt",
+}
+# The split each corpus offers when the caller's split does not apply (calibration samples have one).
+_ONLY_SPLIT = {"c4": "validation", "wiki": "train"}
+# allenai/c4 is terabytes; one validation shard is the usual calibration source (as in GPTQ/SparseGPT).
+_C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
+
+
+def data_dir(args_or_path=None) -> Optional[Path]:
+    """The offline data directory, or None for the hub.
+
+    ``args_or_path`` may be an :class:`amoeba.args.Arguments` (its ``data_dir``: ``--data_dir`` or
+    ``$AMOEBA_DATA_DIR``), a path, or None (then ``$AMOEBA_DATA_DIR`` if set).
+    """
+    return _resolve_data_dir(args_or_path)
+
+
+def _resolve_data_dir(args_or_path) -> Optional[Path]:
+    if args_or_path is not None and not isinstance(args_or_path, (str, os.PathLike)):
+        explicit = getattr(args_or_path, "data_dir", None)
+    else:
+        explicit = args_or_path
+    chosen = explicit or os.environ.get("AMOEBA_DATA_DIR") or None
+    if chosen is None:
+        return None
+    path = Path(os.path.expanduser(str(chosen)))
+    if not path.is_dir():
+        raise UsageError(f"data directory {path} does not exist", "--data_dir")
+    return path
+
+
+def is_local_text_file(name: str) -> bool:
+    """True when ``name`` names a local text corpus file by its suffix."""
+    return str(name).lower().endswith(LOCAL_SUFFIXES)
+
+
+def read_text_file(path: Union[str, os.PathLike], flag: str = FLAG) -> str:
+    """The text of a local ``.txt`` file, or the ``text`` fields of a ``.json``/``.jsonl(.gz)`` file
+    joined by blank lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}", flag)
+    name = path.name.lower()
+    if name.endswith(".txt"):
+        return path.read_text(encoding="utf-8")
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        raw = fh.read()
+    rows: list
+    if name.endswith(".json"):
+        try:
+            rows = json.loads(raw)
+        except json.JSONDecodeError:
+            rows = None  # a .json file written as JSON lines
+        if isinstance(rows, dict):
+            rows = rows.get("data") or rows.get("rows") or [rows]
+        if rows is None:
+            rows = _json_lines(raw, path, flag)
+    else:
+        rows = _json_lines(raw, path, flag)
+    texts = []
+    for i, row in enumerate(rows):
+        if isinstance(row, str):
+            texts.append(row)
+        elif isinstance(row, dict) and isinstance(row.get("text"), str):
+            texts.append(row["text"])
+        else:
+            raise UsageError(f"{path}: record {i} has no string 'text' field", flag)
+    if not texts:
+        raise UsageError(f"{path} holds no text", flag)
+    return "\n\n".join(texts)
+
+
+def _json_lines(raw: str, path: Path, flag: str) -> list:
+    rows = []
+    for lineno, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}:{lineno}: not valid JSON ({err.msg})", flag) from None
+    return rows
+
+
+def load_text(name_or_path: str, split: str = "test", data_dir: Union[str, os.PathLike, None] = None) -> str:
+    """One corpus as a single string.
+
+    ``wikitext2`` gives ``"\\n\\n".join(rows)`` of the HF ``wikitext-2-raw-v1`` split (the usual
+    perplexity text); ``c4`` the C4 validation sample; ``wiki`` the Wikipedia sample; a path to a
+    ``.txt/.json/.jsonl/.jsonl.gz`` file its text. ``data_dir`` (or ``$AMOEBA_DATA_DIR``) selects
+    offline files; without one the hub is used.
+    """
+    name = str(name_or_path)
+    key = name.lower()
+    if key not in KNOWN_TEXT_DATASETS and (is_local_text_file(name) or Path(name).is_file()):
+        if not is_local_text_file(name):
+            raise UsageError(f"{name}: local corpora must be {', '.join(LOCAL_SUFFIXES)} files", FLAG)
+        return read_text_file(name)
+    if key not in KNOWN_TEXT_DATASETS:
+        raise UsageError(f"unknown text corpus '{name}'; known: {', '.join(KNOWN_TEXT_DATASETS)}, "
+                         f"or a local {'/'.join(LOCAL_SUFFIXES)} file", FLAG)
+    split = _ONLY_SPLIT.get(key, split)
+    root = _resolve_data_dir(data_dir)
+    if root is not None:
+        rel = _LOCAL_FILES.get((key, split))
+        if rel is None:
+            have = [s for (k, s) in _LOCAL_FILES if k == key]
+            raise UsageError(f"the offline data directory has no '{split}' split of {key} (it has {have})", FLAG)
+        path = root / rel
+        if not path.is_file():
+            raise UsageError(f"{key}: expected the offline file {path}", "--data_dir")
+        text = read_text_file(path)
+        logger.info("%s/%s: %d characters from %s", key, split, len(text), path)
+        return text
+    return _load_from_hub(key, split)
+
+
+def _load_from_hub(key: str, split: str) -> str:
+    """The corpus from the Hugging Face hub (needs network access)."""
+    from datasets import load_dataset
+
+    if key == "wikitext2":
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
+    elif key == "c4":
+        rows = load_dataset("allenai/c4", data_files={"validation": _C4_SHARD}, split="validation")["text"]
+    else:
+        raise UsageError(f"{key} has no hub source; give an offline data directory (--data_dir or "
+                         "$AMOEBA_DATA_DIR) holding calib/wiki_demo.txt", FLAG)
+    return "\n\n".join(rows)
+
+
+def tokenize_text(tokenizer, text: str) -> torch.Tensor:
+    """All token ids of ``text`` as one 1-D LongTensor (no special tokens: windows are cut anywhere)."""
+    # A long text exceeds the tokenizer's model_max_length on purpose; the windows cut it afterwards.
+    verbosity = logging.getLogger("transformers.tokenization_utils_base").level
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+    try:
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    finally:
+        logging.getLogger("transformers.tokenization_utils_base").setLevel(verbosity)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_windows(tokenizer, text: Union[str, torch.Tensor], seqlen: int, n: Optional[int] = None,
+                  seed: Optional[int] = None) -> torch.Tensor:
+    """Token windows ``[n, seqlen]`` cut from ``text`` (a string or already tokenized ids).
+
+    ``seed=None`` (evaluation): consecutive, non-overlapping windows from the start, all of them or
+    the first ``n``. With a seed (calibration): ``n`` windows at random offsets, reproducible.
+    """
+    if seqlen < 2:
+        raise UsageError(f"sequence length {seqlen} is too short (at least 2 tokens)", "--calib_seqlen")
+    ids = text if isinstance(text, torch.Tensor) else tokenize_text(tokenizer, text)
+    ids = ids.reshape(-1).long()
+    total = ids.numel()
+    if total < seqlen:
+        raise UsageError(f"the text has {total} tokens, fewer than one window of {seqlen}", "--calib_seqlen")
+    if seed is None:
+        count = total // seqlen if n is None else min(n, total // seqlen)
+        return ids[: count * seqlen].view(count, seqlen).clone()
+    if n is None or n < 1:
+        raise ValueError("random windows need a count n >= 1")
+    g = torch.Generator().manual_seed(int(seed))
+    starts = torch.randint(0, total - seqlen + 1, (n,), generator=g)
+    return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's input embeddings (where input ids must go)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """(sum of next-token NLL, number of predicted tokens) of full windows, computed in float32."""
+    shift = logits[:, :-1, :].float()
+    target = input_ids[:, 1:].to(shift.device)
+    nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), reduction="sum")
+    return float(nll), int(target.numel())
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
+               progress: bool = False) -> float:
+    """exp(mean next-token NLL) over every predicted token of ``windows`` ``[n, seqlen]``.
+
+    Batched, without gradients, on the model's device; logits are scored in float32.
+    """
+    if windows.dim() != 2 or windows.shape[0] == 0:
+        raise ValueError(f"windows must be a non-empty [n, seqlen] tensor, got {tuple(windows.shape)}")
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        batches = range(0, windows.shape[0], batch_size)
+        for start in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+            ids = windows[start: start + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            nll, count = window_nll(logits, ids)
+            total_nll += nll
+            total_tokens += count
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / total_tokens)
