@@ -1,0 +1,335 @@
+"""Evaluation of any subnet: MMLU, WikiText-2 perplexity and lm-eval tasks, over a grid of shapes.
+
+``--eval_num_layer`` x ``--eval_num_width`` name the shapes (default: the full model). Each shape runs
+inside ``em.use(subnet)`` on the one in-memory model, so nothing is copied. Results go to
+``output_dir/metrics.json`` keyed as the seed does (``<metric>_l<layers>w<width>``, merged with what the
+file already holds, written after every shape), plus a table (``results.md``) and a frontier plot
+(``frontier.png``) from :mod:`amoeba.report`.
+
+lm-eval tasks run through lm-eval's own ``HFLM`` wrapped around the elastic model. ``arc_easy``,
+``piqa``, ``hellaswag`` and ``mmlu`` read the offline data directory when there is one (task configs in
+:mod:`amoeba.lm_eval_tasks`); every other task, and every task without a data directory, is lm-eval's
+stock task from the hub.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from amoeba.args import width_key
+from amoeba.elastic import ElasticModel, subnet_for
+from amoeba.errors import UsageError
+from amoeba.files import write_json
+from amoeba.subnet import Subnet
+
+logger = logging.getLogger(__name__)
+
+WIKITEXT2_SEQLEN = 2048  # the seed's window length
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class ShapeResult:
+    """Everything measured for one shape: ``metrics`` (all keys, unsuffixed) and ``headline`` (the
+    ones a table shows), plus the parameter count and seconds per metric family."""
+
+    subnet: Subnet
+    params: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    headline: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------------
+def available_widths(args, em: ElasticModel, strategy) -> tuple[float, ...]:
+    """Width ratios that can be evaluated: the strategy's (as applied to ``em``) or ``--width_choice``."""
+    if em.width_plans:
+        return tuple(sorted({1.0, *em.width_plans}, reverse=True))
+    return tuple(sorted({width_key(w) for w in args.width_choice} | {1.0}, reverse=True))
+
+
+def layer_masks_for(args, strategy) -> Optional[dict]:
+    """The strategy's kept-layer masks {removed: mask} with ``--shrinking_method calib_dp``, else None."""
+    if args.train.shrinking_method == "calib_dp" and strategy is not None:
+        masks = getattr(strategy, "layer_masks", None)
+        return dict(masks) if masks else None
+    return None
+
+
+def evaluation_shapes(args, em: ElasticModel, strategy=None) -> list[Subnet]:
+    """The subnets to evaluate (depths x widths, in the given order), checked against the model/strategy.
+
+    Every problem is reported at once in one :class:`UsageError`.
+    """
+    t = args.train
+    depths = tuple(args.eval_layers or (em.num_layers,))
+    widths = tuple(width_key(w) for w in (args.eval_widths or (1.0,)))
+    problems = []
+    if t.enable_shrinking:
+        bad = [d for d in depths if not t.min_num_layer <= d <= em.num_layers]
+        if bad:
+            problems.append(f"--eval_num_layer: {', '.join(map(str, bad))} outside [--min_num_layer "
+                            f"{t.min_num_layer}, {em.num_layers} layers]")
+    else:
+        bad = [d for d in depths if d != em.num_layers]
+        if bad:
+            problems.append(f"--eval_num_layer: {', '.join(map(str, bad))} asked without --enable_shrinking "
+                            f"(the model runs all {em.num_layers} layers)")
+    narrow = [w for w in widths if w != 1.0]
+    if narrow and not t.shrinkable_width:
+        problems.append(f"--eval_num_width: {', '.join(f'{w:g}' for w in narrow)} asked without "
+                        "--shrinkable_width")
+    elif narrow:
+        allowed = available_widths(args, em, strategy)
+        bad = [w for w in widths if w not in allowed]
+        if bad:
+            where = "the strategy's widths" if em.width_plans else "--width_choice"
+            msg = (f"--eval_num_width: {', '.join(f'{w:g}' for w in bad)} not among {where} "
+                   f"({', '.join(f'{w:g}' for w in allowed)})")
+            have = strategy.widths() if strategy is not None and hasattr(strategy, "widths") else []
+            extra = [w for w in have if w not in allowed]
+            if extra:
+                msg += f"; the file also has {', '.join(f'{w:g}' for w in extra)}: add them to --width_choice"
+            problems.append(msg)
+    if problems:
+        raise UsageError("; ".join(problems))
+    masks = layer_masks_for(args, strategy)
+    return [subnet_for(em, d, w, masks, flag="--eval_num_layer") for d in depths for w in widths]
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics.json
+# ----------------------------------------------------------------------------------------------
+def read_metrics(path: Path) -> dict:
+    """The metrics already in ``path`` ({} if none); a file that is not a JSON object is refused."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path} exists but is not readable JSON ({err}); move it away to start afresh",
+                         "--output_dir") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} exists but does not hold a JSON object", "--output_dir")
+    return data
+
+
+def suffixed(metrics: dict, subnet: Subnet) -> dict:
+    """``metrics`` keyed as the seed does: ``<metric>_l<layers>w<width>``."""
+    return {f"{k}_{subnet.label}": v for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# lm-eval
+# ----------------------------------------------------------------------------------------------
+def lm_eval_keys(results: dict) -> dict[str, float]:
+    """Flatten lm-eval's ``results["results"]`` into ``<task>_<metric>`` floats (filters other than
+    ``none`` are kept as a suffix; aliases and non-numeric entries are dropped)."""
+    out = {}
+    for task, metrics in results.items():
+        for key, value in metrics.items():
+            if key == "alias" or "," not in key:
+                continue
+            metric, filt = key.split(",", 1)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            name = f"{task}_{metric}" if filt == "none" else f"{task}_{metric}_{filt}"
+            out[name] = float(value)
+    return out
+
+
+class LMEvalRunner:
+    """Runs lm-eval tasks on the in-memory model through lm-eval's ``HFLM`` (one wrapper for all shapes).
+
+    Offline tasks (:data:`amoeba.lm_eval_tasks.LOCAL_TASKS` with a data directory) use configs rendered
+    into a temporary folder; the rest use lm-eval's stock tasks. Unknown names raise UsageError with the
+    closest known names.
+    """
+
+    def __init__(self, model, tokenizer, tasks: Sequence[str], data_dir: Optional[str], batch_size: int = 8,
+                 limit: Optional[int] = None, num_fewshot: Optional[int] = None):
+        from amoeba.lm_eval_tasks import LOCAL_TASKS, render_tasks
+
+        if not tasks:
+            raise UsageError("no lm-eval task given", "--do_lm_eval_task")
+        if limit is not None and limit < 1:
+            raise UsageError(f"{limit} must be at least 1", "--lm_eval_limit")
+        self.tasks = list(dict.fromkeys(tasks))
+        self.limit = limit
+        self.num_fewshot = num_fewshot
+        self.local = [t for t in self.tasks if data_dir and t in LOCAL_TASKS]
+        self.hub = [t for t in self.tasks if t not in self.local]
+        self._tmp = None
+        self.managers = []
+        from lm_eval.tasks import TaskManager
+
+        if self.hub:
+            manager = TaskManager()
+            known = set(manager.all_tasks)
+            unknown = [t for t in self.hub if t not in known]
+            if unknown:
+                hints = []
+                for name in unknown:
+                    close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
+                    hints.append(f"'{name}'" + (f" (closest: {', '.join(close)})" if close else ""))
+                raise UsageError(f"unknown lm-eval task {'; '.join(hints)}", "--do_lm_eval_task")
+            self.managers.append((manager, self.hub))
+        if self.local:
+            self._tmp = tempfile.mkdtemp(prefix="amoeba_lm_eval_")
+            render_tasks(self.local, data_dir, self._tmp)
+            # Only the rendered folder: the offline configs must not be shadowed by the stock ones.
+            self.managers.append((TaskManager(include_path=self._tmp, include_defaults=False), self.local))
+        from lm_eval.models.huggingface import HFLM
+
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+    def run(self) -> tuple[dict[str, float], dict]:
+        """Evaluate every task on the model's current subnet: (flat metrics, lm-eval's raw results)."""
+        import lm_eval
+
+        flat, raw = {}, {}
+        for manager, names in self.managers:
+            out = lm_eval.simple_evaluate(model=self.lm, tasks=names, task_manager=manager, limit=self.limit,
+                                          num_fewshot=self.num_fewshot, log_samples=False,
+                                          bootstrap_iters=1000)
+            if out is None:  # non-zero ranks of a distributed run get nothing back
+                continue
+            raw.update(out["results"])
+            flat.update(lm_eval_keys(out["results"]))
+        return flat, raw
+
+    def close(self) -> None:
+        """Remove the rendered task folder."""
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation run
+# ----------------------------------------------------------------------------------------------
+def _wikitext2_windows(args, model, tokenizer) -> torch.Tensor:
+    from amoeba.text_data import load_text, token_windows
+
+    max_pos = getattr(model.config, "max_position_embeddings", None) or WIKITEXT2_SEQLEN
+    seqlen = min(WIKITEXT2_SEQLEN, int(max_pos))
+    text = load_text("wikitext2", "test", args.data_dir)
+    windows = token_windows(tokenizer, text, seqlen)
+    logger.info("WikiText-2 test: %d windows of %d tokens", windows.shape[0], seqlen)
+    return windows
+
+
+def _mmlu_shots(dataset: str) -> int:
+    return 0 if dataset == "mmlu-zs" else 5
+
+
+def evaluate_shape(model, tokenizer, em: ElasticModel, subnet: Subnet, *, mmlu_examples=None,
+                   mmlu_split: str = "eval", wikitext_windows=None, lm_runner: Optional[LMEvalRunner] = None,
+                   batch_size: int = 8, mmlu_max_len: int = 2048) -> ShapeResult:
+    """Measure one shape with whatever is given (MMLU examples, WikiText-2 windows, an lm-eval runner)."""
+    from amoeba.mmlu import score_mmlu
+
+    result = ShapeResult(subnet, em.param_count(subnet))
+    with em.use(subnet), torch.no_grad():
+        if mmlu_examples is not None:
+            start = time.perf_counter()
+            s = score_mmlu(model, tokenizer, mmlu_examples, batch_size=batch_size, max_len=mmlu_max_len)
+            acc_key = f"mmlu_{mmlu_split}_accuracy"
+            result.metrics.update({acc_key: s["accuracy"], "mmlu_loss": s["loss"],
+                                   f"mmlu_{mmlu_split}_micro_accuracy": s["accuracy_micro"]})
+            result.metrics.update({f"{acc_key}_{subj}": v for subj, v in s["per_subject"].items()})
+            result.headline.update({acc_key: s["accuracy"], "mmlu_loss": s["loss"]})
+            result.seconds["mmlu"] = time.perf_counter() - start
+        if wikitext_windows is not None:
+            from amoeba.text_data import perplexity
+
+            start = time.perf_counter()
+            ppl = perplexity(model, wikitext_windows, batch_size=batch_size, progress=True)
+            result.metrics["wikitext2_ppl"] = ppl
+            result.headline["wikitext2_ppl"] = ppl
+            result.seconds["wikitext2"] = time.perf_counter() - start
+        if lm_runner is not None:
+            start = time.perf_counter()
+            flat, _ = lm_runner.run()
+            result.metrics.update(flat)
+            for task in lm_runner.tasks:
+                for metric in ("acc", "acc_norm", "exact_match", "word_perplexity"):
+                    if f"{task}_{metric}" in flat:
+                        result.headline[f"{task}_{metric}"] = flat[f"{task}_{metric}"]
+            result.seconds["lm_eval"] = time.perf_counter() - start
+    return result
+
+
+def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> dict:
+    """Evaluate every requested shape with every requested metric; write metrics.json, results.md and
+    frontier.png into ``--output_dir``. Returns the metrics of this run, keyed as in metrics.json."""
+    from amoeba.report import write_report
+
+    t = args.train
+    out_dir = Path(t.output_dir)
+    metrics_path = out_dir / METRICS_FILE
+    existing = read_metrics(metrics_path)  # fail before any work if the file is damaged
+    shapes = evaluation_shapes(args, em, strategy)
+    batch_size = int(t.per_device_eval_batch_size or 8)
+    wants = t.do_mmlu_eval or t.do_eval_wikitext2 or t.do_lm_eval
+    if not wants:
+        logger.info("no evaluation metric requested (--do_mmlu_eval, --do_eval_wikitext2, --do_lm_eval); the "
+                    "held-out loss of --do_eval belongs to training runs")
+        return {}
+
+    mmlu_examples = None
+    if t.do_mmlu_eval:
+        from amoeba.mmlu import load_mmlu
+
+        mmlu_examples = load_mmlu(t.mmlu_split, _mmlu_shots(t.mmlu_dataset), args.data_dir, t.max_mmlu_samples)
+        logger.info("MMLU %s (%s): %d questions", t.mmlu_split, t.mmlu_dataset, len(mmlu_examples))
+    windows = _wikitext2_windows(args, model, tokenizer) if t.do_eval_wikitext2 else None
+    runner = None
+    if t.do_lm_eval:
+        runner = LMEvalRunner(model, tokenizer, args.lm_eval_tasks, args.data_dir, batch_size=batch_size,
+                              limit=t.lm_eval_limit)
+
+    was_training = model.training
+    model.eval()  # dropout off, MoE router deterministic
+    results: list[ShapeResult] = []
+    run_metrics: dict = {}
+    try:
+        for subnet in tqdm(shapes, desc="shapes", disable=len(shapes) < 2):
+            logger.info("evaluating %s (%d layers, width %s)", subnet.label, subnet.num_layers, subnet.width)
+            res = evaluate_shape(model, tokenizer, em, subnet, mmlu_examples=mmlu_examples,
+                                 mmlu_split=t.mmlu_split, wikitext_windows=windows, lm_runner=runner,
+                                 batch_size=batch_size, mmlu_max_len=t.mmlu_source_max_len)
+            res.metrics["params"] = float(res.params)
+            results.append(res)
+            keyed = suffixed(res.metrics, subnet)
+            run_metrics.update(keyed)
+            existing.update(keyed)
+            write_json(metrics_path, existing)  # after every shape: a later failure keeps these
+            logger.info("%s: %s", subnet.label, ", ".join(f"{k}={v:.4g}" for k, v in res.headline.items()))
+    finally:
+        model.train(was_training)
+        if runner is not None:
+            runner.close()
+    write_report(out_dir, results, total_params=em.param_count(em.full_subnet()))
+    _log_table(results)
+    return run_metrics
+
+
+def _log_table(results: Sequence[ShapeResult]) -> None:
+    for r in results:
+        parts = [f"{k}={v:.4f}" if math.isfinite(v) else f"{k}={v}" for k, v in r.headline.items()]
+        logger.info("%-14s params=%d %s", r.subnet.label, r.params, " ".join(parts))

@@ -1,0 +1,137 @@
+"""Human-readable evaluation results: a markdown table of shapes x metrics and a frontier plot.
+
+``results.md`` lists every evaluated shape with its parameter count and headline metrics;
+``frontier.png`` plots each headline metric against parameters and joins the Pareto-optimal shapes
+(the best score for at most that many parameters).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+from amoeba.files import atomic_path, write_text
+
+logger = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = ("ppl", "perplexity", "loss")
+
+
+def lower_is_better(metric: str) -> bool:
+    """True for perplexities and losses."""
+    return any(metric.endswith(s) or f"_{s}_" in metric for s in LOWER_IS_BETTER)
+
+
+def metric_columns(results: Sequence) -> list[str]:
+    """Headline metric names over all shapes, in first-seen order."""
+    cols: dict[str, None] = {}
+    for r in results:
+        cols.update(dict.fromkeys(r.headline))
+    return list(cols)
+
+
+def _fmt(value: Optional[float], metric: str) -> str:
+    if value is None:
+        return "—"
+    if not math.isfinite(value):
+        return str(value)
+    if lower_is_better(metric):
+        return f"{value:.3f}" if value < 1000 else f"{value:.4g}"
+    return f"{value:.4f}"
+
+
+def markdown_table(results: Sequence, total_params: Optional[int] = None) -> str:
+    """A markdown table: one row per shape (layers, width, parameters, fraction of the full model, metrics)."""
+    cols = metric_columns(results)
+    head = ["shape", "layers", "width", "params (M)"] + (["params / full"] if total_params else []) + cols
+    lines = ["| " + " | ".join(head) + " |",
+             "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
+    for r in results:
+        width = r.subnet.width if not isinstance(r.subnet.width, tuple) else "per-layer"
+        row = [r.subnet.label, str(r.subnet.num_layers), f"{width:g}" if isinstance(width, float) else width,
+               f"{r.params / 1e6:.2f}"]
+        if total_params:
+            row.append(f"{r.params / total_params:.3f}")
+        row += [_fmt(r.headline.get(c), c) for c in cols]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def pareto_front(points: Sequence[tuple[float, float]], lower: bool) -> list[int]:
+    """Indices of the points on the frontier (fewest parameters for a score), by increasing parameters."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1] if lower else -points[i][1]))
+    front, best = [], None
+    for i in order:
+        y = points[i][1]
+        if not math.isfinite(y):
+            continue
+        if best is None or (y < best if lower else y > best):
+            front.append(i)
+            best = y
+    return front
+
+
+def plot_frontier(results: Sequence, path: str | Path) -> Optional[Path]:
+    """Write a PNG with one panel per headline metric (score vs parameters); None when nothing to plot."""
+    cols = metric_columns(results)
+    if not cols or not results:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    n = len(cols)
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+    for ax, metric in zip(axes.flat, cols):
+        pts = [(r.params / 1e6, r.headline.get(metric, float("nan"))) for r in results]
+        labels = [r.subnet.label for r in results]
+        lower = lower_is_better(metric)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
+        for (x, y), label in zip(pts, labels):
+            if math.isfinite(y):
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        front = pareto_front(pts, lower)
+        if len(front) > 1:
+            ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", zorder=2,
+                    label="frontier")
+            ax.legend(fontsize=7, loc="best")
+        if lower and all(p[1] > 0 for p in pts if math.isfinite(p[1])) and "ppl" in metric:
+            ax.set_yscale("log")
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(metric + (" (lower is better)" if lower else ""))
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_report(output_dir: str | Path, results: Sequence, total_params: Optional[int] = None) -> dict:
+    """Write ``results.md`` and ``frontier.png`` for ``results`` (objects with ``subnet``, ``params``,
+    ``headline``) into ``output_dir``; return their paths."""
+    output_dir = Path(output_dir)
+    if not results:
+        return {}
+    table = markdown_table(results, total_params)
+    text = "# Evaluation results\n\n" + table
+    seconds = [r for r in results if getattr(r, "seconds", None)]
+    if seconds:
+        text += "\nWall time per shape (s): " + "; ".join(
+            f"{r.subnet.label}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()) for r in seconds) + "\n"
+    write_text(output_dir / "results.md", text)
+    paths = {"table": output_dir / "results.md"}
+    png = plot_frontier(results, output_dir / "frontier.png")
+    if png is not None:
+        paths["plot"] = png
+    logger.info("results table: %s%s", paths["table"], f", plot: {png}" if png else "")
+    return paths
