@@ -60,6 +60,7 @@ def run(args: Arguments) -> None:
     from amoeba.elastic import make_elastic
 
     em = make_elastic(model)
+    check_shapes(args, em.num_layers)
     strategy = None
     if t.shrinking_file and (t.enable_shrinking or t.shrinkable_width):
         from amoeba.strategy import apply_strategy, load_strategy
@@ -88,6 +89,16 @@ def run(args: Arguments) -> None:
         from amoeba.evaluation import run_evaluation
 
         run_evaluation(args, model, tokenizer, em, strategy)
+
+
+def check_shapes(args: Arguments, num_layers: int) -> None:
+    """Refuse depths the model cannot have before any work starts."""
+    t = args.train
+    for layers in args.eval_layers or ():
+        if layers > num_layers:
+            raise UsageError(f"{layers} layers asked, the model has {num_layers}", "--eval_num_layer")
+    if t.enable_shrinking and t.min_num_layer > num_layers:
+        raise UsageError(f"{t.min_num_layer} exceeds the model's {num_layers} layers", "--min_num_layer")
 
 
 def _has_adapters(output_dir: Path) -> bool:
