@@ -73,9 +73,16 @@ def pareto_front(points: Sequence[tuple[float, float]], lower: bool) -> list[int
     return front
 
 
+def plot_metrics(cols: Sequence[str]) -> list[str]:
+    """The metrics worth a panel: accuracies and perplexities; ``acc`` gives way to ``acc_norm`` of the
+    same task, and losses stay in the table."""
+    names = set(cols)
+    return [c for c in cols if not c.endswith("_loss") and not (c.endswith("_acc") and f"{c}_norm" in names)]
+
+
 def plot_frontier(results: Sequence, path: str | Path) -> Optional[Path]:
-    """Write a PNG with one panel per headline metric (score vs parameters); None when nothing to plot."""
-    cols = metric_columns(results)
+    """Write a PNG with one panel per plotted metric (score vs parameters); None when nothing to plot."""
+    cols = plot_metrics(metric_columns(results))
     if not cols or not results:
         return None
     import matplotlib

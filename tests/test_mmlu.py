@@ -1,0 +1,127 @@
+"""MMLU prompts (byte-exact against the seed's zero-shot file, five-shot from dev) and letter scoring."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from amoeba.errors import UsageError
+from amoeba.mmlu import answer_token_ids, load_mmlu, score_mmlu
+from conftest import tiny_model
+
+DATA = Path(os.environ["AMOEBA_DATA_DIR"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer(real_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(real_model_dir))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("gqa", layers=3, vocab_size=49152, max_position_embeddings=4096)
+
+
+def test_zero_shot_val_prompts_match_the_seed_file_byte_for_byte():
+    examples = load_mmlu("eval", 0, DATA)
+    rows = [json.loads(line) for line in (DATA / "mmlu" / "zero_shot_mmlu_val.json").read_text().splitlines()]
+    assert len(examples) == len(rows) == 1531
+    for e, r in zip(examples, rows):
+        assert e.prompt == r["input"]
+        assert "ABCD"[e.answer] == r["output"]
+        assert e.subject == r["subject"]
+
+
+def test_five_shot_prompt_uses_the_subjects_dev_questions():
+    zs = load_mmlu("test", 0, DATA)
+    fs = load_mmlu("test", 5, DATA)
+    assert len(zs) == len(fs) == 14042
+    with open(DATA / "mmlu" / "dev" / "virology_dev.csv", newline="", encoding="utf-8") as f:
+        dev = list(csv.reader(f))[1:]
+    shots = "".join(f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer: {'ABCD'[int(ans)]}\n\n"
+                    for q, a, b, c, d, ans in dev)
+    header = "The following are multiple choice questions (with answers) about  virology.\n\n"
+    pairs = [(z, f) for z, f in zip(zs, fs) if z.subject == "virology"]
+    assert len(pairs) == 166
+    for z, f in pairs:
+        assert f.answer == z.answer
+        assert f.prompt == header + shots + z.prompt[len(header):]
+        assert f.prompt.count("\nAnswer: ") == 5 and f.prompt.endswith("\nAnswer:")
+
+
+def test_literal_none_choices_survive_and_max_samples_truncates():
+    test = load_mmlu("test", 0, DATA)
+    nones = [(e.subject, line) for e in test for line in e.prompt.split("\n") if line[1:] == ". None"]
+    # ten choices in the test CSVs are the literal string None (pandas' default would make them NaN)
+    assert len(nones) == 10
+    assert {s for s, _ in nones} == {"college_computer_science", "college_mathematics", "college_physics",
+                                    "electrical_engineering"}
+    first = load_mmlu("eval", 0, DATA, max_samples=7)
+    assert [e.prompt for e in first] == [e.prompt for e in load_mmlu("eval", 0, DATA)[:7]]
+
+
+def test_bad_split_and_shots_are_usage_errors():
+    with pytest.raises(UsageError, match="--mmlu_split"):
+        load_mmlu("train", 0, DATA)
+    with pytest.raises(UsageError, match="--mmlu_dataset"):
+        load_mmlu("eval", 3, DATA)
+
+
+def test_answer_letters_are_the_tokens_that_follow_answer_colon(tokenizer):
+    ids = answer_token_ids(tokenizer)
+    assert [tokenizer.decode([i]) for i in ids] == [" A", " B", " C", " D"]
+
+
+def _reference(model, tokenizer, examples):
+    """One example at a time, no padding, the full logits of a plain forward pass."""
+    letters = answer_token_ids(tokenizer)
+    rows = []
+    with torch.no_grad():
+        for e in examples:
+            ids = tokenizer(tokenizer.bos_token + e.prompt, add_special_tokens=False, return_tensors="pt").input_ids
+            rows.append(model(input_ids=ids).logits[0, -1, letters].float())
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_batched_scoring_equals_unbatched_reference(model, tokenizer, side):
+    examples = load_mmlu("eval", 0, DATA, max_samples=12)
+    ref = _reference(model, tokenizer, examples)
+    answers = torch.tensor([e.answer for e in examples])
+    tokenizer.padding_side = side
+    try:
+        got = score_mmlu(model, tokenizer, examples, batch_size=5, progress=False)
+    finally:
+        tokenizer.padding_side = "right"
+    assert got["predictions"] == ref.argmax(-1).tolist()
+    assert got["loss"] == pytest.approx(F.cross_entropy(ref, answers).item(), abs=1e-5)
+    micro = (ref.argmax(-1) == answers).float().mean().item()
+    assert got["accuracy_micro"] == pytest.approx(micro)
+    # qlora's headline number: the mean of per-subject accuracies
+    per = {}
+    for e, p in zip(examples, ref.argmax(-1).tolist()):
+        per.setdefault(e.subject, []).append(p == e.answer)
+    assert got["accuracy"] == pytest.approx(sum(sum(v) / len(v) for v in per.values()) / len(per))
+    assert got["per_subject"].keys() == per.keys()
+
+
+def test_scoring_is_deterministic_and_truncation_keeps_the_question_end(model, tokenizer):
+    examples = load_mmlu("test", 5, DATA, max_samples=4)
+    a = score_mmlu(model, tokenizer, examples, batch_size=2, max_len=64, progress=False)
+    b = score_mmlu(model, tokenizer, examples, batch_size=3, max_len=64, progress=False)
+    assert a["predictions"] == b["predictions"]
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    # a 64-token window ends with the same tokens as the full prompt: the answer slot is kept
+    from amoeba.mmlu import encode_prompts
+
+    short = encode_prompts(tokenizer, [examples[0].prompt], 64)[0]
+    full = encode_prompts(tokenizer, [examples[0].prompt], 10_000)[0]
+    assert len(short) == 64 and short == full[-64:]
