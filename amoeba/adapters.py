@@ -1,0 +1,567 @@
+"""LoRA and shape-aware MoE-LoRA on the elastic projections, without forking peft.
+
+Every elastic projection (see :class:`amoeba.elastic.ElasticLinearMixin`) calls its child module
+``amoeba_adapter`` as ``adapter(x, out_k)``, where ``x`` is the input it actually used (already narrowed
+to the kept input features for ``o_proj``/``down_proj`` in a narrower subnet) and ``out_k`` the kept
+output size (None at full width). The adapter returns the output delta.
+
+- :class:`MoELoRA` holds E experts (A_e, B_e) and applies ``(sum_e g_e B_e)(sum_e g_e A_e) x * alpha/r``.
+  With one expert and no router (gate 1) it is plain LoRA, numerically the same as peft's.
+- :class:`ShapeRouter` is one router for the whole model. Its input is the current subnet's shape (the
+  kept-layer 0/1 mask and the one-hot width); its output the top-k expert gates. Noisy top-k gating
+  while training, deterministic at evaluation, so a subnet's adapter is a fixed matrix that export can
+  merge into its weights.
+
+Adapters are saved in the model's ORIGINAL head/channel order (the elastic model may have permuted its
+dense weights by importance), so adapters trained on a bf16 model load on an 8-bit one and back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amoeba.elastic import ATTN_ROLES, IN_SLICED, MLP_ROLES, OUT_SLICED, ElasticModel
+from amoeba.errors import UsageError
+from amoeba.files import atomic_path, write_json
+from amoeba.subnet import Subnet
+
+logger = logging.getLogger(__name__)
+
+ALL_ROLES = ATTN_ROLES + MLP_ROLES
+ADAPTER_DIR = "adapter_model"
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+FORMAT = "amoeba-moe-lora"
+ROUTER_ATTR = "amoeba_router"
+
+
+@dataclass
+class AdapterConfig:
+    """What the adapters of a model are: saved next to their weights as ``adapter_config.json``."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    modules: list[str] = field(default_factory=lambda: list(ALL_ROLES))
+    num_experts: int = 1
+    topk: int = 1
+    use_router: bool = False
+    widths: list[float] = field(default_factory=lambda: [1.0])
+    num_layers: int = 0
+    model_type: str = ""
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_kv_groups: int = 0
+    queries_per_group: int = 0
+    head_dim: int = 0
+    format: str = FORMAT
+    layout: str = "original"  # rows/columns in the base model's original head/channel order
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise UsageError(f"{self.r} must be at least 1", "--lora_r")
+        if self.num_experts < 1:
+            raise UsageError(f"{self.num_experts} must be at least 1", "--moe_num_expert")
+        if self.use_router and not 1 <= self.topk <= self.num_experts:
+            raise UsageError(f"{self.topk} must be between 1 and --moe_num_expert ({self.num_experts})",
+                             "--moe_topk")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"{self.dropout} must lie in [0, 1)", "--lora_dropout")
+
+    def structure(self) -> dict:
+        """The fields that must agree between saved adapters and the model they are loaded into."""
+        keys = ("num_layers", "hidden_size", "intermediate_size", "num_kv_groups", "queries_per_group",
+                "head_dim")
+        return {k: getattr(self, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------
+# The router
+# ----------------------------------------------------------------------------------------------
+class ShapeRouter(nn.Module):
+    """One router for the whole model: subnet shape -> top-k expert gates.
+
+    Input features: the kept-layer 0/1 mask over all layers, concatenated with the one-hot of the
+    width (a subnet with per-layer widths uses the width key nearest to their mean). Output: ``topk``
+    expert indices and their gates (softmax over the chosen logits). While training, Gaussian noise
+    scaled by a learned ``softplus`` term is added to the logits before the top-k (noisy top-k gating);
+    in eval mode the gates are a deterministic function of the shape.
+
+    Gates are computed once per model forward (a forward pre-hook on the decoder calls
+    :meth:`refresh`, outside any gradient-checkpointed layer) and cached; in eval mode the cache lives
+    until the subnet or the router's parameters change.
+    """
+
+    def __init__(self, num_layers: int, num_widths: int, num_experts: int, topk: int,
+                 widths: Optional[list[float]] = None):
+        super().__init__()
+        if not 1 <= topk <= num_experts:
+            raise UsageError(f"{topk} must be between 1 and --moe_num_expert ({num_experts})", "--moe_topk")
+        self.num_layers, self.num_widths = int(num_layers), int(num_widths)
+        self.num_experts, self.topk = int(num_experts), int(topk)
+        self.widths = [float(w) for w in (widths if widths is not None else [1.0] * num_widths)]
+        if len(self.widths) != self.num_widths:
+            raise ValueError(f"{len(self.widths)} width values for {num_widths} widths")
+        d = self.num_layers + self.num_widths
+        # Trainable tensors carry the ``lora_`` prefix like every adapter tensor (filtering by name works).
+        self.lora_gate_weight = nn.Parameter(torch.empty(self.num_experts, d))
+        self.lora_gate_bias = nn.Parameter(torch.zeros(self.num_experts))
+        self.lora_noise_weight = nn.Parameter(torch.zeros(self.num_experts, d))
+        self.lora_noise_bias = nn.Parameter(torch.zeros(self.num_experts))
+        # Random gate weights (as nn.Linear) so different shapes start on different experts.
+        nn.init.kaiming_uniform_(self.lora_gate_weight, a=math.sqrt(5))
+        self.noise_seed: Optional[int] = None
+        self._em: Optional[ElasticModel] = None
+        self._forward_id = 0
+        self._cache_key = None
+        self._cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def bind(self, em: ElasticModel) -> None:
+        """Read the current subnet from ``em`` and recompute gates at every decoder forward."""
+        object.__setattr__(self, "_em", em)  # a plain reference, not a submodule
+        em.decoder.register_forward_pre_hook(self._on_decoder_forward)
+
+    def _on_decoder_forward(self, module, args):
+        self._forward_id += 1
+        if self._em is not None:
+            self.current()  # computed here, outside gradient-checkpointed layers
+
+    def width_index(self, width) -> int:
+        """Index of the router's width nearest to ``width`` (a ratio, or per-layer ratios: their mean)."""
+        w = sum(width) / len(width) if isinstance(width, tuple) else float(width)
+        return min(range(self.num_widths), key=lambda j: (abs(self.widths[j] - w), j))
+
+    def features(self, subnet: Subnet) -> torch.Tensor:
+        """The router input of ``subnet``: layer mask (num_layers) then one-hot width (num_widths)."""
+        x = torch.zeros(self.num_layers + self.num_widths, dtype=torch.float32)
+        x[list(subnet.layers)] = 1.0
+        x[self.num_layers + self.width_index(subnet.width)] = 1.0
+        return x
+
+    def route(self, subnet: Subnet, noisy: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert indices [topk], gates [topk]) for ``subnet``; noisy defaults to ``self.training``."""
+        noisy = self.training if noisy is None else noisy
+        w = self.lora_gate_weight
+        x = self.features(subnet).to(device=w.device, dtype=w.dtype)
+        logits = F.linear(x, w, self.lora_gate_bias)
+        if noisy:
+            std = F.softplus(F.linear(x, self.lora_noise_weight, self.lora_noise_bias))
+            if self.noise_seed is not None:  # reproducible noise (same on every process, survives resume)
+                g = torch.Generator().manual_seed(int(self.noise_seed))
+                eps = torch.randn(self.num_experts, generator=g)
+            else:
+                eps = torch.randn(self.num_experts)
+            logits = logits + eps.to(device=w.device, dtype=w.dtype) * std
+        top, idx = torch.topk(logits, self.topk)
+        return idx, torch.softmax(top, dim=-1)
+
+    def gates(self, subnet: Subnet, noisy: Optional[bool] = None) -> torch.Tensor:
+        """Dense gates over all experts (zeros outside the top-k) for ``subnet``."""
+        idx, g = self.route(subnet, noisy)
+        return torch.zeros(self.num_experts, dtype=g.dtype, device=g.device).index_put((idx,), g)
+
+    def _param_version(self) -> tuple:
+        return tuple(p._version for p in (self.lora_gate_weight, self.lora_gate_bias,
+                                          self.lora_noise_weight, self.lora_noise_bias))
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gates of the elastic model's current subnet (cached; see the class docstring)."""
+        if self._em is None:
+            raise RuntimeError("the router is not bound to an elastic model")
+        subnet = self._em.subnet
+        if self.training:
+            key = ("train", subnet, self._forward_id, self.noise_seed)
+        else:
+            key = ("eval", subnet, self._param_version(), self.lora_gate_weight.device)
+        if key != self._cache_key or self._cache is None:
+            if self.training:
+                self._cache = self.route(subnet)
+            else:  # fixed gates: no graph kept alive across forwards
+                with torch.no_grad():
+                    self._cache = self.route(subnet)
+            self._cache_key = key
+        return self._cache
+
+
+# ----------------------------------------------------------------------------------------------
+# The adapter layer
+# ----------------------------------------------------------------------------------------------
+class MoELoRA(nn.Module):
+    """LoRA with E experts mixed by the shared :class:`ShapeRouter` (plain LoRA: E=1, no router).
+
+    ``lora_A``: [E, r, in_features] (kaiming-uniform, as peft), ``lora_B``: [E, out_features, r] (zeros).
+    The delta is ``(sum_e g_e B_e)(sum_e g_e A_e) dropout(x) * alpha / r``; A's columns are cut to the
+    input actually given and B's rows to ``out_k`` (prefix slicing of the elastic model).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int, alpha: float, dropout: float = 0.0,
+                 num_experts: int = 1, router: Optional[ShapeRouter] = None):
+        super().__init__()
+        if num_experts > 1 and router is None:
+            raise ValueError("more than one expert needs a router")
+        if router is not None and router.num_experts != num_experts:
+            raise ValueError(f"router has {router.num_experts} experts, the layer {num_experts}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.r, self.alpha, self.num_experts = int(r), float(alpha), int(num_experts)
+        self.scaling = self.alpha / self.r
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(num_experts, out_features, r))
+        for e in range(num_experts):
+            nn.init.kaiming_uniform_(self.lora_A.data[e], a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        object.__setattr__(self, "router", router)  # shared by all layers; registered once on the model
+        object.__setattr__(self, "host", None)  # (elastic state, layer, role), for mask-mode widths
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
+                f"experts={self.num_experts}")
+
+    def combined(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) mixed with the current gates."""
+        if self.router is None:
+            return self.lora_A[0], self.lora_B[0]
+        idx, g = self.router.current()
+        g = g.to(self.lora_A.dtype)
+        a = torch.einsum("k,kri->ri", g, self.lora_A[idx])
+        b = torch.einsum("k,kor->or", g, self.lora_B[idx])
+        return a, b
+
+    def forward(self, x: torch.Tensor, out_k: Optional[int] = None) -> torch.Tensor:
+        """The output delta for input ``x`` (last dim: the kept input features) and kept outputs ``out_k``."""
+        a, b = self.combined()
+        in_k = x.shape[-1]
+        if in_k != self.in_features:
+            a = a[:, :in_k]
+        masked = self.host is not None and not self.host[0].sliceable
+        if out_k is not None and not masked:
+            b = b[:out_k]
+        h = self.dropout(x.to(a.dtype))
+        delta = F.linear(F.linear(h, a), b) * self.scaling
+        if masked and out_k is not None:
+            state, layer, role = self.host
+            delta = delta * state.unit_mask(layer, role, delta.shape[-1], out_k, delta.device, delta.dtype)
+        return delta.to(x.dtype)
+
+
+def merged_delta(module: nn.Module) -> torch.Tensor:
+    """The adapter's weight delta [out_features, in_features] under the current subnet's gates.
+
+    ``module``: an adapted projection (with ``amoeba_adapter``) or the :class:`MoELoRA` itself. The
+    layout is the projection's current one; export slices the kept rows/columns out of it.
+    """
+    adapter = module if isinstance(module, MoELoRA) else getattr(module, "amoeba_adapter", None)
+    if not isinstance(adapter, MoELoRA):
+        raise ValueError(f"{type(module).__name__} has no adapter")
+    with torch.no_grad():
+        a, b = adapter.combined()
+        return (b @ a) * adapter.scaling
+
+
+# ----------------------------------------------------------------------------------------------
+# Attaching adapters
+# ----------------------------------------------------------------------------------------------
+def parse_lora_modules(text: str) -> list[str]:
+    """``all`` -> the seven projections; else a comma list of projection names (validated)."""
+    text = (text or "all").strip()
+    if text == "all":
+        return list(ALL_ROLES)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ALL_ROLES]
+    if unknown or not names:
+        raise UsageError(f"'{text}': unknown module(s) {', '.join(unknown) or '(none given)'}; choose from "
+                         f"all, {', '.join(ALL_ROLES)}", "--lora_modules")
+    return [r for r in ALL_ROLES if r in names]
+
+
+def config_from_args(args, em: ElasticModel) -> AdapterConfig:
+    """The adapter configuration the command line asks for, for the model behind ``em``."""
+    t = args.train
+    widths = list(args.width_choice) if t.shrinkable_width else [1.0]
+    return AdapterConfig(
+        r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, modules=parse_lora_modules(t.lora_modules),
+        num_experts=t.moe_num_expert if t.use_moe_lora else 1, topk=t.moe_topk if t.use_moe_lora else 1,
+        use_router=bool(t.use_moe_lora), widths=[float(w) for w in widths], **_structure(em))
+
+
+def _structure(em: ElasticModel) -> dict:
+    return dict(num_layers=em.num_layers, model_type=str(getattr(em.config, "model_type", "")),
+                hidden_size=int(em.config.hidden_size), intermediate_size=em.intermediate_size,
+                num_kv_groups=em.num_kv_groups, queries_per_group=em.queries_per_group, head_dim=em.head_dim)
+
+
+def attach_adapters(model: nn.Module, em: ElasticModel, config: AdapterConfig) -> list[nn.Module]:
+    """Put adapters described by ``config`` on the projections, freeze the base; return adapted modules."""
+    if getattr(model, "_amoeba_adapter_config", None) is not None:
+        raise ValueError("the model already has adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    router = None
+    if config.use_router:
+        router = ShapeRouter(em.num_layers, len(config.widths), config.num_experts, config.topk, config.widths)
+        device = next(model.parameters()).device
+        router.to(device)
+        model.add_module(ROUTER_ATTR, router)
+        router.bind(em)
+    adapted = []
+    for layer in range(em.num_layers):
+        for role, mod in em.projections(layer).items():
+            if role not in config.modules:
+                continue
+            device = _module_device(mod)
+            adapter = MoELoRA(mod.in_features, mod.out_features, config.r, config.alpha, config.dropout,
+                              config.num_experts, router).to(device)
+            object.__setattr__(adapter, "host", (em.state, layer, role))
+            mod.add_module("amoeba_adapter", adapter)
+            adapted.append(mod)
+    object.__setattr__(model, "_amoeba_adapter_config", config)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    logger.info("adapters: %s on %d modules (r=%d, alpha=%g, %d expert(s)%s); trainable %d of %d parameters "
+                "(%.2f%%)", "MoE-LoRA" if config.use_router else "LoRA", len(adapted), config.r, config.alpha,
+                config.num_experts, f", top-{config.topk}" if config.use_router else "", n_train, n_all,
+                100.0 * n_train / max(n_all, 1))
+    return adapted
+
+
+def add_adapters(model: nn.Module, em: ElasticModel, args) -> list[nn.Module]:
+    """Add LoRA / MoE-LoRA adapters as the command line asks (``--lora_*``, ``--use_moe_lora``,
+    ``--moe_*``), freeze the base model, and return the adapted projections."""
+    return attach_adapters(model, em, config_from_args(args, em))
+
+
+def _module_device(mod: nn.Module) -> torch.device:
+    for p in mod.parameters(recurse=False):
+        return p.device
+    return torch.device("cpu")
+
+
+def adapter_config(model: nn.Module) -> Optional[AdapterConfig]:
+    """The :class:`AdapterConfig` of a model with adapters, else None."""
+    return getattr(model, "_amoeba_adapter_config", None)
+
+
+def adapted_modules(model: nn.Module) -> list[tuple[int, str, MoELoRA]]:
+    """(layer, role, adapter) of every adapter of the model."""
+    out = []
+    for mod in model.modules():
+        adapter = mod._modules.get("amoeba_adapter") if hasattr(mod, "_modules") else None
+        if isinstance(adapter, MoELoRA):
+            out.append((mod.amoeba_layer, mod.amoeba_role, adapter))
+    return sorted(out, key=lambda t: (t[0], ALL_ROLES.index(t[1])))
+
+
+def get_router(model: nn.Module) -> Optional[ShapeRouter]:
+    """The model's :class:`ShapeRouter`, or None (plain LoRA)."""
+    r = model._modules.get(ROUTER_ATTR)
+    return r if isinstance(r, ShapeRouter) else None
+
+
+def remove_adapters(model: nn.Module) -> None:
+    """Detach every adapter and the router (the base model's modules and keys are left as loaded)."""
+    for mod in model.modules():
+        if "amoeba_adapter" in getattr(mod, "_modules", {}):
+            del mod._modules["amoeba_adapter"]
+    if ROUTER_ATTR in model._modules:
+        del model._modules[ROUTER_ATTR]
+    if getattr(model, "_amoeba_adapter_config", None) is not None:
+        object.__setattr__(model, "_amoeba_adapter_config", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading (original head/channel order)
+# ----------------------------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter and router tensor in the model's CURRENT layout, keyed ``layers.{i}.{role}.lora_A``
+    / ``router.lora_gate_weight`` (independent of the model class and of wrappers)."""
+    sd = {}
+    for layer, role, adapter in adapted_modules(model):
+        sd[f"layers.{layer}.{role}.lora_A"] = adapter.lora_A
+        sd[f"layers.{layer}.{role}.lora_B"] = adapter.lora_B
+    router = get_router(model)
+    if router is not None:
+        for name, p in router.named_parameters():
+            sd[f"router.{name}"] = p
+    return sd
+
+
+def _unit_index(em: ElasticModel, layer: int, role: str) -> Optional[torch.Tensor]:
+    """Original feature index of each current row (q/k/v/gate/up) or column (o/down); None = identity."""
+    if not em.sliceable:
+        return None  # packed weights keep the original layout
+    if role in ("gate_proj", "up_proj", "down_proj"):
+        idx = em.state.channel_order[layer]
+    else:
+        unit = em.head_dim * (em.queries_per_group if role in ("q_proj", "o_proj") else 1)
+        go = em.state.group_order[layer]
+        idx = (go[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)
+    idx = idx.cpu().long()
+    if torch.equal(idx, torch.arange(idx.numel())):
+        return None
+    return idx
+
+
+def _to_original(em, layer, role, a, b):
+    idx = _unit_index(em, layer, role)
+    if idx is None:
+        return a, b
+    if role in OUT_SLICED:
+        out = torch.empty_like(b)
+        out[:, idx] = b
+        return a, out
+    out = torch.empty_like(a)
+    out[:, :, idx] = a
+    return out, b
+
+
+def _from_original(em, layer, role, a, b):
+    idx = _unit_index(em, layer, role)
+    if idx is None:
+        return a, b
+    if role in OUT_SLICED:
+        return a, b[:, idx]
+    assert role in IN_SLICED
+    return a[:, :, idx], b
+
+
+def save_adapters(model: nn.Module, directory, em: Optional[ElasticModel] = None) -> Path:
+    """Write the adapters (safetensors, original layout) and ``adapter_config.json`` into ``directory``."""
+    from safetensors.torch import save_file
+
+    from amoeba.elastic import get_elastic
+
+    config = adapter_config(model)
+    if config is None:
+        raise ValueError("the model has no adapters to save")
+    em = em or get_elastic(model)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for layer, role, adapter in adapted_modules(model):
+        a, b = _to_original(em, layer, role, adapter.lora_A.detach().cpu(), adapter.lora_B.detach().cpu())
+        tensors[f"layers.{layer}.{role}.lora_A"] = a.contiguous()
+        tensors[f"layers.{layer}.{role}.lora_B"] = b.contiguous()
+    router = get_router(model)
+    if router is not None:
+        for name, p in router.named_parameters():
+            tensors[f"router.{name}"] = p.detach().cpu().contiguous()
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    write_json(directory / CONFIG_FILE, asdict(config))
+    return directory
+
+
+def read_adapter_config(directory) -> AdapterConfig:
+    """The :class:`AdapterConfig` saved in ``directory`` (UsageError when missing or not ours)."""
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise UsageError(f"{directory} holds no adapters ({CONFIG_FILE} and {WEIGHTS_FILE} expected)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path} is not readable JSON: {err}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise UsageError(f"{path} is not an adapter configuration written by this project")
+    known = AdapterConfig.__dataclass_fields__
+    return AdapterConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def load_adapters(model: nn.Module, em: ElasticModel, directory) -> list[nn.Module]:
+    """Load adapters saved by :func:`save_adapters` into ``model`` (adding them if it has none).
+
+    Raises UsageError when they were made for a model of another shape.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    saved = read_adapter_config(directory)
+    here = AdapterConfig(r=1, alpha=1, **_structure(em)).structure()
+    if saved.structure() != here:
+        diff = ", ".join(f"{k} {saved.structure()[k]} vs {here[k]}" for k in here if saved.structure()[k] != here[k])
+        raise UsageError(f"the adapters in {directory} belong to another model ({diff}; saved vs this model)")
+    current = adapter_config(model)
+    if current is None:
+        attach_adapters(model, em, saved)
+    else:
+        mine = (current.r, current.num_experts, current.use_router, sorted(current.modules), current.widths)
+        theirs = (saved.r, saved.num_experts, saved.use_router, sorted(saved.modules), saved.widths)
+        if mine != theirs:
+            raise UsageError(f"the adapters in {directory} (r={saved.r}, experts={saved.num_experts}, modules="
+                             f"{','.join(saved.modules)}) differ from the model's (r={current.r}, experts="
+                             f"{current.num_experts}, modules={','.join(current.modules)})")
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    expected = set(adapter_state_dict(model))
+    missing, extra = expected - set(tensors), set(tensors) - expected
+    if missing or extra:
+        raise UsageError(f"{directory / WEIGHTS_FILE} does not match its config (missing "
+                         f"{sorted(missing)[:3]}, unexpected {sorted(extra)[:3]})")
+    with torch.no_grad():
+        for layer, role, adapter in adapted_modules(model):
+            a = tensors[f"layers.{layer}.{role}.lora_A"]
+            b = tensors[f"layers.{layer}.{role}.lora_B"]
+            if a.shape != adapter.lora_A.shape or b.shape != adapter.lora_B.shape:
+                raise UsageError(f"{directory}: layer {layer} {role} has shapes {tuple(a.shape)}, {tuple(b.shape)}; "
+                                 f"the model needs {tuple(adapter.lora_A.shape)}, {tuple(adapter.lora_B.shape)}")
+            a, b = _from_original(em, layer, role, a, b)
+            adapter.lora_A.copy_(a)
+            adapter.lora_B.copy_(b)
+        router = get_router(model)
+        if router is not None:
+            for name, p in router.named_parameters():
+                p.copy_(tensors[f"router.{name}"])
+    return [mod for mod in model.modules() if "amoeba_adapter" in getattr(mod, "_modules", {})]
+
+
+def find_adapter_dir(output_dir) -> Optional[Path]:
+    """``output_dir/adapter_model`` if present, else that of the last complete checkpoint, else None."""
+    output_dir = Path(output_dir)
+    final = output_dir / ADAPTER_DIR
+    if (final / CONFIG_FILE).is_file():
+        return final
+    from amoeba.training import last_complete_checkpoint
+
+    ckpt = last_complete_checkpoint(output_dir)
+    if ckpt is not None and (ckpt / ADAPTER_DIR / CONFIG_FILE).is_file():
+        return ckpt / ADAPTER_DIR
+    return None
+
+
+def load_trained_adapters(args, model: nn.Module, em: ElasticModel, output_dir) -> nn.Module:
+    """Load the adapters of a trained run from ``output_dir`` (final ``adapter_model/`` or the last
+    checkpoint) for evaluation/export; the model is left in eval mode (deterministic router).
+
+    UsageError when ``--use_moe_lora`` is given but no adapters exist, or they disagree with the flags.
+    """
+    t = args.train
+    where = find_adapter_dir(output_dir)
+    if where is None:
+        if t.use_moe_lora:
+            raise UsageError(f"no trained adapters in {output_dir} (expected {ADAPTER_DIR}/ or "
+                             f"checkpoint-*/{ADAPTER_DIR}); train first with --do_train True", "--output_dir")
+        logger.info("no adapters in %s: evaluating the base model", output_dir)
+        return model
+    saved = read_adapter_config(where)
+    if t.use_moe_lora and (not saved.use_router or saved.num_experts != t.moe_num_expert
+                           or saved.topk != t.moe_topk):
+        kind = (f"MoE-LoRA with {saved.num_experts} experts, top-{saved.topk}" if saved.use_router
+                else "plain LoRA")
+        raise UsageError(f"the adapters in {where} are {kind}; the flags ask for {t.moe_num_expert} experts, "
+                         f"top-{t.moe_topk}", "--use_moe_lora")
+    if t.use_moe_lora and t.shrinkable_width:
+        missing = [w for w in args.width_choice if all(abs(w - s) > 1e-6 for s in saved.widths)]
+        if missing:
+            logger.warning("widths %s were not trained (router widths %s): they use the nearest one",
+                           missing, saved.widths)
+    load_adapters(model, em, where)
+    logger.info("loaded adapters from %s", where)
+    model.eval()
+    return model

@@ -1,0 +1,495 @@
+"""Stage 2: one-for-all fine-tuning of the elastic model (sandwich sampling + in-place distillation).
+
+Per micro-batch, :class:`SandwichTrainer` runs the largest subnet, ``--random_sample_num_layer`` random
+subnets (depths from the Stage 1 strategy, or the first layers; random widths from ``--width_choice``)
+and the smallest one, each with its own forward and backward, so only one subnet's activations are alive
+at a time. The largest learns from the labels; the others from its detached predictions (``--distill_method
+sp``: soft cross entropy on the target tokens, mixed with the label loss by ``--kd_weight``), each scaled
+to the largest's loss magnitude unless ``--no_balancing``. Which subnets a step trains is a function of the
+seed and the global step only, so every process (and a resumed run) samples the same ones.
+
+Only the adapters (and the MoE router) train. Checkpoints hold the adapters (``adapter_model/``, in the
+base model's original head/channel order), optimizer, scheduler and RNG states; the base weights are
+never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+
+from amoeba.adapters import ADAPTER_DIR, CONFIG_FILE, add_adapters, get_router, load_adapters, save_adapters
+from amoeba.args import width_key
+from amoeba.elastic import ElasticModel, subnet_for
+from amoeba.errors import UsageError
+from amoeba.files import atomic_path, write_json
+from amoeba.subnet import Subnet
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer_state.json"
+
+
+class TrainingDiverged(UsageError):
+    """The loss became NaN or infinite; training stopped before applying it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Which subnets a step trains
+# ----------------------------------------------------------------------------------------------
+class SandwichSampler:
+    """Draws the subnets of one sandwich step: largest, random ones, smallest.
+
+    ``layer_masks`` ({removed: 0/1 mask}) gives the depths of ``calib_dp``; without it the first layers
+    are kept (``first_layers``). ``widths``: the width choices (the largest subnet uses the widest, the
+    smallest the narrowest). ``elastic_depth=False`` keeps every layer.
+    """
+
+    def __init__(self, em: ElasticModel, min_num_layer: int, num_random: int, widths: Sequence[float],
+                 layer_masks: Optional[dict] = None, elastic_depth: bool = True):
+        self.em = em
+        n = em.num_layers
+        self.layer_masks = layer_masks
+        self.min_layers = int(min_num_layer) if elastic_depth else n
+        if not 1 <= self.min_layers <= n:
+            raise UsageError(f"{min_num_layer} must lie in [1, {n}] (the model has {n} layers)", "--min_num_layer")
+        if layer_masks is not None:
+            depths = sorted({n - int(k) for k in layer_masks if self.min_layers <= n - int(k) < n})
+            if self.min_layers < n and (n - self.min_layers) not in {int(k) for k in layer_masks}:
+                have = sorted(n - int(k) for k in layer_masks)
+                raise UsageError(f"the strategy has no {self.min_layers}-layer subnet (it has {have})",
+                                 "--min_num_layer")
+        else:
+            depths = list(range(self.min_layers, n))
+        self.random_depths = depths or [n]
+        self.num_random = int(num_random)
+        self.widths = sorted({width_key(w) for w in widths}, reverse=True)
+
+    def subnet(self, num_layers: int, width: float) -> Subnet:
+        """The subnet of ``num_layers`` layers (strategy or first layers) at ``width``."""
+        return subnet_for(self.em, num_layers, width, self.layer_masks, flag="--min_num_layer")
+
+    @property
+    def largest(self) -> Subnet:
+        """Every layer at the widest width."""
+        return self.subnet(self.em.num_layers, self.widths[0])
+
+    @property
+    def smallest(self) -> Subnet:
+        """``--min_num_layer`` layers at the narrowest width."""
+        return self.subnet(self.min_layers, self.widths[-1])
+
+    def sample(self, rng: np.random.Generator) -> list[tuple[str, Subnet]]:
+        """[(role, subnet)]: largest, ``num_random`` random ones, smallest."""
+        plan = [("largest", self.largest)]
+        for j in range(self.num_random):
+            depth = int(self.random_depths[int(rng.integers(len(self.random_depths)))])
+            width = float(self.widths[int(rng.integers(len(self.widths)))])
+            plan.append((f"random{j + 1}", self.subnet(depth, width)))
+        plan.append(("smallest", self.smallest))
+        return plan
+
+
+def step_rng(seed: int, global_step: int, micro: int) -> np.random.Generator:
+    """The RNG of one micro-batch: a function of (seed, optimizer step, micro-batch index) only."""
+    return np.random.default_rng([int(seed), int(global_step), int(micro)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+def target_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [n, V] in fp32, labels [n]) at the target positions (next-token shift, labels != -100)."""
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != -100
+    return logits[:, :-1][keep].float(), shift_labels[keep]
+
+
+def soft_cross_entropy(student: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of -sum_v p_teacher(v) log p_student(v) (``--distill_method sp``)."""
+    return -(teacher_probs * F.log_softmax(student, dim=-1)).sum(-1).mean()
+
+
+def combine_losses(losses: Sequence[torch.Tensor], balancing: bool) -> list[torch.Tensor]:
+    """Scale each non-largest loss to the largest's magnitude (factor detached) when ``balancing``."""
+    if not balancing or not losses:
+        return list(losses)
+    ref = losses[0].detach()
+    out = [losses[0]]
+    for loss in losses[1:]:
+        out.append(loss * (ref / loss.detach().clamp_min(1e-12)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer
+# ----------------------------------------------------------------------------------------------
+class SandwichTrainer(transformers.Seq2SeqTrainer):
+    """A ``Seq2SeqTrainer`` whose training step is the sandwich rule; saves only the adapters."""
+
+    def __init__(self, *args, em: ElasticModel, sampler: Optional[SandwichSampler], kd_weight: float = 1.0,
+                 distill_method: str = "sp", distill_steps: int = -1, balancing: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.em = em
+        self.sampler = sampler
+        self.kd_weight = float(kd_weight)
+        self.distill_method = distill_method
+        self.distill_steps = int(distill_steps)
+        self.balancing = bool(balancing)
+        self._micro_step = (-1, 0)
+        self._role_sums: dict[str, list] = {}
+        self.tokens_seen = 0
+        self.last_plan: list[tuple[str, Subnet]] = []
+
+    # --- sampling
+    def plan_for_step(self) -> list[tuple[str, Subnet]]:
+        """The subnets of the current micro-batch (seeded by the global step and micro-batch index)."""
+        step = self.state.global_step
+        last_step, count = self._micro_step
+        micro = count + 1 if last_step == step else 0
+        self._micro_step = (step, micro)
+        if self.sampler is None:
+            return [("largest", self.em.full_subnet())]
+        return self.sampler.sample(step_rng(self.args.seed, step, micro))
+
+    def _distilling(self) -> bool:
+        if self.distill_method == "none" or self.kd_weight == 0:
+            return False
+        return self.distill_steps < 0 or self.state.global_step < self.distill_steps
+
+    # --- one micro-batch
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Forward and backward every subnet of the sandwich, one at a time; returns the largest's loss."""
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs["labels"]
+        feed = {k: v for k, v in inputs.items() if k != "labels"}
+        ga = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        plan = self.plan_for_step()
+        self.last_plan = plan
+        router = get_router(self.em.model)
+        distill = self._distilling()
+        teacher = None
+        ref = None
+        step, micro = self._micro_step
+        self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+        try:
+            for i, (role, subnet) in enumerate(plan):
+                self.em.set_subnet(subnet)
+                if router is not None:
+                    router.noise_seed = int(np.random.SeedSequence([self.args.seed, step, micro, i])
+                                            .generate_state(1)[0])
+                with self.compute_loss_context_manager():
+                    logits = model(**feed).logits
+                    student, target = target_logits(logits, labels)
+                    del logits
+                    if target.numel() == 0:  # every target truncated away: nothing to learn here
+                        loss = student.sum() * 0.0
+                    else:
+                        loss = F.cross_entropy(student, target)
+                    if i == 0:
+                        if distill and len(plan) > 1:
+                            teacher = torch.softmax(student.detach(), dim=-1)
+                    elif teacher is not None and target.numel() > 0:
+                        kd = soft_cross_entropy(student, teacher)
+                        loss = self.kd_weight * kd + (1.0 - self.kd_weight) * loss
+                    del student
+                if self.args.n_gpu > 1:
+                    loss = loss.mean()
+                value = loss.detach()
+                if not bool(torch.isfinite(value)):
+                    raise TrainingDiverged(self._diverged_message(float(value), role, subnet))
+                self._role_sums.setdefault(role, []).append(value)
+                if i == 0:
+                    ref = value
+                elif self.balancing:
+                    loss = loss * (ref / value.clamp_min(1e-12))
+                self.accelerator.backward(loss / ga)
+                del loss
+        finally:
+            if router is not None:
+                router.noise_seed = None
+            self.em.set_subnet(self.em.full_subnet())
+        return ref / ga
+
+    def _diverged_message(self, value: float, role: str, subnet: Subnet) -> str:
+        ckpt = last_complete_checkpoint(self.args.output_dir)
+        kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+        return (f"training loss became {value} at step {self.state.global_step + 1} ({role} subnet "
+                f"{subnet.label}); stopped without applying it, {kept}. Lower --learning_rate (or check "
+                "the data and --bits), then continue with --resume_training")
+
+    # --- evaluation: the largest subnet
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Label loss (mean over target tokens) of the largest subnet."""
+        largest = self.sampler.largest if self.sampler is not None else self.em.full_subnet()
+        labels = inputs["labels"]
+        feed = {k: v for k, v in inputs.items() if k != "labels"}
+        with self.em.use(largest):
+            outputs = model(**feed)
+            student, target = target_logits(outputs.logits, labels)
+            loss = F.cross_entropy(student, target) if target.numel() else student.sum() * 0.0
+        return (loss, outputs) if return_outputs else loss
+
+    # --- logging
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Add the mean loss of each sandwich role since the last log."""
+        if "loss" in logs and self._role_sums:
+            for role, values in self._role_sums.items():
+                logs[f"loss_{role}"] = round(float(torch.stack(values).float().mean()), 4)
+            self._role_sums = {}
+        super().log(logs, *args, **kwargs)
+
+    # --- checkpoints: adapters only
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_adapters(self.em.model, Path(output_dir) / ADAPTER_DIR, self.em)
+        logger.info("saved adapters to %s", Path(output_dir) / ADAPTER_DIR)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        where = Path(resume_from_checkpoint) / ADAPTER_DIR
+        load_adapters(self.em.model, self.em, where)
+        logger.info("resumed adapters from %s", where)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-")[-1])
+    except ValueError:
+        return -1
+
+
+def last_complete_checkpoint(output_dir) -> Optional[Path]:
+    """The newest ``checkpoint-N`` with its trainer state and adapters written (a run killed while
+    saving leaves a partial folder; it is skipped)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    done = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and _step_of(p) >= 0
+            and (p / TRAINER_STATE).is_file() and (p / ADAPTER_DIR / CONFIG_FILE).is_file()]
+    return max(done, key=_step_of) if done else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation and setup
+# ----------------------------------------------------------------------------------------------
+def layer_masks_of(strategy, em: ElasticModel, flag: str = "--shrinking_file") -> Optional[dict]:
+    """The strategy's {removed: mask} (checked against the model), or None."""
+    if strategy is None:
+        return None
+    masks = getattr(strategy, "layer_masks", None)
+    if masks is None and isinstance(strategy, dict):
+        masks = strategy.get("layer_masks") or strategy.get("strategy")
+    if not masks:
+        raise UsageError("the strategy holds no layer masks", flag)
+    out = {}
+    for k, m in masks.items():
+        m = np.asarray(m).reshape(-1)
+        if m.size != em.num_layers:
+            raise UsageError(f"the strategy belongs to a model with {m.size} layers; this model has "
+                             f"{em.num_layers}", flag)
+        out[int(k)] = m
+    return out
+
+
+def validate_training_setup(args, em: ElasticModel, strategy) -> Optional[dict]:
+    """Check the Stage 2 flags against the model and strategy; return the layer masks to sample from."""
+    t = args.train
+    if t.full_finetune:
+        raise UsageError("Stage 2 trains adapters (LoRA / MoE-LoRA); full fine-tuning is not supported",
+                         "--full_finetune")
+    masks = None
+    if t.enable_shrinking and t.shrinking_method == "calib_dp":
+        if strategy is None:
+            raise UsageError("--shrinking_method calib_dp needs --shrinking_file (the Stage 1 strategy)",
+                             "--shrinking_file")
+        masks = layer_masks_of(strategy, em)
+    elif strategy is not None:
+        layer_masks_of(strategy, em)  # still must belong to this model
+    if t.enable_shrinking and not 1 <= t.min_num_layer <= em.num_layers:
+        raise UsageError(f"{t.min_num_layer} must lie in [1, {em.num_layers}] (the model has {em.num_layers} "
+                         "layers)", "--min_num_layer")
+    if t.shrinkable_width:
+        narrow = [w for w in args.width_choice if width_key(w) < 1.0]
+        if strategy is not None:
+            missing = [w for w in narrow if width_key(w) not in em.width_plans]
+            if missing:
+                have = sorted(em.width_plans, reverse=True)
+                raise UsageError(f"the strategy has no width masks for {', '.join(f'{w:g}' for w in missing)} "
+                                 f"(it has {', '.join(f'{w:g}' for w in have) or 'none'})", "--width_choice")
+        elif narrow:
+            logger.warning("--shrinkable_width without a strategy file: widths keep the first heads/channels "
+                           "(no importance order)")
+    return masks
+
+
+def _fallback_optimizer(t) -> None:
+    """Paged / 8-bit optimizers need CUDA (bitsandbytes): use adamw_torch without it."""
+    from transformers.training_args import OptimizerNames
+
+    name = str(getattr(t.optim, "value", t.optim))
+    if t.adam8bit and torch.cuda.is_available():
+        t.optim = OptimizerNames("adamw_bnb_8bit")
+    elif ("paged" in name or "bnb" in name or "8bit" in name) and not torch.cuda.is_available():
+        logger.warning("--optim %s needs a CUDA GPU (bitsandbytes); using adamw_torch", name)
+        t.optim = OptimizerNames("adamw_torch")
+
+
+def _enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing (works with the elastic depth swap and frozen inputs)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
+def _disable_trainer_checkpointing(t) -> None:
+    # Checkpointing is set up here once; the Trainer must not enable it again with other settings.
+    for name in ("gradient_checkpointing", "activation_checkpointing"):
+        if hasattr(t, name):
+            setattr(t, name, False)
+
+
+@contextlib.contextmanager
+def _adapters_visible_to_trainer(model):
+    """The Trainer refuses a quantized base model unless it sees adapters through transformers' own PEFT
+    integration flag; ours are attached as elastic-projection hooks, so raise the flag while it checks."""
+    if not getattr(model, "is_quantized", False):
+        yield
+        return
+    before = getattr(model, "_hf_peft_config_loaded", False)
+    model._hf_peft_config_loaded = True
+    try:
+        yield
+    finally:
+        model._hf_peft_config_loaded = before
+
+
+def _prepare_output_dir(t) -> Optional[str]:
+    """The checkpoint to resume from (``--resume_training``), refusing to overwrite an earlier run."""
+    out = Path(t.output_dir)
+    existing = [p for p in out.glob("checkpoint-*") if p.is_dir()] if out.is_dir() else []
+    if t.resume_training:
+        ckpt = last_complete_checkpoint(out)
+        if ckpt is None:
+            logger.warning("--resume_training: no complete checkpoint in %s; starting from scratch", out)
+            return None
+        logger.info("resuming from %s", ckpt)
+        return str(ckpt)
+    if existing:
+        raise UsageError(f"{out} already holds checkpoints of an earlier run ({existing[0].name}, ...); pass "
+                         "--resume_training to continue it, or choose another --output_dir", "--output_dir")
+    return None
+
+
+def _write_outputs(trainer: SandwichTrainer, out: Path, metrics: dict) -> None:
+    history = trainer.state.log_history
+    write_json(out / "training_log.json", history)
+    write_json(out / "train_results.json", metrics)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is optional
+        return
+    series: dict[str, list] = {}
+    for row in history:
+        for key, val in row.items():
+            if (key == "loss" or key.startswith("loss_") or key == "eval_loss") and "step" in row:
+                series.setdefault(key, []).append((row["step"], val))
+    if not series:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, pts in sorted(series.items()):
+        if key == "loss":
+            continue  # the same values as loss_largest
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, marker="o" if key == "eval_loss" else None, label=key.replace("loss_", ""))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title("Stage 2 one-for-all fine-tuning")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out / "loss_curve.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: Optional[list] = None):
+    """Stage 2: fine-tune adapters on the instruction data with sandwich sampling; return the model
+    (adapters attached, eval mode, full subnet). Writes ``adapter_model/``, checkpoints, the training log
+    and its loss curve into ``--output_dir``."""
+    from amoeba.instruct_data import make_data_module
+
+    t = args.train
+    masks = validate_training_setup(args, em, strategy)
+    resume_from = _prepare_output_dir(t)
+    _fallback_optimizer(t)
+    t.prediction_loss_only = True
+    t.remove_unused_columns = False
+
+    if getattr(model, "is_quantized", False) or t.bits in (4, 8):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    add_adapters(model, em, args)
+    if t.gradient_checkpointing:
+        _enable_checkpointing(model)
+    _disable_trainer_checkpointing(t)
+
+    elastic = t.enable_shrinking or t.shrinkable_width
+    sampler = None
+    if elastic:
+        widths = args.width_choice if t.shrinkable_width else (1.0,)
+        sampler = SandwichSampler(em, t.min_num_layer, t.random_sample_num_layer, widths, masks,
+                                  elastic_depth=t.enable_shrinking)
+        logger.info("sandwich: largest %s, %d random (depths %s, widths %s), smallest %s",
+                    sampler.largest.label, sampler.num_random, sampler.random_depths,
+                    [f"{w:g}" for w in sampler.widths], sampler.smallest.label)
+    data = make_data_module(tokenizer, args)
+    if data["eval_dataset"] is None and str(getattr(t.eval_strategy, "value", t.eval_strategy)) != "no":
+        from transformers.trainer_utils import IntervalStrategy
+
+        t.eval_strategy = IntervalStrategy.NO
+    with _adapters_visible_to_trainer(model):
+        trainer = SandwichTrainer(
+            model=model, args=t, processing_class=tokenizer, callbacks=callbacks, em=em, sampler=sampler,
+            kd_weight=t.kd_weight, distill_method=t.distill_method, distill_steps=t.distill_steps,
+            balancing=not t.no_balancing, **data)
+    start = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    elapsed = time.time() - start
+    out = Path(t.output_dir)
+    if trainer.args.should_save:
+        save_adapters(model, out / ADAPTER_DIR, em)
+        metrics = dict(result.metrics)
+        metrics.update({"wall_seconds": round(elapsed, 2), "tokens_seen": trainer.tokens_seen,
+                        "tokens_per_second": round(trainer.tokens_seen / max(elapsed, 1e-9), 2),
+                        "sandwich": [r for r, _ in trainer.last_plan]})
+        if data["eval_dataset"] is not None and t.do_eval:
+            metrics.update(trainer.evaluate())
+        _write_outputs(trainer, out, metrics)
+        logger.info("training done in %.1f s; adapters in %s", elapsed, out / ADAPTER_DIR)
+    em.set_subnet(em.full_subnet())
+    model.eval()
+    return model
