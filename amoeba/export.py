@@ -1,0 +1,501 @@
+"""Instant deployment: cut one subnet out of the elastic model as a standard, smaller Hugging Face model.
+
+The surgery, in order (each step a small function below):
+
+1. **Adapters merged for that shape.** Under ``em.use(subnet)`` every adapted projection's delta
+   ``W_delta[out, in]`` (the MoE-LoRA gates are fixed by the shape) is added to its weight.
+2. **Skipped layers dropped**; the kept layers are renumbered 0..L-1 (and ``layer_types`` follows).
+3. **Width sliced.** The elastic model keeps the most important KV groups and MLP channels first, so
+   the kept units are a prefix: q/k/v/gate/up rows ``[:k]``, o/down columns ``[:, :k]``.
+4. **FLAP bias folded** into ``o_proj``/``down_proj`` biases. Llama's ``attention_bias`` switches on
+   biases for q/k/v/o together (``mlp_bias`` for gate/up/down), so the others are stored as zeros.
+   Architectures without such a switch (Qwen2's ``o_proj``, Mistral) are written as Llama when that is
+   the same function (no sliding window in effect); otherwise the export is refused with the reason.
+5. **Config updated**: head counts, ``head_dim`` (always explicit), ``intermediate_size``,
+   ``num_hidden_layers``, bias flags, ``layer_types``.
+
+Per-layer widths. The Llama-family classes of transformers (5.17+) build every decoder layer from the
+same ``num_attention_heads``/``num_key_value_heads``/``intermediate_size``; per-layer sizes exist only
+in other architectures (a list-valued ``intermediate_size`` in Gemma3n, per-layer head counts in
+Laguna), which are different networks. A subnet with per-layer widths is therefore exported as a plain
+model padded to its widest kept layer: the extra rows of q/k/v/gate/up and columns of o/down are zero,
+so each padded unit contributes exactly nothing and the logits are exact. The padding is stored (the
+file is as large as the widest layer implies); ``amoeba_export.json`` records both the stored and the
+effective parameter counts.
+
+Adapter contract used by the merge: an adapted projection has a child ``amoeba_adapter``. If that
+module comes from :mod:`amoeba.adapters`, ``amoeba.adapters.merged_delta(projection)`` gives the
+delta; any other adapter module must offer ``merged_delta() -> Tensor[out_features, in_features]``
+for the current subnet. Entries outside the kept prefix are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from amoeba.elastic import IN_SLICED, OUT_SLICED, ElasticModel, _is_dense_linear, subnet_for
+from amoeba.errors import UsageError
+from amoeba.files import library_versions, write_json
+from amoeba.subnet import Subnet
+
+logger = logging.getLogger(__name__)
+
+EXPORT_RECORD = "amoeba_export.json"
+ROLES = OUT_SLICED + IN_SLICED
+# Which projections each architecture can give a bias, and through which config flag.
+#   "attention_bias": q/k/v/o together; "mlp_bias": gate/up/down together; "fixed": always present.
+_BIAS_SUPPORT = {
+    "llama": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+              "mlp_bias": ("gate_proj", "up_proj", "down_proj")},
+    "qwen3": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
+    "gemma": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
+    "qwen2": {"fixed": ("q_proj", "k_proj", "v_proj")},
+    "mistral": {},
+}
+
+
+@dataclass
+class SlicedModel:
+    """An exported subnet in memory: the model and the numbers its record reports."""
+
+    model: nn.Module
+    subnet: Subnet
+    model_type: str
+    source_model_type: str
+    layer_sizes: list[tuple[int, int]]
+    padded: bool
+    param_count: int
+    elastic_param_count: int
+    zero_filled: int
+    folded_bias: int
+    adapters_merged: int
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------- checks
+def check_exportable(model: nn.Module, em: ElasticModel) -> None:
+    """Refuse a base whose projection weights are packed (4/8-bit): they cannot be sliced or merged."""
+    bits = None
+    if getattr(model, "is_loaded_in_4bit", False):
+        bits = 4
+    elif getattr(model, "is_loaded_in_8bit", False):
+        bits = 8
+    packed = [f"layer {i} {role}" for i in range(em.num_layers)
+              for role, mod in em.projections(i).items() if not _is_dense_linear(mod)]
+    if bits is not None or packed:
+        what = f"{bits}-bit" if bits else "packed (quantized)"
+        where = f" ({packed[0]})" if packed else ""
+        raise UsageError(f"the base model is loaded {what}{where}; its weights cannot be sliced or have adapters "
+                         "merged into them. Load the base in bf16 for export: drop --bits and pass --bf16",
+                         "--bits")
+
+
+def _adapter_delta(module: nn.Module) -> Optional[torch.Tensor]:
+    """The merged adapter delta [out_features, in_features] of one projection for the current subnet."""
+    adapter = module._modules.get("amoeba_adapter")
+    if adapter is None:
+        return None
+    if type(adapter).__module__ == "amoeba.adapters":
+        from amoeba.adapters import merged_delta
+
+        delta = merged_delta(module)
+    elif callable(getattr(adapter, "merged_delta", None)):
+        delta = adapter.merged_delta()
+    else:
+        raise UsageError(f"cannot merge adapter {type(adapter).__name__}: it offers no merged_delta()")
+    w = module.weight
+    if tuple(delta.shape) != tuple(w.shape):
+        raise ValueError(f"adapter delta {tuple(delta.shape)} does not match weight {tuple(w.shape)}")
+    return delta
+
+
+# ---------------------------------------------------------------------------------------- config
+def _bias_plan(model_type: str, config, needs: set[str]) -> tuple[str, dict[str, bool]]:
+    """(target model_type, bias flags) able to hold a bias on every projection role in ``needs``."""
+    support = _BIAS_SUPPORT.get(model_type, {})
+    can = {r for roles in support.values() for r in roles}
+    if needs <= can:
+        flags = {flag: any(r in needs for r in roles) for flag, roles in support.items() if flag != "fixed"}
+        return model_type, flags
+    # Qwen2 (o_proj) and Mistral (all) have no bias switch: Llama is the same network when no sliding
+    # window is in effect, and it has one.
+    llama = _BIAS_SUPPORT["llama"]
+    if model_type in ("qwen2", "mistral") and _no_sliding_window(config):
+        flags = {flag: any(r in needs for r in roles) for flag, roles in llama.items()}
+        return "llama", flags
+    missing = sorted(needs - can)
+    raise UsageError(f"a '{model_type}' model cannot hold a bias on {', '.join(missing)}, so the FLAP bias "
+                     "of this width cannot be folded in; export a width calibrated without bias, or a shape "
+                     "of width 1", "--eval_num_width")
+
+
+def _no_sliding_window(config) -> bool:
+    types = getattr(config, "layer_types", None) or []
+    if any(t != "full_attention" for t in types):
+        return False
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", None) is False:
+        window = None
+    return window is None or window >= int(getattr(config, "max_position_embeddings", 0) or 0) > 0
+
+
+def _subnet_config(em: ElasticModel, subnet: Subnet, groups: int, channels: int, model_type: str,
+                   bias_flags: dict[str, bool]):
+    """The config of the exported model (a fresh object; the source config is not touched)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    src = em.config
+    data = src.to_dict()
+    # The elastic model rewrites layer_types only inside a forward; outside it holds the full list.
+    types = getattr(src, "layer_types", None)
+    data.update(
+        num_hidden_layers=subnet.num_layers,
+        num_attention_heads=groups * em.queries_per_group,
+        num_key_value_heads=groups,
+        head_dim=em.head_dim,
+        intermediate_size=channels,
+        use_cache=True,
+    )
+    if types:
+        data["layer_types"] = [types[i] for i in subnet.layers]
+    data.update(bias_flags)
+    for key in ("_name_or_path", "architectures", "quantization_config", "auto_map", "transformers_version"):
+        data.pop(key, None)
+    if model_type == src.model_type:
+        data.pop("model_type", None)
+        config = AutoConfig.for_model(src.model_type, **data)
+    else:
+        known = set(LlamaConfig().to_dict())
+        dropped = sorted(k for k in data if k not in known and k != "model_type")
+        logger.info("writing the %s subnet as llama (same function, holds the biases); dropped config keys: %s",
+                    src.model_type, ", ".join(dropped) or "none")
+        config = LlamaConfig(**{k: v for k, v in data.items() if k in known and k != "model_type"})
+    config.architectures = [_causal_lm_class(config.model_type)]
+    return config
+
+
+def _causal_lm_class(model_type: str) -> str:
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, AutoModelForCausalLM.__name__)
+
+
+# ---------------------------------------------------------------------------------------- surgery
+def _sliced_projection(em: ElasticModel, layer: int, role: str, kept: int, size: int,
+                       out_dtype: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor], int, bool]:
+    """(weight, bias or None, zero-filled count, adapter merged) of one projection, sliced to ``kept``
+    units of the prefix and padded with zeros to ``size`` (rows for q/k/v/gate/up, columns for o/down).
+
+    Runs under ``em.use(subnet)`` so the adapter delta and the FLAP bias are those of the subnet.
+    """
+    mod = em.projections(layer)[role]
+    weight = mod.weight.detach()
+    delta = _adapter_delta(mod)
+    bias = mod.bias.detach() if getattr(mod, "bias", None) is not None else None
+    zero = 0
+    if role in OUT_SLICED:
+        w = weight[:kept].float()
+        if delta is not None:
+            w = w + delta[:kept].float()
+        b = bias[:kept].float() if bias is not None else None
+        if kept < size:
+            w = torch.cat([w, w.new_zeros(size - kept, w.shape[1])])
+            zero += (size - kept) * w.shape[1]
+            if b is not None:
+                b = torch.cat([b, b.new_zeros(size - kept)])
+                zero += size - kept
+    else:
+        w = weight[:, :kept].float()
+        if delta is not None:
+            w = w + delta[:, :kept].float()
+        if kept < size:
+            w = torch.cat([w, w.new_zeros(w.shape[0], size - kept)], dim=1)
+            zero += w.shape[0] * (size - kept)
+        b = bias.float() if bias is not None else None
+        flap = em.state.bias[layer].get(role)
+        if flap is not None:
+            flap = flap.detach().to(device=w.device, dtype=torch.float32).reshape(-1)
+            if flap.numel() != w.shape[0]:
+                raise ValueError(f"layer {layer} {role}: FLAP bias of {flap.numel()} for {w.shape[0]} outputs")
+            b = flap if b is None else b + flap
+    return w.to(out_dtype), (b.to(out_dtype) if b is not None else None), zero, delta is not None
+
+
+def _state_dict_for(em: ElasticModel, subnet: Subnet, groups: int, channels: int,
+                    target_keys: dict[str, torch.Size], dtype: torch.dtype) -> tuple[dict, dict]:
+    """The exported model's state dict, built key by key from the target model's own keys."""
+    model = em.model
+    source = {k: v for k, v in model.state_dict().items()}
+    prefix = _layers_prefix(model, em)
+    hd, qpg = em.head_dim, em.queries_per_group
+    sizes = dict(q_proj=groups * qpg * hd, k_proj=groups * hd, v_proj=groups * hd, o_proj=groups * qpg * hd,
+                 gate_proj=channels, up_proj=channels, down_proj=channels)
+    stats = dict(zero_filled=0, folded_bias=0, adapters_merged=0)
+    projected: dict[str, torch.Tensor] = {}
+    for pos, (layer, (g, c)) in enumerate(zip(subnet.layers, em.layer_sizes(subnet))):
+        kept = dict(q_proj=g * qpg * hd, k_proj=g * hd, v_proj=g * hd, o_proj=g * qpg * hd,
+                    gate_proj=c, up_proj=c, down_proj=c)
+        for role in ROLES:
+            w, b, zero, merged = _sliced_projection(em, layer, role, kept[role], sizes[role], dtype)
+            sub = "self_attn" if role in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            key = f"{prefix}{pos}.{sub}.{role}"
+            projected[f"{key}.weight"] = w
+            stats["zero_filled"] += zero
+            stats["adapters_merged"] += int(merged)
+            if f"{key}.bias" in target_keys:
+                if b is None:
+                    b = w.new_zeros(target_keys[f"{key}.bias"])
+                    stats["zero_filled"] += b.numel()
+                elif getattr(em.projections(layer)[role], "bias", None) is None:
+                    stats["folded_bias"] += b.numel()  # a FLAP bias where the base had none
+                projected[f"{key}.bias"] = b
+            elif b is not None:
+                raise ValueError(f"{key}: the exported architecture has no bias slot for a nonzero bias")
+    out = {}
+    for key, shape in target_keys.items():
+        if key in projected:
+            tensor = projected[key]
+        else:
+            src_key = _source_key(key, prefix, subnet)
+            if src_key not in source:
+                raise ValueError(f"exported key {key} has no source ({src_key})")
+            tensor = source[src_key].detach()
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{key}: built {tuple(tensor.shape)}, the exported model expects {tuple(shape)}")
+        out[key] = tensor
+    return out, stats
+
+
+def _layers_prefix(model: nn.Module, em: ElasticModel) -> str:
+    """State-dict prefix of the decoder layers, e.g. ``model.layers.``."""
+    for name, mod in model.named_modules():
+        if mod is em.decoder:
+            return f"{name}.layers." if name else "layers."
+    raise ValueError("decoder not found among the model's modules")
+
+
+def _source_key(key: str, prefix: str, subnet: Subnet) -> str:
+    """The source model's key for an exported key (layer positions map back to original indices)."""
+    if key.startswith(prefix):
+        pos, rest = key[len(prefix):].split(".", 1)
+        return f"{prefix}{subnet.layers[int(pos)]}.{rest}"
+    return key
+
+
+@torch.no_grad()
+def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet) -> SlicedModel:
+    """Build ``subnet`` of the elastic model as a plain, smaller transformers model (in memory).
+
+    The result lives on the source model's device and dtype and does not share storage with it.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    check_exportable(model, em)
+    em.check(subnet)
+    sizes = em.layer_sizes(subnet)
+    groups = max(g for g, _ in sizes)
+    channels = max(c for _, c in sizes)
+    padded = len(set(sizes)) > 1
+    if padded:
+        logger.warning("subnet %s has per-layer widths; a standard config holds one width, so layers are "
+                       "zero-padded to the widest (%d KV groups, %d channels): exact, not minimal", subnet.label,
+                       groups, channels)
+    ref = em.projections(subnet.layers[0])["q_proj"].weight
+    dtype, device = ref.dtype, ref.device
+
+    with em.use(subnet):
+        needs = set()
+        for layer in subnet.layers:
+            for role, mod in em.projections(layer).items():
+                if getattr(mod, "bias", None) is not None:
+                    needs.add(role)
+            for role, b in em.state.bias[layer].items():
+                if b is not None:
+                    needs.add(role)
+        model_type, flags = _bias_plan(em.config.model_type, em.config, needs)
+        config = _subnet_config(em, subnet, groups, channels, model_type, flags)
+        config.dtype = dtype
+        with init_empty_weights():  # parameters on meta (filled below); buffers such as rope are real
+            target = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        target_keys = {k: v.shape for k, v in target.state_dict().items()}
+        if tied:
+            out_emb = target.get_output_embeddings()
+            target_keys = {k: s for k, s in target_keys.items()
+                           if not (out_emb is not None and k.startswith("lm_head."))}
+        state, stats = _state_dict_for(em, subnet, groups, channels, target_keys, dtype)
+    state = {k: v.to(device).clone() for k, v in state.items()}
+    missing, unexpected = target.load_state_dict(state, strict=False, assign=True)
+    if unexpected or [k for k in missing if not k.startswith("lm_head.")]:
+        raise ValueError(f"exported state dict mismatch: missing {missing}, unexpected {unexpected}")
+    if tied:
+        target.tie_weights()
+    target.to(device)
+    target.eval()
+    stored = sum(p.numel() for p in target.parameters())  # tied weights are one parameter
+    notes = []
+    if model_type != em.config.model_type:
+        notes.append(f"written as {model_type}: a {em.config.model_type} config cannot hold the folded biases")
+    if padded:
+        notes.append("per-layer widths zero-padded to the widest kept layer (exact logits)")
+    return SlicedModel(target, subnet, model_type, em.config.model_type, list(sizes), padded, int(stored),
+                       em.param_count(subnet), stats["zero_filled"], stats["folded_bias"],
+                       stats["adapters_merged"], notes)
+
+
+# ---------------------------------------------------------------------------------------- writing
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file (identifies the strategy an export came from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_subnet(model: nn.Module, tokenizer, em: ElasticModel, subnet: Subnet, out_dir: str | os.PathLike,
+                  overwrite: bool = False, provenance: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``subnet`` as a standard Hugging Face model folder (safetensors, config, tokenizer, record).
+
+    The folder is written to a temporary sibling and renamed into place; an existing ``out_dir`` is
+    replaced only with ``overwrite=True``. ``provenance`` (base model, strategy file and hash, adapters
+    folder, ...) is stored in ``amoeba_export.json`` with the shape and parameter counts.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists; pass --overwrite to replace it", "--export_dir")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder", "--export_dir")
+    sliced = slice_subnet(model, em, subnet)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        sliced.model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        else:
+            logger.warning("no tokenizer given: the export holds the model only")
+        write_json(tmp / EXPORT_RECORD, export_record(sliced, em, provenance))
+        _swap_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("exported %s: %d layers, %d parameters (%.3f of the full model) to %s", subnet.label,
+                subnet.num_layers, sliced.param_count, sliced.param_count / em.param_count(em.full_subnet()), out)
+    return out
+
+
+def export_record(sliced: SlicedModel, em: ElasticModel, provenance: Optional[dict[str, Any]] = None) -> dict:
+    """The ``amoeba_export.json`` content: where the export came from and what it holds."""
+    subnet = sliced.subnet
+    full = em.param_count(em.full_subnet())
+    record = {
+        "base_model": getattr(em.config, "_name_or_path", None) or None,
+        "strategy_file": None,
+        "strategy_sha256": None,
+        "adapters_dir": None,
+        "shape": {
+            "label": subnet.label,
+            "num_layers": subnet.num_layers,
+            "kept_layers": list(subnet.layers),
+            "width": list(subnet.width) if isinstance(subnet.width, tuple) else subnet.width,
+            "kv_groups_per_layer": [g for g, _ in sliced.layer_sizes],
+            "mlp_channels_per_layer": [c for _, c in sliced.layer_sizes],
+            "padded_to_widest_layer": sliced.padded,
+        },
+        "model_type": sliced.model_type,
+        "source_model_type": sliced.source_model_type,
+        "param_count": sliced.param_count,
+        "elastic_param_count": sliced.elastic_param_count,
+        "zero_filled_params": sliced.zero_filled,
+        "folded_bias_params": sliced.folded_bias,
+        "full_model_param_count": full,
+        "param_ratio": sliced.param_count / full,
+        "adapters_merged": sliced.adapters_merged,
+        "notes": sliced.notes,
+        "versions": library_versions(),
+    }
+    record.update(provenance or {})
+    return record
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and deleted only afterwards."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- from flags
+def export_from_args(args, model: nn.Module, tokenizer, em: ElasticModel, strategy) -> Path:
+    """``--export_dir``: export the first shape of ``--eval_num_layer``/``--eval_num_width``.
+
+    Depth comes from the strategy's layer masks (``--shrinking_method calib_dp``) or the first layers;
+    a width the strategy lacks is refused.
+    """
+    t = args.train
+    layers = args.eval_layers[0] if args.eval_layers else em.num_layers
+    width = args.eval_widths[0] if args.eval_widths else 1.0
+    if (args.eval_layers and len(args.eval_layers) > 1) or (args.eval_widths and len(args.eval_widths) > 1):
+        logger.warning("--export_dir exports one shape: %d layers x width %g (the first of each list)",
+                       layers, width)
+    subnet = resolve_subnet(em, strategy, layers, width, t.shrinking_method)
+    provenance = export_provenance(args, model)
+    return export_subnet(model, tokenizer, em, subnet, t.export_dir, overwrite=t.overwrite, provenance=provenance)
+
+
+def resolve_subnet(em: ElasticModel, strategy, layers: int, width: float, shrinking_method: str = "calib_dp",
+                   layer_flag: str = "--eval_num_layer", width_flag: str = "--eval_num_width") -> Subnet:
+    """The subnet of ``layers`` x ``width`` as the strategy defines it; shapes it lacks raise UsageError."""
+    from amoeba.args import width_key
+
+    masks = getattr(strategy, "layer_masks", None) if shrinking_method == "calib_dp" else None
+    w = width_key(width)
+    if w != 1.0 and strategy is not None and w not in em.width_plans:
+        have = sorted(set(em.width_plans) | {1.0}, reverse=True)
+        in_file = getattr(strategy, "widths", None)
+        in_file = in_file() if callable(in_file) else in_file
+        hint = f"; the strategy file has {sorted(in_file, reverse=True)}" if in_file else ""
+        raise UsageError(f"width {w:g} is not among the loaded widths {have}{hint} (pass it in --width_choice "
+                         "with --shrinkable_width)", width_flag)
+    return subnet_for(em, layers, w, masks, layer_flag)
+
+
+def export_provenance(args, model: nn.Module) -> dict[str, Any]:
+    """Base model, strategy file (and its hash) and adapters folder of a run, for the export record."""
+    t = args.train
+    strategy_file = t.shrinking_file if t.shrinking_file and Path(t.shrinking_file).is_file() else None
+    has_adapters = any(n.endswith(".amoeba_adapter") or ".amoeba_adapter." in n for n, _ in model.named_modules())
+    adapters_dir = None
+    if has_adapters:
+        out = Path(t.output_dir)
+        final = out / "adapter_model"
+        ckpts = sorted(out.glob("checkpoint-*/adapter_model"), key=lambda p: int(p.parent.name.split("-")[-1]))
+        adapters_dir = str(final if final.is_dir() else (ckpts[-1] if ckpts else out))
+    return {
+        "base_model": args.model.model_name_or_path,
+        "strategy_file": strategy_file,
+        "strategy_sha256": file_sha256(strategy_file) if strategy_file else None,
+        "adapters_dir": adapters_dir,
+        "shrinking_method": t.shrinking_method,
+    }
