@@ -175,6 +175,7 @@ class LMEvalRunner:
         self.hub = [t for t in self.tasks if t not in self.local]
         self._tmp = None
         self.managers = []
+        self.samples: dict = {}  # lm-eval's "n-samples" of the last run: {task: {original, effective}}
         from lm_eval.tasks import TaskManager
 
         if self.hub:
@@ -209,6 +210,7 @@ class LMEvalRunner:
             if out is None:  # non-zero ranks of a distributed run get nothing back
                 continue
             raw.update(out["results"])
+            self.samples.update(out.get("n-samples", {}))
             flat.update(lm_eval_keys(out["results"]))
         return flat, raw
 
