@@ -1,0 +1,279 @@
+"""LoRA / shape-aware MoE-LoRA on the elastic projections: parity with peft, routing, slicing, save/load."""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+
+from amoeba.adapters import (ALL_ROLES, AdapterConfig, ShapeRouter, _structure, adapted_modules, adapter_state_dict,
+                             attach_adapters, get_router, load_adapters, load_trained_adapters, merged_delta,
+                             parse_lora_modules, remove_adapters, save_adapters)
+from amoeba.elastic import make_elastic
+from amoeba.errors import UsageError
+from amoeba.subnet import Subnet
+from tests.conftest import tiny_model
+
+
+def _config(em, **kw) -> AdapterConfig:
+    base = dict(r=4, alpha=8.0, num_experts=1, topk=1, use_router=False, widths=[1.0])
+    base.update(kw)
+    return AdapterConfig(**base, **_structure(em))
+
+
+def _moe(em, model, experts=3, topk=2, widths=(1.0, 0.75, 0.5)):
+    return attach_adapters(model, em, _config(em, num_experts=experts, topk=topk, use_router=True,
+                                              widths=list(widths)))
+
+
+def _randomize_b(model, seed=0, scale=0.05):
+    """LoRA B starts at zero; give it values so the adapters change the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, ad in adapted_modules(model):
+            ad.lora_B.copy_(torch.randn(ad.lora_B.shape, generator=g) * scale)
+
+
+def _random_order(em, seed):
+    g = torch.Generator().manual_seed(seed)
+    groups = [torch.randperm(em.num_kv_groups, generator=g) for _ in range(em.num_layers)]
+    chans = [torch.randperm(em.intermediate_size, generator=g) for _ in range(em.num_layers)]
+    return groups, chans
+
+
+def test_one_expert_equals_peft_lora(tokens):
+    """Plain LoRA (one expert, no router) gives peft's logits and gradients for the same A/B."""
+    from peft import LoraConfig, get_peft_model
+
+    ref = tiny_model("gqa")
+    ours = copy.deepcopy(ref)
+    with torch.no_grad():
+        base_logits = ref(tokens).logits
+    peft_model = get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(ALL_ROLES)))
+    em = make_elastic(ours)
+    attach_adapters(ours, em, _config(em))
+    g = torch.Generator().manual_seed(3)
+    pairs = []
+    with torch.no_grad():
+        for layer, role, ad in adapted_modules(ours):
+            parent = "self_attn" if role in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            mod = getattr(getattr(peft_model.base_model.model.model.layers[layer], parent), role)
+            mod.lora_B["default"].weight.copy_(torch.randn(mod.lora_B["default"].weight.shape, generator=g) * 0.1)
+            ad.lora_A[0].copy_(mod.lora_A["default"].weight)
+            ad.lora_B[0].copy_(mod.lora_B["default"].weight)
+            pairs.append((ad, mod))
+    peft_model.train()
+    ours.train()
+    out_p = peft_model(tokens).logits
+    out_o = ours(tokens).logits
+    torch.testing.assert_close(out_o, out_p, rtol=1e-5, atol=1e-5)
+    assert (out_o - base_logits).abs().max() > 1e-3  # the adapters do change the output
+    out_p.square().mean().backward()
+    out_o.square().mean().backward()
+    for ad, mod in pairs:
+        torch.testing.assert_close(ad.lora_A.grad[0], mod.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(ad.lora_B.grad[0], mod.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    # Only adapter tensors train, and they all carry the lora_ prefix.
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+
+
+def test_router_gates_depend_only_on_shape_and_are_fixed_in_eval():
+    model = tiny_model("gqa", layers=4)
+    em = make_elastic(model)
+    _moe(em, model, experts=4, topk=2)
+    router = get_router(model)
+    router.eval()
+    a = Subnet((0, 1, 2, 3), 1.0)
+    b = Subnet((0, 1, 3), 0.5)
+    em.set_subnet(a)
+    idx_a, g_a = router.current()
+    # Same shape -> same gates, whatever ran in between and whatever the tokens are.
+    model(torch.randint(0, 128, (1, 5)))
+    em.set_subnet(b)
+    model(torch.randint(0, 128, (2, 7)))
+    em.set_subnet(a)
+    idx_a2, g_a2 = router.current()
+    assert torch.equal(idx_a, idx_a2) and torch.equal(g_a, g_a2)
+    assert abs(float(g_a.sum()) - 1.0) < 1e-6 and g_a.numel() == 2
+    # The gates are softmax over the top-k of W [mask, one-hot width] + b.
+    x = torch.tensor([1, 1, 1, 1, 1, 0, 0], dtype=torch.float32)
+    logits = router.lora_gate_weight.detach() @ x + router.lora_gate_bias.detach()
+    top, top_idx = torch.topk(logits, 2)
+    assert torch.equal(idx_a, top_idx)
+    torch.testing.assert_close(g_a, torch.softmax(top, -1))
+    # Per-layer widths route by the nearest trained width (mean 0.55 -> 0.5).
+    feats = router.features(Subnet((0, 1), (0.6, 0.5)))
+    assert feats.tolist() == [1, 1, 0, 0, 0, 0, 1]
+    # A new router state (after an optimizer step) invalidates the cached gates.
+    with torch.no_grad():
+        router.lora_gate_bias[idx_a[0]] -= 100.0
+    idx_a3, _ = router.current()
+    assert int(idx_a[0]) not in idx_a3.tolist()
+
+
+def test_router_noise_is_seeded_in_training():
+    router = ShapeRouter(4, 2, 6, 2, [1.0, 0.5])
+    router.train()
+    s = Subnet((0, 1, 2, 3), 1.0)
+    router.noise_seed = 7
+    g1 = router.gates(s)
+    g2 = router.gates(s)
+    torch.testing.assert_close(g1, g2)  # same seed, same noise
+    seen = set()
+    for seed in range(40):
+        router.noise_seed = seed
+        seen.add(tuple(router.gates(s).nonzero().flatten().tolist()))
+    assert len(seen) > 1  # noisy top-k explores other experts while training
+    router.eval()
+    assert len({tuple(router.gates(s).nonzero().flatten().tolist()) for _ in range(5)}) == 1
+
+
+def test_gradients_reach_only_kept_layers_and_kept_features():
+    model = tiny_model("gqa", layers=4)
+    em = make_elastic(model)
+    _moe(em, model)
+    _randomize_b(model)
+    model.train()
+    sub = Subnet((0, 2), 0.5)  # 2 of 4 layers, half of the KV groups and channels
+    em.set_subnet(sub)
+    model(torch.randint(0, 128, (2, 6))).logits.square().mean().backward()
+    groups, chans = em.layer_sizes(sub)[0]
+    hd, rep = em.head_dim, em.queries_per_group
+    kept_out = {"q_proj": groups * rep * hd, "k_proj": groups * hd, "v_proj": groups * hd,
+                "gate_proj": chans, "up_proj": chans}
+    kept_in = {"o_proj": groups * rep * hd, "down_proj": chans}
+    for layer, role, ad in adapted_modules(model):
+        if layer not in sub.layers:
+            assert ad.lora_A.grad is None or not ad.lora_A.grad.any(), (layer, role)
+            continue
+        assert ad.lora_A.grad.abs().sum() > 0 and ad.lora_B.grad.abs().sum() > 0, (layer, role)
+        if role in kept_out:
+            assert not ad.lora_B.grad[:, kept_out[role]:].any(), role
+        else:
+            assert not ad.lora_A.grad[:, :, kept_in[role]:].any(), role
+    router = get_router(model)
+    assert router.lora_gate_weight.grad is not None and router.lora_gate_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mha"])
+def test_merged_delta_reproduces_the_adapted_subnet(kind, tokens):
+    """W + merged_delta (adapters removed) gives the adapted subnet's logits: what export relies on."""
+    model = tiny_model(kind, layers=4)
+    em = make_elastic(model)
+    em.reorder(*_random_order(em, 1))
+    _moe(em, model)
+    _randomize_b(model, scale=0.1)
+    model.eval()
+    plain = copy.deepcopy(model)
+    remove_adapters(plain)
+    merged = copy.deepcopy(model)
+    for sub in (Subnet((0, 1, 2, 3), 1.0), Subnet((0, 1, 3), 0.75), Subnet((1, 2), 0.5)):
+        em.set_subnet(sub)
+        with torch.no_grad():
+            want = model(tokens).logits
+            deltas = {(l, r): merged_delta(m) for l in range(em.num_layers) for r, m in em.projections(l).items()}
+        em2 = make_elastic(merged)
+        remove_adapters(merged)
+        with torch.no_grad():
+            for (l, r), d in deltas.items():
+                em2.projections(l)[r].weight.copy_(model.get_submodule(
+                    f"model.layers.{l}.{'self_attn' if r in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{r}"
+                ).weight + d)
+            em2.set_subnet(sub)
+            got = merged(tokens).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            em_plain = make_elastic(plain)
+            em_plain.set_subnet(sub)
+            assert (plain(tokens).logits - want).abs().max() > 1e-3  # the adapters matter in this subnet
+        merged = copy.deepcopy(model)
+
+
+def test_saved_adapters_are_portable_across_unit_orders_and_mask_mode(tmp_path, tokens):
+    """Saved in the original head/channel order: a differently ordered model and a masked (quantized-style)
+    model give the same outputs for every subnet."""
+    src = tiny_model("gqa", layers=4, seed=5)
+    base_a, base_b = copy.deepcopy(src), copy.deepcopy(src)
+    em = make_elastic(src)
+    order = _random_order(em, 2)
+    em.reorder(*order)
+    _moe(em, src)
+    _randomize_b(src, scale=0.1)
+    with torch.no_grad():
+        get_router(src).lora_gate_bias.normal_()
+    save_adapters(src, tmp_path / "ad", em)
+    src.eval()
+
+    em_a = make_elastic(base_a)  # another importance order
+    em_a.reorder(*_random_order(em_a, 9))
+    em_a.reorder(*order)  # cumulative: now a third, different layout
+    load_adapters(base_a, em_a, tmp_path / "ad")
+    em_b = make_elastic(base_b)  # mask mode: weights stay in place, the order drives masks
+    em_b.state.sliceable = False
+    em_b.reorder(*order)
+    load_adapters(base_b, em_b, tmp_path / "ad")
+    base_a.eval()
+    base_b.eval()
+    with torch.no_grad():
+        for sub in (Subnet((0, 1, 2, 3), 1.0), Subnet((0, 2, 3), 0.5), Subnet((1, 3), 0.75)):
+            outs = []
+            for m, e in ((src, em), (base_a, em_a), (base_b, em_b)):
+                e.set_subnet(sub)
+                outs.append(m(tokens).logits)
+            # Mask mode, same importance order: every subnet agrees.
+            torch.testing.assert_close(outs[2], outs[0], rtol=1e-4, atol=1e-5)
+            if sub.width == 1.0:  # another order keeps other heads at narrow widths; full width must agree
+                torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def test_save_load_round_trip_and_wrong_model(tmp_path):
+    model = tiny_model("gqa", layers=4)
+    em = make_elastic(model)
+    _moe(em, model)
+    _randomize_b(model)
+    save_adapters(model, tmp_path / "ad", em)
+    other = tiny_model("gqa", layers=4, seed=1)
+    load_adapters(other, make_elastic(other), tmp_path / "ad")
+    a, b = adapter_state_dict(model), adapter_state_dict(other)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    deeper = tiny_model("gqa", layers=5)
+    with pytest.raises(UsageError, match="another model"):
+        load_adapters(deeper, make_elastic(deeper), tmp_path / "ad")
+
+
+def test_lora_modules_flag():
+    assert parse_lora_modules("all") == list(ALL_ROLES)
+    assert parse_lora_modules("v_proj,q_proj") == ["q_proj", "v_proj"]
+    with pytest.raises(UsageError, match="--lora_modules"):
+        parse_lora_modules("q_proj,lm_head")
+    model = tiny_model("gqa", layers=2)
+    em = make_elastic(model)
+    adapted = attach_adapters(model, em, _config(em, modules=["q_proj", "v_proj"]))
+    assert len(adapted) == 4 and {m.amoeba_role for m in adapted} == {"q_proj", "v_proj"}
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_load_trained_adapters_finds_checkpoints_and_complains(tmp_path):
+    train = types.SimpleNamespace(use_moe_lora=True, moe_num_expert=3, moe_topk=2, shrinkable_width=False)
+    args = types.SimpleNamespace(train=train, width_choice=(1.0,))
+    model = tiny_model("gqa", layers=2)
+    em = make_elastic(model)
+    with pytest.raises(UsageError, match="no trained adapters"):
+        load_trained_adapters(args, model, em, tmp_path)
+    src = tiny_model("gqa", layers=2)
+    src_em = make_elastic(src)
+    _moe(src_em, src)
+    ckpt = tmp_path / "checkpoint-4"
+    save_adapters(src, ckpt / "adapter_model", src_em)
+    (ckpt / "trainer_state.json").write_text("{}")
+    train.moe_num_expert = 5
+    with pytest.raises(UsageError, match="--use_moe_lora"):
+        load_trained_adapters(args, model, em, tmp_path)
+    train.moe_num_expert = 3
+    load_trained_adapters(args, model, em, tmp_path)
+    assert get_router(model) is not None and not model.training
+    a, b = adapter_state_dict(model), adapter_state_dict(src)
+    assert all(torch.equal(a[k], b[k]) for k in a)
