@@ -293,15 +293,36 @@ def _source_key(key: str, prefix: str, subnet: Subnet) -> str:
     return key
 
 
+def _build(em: ElasticModel, subnet: Subnet, groups: int, channels: int, dtype: torch.dtype):
+    """(empty target model, its model_type, its state dict, counts, tied) for ``subnet`` (set already)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    needs = set()
+    for layer in subnet.layers:
+        for role, mod in em.projections(layer).items():
+            if getattr(mod, "bias", None) is not None:
+                needs.add(role)
+        needs.update(role for role, b in em.state.bias[layer].items() if b is not None)
+    model_type, flags = _bias_plan(em.config.model_type, em.config, needs)
+    config = _subnet_config(em, subnet, groups, channels, model_type, flags)
+    config.dtype = dtype
+    with init_empty_weights():  # parameters on meta (filled below); buffers such as rope are real
+        target = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    target_keys = {k: v.shape for k, v in target.state_dict().items()}
+    if tied:
+        target_keys = {k: s for k, s in target_keys.items() if not k.startswith("lm_head.")}
+    state, stats = _state_dict_for(em, subnet, groups, channels, target_keys, dtype)
+    return target, model_type, state, stats, tied
+
+
 @torch.no_grad()
 def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet) -> SlicedModel:
     """Build ``subnet`` of the elastic model as a plain, smaller transformers model (in memory).
 
     The result lives on the source model's device and dtype and does not share storage with it.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     check_exportable(model, em)
     em.check(subnet)
     sizes = em.layer_sizes(subnet)
@@ -315,27 +336,13 @@ def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet) -> SlicedMo
     ref = em.projections(subnet.layers[0])["q_proj"].weight
     dtype, device = ref.dtype, ref.device
 
-    with em.use(subnet):
-        needs = set()
-        for layer in subnet.layers:
-            for role, mod in em.projections(layer).items():
-                if getattr(mod, "bias", None) is not None:
-                    needs.add(role)
-            for role, b in em.state.bias[layer].items():
-                if b is not None:
-                    needs.add(role)
-        model_type, flags = _bias_plan(em.config.model_type, em.config, needs)
-        config = _subnet_config(em, subnet, groups, channels, model_type, flags)
-        config.dtype = dtype
-        with init_empty_weights():  # parameters on meta (filled below); buffers such as rope are real
-            target = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        tied = bool(getattr(config, "tie_word_embeddings", False))
-        target_keys = {k: v.shape for k, v in target.state_dict().items()}
-        if tied:
-            out_emb = target.get_output_embeddings()
-            target_keys = {k: s for k, s in target_keys.items()
-                           if not (out_emb is not None and k.startswith("lm_head."))}
-        state, stats = _state_dict_for(em, subnet, groups, channels, target_keys, dtype)
+    was_training = model.training
+    model.eval()  # a shape-aware router gives its deterministic (evaluation) gates
+    try:
+        with em.use(subnet):
+            target, model_type, state, stats, tied = _build(em, subnet, groups, channels, dtype)
+    finally:
+        model.train(was_training)
     state = {k: v.to(device).clone() for k, v in state.items()}
     missing, unexpected = target.load_state_dict(state, strict=False, assign=True)
     if unexpected or [k for k in missing if not k.startswith("lm_head.")]:

@@ -7,6 +7,7 @@ compared with the elastic model in the same shape.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -82,9 +83,25 @@ def _elastic(kind, layers=4, plan=None, bias=False, adapters=False, seed=0):
             b = {(i, role): torch.randn(hidden, generator=g) * 0.3 for i in range(layers)
                  for role in ("o_proj", "down_proj")}
         em.add_width_plan(0.5, groups, channels, b)
-    if adapters:
+    if adapters == "moe":
+        _add_moe_lora(model, em)
+    elif adapters:
         _add_stand_in_adapters(em)
     return model, em
+
+
+def _add_moe_lora(model, em):
+    """The project's MoE-LoRA (3 experts, top-2, shape router) with random non-zero B."""
+    from amoeba.adapters import AdapterConfig, _structure, attach_adapters
+
+    attach_adapters(model, em, AdapterConfig(r=4, alpha=8, num_experts=3, topk=2, use_router=True,
+                                             widths=[1.0, 0.5], **_structure(em)))
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.eval()  # the router joined after the model was put in eval mode
 
 
 # name -> (kind, plan, bias, adapters, subnet)
@@ -100,6 +117,9 @@ CASES = {
     "mistral_uniform_bias": ("mistral", "uniform", True, False, Subnet((0, 1, 2), 0.5)),
     "qwen3_uniform": ("qwen3", "uniform", False, True, Subnet((0, 2), 0.5)),
 }
+if importlib.util.find_spec("amoeba.adapters") is not None:
+    CASES["gqa_nonuniform_bias_moe_lora"] = ("gqa", "nonuniform", True, "moe", Subnet((1, 2, 3), 0.5))
+    CASES["qwen2_uniform_moe_lora"] = ("qwen2", "uniform", False, "moe", Subnet((0, 1, 2, 3), 0.5))
 
 LOADER = textwrap.dedent("""
     import json, sys, torch
@@ -144,8 +164,9 @@ def exported(tmp_path_factory):
         with em.use(subnet), torch.no_grad():
             ref = model(TOKENS).logits
             gen = model.generate(TOKENS[:1], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        model.train()  # the export must take the router's evaluation gates even from a training model
         folder = export_subnet(model, None, em, subnet, root / name)
-        assert em.subnet == em.full_subnet()  # the export leaves the elastic model as it was
+        assert em.subnet == em.full_subnet() and model.training  # the elastic model is left as it was
         work[name] = dict(ref=ref, gen=gen[0].tolist(), folder=folder, em=em, subnet=subnet,
                           record=json.loads((folder / EXPORT_RECORD).read_text()))
     loaded = _load_elsewhere({k: v["folder"] for k, v in work.items()}, root)
@@ -209,6 +230,8 @@ def test_config_of_exports(exported):
     assert nonuni["shape"]["padded_to_widest_layer"] and nonuni["zero_filled_params"] > 0
     assert nonuni["adapters_merged"] == 3 * 7
     assert nonuni["shape"]["kv_groups_per_layer"] == [1, 2, 4]  # 1 + (layer % KV groups) for layers 0, 1, 3
+    if "qwen2_uniform_moe_lora" in exported:
+        assert exported["qwen2_uniform_moe_lora"]["record"]["adapters_merged"] == 4 * 7
 
 
 def test_adapter_merge_uses_the_exported_shape():
