@@ -148,6 +148,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         self._role_sums: dict[str, list] = {}
         self.tokens_seen = 0
         self.last_plan: list[tuple[str, Subnet]] = []
+        self.fixed_plan: Optional[list[tuple[str, Subnet]]] = None  # set to train always the same subnets
 
     # --- sampling
     def plan_for_step(self) -> list[tuple[str, Subnet]]:
@@ -156,6 +157,8 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         last_step, count = self._micro_step
         micro = count + 1 if last_step == step else 0
         self._micro_step = (step, micro)
+        if self.fixed_plan is not None:
+            return list(self.fixed_plan)
         if self.sampler is None:
             return [("largest", self.em.full_subnet())]
         return self.sampler.sample(step_rng(self.args.seed, step, micro))
@@ -434,10 +437,11 @@ def _write_outputs(trainer: SandwichTrainer, out: Path, metrics: dict) -> None:
     plt.close(fig)
 
 
-def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: Optional[list] = None):
-    """Stage 2: fine-tune adapters on the instruction data with sandwich sampling; return the model
-    (adapters attached, eval mode, full subnet). Writes ``adapter_model/``, checkpoints, the training log
-    and its loss curve into ``--output_dir``."""
+def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callbacks: Optional[list] = None):
+    """Validate the flags, attach adapters, load the data and build the :class:`SandwichTrainer`.
+
+    Returns ``(trainer, checkpoint to resume from or None)``.
+    """
     from amoeba.instruct_data import make_data_module
 
     t = args.train
@@ -457,9 +461,8 @@ def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: 
         _enable_checkpointing(model)
     _disable_trainer_checkpointing(t)
 
-    elastic = t.enable_shrinking or t.shrinkable_width
     sampler = None
-    if elastic:
+    if t.enable_shrinking or t.shrinkable_width:
         widths = args.width_choice if t.shrinkable_width else (1.0,)
         sampler = SandwichSampler(em, t.min_num_layer, t.random_sample_num_layer, widths, masks,
                                   elastic_depth=t.enable_shrinking)
@@ -476,6 +479,16 @@ def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: 
             model=model, args=t, processing_class=tokenizer, callbacks=callbacks, em=em, sampler=sampler,
             kd_weight=t.kd_weight, distill_method=t.distill_method, distill_steps=t.distill_steps,
             balancing=not t.no_balancing, **data)
+    return trainer, resume_from
+
+
+def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: Optional[list] = None):
+    """Stage 2: fine-tune adapters on the instruction data with sandwich sampling; return the model
+    (adapters attached, eval mode, full subnet). Writes ``adapter_model/``, checkpoints, the training log
+    and its loss curve into ``--output_dir``."""
+    t = args.train
+    trainer, resume_from = prepare_trainer(args, model, tokenizer, em, strategy, callbacks)
+    model = trainer.model
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     elapsed = time.time() - start
@@ -486,7 +499,7 @@ def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: 
         metrics.update({"wall_seconds": round(elapsed, 2), "tokens_seen": trainer.tokens_seen,
                         "tokens_per_second": round(trainer.tokens_seen / max(elapsed, 1e-9), 2),
                         "sandwich": [r for r, _ in trainer.last_plan]})
-        if data["eval_dataset"] is not None and t.do_eval:
+        if trainer.eval_dataset is not None and t.do_eval:
             metrics.update(trainer.evaluate())
         _write_outputs(trainer, out, metrics)
         logger.info("training done in %.1f s; adapters in %s", elapsed, out / ADAPTER_DIR)

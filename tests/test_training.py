@@ -1,0 +1,400 @@
+"""Stage 2 training: sandwich sampling, distillation and balancing math, loss goes down, resume after
+SIGKILL, NaN stop, bad input, and both seed Stage 2 commands on a tiny model folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from amoeba.adapters import adapted_modules, adapter_state_dict, load_adapters
+from amoeba.args import parse_args
+from amoeba.elastic import make_elastic
+from amoeba.errors import UsageError
+from amoeba.subnet import Subnet
+from amoeba.training import (SandwichSampler, TrainingDiverged, combine_losses, last_complete_checkpoint,
+                             prepare_trainer, run_training, step_rng, validate_training_setup)
+from tests.conftest import ROOT, tiny_model
+
+torch.set_num_threads(1)  # tiny models: threads only add contention
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures: a tiny model folder with a word-level tokenizer, a strategy file, a small dataset
+# ----------------------------------------------------------------------------------------------
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(120)}
+    vocab.update({"<unk>": 120, "<s>": 121, "</s>": 122})
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>", padding_side="right")
+
+
+def _strategy_dict(model, ratios=(0.875, 0.75, 0.625), seed=0):
+    from tests.test_strategy import random_strategy
+
+    return random_strategy(model, ratios=(1.0,) + tuple(ratios), seed=seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny 6-layer GQA Llama folder + tokenizer, its strategy file, and a small instruction dataset."""
+    folder = tmp_path_factory.mktemp("stage2")
+    model = tiny_model("gqa", layers=6)
+    model.save_pretrained(folder / "model")
+    _tokenizer().save_pretrained(folder / "model")
+    np.save(folder / "dp_selection_strategy.npy", _strategy_dict(model), allow_pickle=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(64):  # learnable: a fixed opening, then the instruction's first word shifted by one
+        words = rng.integers(0, 60, 4)
+        rows.append({"instruction": " ".join(f"w{w}" for w in words), "input": "",
+                     "output": f"w90 w91 w92 w{words[0] + 1}"})
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def _flags(tiny_dir, out, *extra):
+    return ["--model_name_or_path", str(tiny_dir / "model"), "--output_dir", str(out),
+            "--dataset", str(tiny_dir / "data.jsonl"), "--do_train", "True", "--source_max_len", "64",
+            "--target_max_len", "8", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+            "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--lora_r", "4",
+            "--lora_alpha", "8", "--group_by_length", "False", "--gradient_checkpointing", "False",
+            "--dataloader_num_workers", "0", *extra]
+
+
+def _setup(tiny_dir, out, *extra, strategy=True):
+    from amoeba.loading import load_model_and_tokenizer
+    from amoeba.strategy import apply_strategy, load_strategy
+
+    args = parse_args(_flags(tiny_dir, out, *extra))
+    model, tok = load_model_and_tokenizer(args.model, args.train)
+    em = make_elastic(model)
+    s = None
+    if strategy:
+        s = load_strategy(tiny_dir / "dp_selection_strategy.npy")
+        apply_strategy(em, s, args.width_choice if args.train.shrinkable_width else (1.0,))
+    return args, model, tok, em, s
+
+
+SANDWICH = ("--enable_shrinking", "--min_num_layer", "3", "--random_sample_num_layer", "2",
+            "--shrinking_method", "calib_dp", "--shrinkable_width", "--width_choice", "[1,7/8,3/4,5/8]")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling and loss math
+# ----------------------------------------------------------------------------------------------
+def test_sandwich_sampler_order_range_and_determinism():
+    model = tiny_model("gqa", layers=6)
+    em = make_elastic(model)
+    masks = {1: [1, 1, 1, 1, 0, 1], 2: [1, 1, 0, 1, 0, 1], 3: [1, 0, 0, 1, 0, 1]}
+    s = SandwichSampler(em, 3, 3, (1.0, 0.875, 0.75), masks)
+    plans = [s.sample(step_rng(0, step, 0)) for step in range(30)]
+    for plan in plans:
+        assert [r for r, _ in plan] == ["largest", "random1", "random2", "random3", "smallest"]
+        assert plan[0][1] == Subnet(tuple(range(6)), 1.0)
+        assert plan[-1][1] == Subnet((0, 3, 5), 0.75)  # the strategy's 3-layer mask, narrowest width
+        for _, sub in plan[1:-1]:
+            assert 3 <= sub.num_layers <= 5 and sub.width in (1.0, 0.875, 0.75)
+            assert sub.mask(6).tolist() == [float(v) for v in masks[6 - sub.num_layers]]
+    assert {sub.num_layers for p in plans for _, sub in p[1:-1]} == {3, 4, 5}
+    assert s.sample(step_rng(0, 7, 1)) == s.sample(step_rng(0, 7, 1))  # same step -> same subnets
+    assert len({tuple(p) for p in plans}) > 10
+    first = SandwichSampler(em, 4, 1, (1.0,), None)  # --shrinking_method first_layers
+    assert first.smallest == Subnet((0, 1, 2, 3), 1.0)
+    with pytest.raises(UsageError, match="--min_num_layer"):
+        SandwichSampler(em, 2, 1, (1.0,), masks)  # the strategy has no 2-layer mask
+
+
+def test_balancing_scales_each_loss_to_the_largest():
+    losses = [torch.tensor(2.0, requires_grad=True), torch.tensor(4.0, requires_grad=True),
+              torch.tensor(1.0, requires_grad=True)]
+    out = combine_losses(losses, balancing=True)
+    assert [float(v.detach()) for v in out] == [2.0, 2.0, 2.0]
+    sum(out).backward()
+    assert [float(x.grad) for x in losses] == [1.0, 0.5, 2.0]  # factor 2/l, detached
+    plain = [torch.tensor(3.0, requires_grad=True), torch.tensor(5.0, requires_grad=True)]
+    assert [float(v.detach()) for v in combine_losses(plain, balancing=False)] == [3.0, 5.0]
+
+
+def test_training_step_order_distillation_and_balancing(tiny_dir, tmp_path):
+    """One micro-batch: forward/backward alternate per subnet, in sandwich order, and the gradients equal
+    those of sum(balanced losses) computed by hand (kd_weight 0.5 mixes soft CE and label CE)."""
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, "--kd_weight", "0.5")
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, _, ad in adapted_modules(model):
+            ad.lora_B.normal_(0, 0.05, generator=g)
+    plan = [("largest", Subnet(tuple(range(6)), 1.0)), ("random1", Subnet((0, 1, 2, 4, 5), 0.75)),
+            ("smallest", trainer.sampler.smallest)]
+    trainer.fixed_plan = plan
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    events = []
+    h1 = em.decoder.register_forward_pre_hook(lambda m, a: events.append(("F", em.subnet)))
+    h2 = model.lm_head.register_full_backward_hook(lambda m, gi, go: events.append(("B", em.subnet)))
+    model.train()
+    loss = trainer.training_step(model, dict(batch))
+    h1.remove(), h2.remove()
+    assert [(e, sub) for e, sub in events] == [(e, sub) for _, sub in plan for e in ("F", "B")]
+    got = {k: v.grad.clone() for k, v in adapter_state_dict(model).items()}
+    model.zero_grad()
+
+    labels = batch["labels"]
+    keep = labels[:, 1:] != -100
+    values = []
+    for i, (_, sub) in enumerate(plan):
+        with em.use(sub):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        student = logits[:, :-1][keep].float()
+        ce = F.cross_entropy(student, labels[:, 1:][keep])
+        if i == 0:
+            teacher = torch.softmax(student.detach(), -1)
+            values.append(ce)
+        else:
+            kd = -(teacher * F.log_softmax(student, -1)).sum(-1).mean()
+            values.append(0.5 * kd + 0.5 * ce)
+    total = values[0] + sum(v * (values[0].detach() / v.detach()) for v in values[1:])
+    total.backward()
+    assert abs(float(loss) - float(values[0])) < 1e-5
+    want = {k: v.grad for k, v in adapter_state_dict(model).items()}
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-7)
+    assert all(want[k].abs().sum() > 0 for k in want)
+
+
+def test_short_sandwich_run_lowers_the_loss_of_largest_and_smallest(tiny_dir, tmp_path):
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, "--max_steps", "30",
+                                     "--learning_rate", "2e-2", "--lr_scheduler_type", "constant",
+                                     "--warmup_ratio", "0", "--use_moe_lora", "--moe_num_expert", "3",
+                                     "--moe_topk", "2")
+    from amoeba.instruct_data import make_data_module
+
+    data = make_data_module(tok, args)
+    batch = data["data_collator"]([data["train_dataset"][i] for i in range(16)])
+    sampler = SandwichSampler(em, 3, 0, args.width_choice, s.layer_masks)
+
+    def losses():
+        out = []
+        model.eval()
+        with torch.no_grad():
+            for sub in (sampler.largest, sampler.smallest):
+                with em.use(sub):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                keep = batch["labels"][:, 1:] != -100
+                out.append(float(F.cross_entropy(logits[:, :-1][keep], batch["labels"][:, 1:][keep])))
+        return out
+
+    before = losses()
+    run_training(args, model, tok, em, s)
+    after = losses()
+    print("loss before", before, "after", after)
+    assert after[0] < before[0] - 0.4 and after[1] < before[1] - 0.4, (before, after)
+    out = tmp_path / "o"
+    log = json.loads((out / "training_log.json").read_text())
+    roles = {k for row in log for k in row if k.startswith("loss_")}
+    assert roles == {"loss_largest", "loss_random1", "loss_random2", "loss_smallest"}
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert (out / "adapter_model" / "adapter_model.safetensors").is_file()
+    assert not model.training and em.subnet == em.full_subnet()
+
+
+def test_plain_lora_without_shrinking_trains_only_the_full_model(tiny_dir, tmp_path):
+    args, model, tok, em, _ = _setup(tiny_dir, tmp_path / "o", "--max_steps", "2", strategy=False)
+    seen = []
+    em.decoder.register_forward_pre_hook(lambda m, a: seen.append(em.subnet) if m.training else None)
+    run_training(args, model, tok, em, None)
+    assert seen and all(sub == em.full_subnet() for sub in seen)
+    assert "amoeba_router" not in dict(model.named_children())
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: NaN, bad input, SIGKILL + resume
+# ----------------------------------------------------------------------------------------------
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_dir, tmp_path):
+    from transformers import TrainerCallback
+
+    class Poison(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kw):
+            if state.global_step == 2:  # after checkpoint-2 is complete
+                with torch.no_grad():
+                    adapted_modules(model)[0][2].lora_A.fill_(float("nan"))
+
+    out = tmp_path / "o"
+    args, model, tok, em, s = _setup(tiny_dir, out, *SANDWICH, "--max_steps", "5", "--save_strategy", "steps",
+                                     "--save_steps", "1", "--save_total_limit", "1")
+    with pytest.raises(TrainingDiverged) as err:
+        run_training(args, model, tok, em, s, callbacks=[Poison()])
+    msg = str(err.value)
+    assert "nan" in msg and "step 3" in msg and "checkpoint-2" in msg and "--resume_training" in msg
+    assert isinstance(err.value, UsageError)
+    ckpt = last_complete_checkpoint(out)
+    assert ckpt is not None and ckpt.name == "checkpoint-2" and not (out / "checkpoint-3").exists()
+    fresh = tiny_model("gqa", layers=6)
+    load_adapters(fresh, make_elastic(fresh), ckpt / "adapter_model")
+    assert all(torch.isfinite(v).all() for v in adapter_state_dict(fresh).values())
+
+
+def test_validation_of_strategy_and_widths(tiny_dir, tmp_path):
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH)
+    other = tiny_model("gqa", layers=4)
+    with pytest.raises(UsageError, match="--shrinking_file.*6 layers.*4"):
+        validate_training_setup(args, make_elastic(other), s)
+    args2, model2, tok2, em2, s2 = _setup(tiny_dir, tmp_path / "o2", *SANDWICH[:-1], "[1,1/2]", strategy=False)
+    with pytest.raises(UsageError, match="--width_choice.*0.5"):
+        validate_training_setup(args2, em2, types.SimpleNamespace(layer_masks=s.layer_masks))
+    args3, *_ = _setup(tiny_dir, tmp_path / "o3", "--full_finetune", strategy=False)
+    with pytest.raises(UsageError, match="--full_finetune"):
+        validate_training_setup(args3, em, None)
+
+
+def _run_main(*argv, env_extra=None, wait=True):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.update(env_extra or {})
+    cmd = [sys.executable, str(ROOT / "main.py"), *argv]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _assert_exit_2(proc, *needles):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_bad_inputs_exit_2(tiny_dir, tmp_path):
+    base = _flags(tiny_dir, tmp_path / "o", "--max_steps", "1")
+    strat = ["--shrinking_file", str(tiny_dir / "dp_selection_strategy.npy")]
+    _assert_exit_2(_run_main(*base, *SANDWICH, "--shrinking_file", str(tmp_path / "none.npy")),
+                   "--shrinking_file", "none.npy")
+    foreign = tmp_path / "foreign.npy"
+    np.save(foreign, _strategy_dict(tiny_model("gqa", layers=4)), allow_pickle=True)
+    _assert_exit_2(_run_main(*base, *SANDWICH, "--shrinking_file", str(foreign)), "--shrinking_file", "layers")
+    _assert_exit_2(_run_main(*base, *SANDWICH[:-1], "[1,1/2]", *strat), "--width_choice", "0.5")
+    _assert_exit_2(_run_main(*base, *SANDWICH, *strat, "--use_moe_lora", "--moe_num_expert", "2",
+                             "--moe_topk", "3"), "--moe_topk")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    bad = _flags(tiny_dir, tmp_path / "o2", "--max_steps", "1")
+    bad[bad.index("--dataset") + 1] = str(empty)
+    _assert_exit_2(_run_main(*bad), "--dataset", "empty.jsonl", "is empty")
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "w1", "output": "w2"}\n{"instruction": "w1", "output": \n')
+    bad[bad.index("--dataset") + 1] = str(broken)
+    _assert_exit_2(_run_main(*bad), "broken.jsonl", "line 2")
+    if not torch.cuda.is_available():
+        _assert_exit_2(_run_main(*base, "--bits", "4"), "--bits", "CUDA")
+
+
+def test_killed_run_resumes_to_the_same_adapters(tiny_dir, tmp_path):
+    """SIGKILL after a checkpoint, then --resume_training: the final adapters equal an uninterrupted run's
+    (same seed) to 1e-6."""
+    flags = [*SANDWICH, "--shrinking_file", str(tiny_dir / "dp_selection_strategy.npy"), "--use_moe_lora",
+             "--moe_num_expert", "3", "--moe_topk", "2", "--max_steps", "14", "--save_strategy", "steps",
+             "--save_steps", "3", "--save_total_limit", "2", "--gradient_accumulation_steps", "2",
+             "--per_device_train_batch_size", "2", "--group_by_length", "True", "--learning_rate", "3e-3",
+             "--seed", "11", "--data_seed", "5"]
+    full = _run_main(*_flags(tiny_dir, tmp_path / "full", *flags))
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = _run_main(*_flags(tiny_dir, out, *flags), wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "checkpoint-3" / "trainer_state.json").is_file():
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "adapter_model").exists()
+    ckpt = last_complete_checkpoint(out)
+    assert ckpt is not None and int(ckpt.name.split("-")[1]) < 14
+
+    again = _run_main(*_flags(tiny_dir, out, *flags))  # without --resume_training: refuses to overwrite
+    _assert_exit_2(again, "--resume_training")
+    resumed = _run_main(*_flags(tiny_dir, out, *flags, "--resume_training"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "adapter_model" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    moved = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert moved <= 1e-6, moved
+    init = tiny_model("gqa", layers=6)  # and training did move the adapters
+    assert max(float(a[k].abs().max()) for k in a if k.endswith("lora_B")) > 1e-4
+    del init
+
+
+# ----------------------------------------------------------------------------------------------
+# The seed README's Stage 2 commands, verbatim, on the tiny folder
+# ----------------------------------------------------------------------------------------------
+SEED_LLAMA2 = (
+    "--model_name_or_path meta-llama/Llama-2-7b-hf --output_dir ./output/ft --dataset alpaca-gpt4 --use_auth_token "
+    "--do_train True --do_eval True --do_mmlu_eval True --do_eval_wikitext2 True --lora_modules all --fp16 "
+    "--source_max_len 384 --target_max_len 128 --gradient_accumulation_steps 4 --logging_steps 10 --max_steps 10000 "
+    "--save_strategy steps --data_seed 42 --save_steps 1000 --save_total_limit 1 --evaluation_strategy steps "
+    "--eval_dataset_size 1024  --max_eval_samples 1000 --eval_steps 1000 --optim paged_adamw_32bit "
+    "--ddp_find_unused_parameters --enable_shrinking --kd_weight 1 --min_num_layer 20 --random_sample_num_layer 2 "
+    "--distill_method sp --shrinking_method calib_dp --shrinking_file dp_selection_strategy.npy --shrinkable_width "
+    "--width_choice [1,7/8,3/4,5/8] --prune_width_method flap --use_moe_lora --moe_num_expert 5 --moe_topk 2")
+SEED_LLAMA31 = (
+    "--model_name_or_path meta-llama/Meta-Llama-3.1-8B --output_dir ./output/ft --dataset alpaca-gpt4 "
+    "--use_auth_token --do_train True --do_eval True --do_mmlu_eval True --do_eval_wikitext2 True --lora_modules all "
+    "--fp16 --source_max_len 384 --target_max_len 128 --gradient_accumulation_steps 4 --logging_steps 10 "
+    "--max_steps 10000 --save_strategy steps --data_seed 42 --save_steps 1000 --save_total_limit 1 "
+    "--evaluation_strategy steps --eval_dataset_size 1024  --max_eval_samples 1000 --eval_steps 1000 "
+    "--optim paged_adamw_32bit --ddp_find_unused_parameters --enable_shrinking --kd_weight 1 --min_num_layer 20 "
+    "--random_sample_num_layer 2 --distill_method sp --shrinking_method calib_dp "
+    "--shrinking_file dp_selection_strategy.npy")
+
+
+@pytest.mark.parametrize("command", [SEED_LLAMA2, SEED_LLAMA31], ids=["llama2-width-moe", "llama31-depth"])
+def test_seed_stage2_commands_run_on_a_tiny_folder(command, tiny_dir, tmp_path):
+    """The seed's flags as written; only the model, paths, depth floor and sizes are made tiny (later flags
+    override earlier ones); the evaluation stage is limited to a few MMLU questions."""
+    argv = command.split()
+    argv[argv.index("--model_name_or_path") + 1] = str(tiny_dir / "model")
+    argv[argv.index("--output_dir") + 1] = str(tmp_path / "ft")
+    argv[argv.index("--shrinking_file") + 1] = str(tiny_dir / "dp_selection_strategy.npy")
+    small = ["--min_num_layer", "3", "--max_steps", "2", "--source_max_len", "32", "--target_max_len", "16",
+             "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "2", "--save_steps", "1",
+             "--eval_steps", "2", "--eval_dataset_size", "8", "--max_eval_samples", "8", "--max_train_samples", "32",
+             "--do_eval_wikitext2", "False", "--max_mmlu_samples", "4", "--mmlu_source_max_len", "64"]
+    proc = _run_main(*argv, *small, env_extra={"AMOEBA_DATA_DIR": str(ROOT.parent / "shared" / "data")})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "ft"
+    cfg = json.loads((out / "adapter_model" / "adapter_config.json").read_text())
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["sandwich"] == ["largest", "random1", "random2", "smallest"]
+    assert "eval_loss" in results and np.isfinite(results["eval_loss"])
+    if "--use_moe_lora" in argv:
+        assert cfg["num_experts"] == 5 and cfg["topk"] == 2 and cfg["widths"] == [1.0, 0.875, 0.75, 0.625]
+    else:
+        assert cfg["num_experts"] == 1 and not cfg["use_router"]
+    assert sorted(cfg["modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"])
+    assert last_complete_checkpoint(out).name == "checkpoint-2"
