@@ -152,7 +152,7 @@ def _no_sliding_window(config) -> bool:
 def _subnet_config(em: ElasticModel, subnet: Subnet, groups: int, channels: int, model_type: str,
                    bias_flags: dict[str, bool]):
     """The config of the exported model (a fresh object; the source config is not touched)."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import AutoConfig
 
     src = em.config
     data = src.to_dict()
@@ -171,15 +171,19 @@ def _subnet_config(em: ElasticModel, subnet: Subnet, groups: int, channels: int,
     data.update(bias_flags)
     for key in ("_name_or_path", "architectures", "quantization_config", "auto_map", "transformers_version"):
         data.pop(key, None)
+    data.pop("model_type", None)
     if model_type == src.model_type:
-        data.pop("model_type", None)
         config = AutoConfig.for_model(src.model_type, **data)
     else:
-        known = set(LlamaConfig().to_dict())
-        dropped = sorted(k for k in data if k not in known and k != "model_type")
-        logger.info("writing the %s subnet as llama (same function, holds the biases); dropped config keys: %s",
-                    src.model_type, ", ".join(dropped) or "none")
-        config = LlamaConfig(**{k: v for k, v in data.items() if k in known and k != "model_type"})
+        # Llama and Mistral are the same network as the source here (checked by the callers).
+        known = set(AutoConfig.for_model(model_type).to_dict())
+        if model_type == "mistral":
+            data["sliding_window"] = None
+        dropped = sorted(k for k in data if k not in known)
+        logger.info("writing the %s subnet as %s (same function); dropped config keys: %s", src.model_type,
+                    model_type, ", ".join(dropped) or "none")
+        data = {k: v for k, v in data.items() if k in known}
+        config = AutoConfig.for_model(model_type, **data)
     config.architectures = [_causal_lm_class(config.model_type)]
     return config
 
@@ -305,6 +309,7 @@ def _build(em: ElasticModel, subnet: Subnet, groups: int, channels: int, dtype: 
                 needs.add(role)
         needs.update(role for role, b in em.state.bias[layer].items() if b is not None)
     model_type, flags = _bias_plan(em.config.model_type, em.config, needs)
+    model_type, groups = _fit_head_count(em, model_type, flags, groups)
     config = _subnet_config(em, subnet, groups, channels, model_type, flags)
     config.dtype = dtype
     with init_empty_weights():  # parameters on meta (filled below); buffers such as rope are real
@@ -314,7 +319,30 @@ def _build(em: ElasticModel, subnet: Subnet, groups: int, channels: int, dtype: 
     if tied:
         target_keys = {k: s for k, s in target_keys.items() if not k.startswith("lm_head.")}
     state, stats = _state_dict_for(em, subnet, groups, channels, target_keys, dtype)
-    return target, model_type, state, stats, tied
+    return target, model_type, state, stats, tied, groups
+
+
+def _fit_head_count(em: ElasticModel, model_type: str, flags: dict[str, bool], groups: int) -> tuple[str, int]:
+    """(model_type, KV groups) that the config validators accept.
+
+    Llama's config insists that ``hidden_size`` is a multiple of ``num_attention_heads`` even when
+    ``head_dim`` is explicit (e.g. 28 heads of 128 in a 4096 model). Without biases the same network is
+    written as Mistral with no sliding window, which has no such check; with biases the head count is
+    padded with zero heads up to the next count that passes (exact, but no attention saving there).
+    """
+    hidden = int(em.config.hidden_size)
+    if model_type != "llama" or hidden % (groups * em.queries_per_group) == 0:
+        return model_type, groups
+    if not any(flags.values()):
+        logger.info("%d heads do not divide hidden size %d, which Llama's config refuses: writing the same "
+                    "network as mistral (no sliding window)", groups * em.queries_per_group, hidden)
+        return "mistral", groups
+    for g in range(groups + 1, em.num_kv_groups + 1):
+        if hidden % (g * em.queries_per_group) == 0:
+            logger.warning("%d heads do not divide hidden size %d and a bias is needed: padding to %d zero-filled "
+                           "heads", groups * em.queries_per_group, hidden, g * em.queries_per_group)
+            return model_type, g
+    return model_type, em.num_kv_groups
 
 
 @torch.no_grad()
@@ -340,9 +368,10 @@ def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet) -> SlicedMo
     model.eval()  # a shape-aware router gives its deterministic (evaluation) gates
     try:
         with em.use(subnet):
-            target, model_type, state, stats, tied = _build(em, subnet, groups, channels, dtype)
+            target, model_type, state, stats, tied, groups = _build(em, subnet, groups, channels, dtype)
     finally:
         model.train(was_training)
+    padded = padded or groups > max(g for g, _ in sizes)
     state = {k: v.to(device).clone() for k, v in state.items()}
     missing, unexpected = target.load_state_dict(state, strict=False, assign=True)
     if unexpected or [k for k in missing if not k.startswith("lm_head.")]:
@@ -354,7 +383,8 @@ def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet) -> SlicedMo
     stored = sum(p.numel() for p in target.parameters())  # tied weights are one parameter
     notes = []
     if model_type != em.config.model_type:
-        notes.append(f"written as {model_type}: a {em.config.model_type} config cannot hold the folded biases")
+        notes.append(f"written as {model_type}, the same network: a {em.config.model_type} config cannot hold "
+                     "this shape (its biases or its head count)")
     if padded:
         notes.append("per-layer widths zero-padded to the widest kept layer (exact logits)")
     return SlicedModel(target, subnet, model_type, em.config.model_type, list(sizes), padded, int(stored),

@@ -71,7 +71,9 @@ def _elastic(kind, layers=4, plan=None, bias=False, adapters=False, seed=0):
     if plan:
         em.reorder([torch.randperm(em.num_kv_groups, generator=g) for _ in range(layers)],
                    [torch.randperm(em.intermediate_size, generator=g) for _ in range(layers)])
-        if plan == "uniform":
+        if plan == "three":  # 3 of 4 KV groups: 6 heads, which do not divide the hidden size 64
+            groups, channels = [3] * layers, [72] * layers
+        elif plan == "uniform":
             groups = [em.num_kv_groups // 2] * layers
             channels = [em.intermediate_size // 2] * layers
         else:
@@ -117,6 +119,9 @@ CASES = {
     "mistral_uniform_bias": ("mistral", "uniform", True, False, Subnet((0, 1, 2), 0.5)),
     "qwen3_uniform": ("qwen3", "uniform", False, True, Subnet((0, 2), 0.5)),
 }
+# Llama's config refuses a head count that does not divide hidden_size (6 of 64 here).
+CASES["gqa_6_heads"] = ("gqa", None, False, False, Subnet((0, 1, 3), 0.75))
+CASES["gqa_6_heads_bias"] = ("gqa", "three", True, False, Subnet((0, 2, 3), 0.5))
 if importlib.util.find_spec("amoeba.adapters") is not None:
     CASES["gqa_nonuniform_bias_moe_lora"] = ("gqa", "nonuniform", True, "moe", Subnet((1, 2, 3), 0.5))
     CASES["qwen2_uniform_moe_lora"] = ("qwen2", "uniform", False, "moe", Subnet((0, 1, 2, 3), 0.5))
@@ -226,6 +231,10 @@ def test_config_of_exports(exported):
     # Qwen2 has no o_proj/MLP bias switch: with FLAP biases the same network is written as Llama.
     cfg = json.loads((exported["qwen2_nonuniform_bias"]["folder"] / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["attention_bias"] and cfg["mlp_bias"]
+    cfg = json.loads((exported["gqa_6_heads"]["folder"] / "config.json").read_text())
+    assert cfg["model_type"] == "mistral" and cfg["sliding_window"] is None and cfg["num_attention_heads"] == 6
+    rec = exported["gqa_6_heads_bias"]["record"]
+    assert rec["model_type"] == "llama" and rec["zero_filled_params"] > 0  # padded with zero heads to 8
     nonuni = exported["gqa_nonuniform_bias_adapters"]["record"]
     assert nonuni["shape"]["padded_to_widest_layer"] and nonuni["zero_filled_params"] > 0
     assert nonuni["adapters_merged"] == 3 * 7

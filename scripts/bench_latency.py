@@ -1,0 +1,334 @@
+"""Latency of exported subnets against the dense model (and the masked elastic model).
+
+A Llama-2-7B-shaped model (hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32000) with random bf16
+weights is built directly on the GPU (nothing is downloaded). For each shape of the grid (layers x
+width), the subnet is exported in memory with :func:`amoeba.export.slice_subnet` (the same surgery as
+the saved export) and timed:
+
+- prefill latency, batch 1, at each ``--prefill_lens`` (512 and 2048 tokens);
+- decode latency per token at each ``--decode_batches`` (1 and 16), eager (dynamic KV cache), and with
+  a static KV cache + ``torch.compile`` (``generate(cache_implementation="static")``, which compiles the
+  forward in transformers 5.17+); per-token time = (time of N2 tokens - time of N1 tokens) / (N2 - N1),
+  so the prompt's prefill cancels out; warm-up runs use the exact lengths that are timed;
+- the masked subnet: the elastic model with masks instead of slices (``em.state.sliceable = False``),
+  the way width was taken by the original code (layers are still skipped for real).
+
+Times are medians of CUDA-event measurements (``time.perf_counter`` on a CPU). The parameter ratio
+(dense / subnet parameters) is printed next to each speedup: it is the ceiling for weight-bound decode.
+Compiled runs are the slowest to prepare (one compilation per shape and batch), so they are done last,
+in a priority order (dense, then the smallest shapes), until ``--time_budget_s`` is spent.
+
+    python scripts/bench_latency.py --out output/bench_latency.json            # the H200 grid
+    python scripts/bench_latency.py --smoke --out /tmp/bench_latency_smoke.json  # a tiny CPU run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amoeba.args import parse_int_list, parse_ratio_list  # noqa: E402
+from amoeba.elastic import make_elastic  # noqa: E402
+from amoeba.export import slice_subnet  # noqa: E402
+from amoeba.files import library_versions, write_json  # noqa: E402
+from amoeba.subnet import Subnet  # noqa: E402
+
+logger = logging.getLogger("bench_latency")
+
+LLAMA2_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                 intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096)
+SMOKE = dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+             intermediate_size=352, vocab_size=256, max_position_embeddings=512)
+
+
+def parse_cli(argv=None) -> argparse.Namespace:
+    """Command-line options (defaults: the H200 grid; ``--smoke`` switches to a tiny CPU setting)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON file for the results (a .md table is written next to it).")
+    p.add_argument("--smoke", action="store_true", help="Tiny config, short lengths: runs on a CPU in a minute.")
+    p.add_argument("--layers", default=None, help="Depths of the grid (default 32,28,24,20; smoke 8,7,6,5).")
+    p.add_argument("--widths", default="1,7/8,3/4,5/8", help="Width ratios of the grid.")
+    p.add_argument("--prefill_lens", default=None, help="Prompt lengths for prefill (default 512,2048).")
+    p.add_argument("--decode_batches", default=None, help="Batch sizes for decode (default 1,16).")
+    p.add_argument("--prompt_len", type=int, default=None, help="Prompt length before decoding (default 128).")
+    p.add_argument("--decode_tokens", default=None, help="N1,N2 new tokens; per-token = dt/(N2-N1) (default 16,80).")
+    p.add_argument("--reps", type=int, default=None, help="Timed repetitions per measurement (default 5).")
+    p.add_argument("--time_budget_s", type=float, default=480.0,
+                   help="Stop starting new compiled measurements after this many seconds in total.")
+    p.add_argument("--no_compile", action="store_true", help="Skip the static-cache + torch.compile decode.")
+    p.add_argument("--no_masked", action="store_true", help="Skip the masked elastic subnets.")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    a.layers = parse_int_list(a.layers or ("8,7,6,5" if a.smoke else "32,28,24,20"), "--layers")
+    a.widths = parse_ratio_list(a.widths, "--widths")
+    a.prefill_lens = parse_int_list(a.prefill_lens or ("32,64" if a.smoke else "512,2048"), "--prefill_lens")
+    a.decode_batches = parse_int_list(a.decode_batches or ("1,4" if a.smoke else "1,16"), "--decode_batches")
+    a.prompt_len = a.prompt_len or (8 if a.smoke else 128)
+    a.decode_tokens = parse_int_list(a.decode_tokens or ("4,12" if a.smoke else "16,80"), "--decode_tokens")
+    if len(a.decode_tokens) != 2 or a.decode_tokens[0] >= a.decode_tokens[1]:
+        p.error("--decode_tokens takes two increasing numbers N1,N2")
+    a.reps = a.reps or (3 if a.smoke else 5)
+    return a
+
+
+# ------------------------------------------------------------------------------------------- timing
+class Timer:
+    """Median wall time of a callable: CUDA events on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def once(self, fn) -> float:
+        """Milliseconds of one call (synchronised)."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def median(self, fn, reps: int, warmup: int = 1) -> float:
+        """Median of ``reps`` timed calls after ``warmup`` untimed ones."""
+        for _ in range(warmup):
+            self.once(fn)
+        return statistics.median(self.once(fn) for _ in range(reps))
+
+
+@torch.no_grad()
+def prefill_ms(model, timer: Timer, length: int, reps: int, vocab: int, device) -> float:
+    """Batch-1 prefill of ``length`` tokens (the next-token logits only, as generate computes)."""
+    ids = torch.randint(0, vocab, (1, length), device=device)
+    return timer.median(lambda: model(ids, use_cache=False, logits_to_keep=1), reps)
+
+
+@torch.no_grad()
+def decode_ms_per_token(model, timer: Timer, batch: int, prompt_len: int, tokens: tuple[int, int], reps: int,
+                        vocab: int, device, static: bool) -> float:
+    """Per-token decode latency: (generate N2 - generate N1) / (N2 - N1), greedy, EOS ignored."""
+    ids = torch.randint(0, vocab, (batch, prompt_len), device=device)
+    mask = torch.ones_like(ids)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask)
+    if static:
+        kwargs["cache_implementation"] = "static"
+    else:
+        kwargs["disable_compile"] = True
+
+    def run(n):
+        return lambda: model.generate(ids, min_new_tokens=n, max_new_tokens=n, **kwargs)
+
+    n1, n2 = tokens
+    # Warm-up at the exact lengths timed (a static cache + compile specialise on them).
+    t1 = timer.median(run(n1), reps, warmup=2 if static else 1)
+    t2 = timer.median(run(n2), reps, warmup=1)
+    return max(t2 - t1, 0.0) / (n2 - n1)
+
+
+def copy_bandwidth_gbs(device: torch.device, timer: Timer, nbytes: int) -> float:
+    """Measured device memory copy rate (read + write), GB/s."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = timer.median(lambda: dst.copy_(src), reps=5)
+    return 2 * nbytes / (ms / 1e3) / 1e9
+
+
+# ------------------------------------------------------------------------------------------- models
+def build_model(smoke: bool, device: torch.device, seed: int):
+    """The random-weight bf16 model, built on ``device`` (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**(SMOKE if smoke else LLAMA2_7B), tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def param_count(model) -> int:
+    """Parameters of a plain model (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def free(*objs) -> None:
+    """Drop models and compiled graphs, and return their memory."""
+    for o in objs:
+        del o
+    try:
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001 (dynamo missing or unavailable: nothing to reset)
+        pass
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------- the run
+def measure_eager(model, timer, a, vocab, device) -> dict:
+    """Prefill and eager decode numbers of one model."""
+    out = {}
+    for n in a.prefill_lens:
+        out[f"prefill_{n}_ms"] = prefill_ms(model, timer, n, a.reps, vocab, device)
+    for b in a.decode_batches:
+        out[f"decode_b{b}_eager_ms"] = decode_ms_per_token(model, timer, b, a.prompt_len, a.decode_tokens,
+                                                           a.reps, vocab, device, static=False)
+    return out
+
+
+def run(a: argparse.Namespace) -> dict:
+    """Measure the grid; return the result record."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    timer = Timer(device)
+    t_start = time.perf_counter()
+    model = build_model(a.smoke, device, a.seed)
+    vocab = model.config.vocab_size
+    em = make_elastic(model)
+    full_layers = em.num_layers
+    dense_params = em.param_count(em.full_subnet())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth_gbs(device, timer, min(weight_bytes, 2 << 30))
+    logger.info("dense model: %d parameters (%.2f GB bf16); copy rate %.0f GB/s", dense_params, weight_bytes / 1e9,
+                bw)
+
+    shapes = [(n, w) for n in a.layers for w in a.widths if n <= full_layers]
+    rows: dict[str, dict] = {}
+    dense_key = f"l{full_layers}w1"
+    # Dense first: every speedup is relative to it.
+    rows[dense_key] = dict(layers=full_layers, width=1.0, params=dense_params, param_ratio=1.0, kind="dense",
+                           **measure_eager(model, timer, a, vocab, device))
+    for n, w in shapes:
+        subnet = Subnet(tuple(range(n)), w)
+        if subnet.label == dense_key:
+            continue
+        sliced = slice_subnet(model, em, subnet)
+        small = sliced.model
+        small.generation_config.pad_token_id, small.generation_config.eos_token_id = 0, None
+        row = dict(layers=n, width=w, params=sliced.param_count, param_ratio=dense_params / sliced.param_count,
+                   kind="exported", **measure_eager(small, timer, a, vocab, device))
+        free(small, sliced)
+        if not a.no_masked:
+            em.state.sliceable = False  # masks: the same function at full-size arithmetic
+            em.set_subnet(subnet)
+            for k, v in measure_eager(model, timer, a, vocab, device).items():
+                row[f"masked_{k}"] = v
+            em.set_subnet(em.full_subnet())
+            em.state.sliceable = True
+        rows[subnet.label] = row
+        logger.info("%s: %s", subnet.label, {k: round(v, 3) for k, v in row.items() if k.endswith("_ms")})
+
+    compiled_note = None
+    if not a.no_compile:
+        can_compile = device.type == "cuda"
+        if not can_compile:
+            compiled_note = "static KV cache without torch.compile (generate compiles only on CUDA)"
+        # Priority: dense, then the smallest shapes (the largest speedups), then the rest.
+        order = [dense_key] + sorted((k for k in rows if k != dense_key), key=lambda k: rows[k]["params"])
+        for key in order:
+            if time.perf_counter() - t_start > a.time_budget_s:
+                rows[key]["compiled_skipped"] = "time budget"
+                continue
+            r = rows[key]
+            if key == dense_key:
+                target, extra = model, None
+            else:
+                extra = slice_subnet(model, em, Subnet(tuple(range(r["layers"])), r["width"]))
+                target = extra.model
+                target.generation_config.pad_token_id, target.generation_config.eos_token_id = 0, None
+            for b in a.decode_batches:
+                r[f"decode_b{b}_compiled_ms"] = decode_ms_per_token(target, timer, b, a.prompt_len, a.decode_tokens,
+                                                                    a.reps, vocab, device, static=True)
+            if extra is not None:
+                free(target, extra)
+            else:
+                free()
+            logger.info("%s compiled: %s", key, {k: round(v, 3) for k, v in r.items() if "compiled" in k})
+
+    dense = rows[dense_key]
+    for r in rows.values():
+        for k in list(r):
+            if k.endswith("_ms") and not k.startswith("masked_") and dense.get(k):
+                r[k.replace("_ms", "_speedup")] = dense[k] / r[k] if r[k] else None
+            if k.startswith("masked_") and k.endswith("_ms"):
+                base = dense.get(k[len("masked_"):])
+                r[k.replace("_ms", "_speedup")] = base / r[k] if base and r[k] else None
+    floor_ms = weight_bytes / (bw * 1e9) * 1e3
+    return {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+        "config": "smoke" if a.smoke else "llama2-7b-shaped",
+        "dense_params": dense_params,
+        "weight_bytes": weight_bytes,
+        "copy_rate_gbs": bw,
+        "weight_bandwidth_floor_ms_per_token": floor_ms,
+        "compiled_note": compiled_note,
+        "settings": {k: v for k, v in vars(a).items() if k != "out"},
+        "wall_s": time.perf_counter() - t_start,
+        "versions": library_versions(),
+        "rows": rows,
+    }
+
+
+def markdown(result: dict) -> str:
+    """The result as a markdown table (one row per shape)."""
+    rows = result["rows"]
+    any_row = next(iter(rows.values()))
+    timed = [k for k in any_row if k.endswith("_ms") and not k.startswith("masked_")]
+    for r in rows.values():
+        timed += [k for k in r if "compiled" in k and k.endswith("_ms") and k not in timed]
+    head = ["shape", "params", "param ratio"]
+    for k in timed:
+        head += [k.replace("_ms", " ms"), "speedup"]
+    masked = [k for k in timed if not "compiled" in k]
+    head += [f"masked {k.replace('_ms', '')} speedup" for k in masked]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(x, nd=2):
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    for label, r in rows.items():
+        cells = [label, f"{r['params'] / 1e9:.3f}B" if r["params"] > 1e8 else f"{r['params']:,}",
+                 f"{r['param_ratio']:.2f}x"]
+        for k in timed:
+            cells += [fmt(r.get(k)), fmt(r.get(k.replace("_ms", "_speedup"))) + "x" if r.get(k) else "-"]
+        cells += [fmt(r.get("masked_" + k.replace("_ms", "_speedup"))) for k in masked]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Device: {result['device']}; dense weights {result['weight_bytes'] / 1e9:.2f} GB; measured copy "
+                 f"rate {result['copy_rate_gbs']:.0f} GB/s; weight-bandwidth floor "
+                 f"{result['weight_bandwidth_floor_ms_per_token']:.3f} ms/token.")
+    if result.get("compiled_note"):
+        lines.append(f"Compiled columns: {result['compiled_note']}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """Run the benchmark, write ``--out`` (json) and a markdown table next to it, print the table."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    a = parse_cli(argv)
+    result = run(a)
+    out = Path(a.out)
+    write_json(out, result)
+    table = markdown(result)
+    from amoeba.files import write_text
+
+    write_text(out.with_suffix(".md"), table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
