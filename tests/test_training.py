@@ -272,6 +272,19 @@ def _run_main(*argv, env_extra=None, wait=True):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _main(*argv) -> types.SimpleNamespace:
+    """main.py in this process (fast: no interpreter start-up); returns returncode and stderr."""
+    import contextlib
+    import io
+
+    from main import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return types.SimpleNamespace(returncode=code, stderr=err.getvalue())
+
+
 def _assert_exit_2(proc, *needles):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -284,25 +297,25 @@ def _assert_exit_2(proc, *needles):
 def test_bad_inputs_exit_2(tiny_dir, tmp_path):
     base = _flags(tiny_dir, tmp_path / "o", "--max_steps", "1")
     strat = ["--shrinking_file", str(tiny_dir / "dp_selection_strategy.npy")]
-    _assert_exit_2(_run_main(*base, *SANDWICH, "--shrinking_file", str(tmp_path / "none.npy")),
+    _assert_exit_2(_main(*base, *SANDWICH, "--shrinking_file", str(tmp_path / "none.npy")),
                    "--shrinking_file", "none.npy")
     foreign = tmp_path / "foreign.npy"
     np.save(foreign, _strategy_dict(tiny_model("gqa", layers=4)), allow_pickle=True)
-    _assert_exit_2(_run_main(*base, *SANDWICH, "--shrinking_file", str(foreign)), "--shrinking_file", "layers")
-    _assert_exit_2(_run_main(*base, *SANDWICH[:-1], "[1,1/2]", *strat), "--width_choice", "0.5")
-    _assert_exit_2(_run_main(*base, *SANDWICH, *strat, "--use_moe_lora", "--moe_num_expert", "2",
+    _assert_exit_2(_main(*base, *SANDWICH, "--shrinking_file", str(foreign)), "--shrinking_file", "layers")
+    _assert_exit_2(_main(*base, *SANDWICH[:-1], "[1,1/2]", *strat), "--width_choice", "0.5")
+    _assert_exit_2(_main(*base, *SANDWICH, *strat, "--use_moe_lora", "--moe_num_expert", "2",
                              "--moe_topk", "3"), "--moe_topk")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     bad = _flags(tiny_dir, tmp_path / "o2", "--max_steps", "1")
     bad[bad.index("--dataset") + 1] = str(empty)
-    _assert_exit_2(_run_main(*bad), "--dataset", "empty.jsonl", "is empty")
+    _assert_exit_2(_main(*bad), "--dataset", "empty.jsonl", "is empty")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"instruction": "w1", "output": "w2"}\n{"instruction": "w1", "output": \n')
     bad[bad.index("--dataset") + 1] = str(broken)
-    _assert_exit_2(_run_main(*bad), "broken.jsonl", "line 2")
+    _assert_exit_2(_main(*bad), "broken.jsonl", "line 2")
     if not torch.cuda.is_available():
-        _assert_exit_2(_run_main(*base, "--bits", "4"), "--bits", "CUDA")
+        _assert_exit_2(_main(*base, "--bits", "4"), "--bits", "CUDA")
 
 
 def test_killed_run_resumes_to_the_same_adapters(tiny_dir, tmp_path):
@@ -313,7 +326,7 @@ def test_killed_run_resumes_to_the_same_adapters(tiny_dir, tmp_path):
              "--save_steps", "3", "--save_total_limit", "2", "--gradient_accumulation_steps", "2",
              "--per_device_train_batch_size", "2", "--group_by_length", "True", "--learning_rate", "3e-3",
              "--seed", "11", "--data_seed", "5"]
-    full = _run_main(*_flags(tiny_dir, tmp_path / "full", *flags))
+    full = _main(*_flags(tiny_dir, tmp_path / "full", *flags))
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "killed"
@@ -331,11 +344,11 @@ def test_killed_run_resumes_to_the_same_adapters(tiny_dir, tmp_path):
     ckpt = last_complete_checkpoint(out)
     assert ckpt is not None and int(ckpt.name.split("-")[1]) < 14
 
-    again = _run_main(*_flags(tiny_dir, out, *flags))  # without --resume_training: refuses to overwrite
+    again = _main(*_flags(tiny_dir, out, *flags))  # without --resume_training: refuses to overwrite
     _assert_exit_2(again, "--resume_training")
     resumed = _run_main(*_flags(tiny_dir, out, *flags, "--resume_training"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from" in resumed.stderr
+    assert f"resuming from {ckpt}" in resumed.stderr
 
     from safetensors.torch import load_file
 
@@ -384,7 +397,8 @@ def test_seed_stage2_commands_run_on_a_tiny_folder(command, tiny_dir, tmp_path):
              "--gradient_accumulation_steps", "1", "--per_device_train_batch_size", "2", "--save_steps", "1",
              "--eval_steps", "2", "--eval_dataset_size", "8", "--max_eval_samples", "8", "--max_train_samples", "32",
              "--do_eval_wikitext2", "False", "--max_mmlu_samples", "4", "--mmlu_source_max_len", "64"]
-    proc = _run_main(*argv, *small, env_extra={"AMOEBA_DATA_DIR": str(ROOT.parent / "shared" / "data")})
+    os.environ.setdefault("AMOEBA_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    proc = _main(*argv, *small)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = tmp_path / "ft"
     cfg = json.loads((out / "adapter_model" / "adapter_config.json").read_text())
