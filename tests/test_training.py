@@ -37,7 +37,7 @@ def _tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(120)}
-    vocab.update({"<unk>": 120, "<s>": 121, "</s>": 122})
+    vocab.update({"<unk>": 120, "<s>": 121, "</s>": 122, "A": 123, "B": 124, "C": 125, "D": 126})  # MMLU letters
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
