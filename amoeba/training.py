@@ -437,9 +437,11 @@ def _write_outputs(trainer: SandwichTrainer, out: Path, metrics: dict) -> None:
     plt.close(fig)
 
 
-def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callbacks: Optional[list] = None):
+def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callbacks: Optional[list] = None,
+                    data: Optional[dict] = None):
     """Validate the flags, attach adapters, load the data and build the :class:`SandwichTrainer`.
 
+    ``data`` (train_dataset, eval_dataset, data_collator) replaces the instruction data when given.
     Returns ``(trainer, checkpoint to resume from or None)``.
     """
     from amoeba.instruct_data import make_data_module
@@ -469,8 +471,9 @@ def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callback
         logger.info("sandwich: largest %s, %d random (depths %s, widths %s), smallest %s",
                     sampler.largest.label, sampler.num_random, sampler.random_depths,
                     [f"{w:g}" for w in sampler.widths], sampler.smallest.label)
-    data = make_data_module(tokenizer, args)
-    if data["eval_dataset"] is None and str(getattr(t.eval_strategy, "value", t.eval_strategy)) != "no":
+    if data is None:
+        data = make_data_module(tokenizer, args)
+    if data.get("eval_dataset") is None and str(getattr(t.eval_strategy, "value", t.eval_strategy)) != "no":
         from transformers.trainer_utils import IntervalStrategy
 
         t.eval_strategy = IntervalStrategy.NO

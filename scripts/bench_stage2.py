@@ -1,0 +1,302 @@
+"""Benchmark: speed and memory of the Stage 2 one-for-all training step.
+
+Speed (on ``--model``, default SmolLM2-135M-Instruct; bf16 on CUDA, fp32 on a CPU): the forward+backward
+time of one sandwich step (largest, two random subnets, smallest; the seed's MoE-LoRA, 5 experts, top-2)
+against the sum of the same subnets trained one at a time, so the overhead of the sandwich machinery
+(subnet switching, gate routing, distillation targets, balancing) shows; and each subnet's step time
+against its parameter ratio. The optimizer step is timed separately (once per sandwich either way).
+
+Memory (``--memory``, CUDA only): peak GPU memory of the seed's Llama-2 Stage 2 settings (MoE-LoRA r=64 on
+every projection, widths [1,7/8,3/4,5/8], min 20 layers, 2 random subnets, fp16) on a random-weight
+Llama-2-7B-shaped model loaded in 4-bit NF4 with double quantization, batch 2 x 512 tokens (384 prompt +
+128 response), gradient checkpointing. The random checkpoint is written once to ``--memory_model_dir``.
+
+    python scripts/bench_stage2.py --out results/bench_stage2.json                   # speed
+    python scripts/bench_stage2.py --memory --out results/bench_stage2_memory.json   # 7B 4-bit memory (CUDA)
+    python scripts/bench_stage2.py --smoke --out /tmp/s2.json                        # tiny, CPU
+
+Prints a markdown table at the end and writes every number to ``--out`` (json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amoeba.args import parse_args  # noqa: E402
+from amoeba.elastic import make_elastic  # noqa: E402
+from amoeba.files import library_versions, write_json  # noqa: E402
+from amoeba.subnet import Subnet  # noqa: E402
+from amoeba.training import prepare_trainer  # noqa: E402
+
+logger = logging.getLogger("bench_stage2")
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_LLAMA2_FLAGS = ["--lora_modules", "all", "--enable_shrinking", "--kd_weight", "1", "--min_num_layer", "20",
+                     "--random_sample_num_layer", "2", "--distill_method", "sp", "--shrinking_method",
+                     "first_layers", "--shrinkable_width", "--width_choice", "[1,7/8,3/4,5/8]",
+                     "--use_moe_lora", "--moe_num_expert", "5", "--moe_topk", "2"]
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"), help="model folder (speed)")
+    p.add_argument("--out", default="results/bench_stage2.json", help="json file for the results")
+    p.add_argument("--batch", type=int, default=2, help="sequences per micro-batch")
+    p.add_argument("--source_len", type=int, default=384, help="prompt tokens per sequence")
+    p.add_argument("--target_len", type=int, default=128, help="response tokens per sequence (with labels)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    p.add_argument("--subnets", default="30:1,24:0.75,22:0.875,18:0.625",
+                   help="sandwich as layers:width pairs, largest first, smallest last")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="checkpoint activations (speed part)")
+    p.add_argument("--memory", action="store_true", help="measure the 7B 4-bit peak memory instead (CUDA)")
+    p.add_argument("--memory_model_dir", default="/tmp/amoeba-llama2-7b-random", help="random 7B checkpoint")
+    p.add_argument("--memory_steps", type=int, default=3, help="sandwich steps for the memory measurement")
+    p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, a few steps")
+    return p.parse_args(argv)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def synthetic_batch(batch: int, source_len: int, target_len: int, vocab: int, device, seed: int = 0) -> dict:
+    """Random token ids with labels on the last ``target_len`` positions (the collator's layout)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, source_len + target_len), generator=g)
+    labels = ids.clone()
+    labels[:, :source_len] = -100
+    mask = torch.ones_like(ids)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def _synthetic_data(vocab: int) -> dict:
+    from datasets import Dataset
+
+    rows = [{"input": "x", "output": "y"}] * 8
+    return {"train_dataset": Dataset.from_list(rows), "eval_dataset": None, "data_collator": lambda b: b}
+
+
+def build(model_dir: str, out_dir: Path, flags: list[str], model=None, tokenizer=None):
+    """(args, model, em, trainer) for the Stage 2 step with ``flags``, on a synthetic dataset."""
+    from amoeba.loading import load_model_and_tokenizer
+
+    argv = ["--model_name_or_path", model_dir, "--output_dir", str(out_dir), "--do_train", "True",
+            "--report_to", "none", "--save_strategy", "no", "--group_by_length", "False", *flags]
+    args = parse_args(argv)
+    if model is None:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.train)
+    em = make_elastic(model)
+    vocab = int(model.config.vocab_size)
+    trainer, _ = prepare_trainer(args, model, tokenizer, em, None, data=_synthetic_data(vocab))
+    trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    return args, trainer.model, em, trainer
+
+
+def time_plan(trainer, model, batch, plan, warmup: int, steps: int) -> float:
+    """Mean seconds of ``training_step`` (forward + backward of every subnet in ``plan``)."""
+    trainer.fixed_plan = plan
+    model.train()
+    for _ in range(warmup):
+        trainer.training_step(model, dict(batch))
+        model.zero_grad(set_to_none=True)
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.training_step(model, dict(batch))
+        _sync()
+        model.zero_grad(set_to_none=True)
+    return (time.perf_counter() - start) / steps
+
+
+def time_optimizer(trainer, model, batch, plan, steps: int) -> float:
+    """Mean seconds of one optimizer step + zero_grad on the adapters."""
+    trainer.fixed_plan = plan
+    total = 0.0
+    for _ in range(steps):
+        trainer.training_step(model, dict(batch))
+        _sync()
+        start = time.perf_counter()
+        trainer.optimizer.step()
+        model.zero_grad(set_to_none=True)
+        _sync()
+        total += time.perf_counter() - start
+    return total / steps
+
+
+def speed(opts, out_dir: Path) -> dict:
+    """Sandwich step time vs the sum of its subnets' single steps; per-subnet time vs parameter ratio."""
+    flags = list(SEED_LLAMA2_FLAGS)
+    model = tok = None
+    model_dir = opts.model
+    if opts.smoke:
+        from tests.conftest import tiny_model
+
+        model = tiny_model("gqa", layers=6)
+        model_dir = str(ROOT / "models" / "smollm2-135m-instruct")  # only parsed; the tiny model is used
+    flags += ["--bf16"] if torch.cuda.is_available() else []
+    flags += ["--gradient_checkpointing", str(opts.gradient_checkpointing)]
+    flags[flags.index("--min_num_layer") + 1] = "1"
+    args, model, em, trainer = build(model_dir, out_dir, flags, model, tok)
+    pairs = [p.split(":") for p in opts.subnets.split(",")]
+    plan = []
+    for i, (layers, width) in enumerate(pairs):
+        n = min(int(layers), em.num_layers)
+        role = "largest" if i == 0 else "smallest" if i == len(pairs) - 1 else f"random{i}"
+        plan.append((role, Subnet(tuple(range(n)), float(width))))
+    device = next(model.parameters()).device
+    batch = synthetic_batch(opts.batch, opts.source_len, opts.target_len, int(model.config.vocab_size), device)
+    tokens = opts.batch * (opts.source_len + opts.target_len)
+    sandwich = time_plan(trainer, model, batch, plan, opts.warmup, opts.steps)
+    full_params = em.param_count(em.full_subnet())
+    rows = []
+    for role, sub in plan:
+        t = time_plan(trainer, model, batch, [(role, sub)], opts.warmup, opts.steps)
+        rows.append({"role": role, "subnet": sub.label, "seconds": t,
+                     "param_ratio": em.param_count(sub) / full_params})
+    single_sum = sum(r["seconds"] for r in rows)
+    t_full = rows[0]["seconds"]
+    for r in rows:
+        r["time_ratio"] = r["seconds"] / t_full
+    opt = time_optimizer(trainer, model, batch, plan, max(2, opts.steps // 2))
+    return {
+        "model": "tiny random (smoke)" if opts.smoke else opts.model,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "dtype": str(next(p for p in model.parameters() if not p.requires_grad).dtype),
+        "batch_tokens": tokens, "gradient_checkpointing": bool(opts.gradient_checkpointing),
+        "sandwich_seconds": sandwich, "single_sum_seconds": single_sum,
+        "sandwich_tokens_per_s": tokens / sandwich, "single_sum_tokens_per_s": tokens / single_sum,
+        "overhead": sandwich / single_sum - 1.0, "optimizer_step_seconds": opt, "subnets": rows,
+    }
+
+
+def _random_7b(path: Path) -> None:
+    """Write a random-weight Llama-2-7B-shaped checkpoint (fp16) once."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    logger.info("writing a random 7B-shaped checkpoint to %s", path)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.float16)
+    model.save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()
+    tok_src = ROOT / "models" / "smollm2-135m-instruct"
+    AutoTokenizer.from_pretrained(tok_src).save_pretrained(path)  # ids are random anyway
+
+
+def memory(opts, out_dir: Path) -> dict:
+    """Peak GPU memory of the seed's Llama-2 Stage 2 step on a 4-bit 7B-shaped model."""
+    if not torch.cuda.is_available():
+        if not opts.smoke:
+            raise SystemExit("--memory needs a CUDA GPU (4-bit bitsandbytes)")
+        from tests.conftest import tiny_model
+
+        args, model, em, trainer = build(str(ROOT / "models" / "smollm2-135m-instruct"), out_dir,
+                                         SEED_LLAMA2_FLAGS + ["--min_num_layer", "3", "--gradient_checkpointing",
+                                                              "True"], tiny_model("gqa", layers=6), None)
+        bits = 16
+    else:
+        path = Path(opts.memory_model_dir)
+        _random_7b(path)
+        torch.cuda.reset_peak_memory_stats()
+        args, model, em, trainer = build(str(path), out_dir, SEED_LLAMA2_FLAGS + [
+            "--fp16", "--bits", "4", "--quant_type", "nf4", "--double_quant", "True",
+            "--gradient_checkpointing", "True", "--lora_r", "64", "--lora_alpha", "16"])
+        bits = 4
+    loaded = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+    device = next(model.parameters()).device
+    shape = (2, 384, 128) if not opts.smoke else (opts.batch, opts.source_len, opts.target_len)
+    batch = synthetic_batch(*shape, int(model.config.vocab_size), device)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    model.train()
+    losses = []
+    start = time.perf_counter()
+    for step in range(opts.memory_steps):
+        trainer.state.global_step = step
+        losses.append(float(trainer.training_step(model, dict(batch))))
+        trainer.optimizer.step()
+        model.zero_grad(set_to_none=True)
+    _sync()
+    seconds = (time.perf_counter() - start) / opts.memory_steps
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out = {"bits": bits, "model": "random Llama-2-7B shape" if bits == 4 else "tiny random (smoke)",
+           "batch": f"{shape[0]} x {shape[1] + shape[2]} ({shape[1]} + {shape[2]})", "gradient_checkpointing": True, "trainable_params": trainable,
+           "sandwich": [r for r, _ in trainer.last_plan], "step_seconds": seconds, "losses": losses,
+           "sliceable": em.sliceable}
+    if torch.cuda.is_available():
+        out.update({"model_gb": loaded / 2**30, "peak_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
+                    "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30,
+                    "device": torch.cuda.get_device_name(0)})
+    return out
+
+
+def markdown(results: dict) -> str:
+    """The results as markdown tables."""
+    lines = []
+    s = results.get("speed")
+    if s:
+        lines += [f"Stage 2 step, {s['model']} on {s['device']} ({s['dtype']}, {s['batch_tokens']} tokens/micro-batch)",
+                  "", "| measurement | seconds | tokens/s |", "| --- | ---: | ---: |",
+                  f"| sandwich step (fwd+bwd, {len(s['subnets'])} subnets) | {s['sandwich_seconds']:.4f} | "
+                  f"{s['sandwich_tokens_per_s']:.0f} |",
+                  f"| sum of single-subnet steps | {s['single_sum_seconds']:.4f} | {s['single_sum_tokens_per_s']:.0f} |",
+                  f"| optimizer step | {s['optimizer_step_seconds']:.4f} | |",
+                  "", f"Sandwich overhead: {100 * s['overhead']:+.1f}% (target: at most +10%)", "",
+                  "| subnet | role | step seconds | time / largest | params / largest |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        for r in s["subnets"]:
+            lines.append(f"| {r['subnet']} | {r['role']} | {r['seconds']:.4f} | {r['time_ratio']:.3f} | "
+                         f"{r['param_ratio']:.3f} |")
+    m = results.get("memory")
+    if m:
+        lines += ["", f"Memory, {m['model']}, {m['bits']}-bit, batch {m['batch']}, gradient checkpointing", "",
+                  "| quantity | value |", "| --- | ---: |"]
+        for key in ("model_gb", "peak_allocated_gb", "peak_reserved_gb", "step_seconds", "trainable_params"):
+            if key in m:
+                val = m[key]
+                lines.append(f"| {key} | {val:.2f} |" if isinstance(val, float) else f"| {key} | {val} |")
+        if "peak_allocated_gb" in m:
+            lines.append(f"\nTarget: peak at most 24 GB -> {'met' if m['peak_reserved_gb'] <= 24 else 'NOT met'} "
+                         f"(reserved {m['peak_reserved_gb']:.2f} GB)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Run the benchmark and write ``--out``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    opts = parse(argv)
+    if opts.smoke:
+        opts.batch, opts.source_len, opts.target_len = 2, 24, 8
+        opts.warmup, opts.steps, opts.memory_steps = 1, 2, 2
+        opts.subnets = "6:1,5:0.75,4:0.875,3:0.625"
+    out = Path(opts.out)
+    work = out.parent / (out.stem + "_run")
+    results = {"versions": library_versions(), "smoke": opts.smoke}
+    if opts.memory or opts.smoke:
+        results["memory"] = memory(opts, work / "memory")
+    if not opts.memory or opts.smoke:
+        results["speed"] = speed(opts, work / "speed")
+    write_json(out, results)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
