@@ -262,7 +262,14 @@ def merged_delta(module: nn.Module) -> torch.Tensor:
     if not isinstance(adapter, MoELoRA):
         raise ValueError(f"{type(module).__name__} has no adapter")
     with torch.no_grad():
-        a, b = adapter.combined()
+        router = adapter.router
+        if router is None:
+            a, b = adapter.lora_A[0], adapter.lora_B[0]
+        else:  # the deterministic (evaluation) gates, even if the model is in training mode
+            idx, g = router.route(router._em.subnet, noisy=False)
+            g = g.to(adapter.lora_A.dtype)
+            a = torch.einsum("k,kri->ri", g, adapter.lora_A[idx])
+            b = torch.einsum("k,kor->or", g, adapter.lora_B[idx])
         return (b @ a) * adapter.scaling
 
 

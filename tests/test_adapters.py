@@ -175,6 +175,9 @@ def test_merged_delta_reproduces_the_adapted_subnet(kind, tokens):
         with torch.no_grad():
             want = model(tokens).logits
             deltas = {(l, r): merged_delta(m) for l in range(em.num_layers) for r, m in em.projections(l).items()}
+        model.train()  # merging always uses the deterministic gates, never noisy ones
+        torch.testing.assert_close(merged_delta(em.projections(1)["v_proj"]), deltas[(1, "v_proj")])
+        model.eval()
         em2 = make_elastic(merged)
         remove_adapters(merged)
         with torch.no_grad():
