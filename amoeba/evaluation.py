@@ -279,7 +279,7 @@ def evaluate_shape(model, tokenizer, em: ElasticModel, subnet: Subnet, *, mmlu_e
 def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> dict:
     """Evaluate every requested shape with every requested metric; write metrics.json, results.md and
     frontier.png into ``--output_dir``. Returns the metrics of this run, keyed as in metrics.json."""
-    from amoeba.report import write_report
+    from amoeba.report import row_from_result, rows_from_metrics, sort_rows, write_report
 
     t = args.train
     out_dir = Path(t.output_dir)
@@ -326,7 +326,11 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
         model.train(was_training)
         if runner is not None:
             runner.close()
-    write_report(out_dir, results, total_params=em.param_count(em.full_subnet()))
+    # The table covers every shape metrics.json knows, earlier runs' too, with this run's metric names.
+    rows = [row_from_result(r) for r in results]
+    names = list(dict.fromkeys(k for r in results for k in r.headline))
+    rows += rows_from_metrics(existing, names, skip=[r.label for r in rows])
+    write_report(out_dir, sort_rows(rows), total_params=em.param_count(em.full_subnet()))
     _log_table(results)
     return run_metrics
 

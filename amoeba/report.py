@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,6 +19,53 @@ from amoeba.files import atomic_path, write_text
 logger = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = ("ppl", "perplexity", "loss")
+_PARAMS_KEY = re.compile(r"^params_(l(\d+)w(.+))$")
+
+
+@dataclass
+class ReportRow:
+    """One shape in the report: its label (``l24w0.875``), depth, width text, parameters and metrics."""
+
+    label: str
+    layers: int
+    width: str
+    params: int
+    headline: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def row_from_result(result) -> ReportRow:
+    """A :class:`ReportRow` from an evaluation result (``subnet``, ``params``, ``headline``, ``seconds``)."""
+    sub = result.subnet
+    width = "per-layer" if isinstance(sub.width, tuple) else f"{sub.width:g}"
+    return ReportRow(sub.label, sub.num_layers, width, int(result.params), dict(result.headline),
+                     dict(getattr(result, "seconds", {}) or {}))
+
+
+def rows_from_metrics(metrics: dict, names: Sequence[str], skip: Sequence[str] = ()) -> list[ReportRow]:
+    """Rows for the shapes recorded in a metrics.json dict (found by their ``params_<label>`` key), with the
+    metrics ``names`` where present; labels in ``skip`` are left out."""
+    rows = []
+    for key, value in metrics.items():
+        m = _PARAMS_KEY.match(key)
+        if not m or m.group(1) in skip or not isinstance(value, (int, float)):
+            continue
+        label = m.group(1)
+        headline = {n: float(metrics[f"{n}_{label}"]) for n in names
+                    if isinstance(metrics.get(f"{n}_{label}"), (int, float))}
+        rows.append(ReportRow(label, int(m.group(2)), m.group(3), int(value), headline))
+    return rows
+
+
+def sort_rows(rows: Sequence[ReportRow]) -> list[ReportRow]:
+    """Deepest first, then widest."""
+    def width_value(r: ReportRow) -> float:
+        try:
+            return float(r.width)
+        except ValueError:
+            return 0.0
+
+    return sorted(rows, key=lambda r: (-r.layers, -width_value(r), r.label))
 
 
 def lower_is_better(metric: str) -> bool:
@@ -49,9 +98,7 @@ def markdown_table(results: Sequence, total_params: Optional[int] = None) -> str
     lines = ["| " + " | ".join(head) + " |",
              "| " + " | ".join(["---"] + ["---:"] * (len(head) - 1)) + " |"]
     for r in results:
-        width = r.subnet.width if not isinstance(r.subnet.width, tuple) else "per-layer"
-        row = [r.subnet.label, str(r.subnet.num_layers), f"{width:g}" if isinstance(width, float) else width,
-               f"{r.params / 1e6:.2f}"]
+        row = [r.label, str(r.layers), r.width, f"{r.params / 1e6:.2f}"]
         if total_params:
             row.append(f"{r.params / total_params:.3f}")
         row += [_fmt(r.headline.get(c), c) for c in cols]
@@ -96,7 +143,7 @@ def plot_frontier(results: Sequence, path: str | Path) -> Optional[Path]:
     fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
     for ax, metric in zip(axes.flat, cols):
         pts = [(r.params / 1e6, r.headline.get(metric, float("nan"))) for r in results]
-        labels = [r.subnet.label for r in results]
+        labels = [r.label for r in results]
         lower = lower_is_better(metric)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=3)
         for (x, y), label in zip(pts, labels):
@@ -124,8 +171,8 @@ def plot_frontier(results: Sequence, path: str | Path) -> Optional[Path]:
 
 
 def write_report(output_dir: str | Path, results: Sequence, total_params: Optional[int] = None) -> dict:
-    """Write ``results.md`` and ``frontier.png`` for ``results`` (objects with ``subnet``, ``params``,
-    ``headline``) into ``output_dir``; return their paths."""
+    """Write ``results.md`` and ``frontier.png`` for ``results`` (:class:`ReportRow`) into ``output_dir``;
+    return their paths."""
     output_dir = Path(output_dir)
     if not results:
         return {}
@@ -134,7 +181,7 @@ def write_report(output_dir: str | Path, results: Sequence, total_params: Option
     seconds = [r for r in results if getattr(r, "seconds", None)]
     if seconds:
         text += "\nWall time per shape (s): " + "; ".join(
-            f"{r.subnet.label}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()) for r in seconds) + "\n"
+            f"{r.label}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()) for r in seconds) + "\n"
     write_text(output_dir / "results.md", text)
     paths = {"table": output_dir / "results.md"}
     png = plot_frontier(results, output_dir / "frontier.png")

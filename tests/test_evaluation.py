@@ -232,3 +232,23 @@ def test_seed_evaluation_command_on_smollm2(real_model_dir, tmp_path):
         assert key in metrics, key
     assert metrics["params_l24w0.875"] < 0.85 * 134_515_008  # fewer layers and narrower than the full model
     assert (out / "results.md").is_file() and (out / "frontier.png").is_file()
+
+
+def test_report_covers_earlier_shapes_and_marks_the_frontier(tmp_path):
+    from amoeba.report import markdown_table, pareto_front, rows_from_metrics, sort_rows, write_report
+
+    metrics = {"params_l4w1": 100.0, "piqa_acc_norm_l4w1": 0.6, "wikitext2_ppl_l4w1": 10.0,
+               "params_l3w0.75": 60.0, "piqa_acc_norm_l3w0.75": 0.55, "wikitext2_ppl_l3w0.75": 14.0,
+               "params_l3w1": 80.0, "piqa_acc_norm_l3w1": 0.5, "other_key": 3.0}
+    rows = sort_rows(rows_from_metrics(metrics, ["piqa_acc_norm", "wikitext2_ppl"], skip=["l3w1"]))
+    assert [r.label for r in rows] == ["l4w1", "l3w0.75"]
+    assert rows[1].layers == 3 and rows[1].width == "0.75" and rows[1].headline == {
+        "piqa_acc_norm": 0.55, "wikitext2_ppl": 14.0}
+    table = markdown_table(rows, total_params=100)
+    assert "| l3w0.75 | 3 | 0.75 | 0.00 | 0.600 | 0.5500 | 14.000 |" in table
+    # frontier: (params, score); for accuracy higher is better, for perplexity lower
+    pts = [(100, 0.6), (60, 0.55), (80, 0.5), (90, 0.7)]
+    assert pareto_front(pts, lower=False) == [1, 3]
+    assert pareto_front([(100, 10.0), (60, 14.0), (80, 15.0)], lower=True) == [1, 0]
+    paths = write_report(tmp_path, rows, total_params=100)
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG" and "l4w1" in paths["table"].read_text()
