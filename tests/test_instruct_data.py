@@ -7,7 +7,6 @@ import json
 import types
 
 import pytest
-import torch
 
 from amoeba.errors import UsageError
 from amoeba.instruct_data import (IGNORE_INDEX, InstructionCollator, alpaca_prompt, load_examples, make_data_module,

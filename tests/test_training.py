@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -357,9 +356,7 @@ def test_killed_run_resumes_to_the_same_adapters(tiny_dir, tmp_path):
     assert a.keys() == b.keys()
     moved = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert moved <= 1e-6, moved
-    init = tiny_model("gqa", layers=6)  # and training did move the adapters
-    assert max(float(a[k].abs().max()) for k in a if k.endswith("lora_B")) > 1e-4
-    del init
+    assert max(float(a[k].abs().max()) for k in a if k.endswith("lora_B")) > 1e-4  # training moved them
 
 
 # ----------------------------------------------------------------------------------------------
