@@ -256,6 +256,27 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                                                                       "--eval_num_layer/--eval_num_width as a "
                                                                       "standard HF folder here."})
     overwrite: bool = field(default=False, metadata={"help": "Allow --export_dir to replace an existing folder."})
+    # --- choosing a shape for a budget ---
+    budget_params: Optional[str] = field(
+        default=None, metadata={"help": "List the best shapes with at most this many parameters: a count (1.2e9), "
+                                        "a fraction of the full model (0.6) or a percentage (60%). With "
+                                        "--export_dir the best one is exported."})
+    budget_latency_ms: Optional[float] = field(
+        default=None, metadata={"help": "List the best shapes at most this slow (milliseconds, from "
+                                        "--latency_table). With --export_dir the best one is exported."})
+    latency_table: Optional[str] = field(default=None, metadata={"help": "Latency table json written by "
+                                                                         "scripts/bench_latency.py."})
+    latency_key: str = field(default="decode_b1_compiled_ms",
+                             metadata={"help": "Column of --latency_table the latency budget applies to, e.g. "
+                                               "decode_b1_compiled_ms or prefill_512_ms."})
+    budget_metric: Optional[str] = field(default=None, metadata={"help": "Metric that ranks shapes, from the "
+                                                                         "evaluation's metrics.json (e.g. "
+                                                                         "mmlu_eval_accuracy, wikitext2_ppl)."})
+    metrics_file: Optional[str] = field(default=None, metadata={"help": "Evaluation results that rank shapes "
+                                                                        "(default: <output_dir>/metrics.json; "
+                                                                        "else the strategy's calibration "
+                                                                        "scores)."})
+    budget_top: int = field(default=5, metadata={"help": "How many fitting shapes to list."})
 
     def __post_init__(self):
         if self.evaluation_strategy is not None:

@@ -81,7 +81,11 @@ def run(args: Arguments) -> None:
 
         model = load_trained_adapters(args, model, em, out)
 
-    if t.export_dir:
+    if t.budget_params or t.budget_latency_ms is not None:
+        from amoeba.budget import run_budget
+
+        run_budget(args, model, tokenizer, em, strategy)  # exports the best fitting shape with --export_dir
+    elif t.export_dir:
         from amoeba.export import export_from_args
 
         export_from_args(args, model, tokenizer, em, strategy)

@@ -55,8 +55,8 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSON file for the results (a .md table is written next to it).")
     p.add_argument("--smoke", action="store_true", help="Tiny config, short lengths: runs on a CPU in a minute.")
-    p.add_argument("--layers", default=None, help="Depths of the grid (default 32,28,24,20; smoke 8,7,6,5).")
-    p.add_argument("--widths", default="1,7/8,3/4,5/8", help="Width ratios of the grid.")
+    p.add_argument("--layers", default=None, help="Depths of the grid (default 32,28,24,20; smoke 8,5).")
+    p.add_argument("--widths", default=None, help="Width ratios of the grid (default 1,7/8,3/4,5/8; smoke 1,5/8).")
     p.add_argument("--prefill_lens", default=None, help="Prompt lengths for prefill (default 512,2048).")
     p.add_argument("--decode_batches", default=None, help="Batch sizes for decode (default 1,16).")
     p.add_argument("--prompt_len", type=int, default=None, help="Prompt length before decoding (default 128).")
@@ -68,15 +68,15 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--no_masked", action="store_true", help="Skip the masked elastic subnets.")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    a.layers = parse_int_list(a.layers or ("8,7,6,5" if a.smoke else "32,28,24,20"), "--layers")
-    a.widths = parse_ratio_list(a.widths, "--widths")
-    a.prefill_lens = parse_int_list(a.prefill_lens or ("32,64" if a.smoke else "512,2048"), "--prefill_lens")
-    a.decode_batches = parse_int_list(a.decode_batches or ("1,4" if a.smoke else "1,16"), "--decode_batches")
+    a.layers = parse_int_list(a.layers or ("8,5" if a.smoke else "32,28,24,20"), "--layers")
+    a.widths = parse_ratio_list(a.widths or ("1,5/8" if a.smoke else "1,7/8,3/4,5/8"), "--widths")
+    a.prefill_lens = parse_int_list(a.prefill_lens or ("16,32" if a.smoke else "512,2048"), "--prefill_lens")
+    a.decode_batches = parse_int_list(a.decode_batches or ("1,2" if a.smoke else "1,16"), "--decode_batches")
     a.prompt_len = a.prompt_len or (8 if a.smoke else 128)
-    a.decode_tokens = parse_int_list(a.decode_tokens or ("4,12" if a.smoke else "16,80"), "--decode_tokens")
+    a.decode_tokens = parse_int_list(a.decode_tokens or ("2,6" if a.smoke else "16,80"), "--decode_tokens")
     if len(a.decode_tokens) != 2 or a.decode_tokens[0] >= a.decode_tokens[1]:
         p.error("--decode_tokens takes two increasing numbers N1,N2")
-    a.reps = a.reps or (3 if a.smoke else 5)
+    a.reps = a.reps or (2 if a.smoke else 5)
     return a
 
 
