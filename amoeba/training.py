@@ -103,6 +103,11 @@ def step_rng(seed: int, global_step: int, micro: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(global_step), int(micro)])
 
 
+def router_noise_seed(seed: int, global_step: int, micro: int, index: int) -> int:
+    """Seed of the router noise for the ``index``-th subnet of a micro-batch (same on every process)."""
+    return int(np.random.SeedSequence([int(seed), int(global_step), int(micro), int(index)]).generate_state(1)[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
@@ -190,8 +195,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
             for i, (role, subnet) in enumerate(plan):
                 self.em.set_subnet(subnet)
                 if router is not None:
-                    router.noise_seed = int(np.random.SeedSequence([self.args.seed, step, micro, i])
-                                            .generate_state(1)[0])
+                    router.noise_seed = router_noise_seed(self.args.seed, step, micro, i)
                 with self.compute_loss_context_manager():
                     logits = model(**feed).logits
                     student, target = target_logits(logits, labels)

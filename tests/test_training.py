@@ -21,8 +21,9 @@ from amoeba.args import parse_args
 from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
 from amoeba.subnet import Subnet
+from amoeba.adapters import get_router
 from amoeba.training import (SandwichSampler, TrainingDiverged, combine_losses, last_complete_checkpoint,
-                             prepare_trainer, run_training, step_rng, validate_training_setup)
+                             prepare_trainer, router_noise_seed, run_training, step_rng, validate_training_setup)
 from tests.conftest import ROOT, tiny_model
 
 torch.set_num_threads(1)  # tiny models: threads only add contention
@@ -130,10 +131,14 @@ def test_balancing_scales_each_loss_to_the_largest():
     assert [float(v.detach()) for v in combine_losses(plain, balancing=False)] == [3.0, 5.0]
 
 
-def test_training_step_order_distillation_and_balancing(tiny_dir, tmp_path):
+@pytest.mark.parametrize("checkpointing", ["False", "True"])
+def test_training_step_order_distillation_and_balancing(tiny_dir, tmp_path, checkpointing):
     """One micro-batch: forward/backward alternate per subnet, in sandwich order, and the gradients equal
-    those of sum(balanced losses) computed by hand (kd_weight 0.5 mixes soft CE and label CE)."""
-    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, "--kd_weight", "0.5")
+    those of sum(balanced losses) computed by hand (kd_weight 0.5 mixes soft CE and label CE); the same
+    with activation checkpointing on (MoE router included)."""
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, "--kd_weight", "0.5",
+                                     "--gradient_checkpointing", checkpointing, "--use_moe_lora",
+                                     "--moe_num_expert", "3", "--moe_topk", "2")
     trainer, _ = prepare_trainer(args, model, tok, em, s)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -157,18 +162,21 @@ def test_training_step_order_distillation_and_balancing(tiny_dir, tmp_path):
     keep = labels[:, 1:] != -100
     values = []
     for i, (_, sub) in enumerate(plan):
-        with em.use(sub):
+        get_router(model).noise_seed = router_noise_seed(args.train.seed, 0, 0, i)  # the step's noise
+        with em.use(sub):  # backward inside: checkpointed layers recompute in this subnet
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        student = logits[:, :-1][keep].float()
-        ce = F.cross_entropy(student, labels[:, 1:][keep])
-        if i == 0:
-            teacher = torch.softmax(student.detach(), -1)
-            values.append(ce)
-        else:
-            kd = -(teacher * F.log_softmax(student, -1)).sum(-1).mean()
-            values.append(0.5 * kd + 0.5 * ce)
-    total = values[0] + sum(v * (values[0].detach() / v.detach()) for v in values[1:])
-    total.backward()
+            student = logits[:, :-1][keep].float()
+            ce = F.cross_entropy(student, labels[:, 1:][keep])
+            if i == 0:
+                teacher = torch.softmax(student.detach(), -1)
+                value = ce
+                term = ce
+            else:
+                kd = -(teacher * F.log_softmax(student, -1)).sum(-1).mean()
+                value = 0.5 * kd + 0.5 * ce
+                term = value * (values[0].detach() / value.detach())  # balanced to the largest's loss
+            values.append(value)
+            term.backward()
     assert abs(float(loss) - float(values[0])) < 1e-5
     want = {k: v.grad for k, v in adapter_state_dict(model).items()}
     for k in want:
