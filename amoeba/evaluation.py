@@ -152,6 +152,19 @@ def lm_eval_keys(results: dict) -> dict[str, float]:
     return out
 
 
+_STOCK_MANAGER = None
+
+
+def _stock_task_manager():
+    """lm-eval's index of its own tasks, built once per process (it parses thousands of YAML files)."""
+    global _STOCK_MANAGER
+    if _STOCK_MANAGER is None:
+        from lm_eval.tasks import TaskManager
+
+        _STOCK_MANAGER = TaskManager()
+    return _STOCK_MANAGER
+
+
 class LMEvalRunner:
     """Runs lm-eval tasks on the in-memory model through lm-eval's ``HFLM`` (one wrapper for all shapes).
 
@@ -179,7 +192,7 @@ class LMEvalRunner:
         from lm_eval.tasks import TaskManager
 
         if self.hub:
-            manager = TaskManager()
+            manager = _stock_task_manager()
             known = set(manager.all_tasks)
             unknown = [t for t in self.hub if t not in known]
             if unknown:

@@ -184,7 +184,6 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 @pytest.mark.parametrize("extra, message", [
     (["--enable_shrinking", "--min_num_layer", "3", "--eval_num_layer", "2"], "--eval_num_layer"),
-    (["--shrinkable_width", "--width_choice", "[1,3/4]", "--eval_num_width", "5/8"], "--eval_num_width"),
     (["--use_moe_lora"], "no trained adapters"),
 ])
 def test_bad_input_exits_2_with_one_line(tiny_dir, tmp_path, extra, message):
