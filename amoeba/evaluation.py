@@ -282,9 +282,14 @@ def evaluate_shape(model, tokenizer, em: ElasticModel, subnet: Subnet, *, mmlu_e
             flat, _ = lm_runner.run()
             result.metrics.update(flat)
             for task in lm_runner.tasks:
+                found = False
                 for metric in ("acc", "acc_norm", "exact_match", "word_perplexity"):
                     if f"{task}_{metric}" in flat:
                         result.headline[f"{task}_{metric}"] = flat[f"{task}_{metric}"]
+                        found = True
+                if not found:  # a task with other metrics: show them all but their standard errors
+                    result.headline.update({k: v for k, v in flat.items()
+                                            if k.startswith(f"{task}_") and "_stderr" not in k})
             result.seconds["lm_eval"] = time.perf_counter() - start
     return result
 
