@@ -428,7 +428,13 @@ def build_scorer(args, model: nn.Module, tokenizer, naive: bool = False, progres
         logger.info("layer DP on %d MMLU %s questions (%d-shot), metric %s", len(examples), split, shots,
                     metric.name)
     else:
-        text = load_text(dataset, split="test", data_dir=args.data_dir)
+        split = "train"
+        if dataset == "wikitext2" and args.data_dir is not None:
+            # Offline there is only the WikiText-2 test split, the one perplexity results report.
+            split = "test"
+            logger.warning("!!! calibrating on the WikiText-2 TEST split (the only one offline): WikiText-2 test "
+                           "perplexities of the selected subnets are then biased; prefer --calib_dataset c4 !!!")
+        text = load_text(dataset, split=split, data_dir=args.data_dir)
         windows = token_windows(tokenizer, text, t.calib_seqlen, n=t.num_calib_sample, seed=t.seed)
         metric = PerplexityMetric(lm_head)
         batches = text_batches(windows, t.calib_batch_size)
