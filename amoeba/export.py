@@ -21,7 +21,9 @@ Laguna), which are different networks. A subnet with per-layer widths is therefo
 model padded to its widest kept layer: the extra rows of q/k/v/gate/up and columns of o/down are zero,
 so each padded unit contributes exactly nothing and the logits are exact. The padding is stored (the
 file is as large as the widest layer implies); ``amoeba_export.json`` records both the stored and the
-effective parameter counts.
+effective parameter counts. FLAP's global threshold often keeps some layer at (nearly) full width,
+so such an export is barely smaller than the full-width one; a width calibrated with ``--width_mode
+uniform`` exports to a model that is smaller in every layer.
 
 Adapter contract used by the merge: an adapted projection has a child ``amoeba_adapter``. If that
 module comes from :mod:`amoeba.adapters`, ``amoeba.adapters.merged_delta(projection)`` gives the
@@ -359,8 +361,9 @@ def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet) -> SlicedMo
     padded = len(set(sizes)) > 1
     if padded:
         logger.warning("subnet %s has per-layer widths; a standard config holds one width, so layers are "
-                       "zero-padded to the widest (%d KV groups, %d channels): exact, not minimal", subnet.label,
-                       groups, channels)
+                       "zero-padded to the widest (%d KV groups, %d channels): exact, not minimal. For a "
+                       "physically smaller export use uniform widths (width calibration with --width_mode "
+                       "uniform)", subnet.label, groups, channels)
     ref = em.projections(subnet.layers[0])["q_proj"].weight
     dtype, device = ref.dtype, ref.device
 

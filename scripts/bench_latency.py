@@ -237,7 +237,7 @@ def run(a: argparse.Namespace) -> dict:
             em.set_subnet(em.full_subnet())
             em.state.sliceable = True
         rows[subnet.label] = row
-        logger.info("%s: %s", subnet.label, {k: round(v, 3) for k, v in row.items() if k.endswith("_ms")})
+        logger.info("%s: %s", subnet.label, {k: v if v is None else round(v, 3) for k, v in row.items() if k.endswith("_ms")})
 
     compiled_note = None
     if not a.no_compile:
@@ -264,7 +264,8 @@ def run(a: argparse.Namespace) -> dict:
                 free(target, extra)
             else:
                 free()
-            logger.info("%s compiled: %s", key, {k: round(v, 3) for k, v in r.items() if "compiled" in k})
+            logger.info("%s compiled: %s", key, {k: v if v is None else round(v, 3) for k, v in r.items()
+                                                    if "compiled" in k and k.endswith("_ms")})
 
     dense = rows[dense_key]
     for r in rows.values():
