@@ -299,6 +299,11 @@ def config_from_args(args, em: ElasticModel) -> AdapterConfig:
         use_router=bool(t.use_moe_lora), widths=[float(w) for w in widths], **_structure(em))
 
 
+def structure_of(em: ElasticModel) -> dict:
+    """The model-shape fields of an :class:`AdapterConfig` for the model behind ``em``."""
+    return _structure(em)
+
+
 def _structure(em: ElasticModel) -> dict:
     return dict(num_layers=em.num_layers, model_type=str(getattr(em.config, "model_type", "")),
                 hidden_size=int(em.config.hidden_size), intermediate_size=em.intermediate_size,
