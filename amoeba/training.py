@@ -171,7 +171,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
     def _distilling(self) -> bool:
         if self.distill_method == "none" or self.kd_weight == 0:
             return False
-        return self.distill_steps < 0 or self.state.global_step < self.distill_steps
+        return self.distill_steps < 0 or self.state.global_step <= self.distill_steps
 
     # --- one micro-batch
     def training_step(self, model, inputs, num_items_in_batch=None):
