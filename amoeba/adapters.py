@@ -230,7 +230,8 @@ class MoELoRA(nn.Module):
         if self.router is None:
             return self.lora_A[0], self.lora_B[0]
         idx, g = self.router.current()
-        g = g.to(self.lora_A.dtype)
+        dev = self.lora_A.device  # the router may sit on another GPU of a sharded model
+        idx, g = idx.to(dev), g.to(device=dev, dtype=self.lora_A.dtype)
         a = torch.einsum("k,kri->ri", g, self.lora_A[idx])
         b = torch.einsum("k,kor->or", g, self.lora_B[idx])
         return a, b
@@ -267,7 +268,8 @@ def merged_delta(module: nn.Module) -> torch.Tensor:
             a, b = adapter.lora_A[0], adapter.lora_B[0]
         else:  # the deterministic (evaluation) gates, even if the model is in training mode
             idx, g = router.route(router._em.subnet, noisy=False)
-            g = g.to(adapter.lora_A.dtype)
+            dev = adapter.lora_A.device
+            idx, g = idx.to(dev), g.to(device=dev, dtype=adapter.lora_A.dtype)
             a = torch.einsum("k,kri->ri", g, adapter.lora_A[idx])
             b = torch.einsum("k,kor->or", g, adapter.lora_B[idx])
         return (b @ a) * adapter.scaling
