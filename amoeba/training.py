@@ -30,7 +30,7 @@ from amoeba.adapters import ADAPTER_DIR, CONFIG_FILE, add_adapters, get_router, 
 from amoeba.args import width_key
 from amoeba.elastic import ElasticModel, subnet_for
 from amoeba.errors import UsageError
-from amoeba.files import atomic_path, write_json
+from amoeba.files import atomic_path, write_json, write_text
 from amoeba.subnet import Subnet
 
 logger = logging.getLogger(__name__)
@@ -406,10 +406,31 @@ def _prepare_output_dir(t) -> Optional[str]:
     return None
 
 
+def results_markdown(history: list[dict], metrics: dict) -> str:
+    """A short markdown summary of a run: last logged loss of each sandwich role, eval loss, speed."""
+    last: dict[str, tuple] = {}
+    for row in history:
+        for key, val in row.items():
+            if key.startswith("loss_") or key == "eval_loss":
+                last[key] = (row.get("step"), val)
+    lines = ["| quantity | step | value |", "| --- | ---: | ---: |"]
+    for key in sorted(last, key=lambda k: (k == "eval_loss", k)):
+        step, val = last[key]
+        lines.append(f"| {key.replace('loss_', 'train loss, ')} | {step} | {float(val):.4f} |")
+    for key in ("train_runtime", "tokens_per_second", "tokens_seen"):
+        if key in metrics:
+            lines.append(f"| {key} | | {metrics[key]} |")
+    note = ("\nThe largest subnet's loss is the label cross entropy; the others' is their training objective "
+            "(soft cross entropy to the largest's predictions, mixed with the label loss by --kd_weight), before "
+            "balancing.\n")
+    return "# Stage 2 training\n\n" + "\n".join(lines) + "\n" + note
+
+
 def _write_outputs(trainer: SandwichTrainer, out: Path, metrics: dict) -> None:
     history = trainer.state.log_history
     write_json(out / "training_log.json", history)
     write_json(out / "train_results.json", metrics)
+    write_text(out / "train_results.md", results_markdown(history, metrics))
     try:
         import matplotlib
 

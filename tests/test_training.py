@@ -216,6 +216,8 @@ def test_short_sandwich_run_lowers_the_loss_of_largest_and_smallest(tiny_dir, tm
     roles = {k for row in log for k in row if k.startswith("loss_")}
     assert roles == {"loss_largest", "loss_random1", "loss_random2", "loss_smallest"}
     assert (out / "loss_curve.png").stat().st_size > 1000
+    md = (out / "train_results.md").read_text()
+    assert "train loss, smallest" in md and "tokens_per_second" in md
     assert (out / "adapter_model" / "adapter_model.safetensors").is_file()
     assert not model.training and em.subnet == em.full_subnet()
 
