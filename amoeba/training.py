@@ -477,6 +477,9 @@ def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callback
     _fallback_optimizer(t)
     t.prediction_loss_only = True
     t.remove_unused_columns = False
+    if t.enable_shrinking and not t.ddp_find_unused_parameters:
+        # Skipped layers' adapters get no gradient in a sub-depth pass; DDP must be told to expect that.
+        t.ddp_find_unused_parameters = True
 
     if getattr(model, "is_quantized", False) or t.bits in (4, 8):
         from peft import prepare_model_for_kbit_training
