@@ -255,7 +255,8 @@ def run(a: argparse.Namespace) -> dict:
             em.set_subnet(em.full_subnet())
             em.state.sliceable = True
         rows[subnet.label] = row
-        logger.info("%s: %s", subnet.label, {k: v if v is None else round(v, 3) for k, v in row.items() if k.endswith("_ms")})
+        logger.info("%s: %s", subnet.label,
+                    {k: v if v is None else round(v, 3) for k, v in row.items() if k.endswith("_ms")})
 
     compiled_note = None
     if not a.no_compile:

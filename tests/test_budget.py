@@ -99,7 +99,8 @@ def test_latency_budget_uses_the_table(tmp_path):
     assert [c.label for c in fitting] == ["l4w0.5", "l2w0.5"]  # shapes missing from the table never fit
     record = json.loads((tmp_path / "best" / EXPORT_RECORD).read_text())
     assert record["shape"]["label"] == "l4w0.5" and record["budget"]["budget_latency_ms"] == 7.0
-    ranks = [ln for ln in (tmp_path / "budget.md").read_text().splitlines() if ln.startswith(("| 1 |", "| 2 |", "| 3 |"))]
+    lines = (tmp_path / "budget.md").read_text().splitlines()
+    ranks = [ln for ln in lines if ln.startswith(("| 1 |", "| 2 |", "| 3 |"))]
     assert len(ranks) == 2 and "l4w0.5" in ranks[0]
     saved = json.loads((tmp_path / "budget.json").read_text())
     assert len(saved["all"]) == 6 and len(saved["fitting"]) == 2
