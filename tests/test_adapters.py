@@ -280,3 +280,37 @@ def test_load_trained_adapters_finds_checkpoints_and_complains(tmp_path):
     assert get_router(model) is not None and not model.training
     a, b = adapter_state_dict(model), adapter_state_dict(src)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.real_model
+def test_real_model_adapters_move_between_sliced_and_masked_layouts(real_model_dir, tmp_path):
+    """SmolLM2 (GQA 9/3 heads, head dim 64): MoE-LoRA adapters trained on the importance-ordered bf16 model
+    load into a model that keeps the original layout and masks widths (the 4/8-bit path): same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from amoeba.strategy import apply_strategy, strategy_from_dict
+    from tests.test_strategy import random_strategy
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=torch.float32).eval()
+
+    src, masked = load(), load()
+    strategy = strategy_from_dict(random_strategy(src, ratios=(1.0, 0.75, 0.5), seed=3))
+    em = make_elastic(src)
+    apply_strategy(em, strategy, (1.0, 0.75, 0.5))
+    _moe(em, src, experts=3, topk=2, widths=(1.0, 0.75, 0.5))
+    _randomize_b(src, scale=0.02)
+    src.eval()
+    save_adapters(src, tmp_path / "ad", em)
+    em_m = make_elastic(masked)
+    em_m.state.sliceable = False  # as for packed weights: nothing moves, masks pick the kept units
+    apply_strategy(em_m, strategy, (1.0, 0.75, 0.5))
+    load_adapters(masked, em_m, tmp_path / "ad")
+    masked.eval()
+    tokens = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    masks = strategy.layer_masks
+    for sub in (Subnet(tuple(range(30)), 1.0), Subnet.from_mask(masks[8], 0.75), Subnet.from_mask(masks[12], 0.5)):
+        em.set_subnet(sub)
+        em_m.set_subnet(sub)
+        with torch.no_grad():
+            torch.testing.assert_close(masked(tokens).logits, src(tokens).logits, rtol=1e-3, atol=2e-3)
