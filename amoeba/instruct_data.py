@@ -302,7 +302,12 @@ def make_data_module(tokenizer, args) -> dict:
         dataset = dataset.select(range(d.max_train_samples))
     if t.group_by_length:
         # The length sampler reads this column (characters: a cheap proxy for tokens, as qlora).
-        dataset = dataset.map(lambda ex: {"length": len(ex["input"]) + len(ex["output"])})
+        def add_length(ex):
+            return {"length": len(ex["input"]) + len(ex["output"])}
+
+        dataset = dataset.map(add_length)
+        if eval_dataset is not None:
+            eval_dataset = eval_dataset.map(add_length)
     logger.info("instruction data %s: %d training examples, %s evaluation examples", d.dataset, len(dataset),
                 len(eval_dataset) if eval_dataset is not None else "no")
     collator = InstructionCollator(tokenizer, d.source_max_len, d.target_max_len, t.train_on_source)
