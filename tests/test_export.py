@@ -94,10 +94,10 @@ def _elastic(kind, layers=4, plan=None, bias=False, adapters=False, seed=0):
 
 def _add_moe_lora(model, em):
     """The project's MoE-LoRA (3 experts, top-2, shape router) with random non-zero B."""
-    from amoeba.adapters import AdapterConfig, _structure, attach_adapters
+    from amoeba.adapters import AdapterConfig, attach_adapters, structure_of
 
     attach_adapters(model, em, AdapterConfig(r=4, alpha=8, num_experts=3, topk=2, use_router=True,
-                                             widths=[1.0, 0.5], **_structure(em)))
+                                             widths=[1.0, 0.5], **structure_of(em)))
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
         for n, p in model.named_parameters():
