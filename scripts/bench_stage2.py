@@ -237,7 +237,8 @@ def memory(opts, out_dir: Path) -> dict:
     seconds = (time.perf_counter() - start) / opts.memory_steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out = {"bits": bits, "model": "random Llama-2-7B shape" if bits == 4 else "tiny random (smoke)",
-           "batch": f"{shape[0]} x {shape[1] + shape[2]} ({shape[1]} + {shape[2]})", "gradient_checkpointing": True, "trainable_params": trainable,
+           "batch": f"{shape[0]} x {shape[1] + shape[2]} ({shape[1]} + {shape[2]})",
+           "gradient_checkpointing": True, "trainable_params": trainable,
            "sandwich": [r for r, _ in trainer.last_plan], "step_seconds": seconds, "losses": losses,
            "sliceable": em.sliceable}
     if torch.cuda.is_available():
@@ -252,7 +253,8 @@ def markdown(results: dict) -> str:
     lines = []
     s = results.get("speed")
     if s:
-        lines += [f"Stage 2 step, {s['model']} on {s['device']} ({s['dtype']}, {s['batch_tokens']} tokens/micro-batch)",
+        lines += [f"Stage 2 step, {s['model']} on {s['device']} ({s['dtype']}, "
+                  f"{s['batch_tokens']} tokens/micro-batch)",
                   "", "| measurement | seconds | tokens/s |", "| --- | ---: | ---: |",
                   f"| sandwich step (fwd+bwd, {len(s['subnets'])} subnets) | {s['sandwich_seconds']:.4f} | "
                   f"{s['sandwich_tokens_per_s']:.0f} |",
