@@ -258,7 +258,8 @@ def markdown(results: dict) -> str:
                   "", "| measurement | seconds | tokens/s |", "| --- | ---: | ---: |",
                   f"| sandwich step (fwd+bwd, {len(s['subnets'])} subnets) | {s['sandwich_seconds']:.4f} | "
                   f"{s['sandwich_tokens_per_s']:.0f} |",
-                  f"| sum of single-subnet steps | {s['single_sum_seconds']:.4f} | {s['single_sum_tokens_per_s']:.0f} |",
+                  f"| sum of single-subnet steps | {s['single_sum_seconds']:.4f} | "
+                  f"{s['single_sum_tokens_per_s']:.0f} |",
                   f"| optimizer step | {s['optimizer_step_seconds']:.4f} | |",
                   "", f"Sandwich overhead: {100 * s['overhead']:+.1f}% (target: at most +10%)", "",
                   "| subnet | role | step seconds | time / largest | params / largest |",
