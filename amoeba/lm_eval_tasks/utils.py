@@ -37,7 +37,11 @@ def piqa_docs(dataset):
 
 
 def hellaswag_docs(dataset):
-    """Offline HellaSwag rows ({ctx, endings, label}) -> {query, choices, label}, cleaned as lm-eval does."""
+    """Offline HellaSwag rows ({ctx, endings, label}) -> {query, choices, label}, cleaned as lm-eval does.
+
+    The offline file joins ``activity_label: ctx_a ctx_b`` already, without lm-eval's capitalisation of
+    ``ctx_b``'s first letter, so scores can differ slightly from the hub task on those items.
+    """
     from lm_eval.tasks.hellaswag.utils import preprocess  # the stock task's own text clean-up
 
     def convert(doc):
