@@ -16,7 +16,6 @@ Prints a markdown table and writes the numbers to ``--out`` (json).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
