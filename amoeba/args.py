@@ -153,6 +153,9 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                                  metadata={"help": "Comma-separated lm-eval task names."})
     lm_eval_limit: Optional[int] = field(default=None, metadata={"help": "Evaluate at most this many examples "
                                                                           "per lm-eval task (for quick runs)."})
+    max_wikitext2_windows: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N "
+                                                                                 "WikiText-2 test windows (quick "
+                                                                                 "runs; default: all)."})
     max_mmlu_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate at most this many MMLU "
                                                                              "questions."})
     mmlu_source_max_len: int = field(default=2048, metadata={"help": "Maximum prompt length for MMLU."})

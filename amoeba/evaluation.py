@@ -244,6 +244,12 @@ def _wikitext2_windows(args, model, tokenizer) -> torch.Tensor:
     seqlen = min(WIKITEXT2_SEQLEN, int(max_pos))
     text = load_text("wikitext2", "test", args.data_dir)
     windows = token_windows(tokenizer, text, seqlen)
+    limit = args.train.max_wikitext2_windows
+    if limit is not None and limit < windows.shape[0]:
+        # The first windows, in order: a fixed, reproducible subset for quick runs.
+        logger.warning("WikiText-2 test: only the first %d of %d windows (--max_wikitext2_windows)",
+                       limit, windows.shape[0])
+        windows = windows[:limit]
     logger.info("WikiText-2 test: %d windows of %d tokens", windows.shape[0], seqlen)
     return windows
 

@@ -20,7 +20,7 @@ COMMON=(--model_name_or_path "$MODEL" --do_train False --do_eval False --no_eval
 
 echo "== Stage 1 step 1: layer selection by dynamic programming (C4 perplexity) =="
 $PY main.py "${COMMON[@]}" --output_dir "$OUT/calib_dp" --layer_calib_dp --enable_shrinking --calib_dataset c4 \
-  --num_calib_sample 4 --calib_seqlen 256 --min_num_layer 18 --dp_keep_last_layer 1
+  --num_calib_sample 4 --calib_seqlen 128 --min_num_layer 18 --dp_keep_last_layer 1
 echo "== Stage 1 step 2: width selection (FLAP) =="
 $PY main.py "${COMMON[@]}" --output_dir "$OUT/width_calib" --width_calib --calib_dataset c4 \
   --num_calib_sample 32 --calib_seqlen 256 --prune_width_method flap
@@ -39,7 +39,7 @@ $PY main.py --model_name_or_path "$MODEL" --output_dir "$OUT/ft" --dataset alpac
   --kd_weight 1 --random_sample_num_layer 1 --distill_method sp "${SHAPE[@]}"
 echo "== Evaluation of a few shapes =="
 $PY main.py --model_name_or_path "$MODEL" --output_dir "$OUT/ft" --do_train False --do_eval True --no_eval_orig \
-  --do_eval_wikitext2 True --do_lm_eval True --do_lm_eval_task arc_easy --lm_eval_limit 100 \
+  --do_eval_wikitext2 True --max_wikitext2_windows 4 --do_lm_eval True --do_lm_eval_task arc_easy --lm_eval_limit 100 \
   --eval_num_layer 30,22,18 --eval_num_width 1,0.75 "${SHAPE[@]}"
 echo "== Export the 22-layer, 3/4-width subnet =="
 $PY main.py --model_name_or_path "$MODEL" --output_dir "$OUT/ft" --do_train False --eval_num_layer 22 \
