@@ -111,6 +111,22 @@ def router_noise_seed(seed: int, global_step: int, micro: int, index: int) -> in
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a detached scalar over all processes (itself without ``torch.distributed``).
+
+    The balancing scale and the divergence check use it, so every process scales by the same factor (a
+    data-parallel step then equals one step on the whole global batch) and all stop together on a NaN
+    instead of leaving the others waiting in the gradient all-reduce."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return value
+    value = value.detach().clone()
+    torch.distributed.all_reduce(value)
+    return value / world
+
+
 def target_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [n, V] in fp32, labels [n]) at the target positions (next-token shift, labels != -100)."""
     shift_labels = labels[:, 1:]
@@ -213,7 +229,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
                     del student
                 if self.args.n_gpu > 1:
                     loss = loss.mean()
-                value = loss.detach()
+                value = mean_over_processes(loss.detach())
                 if not bool(torch.isfinite(value)):
                     raise TrainingDiverged(self._diverged_message(float(value), role, subnet))
                 self._role_sums.setdefault(role, []).append(value)

@@ -1,0 +1,223 @@
+"""Stage 2 across processes on the CPU: two gloo processes under ``torchrun`` against one process with the
+same global batch, and the invariants every data-parallel step relies on (same subnets on every rank,
+same balancing scale, identical adapters everywhere).
+
+Run as a script under ``torchrun`` (``python tests/test_distributed.py plans OUT FLAGS...``), this file is
+also the worker that records, on each rank, the subnets of every micro-batch and the final adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the worker runs as a plain script
+    sys.path.insert(0, str(ROOT))
+
+TIMEOUT = 300  # seconds for one two-process run; a hang fails the test instead of blocking CI
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _torchrun(*argv) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node 2 <argv>`` (a free rendezvous port is picked by torchrun)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def _adapters(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model" / "adapter_model.safetensors"))
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker (runs on every rank under torchrun)
+# ----------------------------------------------------------------------------------------------
+def _worker(out: str, flags: list[str]) -> None:
+    """Stage 2 through ``prepare_trainer`` with the plan of every micro-batch recorded; each rank writes
+    ``rank{r}.json`` (its plans) and ``rank{r}.safetensors`` (its final adapters)."""
+    from safetensors.torch import save_file
+    from transformers import set_seed
+
+    from amoeba.adapters import adapter_state_dict
+    from amoeba.args import parse_args
+    from amoeba.elastic import make_elastic
+    from amoeba.loading import load_model_and_tokenizer
+    from amoeba.strategy import apply_strategy, load_strategy
+    from amoeba.training import prepare_trainer
+
+    args = parse_args(flags)
+    set_seed(args.train.seed)
+    model, tok = load_model_and_tokenizer(args.model, args.train)
+    em = make_elastic(model)
+    strategy = load_strategy(args.train.shrinking_file)
+    apply_strategy(em, strategy, args.width_choice)
+    trainer, _ = prepare_trainer(args, model, tok, em, strategy)
+    plans = []
+    original = trainer.plan_for_step
+
+    def recording():
+        plan = original()
+        step, micro = trainer._micro_step
+        plans.append({"step": step, "micro": micro, "plan": [[r, list(s.layers), s.width] for r, s in plan]})
+        return plan
+
+    trainer.plan_for_step = recording
+    trainer.train()
+    rank = int(os.environ.get("RANK", "0"))
+    state = {k: v.detach().float().contiguous().cpu() for k, v in adapter_state_dict(em.model).items()}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_file(state, str(Path(out) / f"rank{rank}.safetensors"))
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(plans))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tests
+# ----------------------------------------------------------------------------------------------
+from tests.test_training import SANDWICH, _flags, _main, tiny_dir  # noqa: E402,F401  (shared fixture)
+
+torch.set_num_threads(1)
+
+
+def _stage2_flags(tiny_dir, out, batch: int, *extra) -> list[str]:
+    flags = [*SANDWICH, "--shrinking_file", str(tiny_dir / "dp_selection_strategy.npy"), "--use_moe_lora",
+             "--moe_num_expert", "3", "--moe_topk", "2", "--max_steps", "3", "--learning_rate", "3e-3",
+             "--seed", "11", "--data_seed", "5", "--use_cpu", "True", *extra]
+    argv = _flags(tiny_dir, out, *flags)
+    argv[argv.index("--per_device_train_batch_size") + 1] = str(batch)
+    return argv
+
+
+def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tiny_dir, tmp_path):
+    """``torchrun --nproc_per_node 2 main.py ... --ddp_backend gloo`` with 2 examples per process equals
+    ``main.py`` with 4 examples per batch, after 3 Adam steps of sandwich training with MoE-LoRA and elastic
+    depth and width: adapters to 1e-5 (measured about 4e-6; Adam turns float rounding of near-zero
+    gradients into differences of that size).
+
+    Why it can hold: the Trainer (through accelerate) gives every process the same seeded permutation of
+    the data and deals its batches out in turn, so ranks 0 and 1 together see the one-process batch; the
+    subnets are a function of (seed, global step, micro-batch) only; DDP averages the gradients; and the
+    balancing scale uses the loss averaged over processes. The per-process losses are means over each
+    process's target tokens, so the equality needs equal target counts per process: here every answer has
+    the same length (in general a DDP step weighs each process's examples equally, as the Trainer does).
+    A run with another seed lies far outside the tolerance, so the comparison can fail."""
+    one = _main(*_stage2_flags(tiny_dir, tmp_path / "one", 4))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun("main.py", *_stage2_flags(tiny_dir, tmp_path / "two", 2, "--ddp_backend", "gloo"))
+    assert two.returncode == 0, two.stderr[-4000:]
+
+    a, b = _adapters(tmp_path / "one"), _adapters(tmp_path / "two")
+    assert max(float(a[k].abs().max()) for k in a if k.endswith("lora_B")) > 1e-3  # training moved them
+    diff = _max_diff(a, b)
+    assert diff <= 1e-5, diff
+
+    # The logged per-role losses (averaged over processes) follow the one-process run step by step.
+    log1 = json.loads((tmp_path / "one" / "training_log.json").read_text())
+    log2 = json.loads((tmp_path / "two" / "training_log.json").read_text())
+    rows1 = [r for r in log1 if "loss_smallest" in r]
+    rows2 = [r for r in log2 if "loss_smallest" in r]
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [1, 2, 3]
+    for r1, r2 in zip(rows1, rows2):
+        for key in ("loss_largest", "loss_random1", "loss_random2", "loss_smallest"):
+            assert abs(r1[key] - r2[key]) <= 2e-4, (key, r1, r2)
+
+    other = _main(*_stage2_flags(tiny_dir, tmp_path / "other", 4), "--seed", "12")
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert _max_diff(a, _adapters(tmp_path / "other")) > 100 * 1e-5
+
+
+def test_every_rank_trains_the_same_subnets_and_ends_with_the_same_adapters(tiny_dir, tmp_path):
+    """Two gloo processes with gradient accumulation 2: in every micro-batch both ranks run the same
+    sandwich, which is the sampler's draw for (seed, global step, micro-batch index), with skipped layers
+    (their adapters get no gradient in that pass; DDP is told to expect it, no hang); both ranks end with
+    bitwise identical adapters."""
+    from amoeba.elastic import make_elastic
+    from amoeba.strategy import load_strategy
+    from amoeba.training import SandwichSampler, layer_masks_of, step_rng
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "plans"
+    flags = _stage2_flags(tiny_dir, tmp_path / "o", 2, "--ddp_backend", "gloo", "--gradient_accumulation_steps", "2")
+    run = _torchrun(str(Path(__file__).resolve()), "plans", str(out), *flags)
+    assert run.returncode == 0, run.stderr[-4000:]
+
+    plans = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert plans[0] == plans[1]
+    assert [(p["step"], p["micro"]) for p in plans[0]] == [(s, m) for s in range(3) for m in range(2)]
+
+    em = make_elastic(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
+    masks = layer_masks_of(load_strategy(tiny_dir / "dp_selection_strategy.npy"), em)
+    sampler = SandwichSampler(em, 3, 2, (1.0, 0.875, 0.75, 0.625), masks)
+    for p in plans[0]:
+        expected = [[r, list(s.layers), s.width] for r, s in sampler.sample(step_rng(11, p["step"], p["micro"]))]
+        assert p["plan"] == expected
+    depths = {len(layers) for p in plans[0] for _, layers, _ in p["plan"]}
+    assert min(depths) < 6  # some passes skipped layers
+
+    from safetensors.torch import load_file
+
+    r0, r1 = (load_file(str(out / f"rank{r}.safetensors")) for r in (0, 1))
+    assert _max_diff(r0, r1) == 0.0
+    assert max(float(r0[k].abs().max()) for k in r0 if k.endswith("lora_B")) > 1e-3
+
+
+def _mean_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from amoeba.training import mean_over_processes
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        got = mean_over_processes(torch.tensor(1.0 + 2.0 * rank))  # 1 and 3
+        bad = mean_over_processes(torch.tensor(float("nan") if rank == 1 else 2.0))
+        Path(out, f"{rank}.json").write_text(json.dumps([float(got), bool(torch.isfinite(bad))]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_mean_over_processes_is_shared_and_propagates_a_nan():
+    """The balancing scale is the same on every rank, and a NaN on one rank is seen by all (so every rank
+    stops together instead of waiting in the next all-reduce)."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from amoeba.training import mean_over_processes
+
+    assert float(mean_over_processes(torch.tensor(2.5))) == 2.5  # no process group: unchanged
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_mean_worker, args=(r, port, out)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(TIMEOUT)
+            assert p.exitcode == 0
+        results = [json.loads(Path(out, f"{r}.json").read_text()) for r in (0, 1)]
+    assert results == [[2.0, False], [2.0, False]]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "plans":
+        _worker(sys.argv[2], sys.argv[3:])
+    else:
+        raise SystemExit("usage: torchrun --nproc_per_node 2 tests/test_distributed.py plans OUT FLAGS...")
