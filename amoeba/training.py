@@ -540,14 +540,15 @@ def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: 
     result = trainer.train(resume_from_checkpoint=resume_from)
     elapsed = time.time() - start
     out = Path(t.output_dir)
+    # Every process evaluates: the Trainer gathers across processes, so one alone would wait forever.
+    final_eval = trainer.evaluate() if trainer.eval_dataset is not None and t.do_eval else {}
     if trainer.args.should_save:
         save_adapters(model, out / ADAPTER_DIR, em)
         metrics = dict(result.metrics)
         metrics.update({"wall_seconds": round(elapsed, 2), "tokens_seen": trainer.tokens_seen,
                         "tokens_per_second": round(trainer.tokens_seen / max(elapsed, 1e-9), 2),
                         "sandwich": [r for r, _ in trainer.last_plan]})
-        if trainer.eval_dataset is not None and t.do_eval:
-            metrics.update(trainer.evaluate())
+        metrics.update(final_eval)
         _write_outputs(trainer, out, metrics)
         logger.info("training done in %.1f s; adapters in %s", elapsed, out / ADAPTER_DIR)
     em.set_subnet(em.full_subnet())

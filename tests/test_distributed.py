@@ -176,6 +176,42 @@ def test_every_rank_trains_the_same_subnets_and_ends_with_the_same_adapters(tiny
     assert max(float(r0[k].abs().max()) for k in r0 if k.endswith("lora_B")) > 1e-3
 
 
+def test_launch_script_with_accelerate_trains_and_evaluates_on_two_processes(tiny_dir, tmp_path):
+    """``scripts/launch_multi_gpu.sh`` through ``accelerate launch`` with ``scripts/accelerate_ddp.yaml``, as
+    two CPU processes (gloo): the seed's Stage 2 flags, a Trainer evaluation at the end (a collective every
+    process must join) and the MMLU stage after training; one set of results, written by the first process."""
+    out = tmp_path / "ft"
+    env = dict(_env(), PYTHON=sys.executable, LAUNCHER="accelerate", NGPU="2", PORT=str(_free_port()),
+               MODEL=str(tiny_dir / "model"), OUT=str(out), DATASET=str(tiny_dir / "data.jsonl"),
+               STRATEGY=str(tiny_dir / "dp_selection_strategy.npy"), MAX_STEPS="2", SOURCE_LEN="32",
+               TARGET_LEN="16", EVAL_SIZE="8", GRAD_ACC="1")
+    env.setdefault("AMOEBA_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+    small = ["--use_cpu", "True", "--ddp_backend", "gloo", "--min_num_layer", "3", "--per_device_train_batch_size",
+             "2", "--save_steps", "1", "--eval_steps", "2", "--max_eval_samples", "8", "--max_train_samples", "32",
+             "--do_eval_wikitext2", "False", "--max_mmlu_samples", "4", "--mmlu_source_max_len", "64"]
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "launch_multi_gpu.sh"), *small], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert run.returncode == 0, run.stderr[-4000:]
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["sandwich"] == ["largest", "random1", "random2", "smallest"]
+    assert results["eval_loss"] == results["eval_loss"] and results["eval_loss"] > 0  # finite, gathered
+    assert results["train_samples_per_second"] > 0
+    assert (out / "adapter_model" / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file()
+    assert "mmlu" in (out / "metrics.json").read_text()
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "launch_multi_gpu.sh")], cwd=ROOT,
+                         env=dict(env, LAUNCHER="mpi"), capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "LAUNCHER" in bad.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _mean_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -193,7 +229,6 @@ def _mean_worker(rank: int, port: int, out: str) -> None:
 def test_loss_mean_over_processes_is_shared_and_propagates_a_nan():
     """The balancing scale is the same on every rank, and a NaN on one rank is seen by all (so every rank
     stops together instead of waiting in the next all-reduce)."""
-    import socket
     import tempfile
 
     import torch.multiprocessing as mp
@@ -201,9 +236,7 @@ def test_loss_mean_over_processes_is_shared_and_propagates_a_nan():
     from amoeba.training import mean_over_processes
 
     assert float(mean_over_processes(torch.tensor(2.5))) == 2.5  # no process group: unchanged
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_mean_worker, args=(r, port, out)) for r in (0, 1)]
