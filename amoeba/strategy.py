@@ -198,7 +198,7 @@ def save_npy(obj: Any, path: str | os.PathLike) -> None:
     """``np.save`` to ``path`` atomically (a dict is stored pickled, as the seed does)."""
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            np.save(f, obj if isinstance(obj, np.ndarray) else np.array(obj, dtype=object), allow_pickle=True)
+            np.save(f, obj if isinstance(obj, np.ndarray) else np.array(obj, dtype=object))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def test_restricted_loader_refuses_code(tmp_path):
     evil = _Evil()
     evil.marker = marker
     path = tmp_path / "evil.npy"
-    np.save(path, {"strategy": {1: np.ones(3)}, "x": evil}, allow_pickle=True)
+    np.save(path, {"strategy": {1: np.ones(3)}, "x": evil})
     with pytest.raises(UsageError) as err:
         load_strategy(path)
     msg = str(err.value)
@@ -111,7 +111,7 @@ def test_restricted_loader_refuses_code(tmp_path):
 
 def test_truncated_and_corrupt_files_give_one_clear_error(tmp_path):
     good = tmp_path / "good.npy"
-    np.save(good, random_strategy(tiny_model("gqa", layers=2)), allow_pickle=True)
+    np.save(good, random_strategy(tiny_model("gqa", layers=2)))
     data = good.read_bytes()
     for cut, word in ((len(data) // 2, "truncated"), (140, "truncated"), (20, "truncated")):
         bad = tmp_path / f"cut{cut}.npy"
@@ -175,7 +175,7 @@ def test_save_load_round_trip_and_readable_view(tmp_path):
 
 
 def load_strategy_from(raw: dict, path: Path) -> Strategy:
-    np.save(path, raw, allow_pickle=True)
+    np.save(path, raw)
     return load_strategy(path)
 
 
@@ -212,7 +212,7 @@ def test_depth_only_file_is_a_valid_strategy(tmp_path):
 def test_width_only_files_are_pointed_to_the_merge(tmp_path):
     raw = random_strategy(tiny_model("gqa", layers=2))
     path = tmp_path / "width_mask.npy"
-    np.save(path, raw["width_mask"], allow_pickle=True)
+    np.save(path, raw["width_mask"])
     with pytest.raises(UsageError, match="merge_depth_width"):
         load_strategy(path)
 
@@ -347,8 +347,8 @@ def test_merge_script(tmp_path, capsys):
     raw = random_strategy(model)
     depth, wm, wb, out = (tmp_path / n for n in ("final_strategy.npy", "width_mask.npy", "width_bias.npy",
                                                   "merged.npy"))
-    np.save(depth, {"strategy": raw["strategy"], "metric": raw["metric"]}, allow_pickle=True)
-    np.save(wm, raw["width_mask"], allow_pickle=True)
+    np.save(depth, {"strategy": raw["strategy"], "metric": raw["metric"]})
+    np.save(wm, raw["width_mask"])
     out.write_bytes(b"previous result")
     code = merge.main(["--depth", str(depth), "--width_mask", str(tmp_path / "nope.npy"), "--width_bias", str(wb),
                        "--out", str(out)])
@@ -356,7 +356,7 @@ def test_merge_script(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 0
     assert err.startswith("error: --width_mask: no such file") and "nope.npy" in err
     assert out.read_bytes() == b"previous result"  # nothing overwritten
-    np.save(wb, raw["bias"], allow_pickle=True)
+    np.save(wb, raw["bias"])
     # as the seed runs it: a script from the repository root
     res = _run_merge("--depth", depth, "--width_mask", wm, "--width_bias", wb, "--out", out)
     assert res.returncode == 0, res.stderr
@@ -364,14 +364,14 @@ def test_merge_script(tmp_path, capsys):
     assert s.depths() == [1, 2, 3] and s.widths() == [0.625, 0.75, 0.875, 1.0]
     assert (tmp_path / "merged.json").is_file() and (tmp_path / "merged.md").is_file()
     # a width file from another model
-    np.save(wm, random_strategy(tiny_model("gqa", layers=4))["width_mask"], allow_pickle=True)
+    np.save(wm, random_strategy(tiny_model("gqa", layers=4))["width_mask"])
     code = merge.main(["--depth", str(depth), "--width_mask", str(wm), "--width_bias", str(wb), "--out", str(out)])
     assert code == 2 and "different models" in capsys.readouterr().err
     # a malicious width file
     evil = _Evil()
     evil.marker = tmp_path / "pwned"
-    np.save(wb, {"model.layers.0.self_attn.o_proj": evil}, allow_pickle=True)
-    np.save(wm, raw["width_mask"], allow_pickle=True)
+    np.save(wb, {"model.layers.0.self_attn.o_proj": evil})
+    np.save(wm, raw["width_mask"])
     code = merge.main(["--depth", str(depth), "--width_mask", str(wm), "--width_bias", str(wb), "--out", str(out)])
     assert code == 2 and "refusing" in capsys.readouterr().err and not evil.marker.exists()
     assert load_strategy(out).widths() == [0.625, 0.75, 0.875, 1.0]  # the earlier result is intact
