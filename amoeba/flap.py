@@ -80,6 +80,44 @@ class RunningStats:
         return self.m2 / max(self.n - 1, 1)
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the running ``torch.distributed`` group, or (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def merge_across_processes(stats: RunningStats, features: int, device: torch.device) -> RunningStats:
+    """The statistics of every process's share of the calibration tokens, merged in rank order (the same
+    on every process; equal to one process's streaming statistics up to float64 rounding)."""
+    _, world = _process_group()
+    if world == 1:
+        return stats
+    mine = torch.zeros(1 + 2 * features, dtype=torch.float64, device=device)
+    mine[0] = stats.n
+    if stats.n:
+        mine[1:1 + features] = stats.mean.to(device)
+        mine[1 + features:] = stats.m2.to(device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(parts, mine)
+    out = RunningStats()
+    for part in parts:
+        n = int(part[0].item())
+        if n == 0:
+            continue
+        mean_b, m2_b = part[1:1 + features], part[1 + features:]
+        if out.n == 0:
+            out.n, out.mean, out.m2 = n, mean_b, m2_b
+            continue
+        total = out.n + n
+        delta = mean_b - out.mean
+        out.mean = out.mean + delta * (n / total)
+        out.m2 = out.m2 + m2_b + delta.square() * (out.n * n / total)
+        out.n = total
+    return out
+
+
 @dataclass
 class LayerStats:
     """Input statistics of one layer's ``o_proj`` and ``down_proj``, over the original feature order (CPU)."""
@@ -207,11 +245,28 @@ def _capture_layer_calls(em, input_ids: torch.Tensor, batch_size: int):
     return hidden, calls
 
 
+def _collective_device(dev: torch.device) -> torch.device:
+    """Where the statistics travel: the layer's GPU with NCCL, the CPU with gloo."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_backend() == "nccl" and torch.cuda.is_available():
+        return dev if dev.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def collect_input_stats(em, input_ids: torch.Tensor, batch_size: int = 8, progress: bool = True) -> list[LayerStats]:
     """Mean and variance of the inputs of every layer's ``o_proj`` and ``down_proj`` over ``input_ids``,
-    computed one decoder layer at a time (each layer's outputs become the next layer's inputs)."""
+    computed one decoder layer at a time (each layer's outputs become the next layer's inputs).
+
+    Under ``torch.distributed`` (``torchrun``), each process takes its share of the calibration sequences
+    and the per-layer statistics are merged across processes, so every process gets the one-process result.
+    """
     from tqdm.auto import tqdm
+
+    rank, world = _process_group()
+    if world > 1:
+        input_ids = torch.tensor_split(input_ids, world)[rank]
+        progress = progress and rank == 0
 
     model = em.model
     use_cache = getattr(model.config, "use_cache", None)
@@ -238,6 +293,8 @@ def collect_input_stats(em, input_ids: torch.Tensor, batch_size: int = 8, progre
                 finally:
                     for hk in hooks:
                         hk.remove()
+                attn = merge_across_processes(attn, proj["o_proj"].in_features, _collective_device(dev))
+                mlp = merge_across_processes(mlp, proj["down_proj"].in_features, _collective_device(dev))
                 q_map, c_map = _layouts(em, i)
                 out.append(LayerStats(_to_original(attn.mean.cpu(), q_map), _to_original(attn.variance.cpu(), q_map),
                                       _to_original(mlp.mean.cpu(), c_map), _to_original(mlp.variance.cpu(), c_map),

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -247,6 +248,88 @@ def test_loss_mean_over_processes_is_shared_and_propagates_a_nan():
             assert p.exitcode == 0
         results = [json.loads(Path(out, f"{r}.json").read_text()) for r in (0, 1)]
     assert results == [[2.0, False], [2.0, False]]
+
+
+# ----------------------------------------------------------------------------------------------
+# FLAP statistics across processes
+# ----------------------------------------------------------------------------------------------
+def _flap_result(world: int = 1) -> dict:
+    """Stats, scores, masks and compensation biases of FLAP on a tiny GQA model (5 sequences: with 2
+    processes the shares are uneven, 3 and 2), flattened into tensors."""
+    from amoeba.elastic import make_elastic
+    from amoeba.flap import compensation_biases, flap_scores, select_widths, unit_costs, width_dicts
+    from tests.conftest import tiny_model
+
+    torch.set_num_threads(1)
+    model = tiny_model("gqa", layers=3)
+    ids = torch.randint(0, 128, (5, 16), generator=torch.Generator().manual_seed(0))
+    em = make_elastic(model)
+    s = flap_scores(model, ids, batch_size=2, progress=False)
+    sel = select_widths(s.group_score, s.channel_score, (1.0, 0.875, 0.75, 0.625), "global", *unit_costs(em))
+    masks, biases = width_dicts(em, sel, compensation_biases(em, s.stats, sel))
+    out = {"group_score": s.group_score, "channel_score": s.channel_score,
+           "tokens": torch.tensor([float(st.tokens) for st in s.stats])}
+    for i, st in enumerate(s.stats):
+        out.update({f"{i}.attn_mean": st.attn_mean, f"{i}.attn_var": st.attn_var, f"{i}.mlp_mean": st.mlp_mean,
+                    f"{i}.mlp_var": st.mlp_var})
+    for name, per_ratio in masks.items():
+        for r, m in (per_ratio or {}).items():
+            out[f"mask.{name}.{r}"] = torch.as_tensor(np.asarray(m, dtype=np.float64))
+    for name, per_ratio in biases.items():
+        for r, b in (per_ratio or {}).items():
+            out[f"bias.{name}.{r}"] = torch.as_tensor(np.asarray(b, dtype=np.float64))
+    return {k: v.detach().to(torch.float64).contiguous() for k, v in out.items()}
+
+
+def _flap_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        save_file(_flap_result(), str(Path(out) / f"flap{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_flap_statistics_split_over_two_processes_equal_one_process():
+    """Two gloo processes each take part of the calibration sequences; the merged per-layer statistics,
+    the scores, the kept heads/channels and the compensation biases equal one process's (biases to 1e-5,
+    measured about 1e-15; masks exactly), on both ranks."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    one = _flap_result()
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_flap_worker, args=(r, _free_port_shared(out), out)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(TIMEOUT)
+            assert p.exitcode == 0
+        ranks = [load_file(str(Path(out) / f"flap{r}.safetensors")) for r in (0, 1)]
+    assert float(one["tokens"][0]) == 5 * 16
+    assert any(k.startswith("bias.") and float(v.abs().max()) > 1e-3 for k, v in one.items())
+    for got in ranks:
+        assert got.keys() == one.keys()
+        for k, v in one.items():
+            if k.startswith("mask."):
+                assert torch.equal(got[k], v), k
+            else:
+                assert torch.allclose(got[k], v, rtol=0, atol=1e-5 if k.startswith("bias.") else 1e-9), k
+
+
+_PORTS: dict = {}
+
+
+def _free_port_shared(key: str) -> int:
+    """One free port per process group (both ranks must be told the same one)."""
+    if key not in _PORTS:
+        _PORTS[key] = _free_port()
+    return _PORTS[key]
 
 
 if __name__ == "__main__":
