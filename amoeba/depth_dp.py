@@ -205,6 +205,13 @@ def _final_norm(decoder: nn.Module) -> nn.Module:
     return norm
 
 
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of the running ``torch.distributed`` group, or (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 class LayerDropScorer:
     """Scores kept-layer masks on fixed calibration batches.
 
@@ -222,7 +229,10 @@ class LayerDropScorer:
         self.decoder = self.em.decoder
         self.layers = list(self.em.all_layers)
         self.norm = _final_norm(self.decoder)
-        self.batches = batches
+        # Under torch.distributed each process scores its share of the batches; score() gathers the
+        # per-batch statistics, so every process takes the same decisions as one process would.
+        self.rank, self.world = _process_group()
+        self.batches = list(batches)[self.rank::self.world]
         self.metric = metric
         self.naive = naive
         self.device = model_device(model)
@@ -325,6 +335,10 @@ class LayerDropScorer:
         for b, batch in enumerate(self.batches):
             hidden = self._run_naive(mask, batch) if self.naive else self._run_cached(mask, b)
             stats.append(self.metric.batch_stats(hidden, batch))
+        if self.world > 1:
+            shares = [None] * self.world
+            torch.distributed.all_gather_object(shares, stats)
+            stats = [s for share in shares for s in share]
         self.calls += 1
         return self.metric.finish(stats)
 

@@ -322,6 +322,64 @@ def test_flap_statistics_split_over_two_processes_equal_one_process():
                 assert torch.allclose(got[k], v, rtol=0, atol=1e-5 if k.startswith("bias.") else 1e-9), k
 
 
+# ----------------------------------------------------------------------------------------------
+# Layer DP across processes
+# ----------------------------------------------------------------------------------------------
+def _dp_result(naive: bool = False) -> dict:
+    """The layer DP (perplexity on 5 random windows in 3 batches of 2, 2 and 1) of a tiny 6-layer model."""
+    from amoeba.depth_dp import LayerDropScorer, PerplexityMetric, select_layers_dp, text_batches
+    from tests.conftest import tiny_model
+
+    torch.set_num_threads(1)
+    model = tiny_model("gqa", layers=6).eval()
+    windows = torch.randint(0, 128, (5, 12), generator=torch.Generator().manual_seed(1))
+    scorer = LayerDropScorer(model, text_batches(windows, 2), PerplexityMetric(model.lm_head), naive=naive,
+                             progress=False)
+    res = select_layers_dp(6, 2, 1, scorer, higher_is_better=False, progress=False)
+    return {"strategy": torch.as_tensor(res.strategy), "metric": torch.as_tensor(res.metric),
+            "batches": torch.tensor([float(len(scorer.batches))])}
+
+
+def _dp_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        save_file(_dp_result(), str(Path(out) / f"dp{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_layer_dp_split_over_two_processes_equals_one_process():
+    """Two gloo processes score their share of the calibration batches (2 and 1 of 3) and gather the
+    statistics: the DP table (scores to 1e-9 relative) and every kept-layer mask equal one process's, on
+    both ranks."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    one = _dp_result()
+    assert float(one["batches"][0]) == 3
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_dp_worker, args=(r, _free_port_shared(out), out)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(TIMEOUT)
+            assert p.exitcode == 0
+        ranks = [load_file(str(Path(out) / f"dp{r}.safetensors")) for r in (0, 1)]
+    assert [float(r["batches"][0]) for r in ranks] == [2, 1]  # each process ran only its share
+    finite = torch.isfinite(one["metric"])
+    assert int(finite.sum()) > 10
+    for got in ranks:
+        assert torch.equal(got["strategy"], one["strategy"])
+        assert torch.equal(torch.isfinite(got["metric"]), finite)
+        assert torch.allclose(got["metric"][finite], one["metric"][finite], rtol=1e-9, atol=0)
+
+
 _PORTS: dict = {}
 
 
