@@ -242,7 +242,7 @@ def test_width_calibration_end_to_end(name, corpus, tmp_path, tokens):
     assert "| layer |" in (out / "width_summary.md").read_text()
 
     depth = {"strategy": {1: np.array([1.0, 0.0, 1.0])}, "metric": {1: 1.0}}
-    np.save(tmp_path / "final_strategy.npy", depth, allow_pickle=True)
+    np.save(tmp_path / "final_strategy.npy", depth)
     from tests.test_strategy import _merge_module
 
     assert _merge_module().main(["--depth", str(tmp_path / "final_strategy.npy"), "--width_mask",

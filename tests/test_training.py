@@ -57,7 +57,7 @@ def tiny_dir(tmp_path_factory):
     model = tiny_model("gqa", layers=6)
     model.save_pretrained(folder / "model")
     _tokenizer().save_pretrained(folder / "model")
-    np.save(folder / "dp_selection_strategy.npy", _strategy_dict(model), allow_pickle=True)
+    np.save(folder / "dp_selection_strategy.npy", _strategy_dict(model))
     rng = np.random.default_rng(0)
     rows = []
     for _ in range(64):  # learnable: a fixed opening, then the instruction's first word shifted by one
@@ -309,7 +309,7 @@ def test_bad_inputs_exit_2(tiny_dir, tmp_path):
     _assert_exit_2(_main(*base, *SANDWICH, "--shrinking_file", str(tmp_path / "none.npy")),
                    "--shrinking_file", "none.npy")
     foreign = tmp_path / "foreign.npy"
-    np.save(foreign, _strategy_dict(tiny_model("gqa", layers=4)), allow_pickle=True)
+    np.save(foreign, _strategy_dict(tiny_model("gqa", layers=4)))
     _assert_exit_2(_main(*base, *SANDWICH, "--shrinking_file", str(foreign)), "--shrinking_file", "layers")
     _assert_exit_2(_main(*base, *SANDWICH[:-1], "[1,1/2]", *strat), "--width_choice", "0.5")
     _assert_exit_2(_main(*base, *SANDWICH, *strat, "--use_moe_lora", "--moe_num_expert", "2",
