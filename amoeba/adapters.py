@@ -174,7 +174,15 @@ class ShapeRouter(nn.Module):
                                           self.lora_noise_weight, self.lora_noise_bias))
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gates of the elastic model's current subnet (cached; see the class docstring)."""
+        """Gates of the elastic model's current subnet as (indices [topk], gates [topk]) (cached; see
+        the class docstring)."""
+        return self._current()[:2]
+
+    def current_dense(self) -> torch.Tensor:
+        """The current gates as a dense vector over all experts (zeros outside the top-k), cached."""
+        return self._current()[2]
+
+    def _current(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._em is None:
             raise RuntimeError("the router is not bound to an elastic model")
         subnet = self._em.subnet
@@ -183,13 +191,27 @@ class ShapeRouter(nn.Module):
         else:
             key = ("eval", subnet, self._param_version(), self.lora_gate_weight.device)
         if key != self._cache_key or self._cache is None:
-            if self.training:
-                self._cache = self.route(subnet)
-            else:  # fixed gates: no graph kept alive across forwards
-                with torch.no_grad():
-                    self._cache = self.route(subnet)
+            with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+                # fixed gates at evaluation: no graph kept alive across forwards
+                idx, g = self.route(subnet)
+                dense = torch.zeros(self.num_experts, dtype=g.dtype, device=g.device).index_put((idx,), g)
+            self._cache = (idx, g, dense)
             self._cache_key = key
         return self._cache
+
+
+def mix_experts(gates: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_e g_e A_e, sum_e g_e B_e) for dense gates [E]: one small matrix product each.
+
+    Mixing with the dense gate vector (zeros outside the top-k) instead of gathering the chosen experts
+    keeps the number of kernels per adapter low, which is what a step of a small model is bound by; the
+    unchosen experts get exactly zero gradient either way.
+    """
+    e = lora_A.shape[0]
+    g = gates.to(device=lora_A.device, dtype=lora_A.dtype).view(1, e)
+    a = (g @ lora_A.view(e, -1)).view(lora_A.shape[1:])
+    b = (g @ lora_B.view(e, -1)).view(lora_B.shape[1:])
+    return a, b
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,12 +251,7 @@ class MoELoRA(nn.Module):
         """(A [r, in], B [out, r]) mixed with the current gates."""
         if self.router is None:
             return self.lora_A[0], self.lora_B[0]
-        idx, g = self.router.current()
-        dev = self.lora_A.device  # the router may sit on another GPU of a sharded model
-        idx, g = idx.to(dev), g.to(device=dev, dtype=self.lora_A.dtype)
-        a = torch.einsum("k,kri->ri", g, self.lora_A[idx])
-        b = torch.einsum("k,kor->or", g, self.lora_B[idx])
-        return a, b
+        return mix_experts(self.router.current_dense(), self.lora_A, self.lora_B)
 
     def forward(self, x: torch.Tensor, out_k: Optional[int] = None) -> torch.Tensor:
         """The output delta for input ``x`` (last dim: the kept input features) and kept outputs ``out_k``."""
@@ -267,11 +284,7 @@ def merged_delta(module: nn.Module) -> torch.Tensor:
         if router is None:
             a, b = adapter.lora_A[0], adapter.lora_B[0]
         else:  # the deterministic (evaluation) gates, even if the model is in training mode
-            idx, g = router.route(router._em.subnet, noisy=False)
-            dev = adapter.lora_A.device
-            idx, g = idx.to(dev), g.to(device=dev, dtype=adapter.lora_A.dtype)
-            a = torch.einsum("k,kri->ri", g, adapter.lora_A[idx])
-            b = torch.einsum("k,kor->or", g, adapter.lora_B[idx])
+            a, b = mix_experts(router.gates(router._em.subnet, noisy=False), adapter.lora_A, adapter.lora_B)
         return (b @ a) * adapter.scaling
 
 
