@@ -549,8 +549,11 @@ def load_adapters(model: nn.Module, em: ElasticModel, directory) -> list[nn.Modu
 
 
 def find_adapter_dir(output_dir) -> Optional[Path]:
-    """``output_dir/adapter_model`` if present, else that of the last complete checkpoint, else None."""
+    """``output_dir/adapter_model`` if present, else that of the last complete checkpoint, else None.
+    ``output_dir`` may also be an adapter folder itself."""
     output_dir = Path(output_dir)
+    if (output_dir / CONFIG_FILE).is_file() and (output_dir / WEIGHTS_FILE).is_file():
+        return output_dir
     final = output_dir / ADAPTER_DIR
     if (final / CONFIG_FILE).is_file():
         return final

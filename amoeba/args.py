@@ -225,6 +225,16 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                                                                 "tokens) or none."})
     distill_steps: int = field(default=-1, metadata={"help": "Distill only for this many steps (-1: always)."})
     no_balancing: bool = field(default=False, metadata={"help": "Turn off loss-magnitude balancing."})
+    train_num_layer: Optional[int] = field(default=None, metadata={"help": "Train one fixed subnet of this many "
+                                                                           "layers (from the strategy) instead of "
+                                                                           "sandwich sampling: per-shape "
+                                                                           "fine-tuning."})
+    train_num_width: Optional[str] = field(default=None, metadata={"help": "Width of the fixed subnet of "
+                                                                           "--train_num_layer (e.g. 3/4; "
+                                                                           "default 1)."})
+    adapter_dir: Optional[str] = field(default=None, metadata={"help": "Read trained adapters from this run "
+                                                                       "folder, checkpoint or adapter_model/ "
+                                                                       "folder instead of --output_dir."})
     shrinking_method: str = field(default="first_layers",
                                   metadata={"help": "How depths are chosen: calib_dp (from --shrinking_file) or "
                                                     "first_layers."})

@@ -39,6 +39,14 @@ def run(args: Arguments) -> None:
 
     if t.shrinking_file and not Path(t.shrinking_file).is_file():
         raise UsageError(f"no such file: {t.shrinking_file}", "--shrinking_file")
+    if t.adapter_dir is not None:
+        from amoeba.adapters import find_adapter_dir
+
+        if t.do_train:
+            raise UsageError("reads the adapters of a finished run; it cannot be combined with --do_train True",
+                             "--adapter_dir")
+        if not Path(t.adapter_dir).is_dir() or find_adapter_dir(t.adapter_dir) is None:
+            raise UsageError(f"no trained adapters in {t.adapter_dir}", "--adapter_dir")
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_run_record(out, args)
@@ -76,10 +84,10 @@ def run(args: Arguments) -> None:
         from amoeba.training import run_training
 
         model = run_training(args, model, tokenizer, em, strategy)
-    elif t.use_moe_lora or _has_adapters(out):
+    elif t.adapter_dir is not None or t.use_moe_lora or _has_adapters(out):
         from amoeba.adapters import load_trained_adapters
 
-        model = load_trained_adapters(args, model, em, out)
+        model = load_trained_adapters(args, model, em, t.adapter_dir or out)
 
     if t.budget_params or t.budget_latency_ms is not None:
         from amoeba.budget import run_budget

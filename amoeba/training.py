@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import transformers
 
 from amoeba.adapters import ADAPTER_DIR, CONFIG_FILE, add_adapters, get_router, load_adapters, save_adapters
-from amoeba.args import width_key
+from amoeba.args import parse_ratio, width_key
 from amoeba.elastic import ElasticModel, subnet_for
 from amoeba.errors import UsageError
 from amoeba.files import atomic_path, write_json, write_text
@@ -157,7 +157,8 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
     """A ``Seq2SeqTrainer`` whose training step is the sandwich rule; saves only the adapters."""
 
     def __init__(self, *args, em: ElasticModel, sampler: Optional[SandwichSampler], kd_weight: float = 1.0,
-                 distill_method: str = "sp", distill_steps: int = -1, balancing: bool = True, **kwargs):
+                 distill_method: str = "sp", distill_steps: int = -1, balancing: bool = True,
+                 fixed_subnet: Optional[Subnet] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.em = em
         self.sampler = sampler
@@ -169,7 +170,9 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         self._role_sums: dict[str, list] = {}
         self.tokens_seen = 0
         self.last_plan: list[tuple[str, Subnet]] = []
-        self.fixed_plan: Optional[list[tuple[str, Subnet]]] = None  # set to train always the same subnets
+        # set to train always the same subnets (one fixed subnet: per-shape fine-tuning)
+        self.fixed_plan: Optional[list[tuple[str, Subnet]]] = (
+            [("largest", fixed_subnet)] if fixed_subnet is not None else None)
 
     # --- sampling
     def plan_for_step(self) -> list[tuple[str, Subnet]]:
@@ -255,7 +258,10 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
     # --- evaluation: the largest subnet
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Label loss (mean over target tokens) of the largest subnet."""
-        largest = self.sampler.largest if self.sampler is not None else self.em.full_subnet()
+        if self.fixed_plan is not None:
+            largest = self.fixed_plan[0][1]
+        else:
+            largest = self.sampler.largest if self.sampler is not None else self.em.full_subnet()
         labels = inputs["labels"]
         feed = {k: v for k, v in inputs.items() if k != "labels"}
         with self.em.use(largest):
@@ -358,7 +364,26 @@ def validate_training_setup(args, em: ElasticModel, strategy) -> Optional[dict]:
         elif narrow:
             logger.warning("--shrinkable_width without a strategy file: widths keep the first heads/channels "
                            "(no importance order)")
+    if t.train_num_width is not None and t.train_num_layer is None:
+        raise UsageError("give the depth of the fixed subnet too (--train_num_layer)", "--train_num_width")
     return masks
+
+
+def fixed_training_subnet(args, em: ElasticModel, masks: Optional[dict]) -> Optional[Subnet]:
+    """The one subnet ``--train_num_layer``/``--train_num_width`` asks to train, or None (sandwich)."""
+    t = args.train
+    if t.train_num_layer is None:
+        return None
+    width = parse_ratio(t.train_num_width, "--train_num_width") if t.train_num_width else 1.0
+    if width_key(width) < 1.0:
+        allowed = args.width_choice if t.shrinkable_width else (1.0,)
+        if width_key(width) not in {width_key(w) for w in allowed} or width_key(width) not in em.width_plans:
+            raise UsageError(f"{width:g} is not a width of this run (give it in --width_choice, with "
+                             "--shrinkable_width and a strategy that has it)", "--train_num_width")
+    if t.train_num_layer < em.num_layers and masks is None and t.shrinking_method == "calib_dp":
+        raise UsageError("a fixed subnet below full depth needs --enable_shrinking and the strategy file",
+                         "--train_num_layer")
+    return subnet_for(em, int(t.train_num_layer), width, masks, flag="--train_num_layer")
 
 
 def _fallback_optimizer(t) -> None:
@@ -508,7 +533,10 @@ def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callback
     _disable_trainer_checkpointing(t)
 
     sampler = None
-    if t.enable_shrinking or t.shrinkable_width:
+    fixed = fixed_training_subnet(args, em, masks)
+    if fixed is not None:
+        logger.info("training one fixed subnet: %s (%d parameters)", fixed.label, em.param_count(fixed))
+    elif t.enable_shrinking or t.shrinkable_width:
         widths = args.width_choice if t.shrinkable_width else (1.0,)
         sampler = SandwichSampler(em, t.min_num_layer, t.random_sample_num_layer, widths, masks,
                                   elastic_depth=t.enable_shrinking)
@@ -525,7 +553,7 @@ def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callback
         trainer = SandwichTrainer(
             model=model, args=t, processing_class=tokenizer, callbacks=callbacks, em=em, sampler=sampler,
             kd_weight=t.kd_weight, distill_method=t.distill_method, distill_steps=t.distill_steps,
-            balancing=not t.no_balancing, **data)
+            balancing=not t.no_balancing, fixed_subnet=fixed, **data)
     return trainer, resume_from
 
 

@@ -231,6 +231,44 @@ def test_plain_lora_without_shrinking_trains_only_the_full_model(tiny_dir, tmp_p
     assert "amoeba_router" not in dict(model.named_children())
 
 
+def test_fixed_subnet_training_updates_only_that_shape_and_loads_back(tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    args, model, tok, em, s = _setup(tiny_dir, out, *SANDWICH, "--max_steps", "3", "--train_num_layer", "4",
+                                     "--train_num_width", "3/4", "--learning_rate", "1e-2")
+    want = Subnet.from_mask(s.layer_masks[2], 0.75)
+    seen = []
+    em.decoder.register_forward_pre_hook(lambda m, a: seen.append(em.subnet) if m.training else None)
+    run_training(args, model, tok, em, s)
+    assert seen and all(sub == want for sub in seen), {x.label for x in seen}
+    sd = adapter_state_dict(model)
+    dropped = sorted(set(range(6)) - set(want.layers))
+    for i in range(6):  # lora_B starts at zero: only the kept layers' adapters moved
+        moved = bool(sd[f"layers.{i}.q_proj.lora_B"].abs().sum() > 0)
+        assert moved == (i not in dropped), (i, dropped)
+    # --adapter_dir reads them for evaluation from anywhere; a folder without adapters is refused
+    ev = _main("--model_name_or_path", str(tiny_dir / "model"), "--output_dir", str(tmp_path / "ev"),
+               "--do_train", "False", "--adapter_dir", str(out / "adapter_model"), "--do_eval_wikitext2", "False",
+               "--do_mmlu_eval", "False", "--report_to", "none", "--export_dir", str(tmp_path / "exp"),
+               *SANDWICH, "--shrinking_file", str(tiny_dir / "dp_selection_strategy.npy"),
+               "--eval_num_layer", "4", "--eval_num_width", "3/4")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exp", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 7]])
+    with torch.no_grad(), em.use(want):
+        ref = model(input_ids=ids).logits
+    with torch.no_grad():
+        got = exported(input_ids=ids).logits
+    assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
+    _assert_exit_2(_main("--model_name_or_path", str(tiny_dir / "model"), "--output_dir", str(tmp_path / "e2"),
+                         "--do_train", "False", "--adapter_dir", str(tmp_path), "--report_to", "none"),
+                   "--adapter_dir")
+    _assert_exit_2(_main(*_flags(tiny_dir, tmp_path / "o3", "--max_steps", "1"), *SANDWICH, "--shrinking_file",
+                         str(tiny_dir / "dp_selection_strategy.npy"), "--train_num_layer", "4",
+                         "--train_num_width", "1/2"), "--train_num_width")
+
+
 # ----------------------------------------------------------------------------------------------
 # Faults: NaN, bad input, SIGKILL + resume
 # ----------------------------------------------------------------------------------------------
