@@ -248,6 +248,10 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
     # --- Stage 1: calibration ---
     layer_calib_dp: bool = field(default=False, metadata={"help": "Stage 1 step 1: select layers by dynamic "
                                                                   "programming."})
+    layer_select_method: str = field(default="dp", metadata={"help": "How --layer_calib_dp picks the layers: "
+                                                                     "dp (dynamic programming on the calibration "
+                                                                     "metric) or shortgpt (drop the layers of lowest "
+                                                                     "Block Influence; a baseline)."})
     dp_keep_last_layer: int = field(default=-1, metadata={"help": "Never remove the last N layers (-1: none "
                                                                   "protected)."})
     calib_dataset: str = field(default="wikitext2",

@@ -466,6 +466,10 @@ def run_layer_calibration(args, model: nn.Module, tokenizer, naive: bool = False
     t = args.train
     num_layers = int(model.config.num_hidden_layers)
     dp_size(num_layers, t.min_num_layer, t.dp_keep_last_layer)  # bad flags fail before any data loads
+    if t.layer_select_method not in ("dp", "shortgpt"):
+        raise UsageError(f"'{t.layer_select_method}' is not a method (dp, shortgpt)", "--layer_select_method")
+    if t.layer_select_method == "shortgpt":
+        return run_block_influence_selection(args, model, tokenizer)
     was_training = model.training
     model.eval()
     try:
@@ -485,6 +489,53 @@ def run_layer_calibration(args, model: nn.Module, tokenizer, naive: bool = False
     logger.info("layer DP: %d subnets scored in %.1f s; strategy in %s", result.evaluations, result.seconds,
                 t.output_dir)
     return result
+
+
+def run_block_influence_selection(args, model: nn.Module, tokenizer) -> dict:
+    """``--layer_calib_dp --layer_select_method shortgpt``: the ShortGPT baseline in the same file layout.
+
+    Block Influence (``1 - cos`` between a layer's input and output) is measured on the text calibration
+    windows; depth ``n - m`` drops the ``m`` layers of lowest influence. Writes ``final_strategy.npy`` (the
+    seed's ``{'strategy', 'metric'}`` with the summed influence of the dropped layers as metric) and
+    ``block_influence.json``/``dp_table.md``. Returns the ``final`` dict."""
+    t = args.train
+    dataset = check_calib_dataset(t.calib_dataset)
+    if dataset == "mmlu":
+        raise UsageError("Block Influence is measured on text; use c4, wikitext2 or a text file",
+                         "--calib_dataset")
+    num_layers = int(model.config.num_hidden_layers)
+    keep_last = max(int(t.dp_keep_last_layer), 0)
+    start = time.perf_counter()
+    text = load_text(dataset, split="test" if dataset == "wikitext2" and args.data_dir else "train",
+                     data_dir=args.data_dir)
+    windows = token_windows(tokenizer, text, t.calib_seqlen, n=t.num_calib_sample, seed=t.seed)
+    was_training = model.training
+    model.eval()
+    try:
+        bi = block_influence(model, windows, t.calib_batch_size)
+    finally:
+        model.train(was_training)
+    masks = shortgpt_masks(bi, t.min_num_layer, keep_last)
+    final = {"strategy": {m: mask.astype(np.float32) for m, mask in masks.items()},
+             "metric": {m: float(bi[mask < 0.5].sum()) for m, mask in masks.items()}}
+    out = Path(t.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_npy(out / "final_strategy.npy", final)
+    seconds = time.perf_counter() - start
+    rows = [{"num_layers": num_layers - m, "removed": m, "removed_layers": [int(i) for i in np.flatnonzero(k < 0.5)],
+             "score": final["metric"][m]} for m, k in sorted(masks.items())]
+    write_json(out / "block_influence.json", {
+        "method": "shortgpt", "num_layers": num_layers, "keep_last": keep_last, "calib_dataset": t.calib_dataset,
+        "num_calib_sample": int(windows.shape[0]), "calib_seqlen": t.calib_seqlen, "seed": t.seed,
+        "seconds": round(seconds, 3), "block_influence": [float(x) for x in bi], "depths": rows})
+    lines = ["# Layer selection (ShortGPT: lowest Block Influence dropped)", "",
+             "Block Influence per layer: " + ", ".join(f"{i}: {x:.4f}" for i, x in enumerate(bi)), "",
+             "| layers | removed | summed influence removed | removed layers |", "| ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['num_layers']} | {r['removed']} | {r['score']:.4f} | "
+              f"{', '.join(map(str, r['removed_layers']))} |" for r in rows]
+    write_text(out / "dp_table.md", "\n".join(lines) + "\n")
+    logger.info("ShortGPT layer selection from %d windows in %.1f s; strategy in %s", windows.shape[0], seconds, out)
+    return final
 
 
 def save_npy(path: Path, obj) -> None:

@@ -269,6 +269,34 @@ def test_shortgpt_and_first_layers_masks():
     np.testing.assert_array_equal(first[2], [1, 1, 1, 1, 0, 0])
 
 
+def test_shortgpt_selection_writes_a_strategy_of_lowest_influence_layers(tmp_path):
+    from amoeba.strategy import load_strategy
+    from amoeba.text_data import load_text, token_windows
+
+    model = tiny_model("gqa", layers=6)
+    with torch.no_grad():  # layer 3 becomes the identity: the least influential, dropped first
+        model.model.layers[3].self_attn.o_proj.weight.zero_()
+        model.model.layers[3].mlp.down_proj.weight.zero_()
+    args = _args(tmp_path, "--min_num_layer", "3", "--layer_select_method", "shortgpt", "--dp_keep_last_layer", "1")
+    final = run_layer_calibration(args, model, CharTokenizer(), progress=False)
+    out = tmp_path / "out"
+    info = json.loads((out / "block_influence.json").read_text())
+    text = load_text(args.train.calib_dataset, split="train", data_dir=None)
+    ids = token_windows(CharTokenizer(), text, 16, n=3, seed=args.train.seed)
+    np.testing.assert_allclose(info["block_influence"], block_influence(model, ids, 2), rtol=1e-6, atol=1e-9)
+    bi = np.array(info["block_influence"])
+    loaded = load_strategy(out / "final_strategy.npy")
+    assert sorted(loaded.layer_masks) == [0, 1, 2, 3]
+    assert list(np.flatnonzero(np.asarray(loaded.layer_masks[1]) < 0.5)) == [3]
+    for m in (1, 2, 3):  # the m removed layers are the m lowest of the first five (the last is kept)
+        removed = set(np.flatnonzero(np.asarray(loaded.layer_masks[m]) < 0.5))
+        assert removed == set(np.argsort(bi[:5], kind="stable")[:m])
+        assert final["metric"][m] == pytest.approx(bi[sorted(removed)].sum())
+    bad = _args(tmp_path, "--min_num_layer", "3", "--layer_select_method", "magic")
+    with pytest.raises(UsageError, match="--layer_select_method"):
+        run_layer_calibration(bad, model, CharTokenizer(), progress=False)
+
+
 @pytest.mark.real_model
 def test_cached_equals_naive_on_smollm2(real_model_dir):
     from transformers import AutoModelForCausalLM

@@ -377,6 +377,31 @@ def test_merge_script(tmp_path, capsys):
     assert load_strategy(out).widths() == [0.625, 0.75, 0.875, 1.0]  # the earlier result is intact
 
 
+def test_merge_script_takes_widths_from_a_merged_strategy(tmp_path, capsys):
+    merge = _merge_module()
+    model = tiny_model("gqa", layers=3)
+    raw = random_strategy(model, seed=0)
+    other = random_strategy(model, seed=5)  # other layer masks
+    widths_src, depth, out = tmp_path / "merged.npy", tmp_path / "depth.npy", tmp_path / "new.npy"
+    np.save(widths_src, raw)
+    np.save(depth, {"strategy": other["strategy"], "metric": other["metric"]})
+    assert merge.main(["--depth", str(depth), "--width_from", str(widths_src), "--out", str(out)]) == 0
+    got, src, lay = load_strategy(out), load_strategy(widths_src), load_strategy(depth)
+    assert got.widths() == src.widths()
+    for m in got.layer_masks:
+        np.testing.assert_array_equal(got.layer_masks[m], lay.layer_masks[m])
+    for name, d in src.width_mask.items():
+        for r, v in (d or {}).items():
+            np.testing.assert_array_equal(got.width_mask[name][r], v)
+    for name, d in src.bias.items():
+        for r, v in (d or {}).items():
+            np.testing.assert_array_equal(got.bias[name][r], v)
+    capsys.readouterr()
+    np.save(depth, {"strategy": random_strategy(tiny_model("gqa", layers=4))["strategy"]})
+    assert merge.main(["--depth", str(depth), "--width_from", str(widths_src), "--out", str(out)]) == 2
+    assert "--width_from" in capsys.readouterr().err
+
+
 def test_merge_script_defaults_are_the_seeds_paths(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert _merge_module().main([]) == 2

@@ -5,6 +5,10 @@
                                       [--width_bias output/width_calib/width_bias.npy]
                                       [--out dp_selection_strategy.npy]
 
+    # other layers, same widths: the width masks and biases of an existing merged strategy
+    python utils/merge_depth_width.py --depth output/shortgpt/final_strategy.npy \
+                                      --width_from dp_selection_strategy.npy --out shortgpt_strategy.npy
+
 The defaults are the seed's paths. Inputs are read without executing code; the result is written
 atomically, next to a readable view (``<out stem>.json`` and ``.md``).
 """
@@ -62,16 +66,40 @@ def merge_depth_width(depth: str | Path, width_mask: str | Path, width_bias: str
     return merged
 
 
+def replace_depth(depth: str | Path, width_from: str | Path, out: str | Path) -> Strategy:
+    """The strategy ``width_from`` with its layer masks replaced by those of ``depth``, written to ``out``."""
+    for path, flag in ((depth, "--depth"), (width_from, "--width_from")):
+        if not Path(path).is_file():
+            raise UsageError(f"no such file: {path}", flag)
+    layers = load_strategy(depth, "--depth")
+    widths = load_strategy(width_from, "--width_from")
+    if not widths.has_width:
+        raise UsageError(f"{width_from} holds no width masks", "--width_from")
+    if widths.num_layers != layers.num_layers:
+        raise UsageError(f"{depth} is for a {layers.num_layers}-layer model, {width_from} for "
+                         f"{widths.num_layers} layers", "--width_from")
+    merged = Strategy(layers.layer_masks, layers.metric, widths.width_mask, widths.bias,
+                      {**widths.info, **layers.info}, source=str(out),
+                      original_layout=layers.original_layout or widths.original_layout)
+    save_strategy(merged, out)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 on bad input)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depth", default=DEFAULT_DEPTH, help="layer strategy from --layer_calib_dp")
     parser.add_argument("--width_mask", default=DEFAULT_WIDTH_MASK, help="width masks from --width_calib")
     parser.add_argument("--width_bias", default=DEFAULT_WIDTH_BIAS, help="FLAP biases from --width_calib")
+    parser.add_argument("--width_from", default=None, help="take the widths from this merged strategy "
+                                                           "instead of --width_mask/--width_bias")
     parser.add_argument("--out", default=DEFAULT_OUT, help="merged strategy file to write")
     args = parser.parse_args(argv)
     try:
-        merged = merge_depth_width(args.depth, args.width_mask, args.width_bias, args.out)
+        if args.width_from:
+            merged = replace_depth(args.depth, args.width_from, args.out)
+        else:
+            merged = merge_depth_width(args.depth, args.width_mask, args.width_bias, args.out)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
