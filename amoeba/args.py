@@ -58,6 +58,22 @@ def parse_ratio_list(text: str, flag: str = "--width_choice") -> tuple[float, ..
     return values
 
 
+def parse_shape_list(text: str, flag: str = "--eval_shapes") -> tuple[tuple[int, float], ...]:
+    """Parse ``30x1,26x3/4`` (layers x width pairs) into ``((30, 1.0), (26, 0.75))``."""
+    out = []
+    for part in text.strip().strip("[]").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        layers, sep, width = part.partition("x")
+        if not sep:
+            raise UsageError(f"'{part}' is not LAYERSxWIDTH (e.g. 26x3/4)", flag)
+        out.append((parse_int_list(layers, flag)[0], parse_ratio(width, flag)))
+    if not out:
+        raise UsageError(f"'{text}' holds no shape", flag)
+    return tuple(out)
+
+
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     """Parse ``24`` or ``30,26,22`` (brackets optional) into positive integers."""
     body = text.strip().strip("[]")
@@ -165,6 +181,14 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
     eval_num_width: Optional[str] = field(
         default=None,
         metadata={"help": "Width ratio(s) to evaluate: 0.875, 7/8, or a grid 1,0.75,0.625. Default: 1."})
+    eval_shapes: Optional[str] = field(
+        default=None,
+        metadata={"help": "Shapes to evaluate as a list of LAYERSxWIDTH pairs, e.g. 30x1,26x3/4 (instead of the "
+                          "--eval_num_layer x --eval_num_width grid)."})
+    adapter_snapshot_steps: Optional[str] = field(
+        default=None,
+        metadata={"help": "Also keep the adapters as they are after these optimizer steps (e.g. 400,1000) in "
+                          "<output_dir>/adapter_model-step<N>/ (checkpoints may be rotated away)."})
     no_eval_orig: bool = field(default=False, metadata={"help": "Skip the loss evaluation on the held-out split "
                                                                 "of the training dataset."})
     # --- base model precision and adapters ---
@@ -335,6 +359,7 @@ class Arguments:
     eval_layers: Optional[tuple[int, ...]]
     eval_widths: Optional[tuple[float, ...]]
     lm_eval_tasks: tuple[str, ...]
+    eval_shapes: Optional[tuple[tuple[int, float], ...]] = None
 
     @property
     def data_dir(self) -> Optional[str]:
@@ -370,7 +395,12 @@ def parse_args(argv: Optional[list[str]] = None) -> Arguments:
                    if train_args.eval_num_width else None)
     tasks = tuple(t.strip() for t in train_args.do_lm_eval_task.split(",") if t.strip())
     _check_values(train_args)
-    return Arguments(model_args, data_args, train_args, gen_args, width_choice, eval_layers, eval_widths, tasks)
+    eval_shapes = parse_shape_list(train_args.eval_shapes) if train_args.eval_shapes else None
+    if eval_shapes and (eval_layers or eval_widths):
+        raise UsageError("give either a list of shapes or --eval_num_layer/--eval_num_width, not both",
+                         "--eval_shapes")
+    return Arguments(model_args, data_args, train_args, gen_args, width_choice, eval_layers, eval_widths, tasks,
+                     eval_shapes)
 
 
 def _check_values(t: TrainingArguments) -> None:

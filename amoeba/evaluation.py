@@ -76,8 +76,13 @@ def evaluation_shapes(args, em: ElasticModel, strategy=None) -> list[Subnet]:
     Every problem is reported at once in one :class:`UsageError`.
     """
     t = args.train
-    depths = tuple(args.eval_layers or (em.num_layers,))
-    widths = tuple(width_key(w) for w in (args.eval_widths or (1.0,)))
+    if args.eval_shapes:
+        pairs = [(d, width_key(w)) for d, w in args.eval_shapes]
+    else:
+        pairs = [(d, width_key(w)) for d in (args.eval_layers or (em.num_layers,))
+                 for w in (args.eval_widths or (1.0,))]
+    depths = tuple(dict.fromkeys(d for d, _ in pairs))
+    widths = tuple(dict.fromkeys(w for _, w in pairs))
     problems = []
     if t.enable_shrinking:
         bad = [d for d in depths if not t.min_num_layer <= d <= em.num_layers]
@@ -108,7 +113,7 @@ def evaluation_shapes(args, em: ElasticModel, strategy=None) -> list[Subnet]:
     if problems:
         raise UsageError("; ".join(problems))
     masks = layer_masks_for(args, strategy)
-    return [subnet_for(em, d, w, masks, flag="--eval_num_layer") for d in depths for w in widths]
+    return [subnet_for(em, d, w, masks, flag="--eval_num_layer") for d, w in pairs]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -496,7 +496,12 @@ def export_from_args(args, model: nn.Module, tokenizer, em: ElasticModel, strate
     t = args.train
     layers = args.eval_layers[0] if args.eval_layers else em.num_layers
     width = args.eval_widths[0] if args.eval_widths else 1.0
-    if (args.eval_layers and len(args.eval_layers) > 1) or (args.eval_widths and len(args.eval_widths) > 1):
+    if args.eval_shapes:
+        layers, width = args.eval_shapes[0]
+        if len(args.eval_shapes) > 1:
+            logger.warning("--export_dir exports one shape: %d layers x width %g (the first of --eval_shapes)",
+                           layers, width)
+    elif (args.eval_layers and len(args.eval_layers) > 1) or (args.eval_widths and len(args.eval_widths) > 1):
         logger.warning("--export_dir exports one shape: %d layers x width %g (the first of each list)",
                        layers, width)
     subnet = resolve_subnet(em, strategy, layers, width, t.shrinking_method)

@@ -106,7 +106,7 @@ def run(args: Arguments) -> None:
 def check_shapes(args: Arguments, num_layers: int) -> None:
     """Refuse depths the model cannot have before any work starts."""
     t = args.train
-    for layers in args.eval_layers or ():
+    for layers in list(args.eval_layers or ()) + [d for d, _ in args.eval_shapes or ()]:
         if layers > num_layers:
             raise UsageError(f"{layers} layers asked, the model has {num_layers}", "--eval_num_layer")
     if t.enable_shrinking and t.min_num_layer > num_layers:

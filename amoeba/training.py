@@ -557,11 +557,37 @@ def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callback
     return trainer, resume_from
 
 
+class AdapterSnapshots(transformers.TrainerCallback):
+    """Keeps the adapters after chosen optimizer steps in ``<output_dir>/adapter_model-step<N>/``
+    (``--adapter_snapshot_steps``), independent of checkpoint rotation."""
+
+    def __init__(self, steps: Sequence[int], em: ElasticModel, output_dir):
+        self.steps = {int(s) for s in steps}
+        self.em = em
+        self.output_dir = Path(output_dir)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: D102 (TrainerCallback API)
+        if state.global_step in self.steps and state.is_world_process_zero and model is not None:
+            save_adapters(model, self.output_dir / f"{ADAPTER_DIR}-step{state.global_step}", self.em)
+
+
+def snapshot_steps(text: Optional[str]) -> list[int]:
+    """Parse ``--adapter_snapshot_steps`` (``400,1000``)."""
+    if not text:
+        return []
+    from amoeba.args import parse_int_list
+
+    return list(parse_int_list(text, "--adapter_snapshot_steps"))
+
+
 def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: Optional[list] = None):
     """Stage 2: fine-tune adapters on the instruction data with sandwich sampling; return the model
     (adapters attached, eval mode, full subnet). Writes ``adapter_model/``, checkpoints, the training log
     and its loss curve into ``--output_dir``."""
     t = args.train
+    steps = snapshot_steps(t.adapter_snapshot_steps)
+    if steps:
+        callbacks = list(callbacks or []) + [AdapterSnapshots(steps, em, t.output_dir)]
     trainer, resume_from = prepare_trainer(args, model, tokenizer, em, strategy, callbacks)
     model = trainer.model
     start = time.time()

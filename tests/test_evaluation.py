@@ -163,6 +163,16 @@ def test_shape_validation_names_the_flag(tmp_path):
     shapes = evaluation_shapes(_args(tmp_path, *base, "--shrinking_method", "first_layers",
                                      "--eval_num_layer", "3"), em)
     assert shapes == [Subnet((0, 1, 2), 1.0)]
+    # a list of shapes instead of a grid, in the given order
+    shapes = evaluation_shapes(_args(tmp_path, *base, "--shrinking_method", "first_layers", "--shrinkable_width",
+                                     "--width_choice", "[1,3/4]", "--eval_shapes", "4x3/4,3x1"), em)
+    assert shapes == [Subnet((0, 1, 2, 3), 0.75), Subnet((0, 1, 2), 1.0)]
+    with pytest.raises(UsageError, match="--eval_num_layer: 2 outside"):
+        evaluation_shapes(_args(tmp_path, *base, "--eval_shapes", "4x1,2x1"), em)
+    with pytest.raises(UsageError, match="--eval_shapes.*LAYERSxWIDTH"):
+        _args(tmp_path, *base, "--eval_shapes", "4-1")
+    with pytest.raises(UsageError, match="--eval_shapes.*not both"):
+        _args(tmp_path, *base, "--eval_shapes", "4x1", "--eval_num_layer", "3")
     # with FLAP plans on the model, only their ratios are valid widths
     em.add_width_plan(0.5, [2] * LAYERS, [48] * LAYERS)
     with pytest.raises(UsageError, match="not among the strategy's widths \\(1, 0.5\\)"):

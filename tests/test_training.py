@@ -234,7 +234,8 @@ def test_plain_lora_without_shrinking_trains_only_the_full_model(tiny_dir, tmp_p
 def test_fixed_subnet_training_updates_only_that_shape_and_loads_back(tiny_dir, tmp_path):
     out = tmp_path / "o"
     args, model, tok, em, s = _setup(tiny_dir, out, *SANDWICH, "--max_steps", "3", "--train_num_layer", "4",
-                                     "--train_num_width", "3/4", "--learning_rate", "1e-2")
+                                     "--train_num_width", "3/4", "--learning_rate", "1e-2",
+                                     "--adapter_snapshot_steps", "2")
     want = Subnet.from_mask(s.layer_masks[2], 0.75)
     seen = []
     em.decoder.register_forward_pre_hook(lambda m, a: seen.append(em.subnet) if m.training else None)
@@ -245,6 +246,13 @@ def test_fixed_subnet_training_updates_only_that_shape_and_loads_back(tiny_dir, 
     for i in range(6):  # lora_B starts at zero: only the kept layers' adapters moved
         moved = bool(sd[f"layers.{i}.q_proj.lora_B"].abs().sum() > 0)
         assert moved == (i not in dropped), (i, dropped)
+    # the step-2 snapshot holds the adapters after step 2: not the final ones, but on the way there
+    from safetensors.torch import load_file
+
+    snap = load_file(out / "adapter_model-step2" / "adapter_model.safetensors")
+    final = load_file(out / "adapter_model" / "adapter_model.safetensors")
+    key = next(k for k in final if k.endswith("q_proj.lora_B") and final[k].abs().sum() > 0)
+    assert snap[key].abs().sum() > 0 and not torch.equal(snap[key], final[key])
     # --adapter_dir reads them for evaluation from anywhere; a folder without adapters is refused
     ev = _main("--model_name_or_path", str(tiny_dir / "model"), "--output_dir", str(tmp_path / "ev"),
                "--do_train", "False", "--adapter_dir", str(out / "adapter_model"), "--do_eval_wikitext2", "False",
