@@ -1,0 +1,580 @@
+"""The SmolLM2-135M-Instruct experiment of docs/RESULTS.md: does one-for-all fine-tuning keep the frontier?
+
+Rows (every one a run of ``main.py``; this script only schedules them and tabulates their outputs):
+
+  (a) stage1     Stage 1 only: DP layers + FLAP widths (the shipped strategy), no training
+  (b) shortgpt   ShortGPT layer drop (lowest Block Influence on the same C4 windows) + the same FLAP widths
+  (c) pershape   each of the single shapes fine-tuned on its own with plain LoRA, ``--steps`` steps each
+  (d) amoeba     one-for-all: MoE-LoRA, sandwich sampling, distillation, loss balancing; the adapters after
+                 ``--steps`` steps of a ``--long_steps`` run (constant learning rate after a fixed warm-up,
+                 so they equal a ``--steps`` run); ``amoeba_long`` is the same run at ``--long_steps``
+  (e) ablations of (d) for ``--steps`` steps: ``abl_lora`` (plain LoRA), ``abl_nobal`` (no balancing),
+                 ``abl_nokd`` (no distillation)
+
+Metrics: WikiText-2 test perplexity, ARC-Easy acc, PIQA acc, HellaSwag acc_norm (lm-eval, first
+``--lm_eval_limit`` documents each) and zero-shot MMLU test accuracy (``--mmlu_samples`` questions).
+
+    python scripts/experiment_smollm2.py --out output/experiment                 # everything, resumable
+    python scripts/experiment_smollm2.py --out output/experiment --phase report --docs docs/RESULTS.md
+    python scripts/experiment_smollm2.py --out /tmp/x --smoke --model <tiny> --strategy <its strategy>
+
+Jobs of a phase run ``--jobs`` at a time (on one GPU the small model leaves it mostly idle, so several
+processes share it). ``--deadline_s`` stops starting jobs, and stops running ones, after that many seconds;
+training resumes from its last checkpoint and evaluation skips finished shapes when run again. Every command,
+its wall time and its log are kept under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from amoeba.files import write_json, write_text  # noqa: E402
+
+logger = logging.getLogger("experiment")
+
+ROW_TITLES = {
+    "stage1": "(a) Stage 1 only (DP + FLAP)",
+    "shortgpt": "(b) ShortGPT + FLAP",
+    "pershape": "(c) per-shape LoRA",
+    "amoeba": "(d) AmoebaLLM one-for-all",
+    "amoeba_long": "(d') one-for-all, long run",
+    "abl_lora": "(e) plain LoRA instead of MoE-LoRA",
+    "abl_nobal": "(e) no loss balancing",
+    "abl_nokd": "(e) no distillation",
+}
+ACC_METRICS = {"arc_easy_acc": "ARC-E", "piqa_acc": "PIQA", "hellaswag_acc_norm": "HellaSwag",
+               "mmlu_test_accuracy": "MMLU"}
+PPL = "wikitext2_ppl"
+
+
+@dataclass
+class Job:
+    """One ``main.py`` run: its name, arguments, output folder, and how to tell it finished."""
+
+    name: str
+    argv: list[str]
+    out: Path
+    done_file: str = ""
+    want_keys: list[str] = field(default_factory=list)
+    resumable: bool = False
+    needs: list[Path] = field(default_factory=list)  # files that must exist before it can start
+
+    def ready(self) -> bool:
+        return all(Path(p).exists() for p in self.needs)
+
+    def done(self) -> bool:
+        if self.done_file and not (self.out / self.done_file).is_file():
+            return False
+        if self.want_keys:
+            try:
+                have = json.loads((self.out / "metrics.json").read_text())
+            except (OSError, ValueError):
+                return False
+            return all(k in have for k in self.want_keys)
+        return bool(self.done_file)
+
+
+def label(layers: int, width: float) -> str:
+    """The shape suffix main.py uses in metrics.json (``l26w0.75``)."""
+    return f"l{layers}w{width:g}"
+
+
+def parse_shapes(text: str) -> list[tuple[int, float]]:
+    from amoeba.args import parse_shape_list
+
+    return list(parse_shape_list(text, "--single_shapes"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------
+class Plan:
+    """All jobs of the experiment for one configuration."""
+
+    def __init__(self, cfg: argparse.Namespace):
+        import torch
+
+        from amoeba.args import parse_int_list, parse_ratio_list
+
+        self.cfg = cfg
+        self.out = Path(cfg.out).resolve()
+        self.cuda = torch.cuda.is_available()
+        self.depths = list(parse_int_list(cfg.depths, "--depths"))
+        self.widths = list(parse_ratio_list(cfg.widths, "--widths"))
+        self.single = parse_shapes(cfg.single_shapes)
+        self.grid = [(d, w) for d in self.depths for w in self.widths]
+        self.min_layers = min(self.depths)
+        self.strategy = str(Path(cfg.strategy).resolve())
+        self.shortgpt_strategy = str(self.out / "shortgpt" / "shortgpt_strategy.npy")
+
+    # --- common flags
+    def base(self, out: Path) -> list[str]:
+        precision = ["--bf16"] if self.cuda else []
+        return ["--model_name_or_path", self.cfg.model, "--output_dir", str(out), "--seed", "0",
+                "--report_to", "none", *precision]
+
+    def elastic(self, strategy: str, widths: str) -> list[str]:
+        return ["--enable_shrinking", "--min_num_layer", str(self.min_layers), "--shrinking_method", "calib_dp",
+                "--shrinking_file", strategy, "--shrinkable_width", "--width_choice", widths,
+                "--prune_width_method", "flap"]
+
+    def train_flags(self, steps: int) -> list[str]:
+        c = self.cfg
+        return ["--do_train", "True", "--do_eval", "False", "--no_eval_orig", "--dataset", c.dataset,
+                "--data_seed", "42", "--source_max_len", str(c.source_len), "--target_max_len", str(c.target_len),
+                "--per_device_train_batch_size", str(c.batch_size), "--gradient_accumulation_steps", "1",
+                "--max_steps", str(steps), "--learning_rate", "2e-4", "--lr_scheduler_type", "constant",
+                "--warmup_steps", str(c.warmup_steps), "--lora_modules", "all", "--lora_r", str(c.lora_r),
+                "--lora_alpha", "16", "--logging_steps", "10", "--save_strategy", "steps",
+                "--save_steps", str(c.save_steps), "--save_total_limit", "1", "--optim", "adamw_torch",
+                "--gradient_checkpointing", "False", "--group_by_length", "False",
+                "--dataloader_num_workers", "0"]
+
+    def moe(self) -> list[str]:
+        return ["--use_moe_lora", "--moe_num_expert", "5", "--moe_topk", "2"]
+
+    def sandwich(self) -> list[str]:
+        return ["--random_sample_num_layer", "2", "--distill_method", "sp", "--kd_weight", "1"]
+
+    def eval_flags(self) -> list[str]:
+        c = self.cfg
+        flags = ["--do_train", "False", "--do_eval", "False", "--no_eval_orig", "--do_eval_wikitext2", "True",
+                 "--do_mmlu_eval", "True", "--mmlu_dataset", "mmlu-zs", "--mmlu_split", "test",
+                 "--max_mmlu_samples", str(c.mmlu_samples), "--do_lm_eval", "True",
+                 "--do_lm_eval_task", "arc_easy,piqa,hellaswag", "--lm_eval_limit", str(c.lm_eval_limit),
+                 "--per_device_eval_batch_size", str(c.eval_batch_size)]
+        if c.wikitext_windows:
+            flags += ["--max_wikitext2_windows", str(c.wikitext_windows)]
+        return flags
+
+    # --- phases
+    def prep_jobs(self) -> list[Job]:
+        c = self.cfg
+        out = self.out / "shortgpt"
+        argv = [*self.base(out), "--do_train", "False", "--do_eval", "False", "--no_eval_orig", "--layer_calib_dp",
+                "--layer_select_method", "shortgpt", "--calib_dataset", "c4", "--num_calib_sample",
+                str(c.calib_samples), "--calib_seqlen", str(c.calib_seqlen), "--min_num_layer",
+                str(self.min_layers), "--dp_keep_last_layer", "1"]
+        return [Job("shortgpt_layers", argv, out, done_file="final_strategy.npy")]
+
+    def merge_shortgpt(self) -> None:
+        """ShortGPT's layer masks with the shipped strategy's FLAP widths (in-process, instant)."""
+        target = Path(self.shortgpt_strategy)
+        if target.is_file():
+            return
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("merge_depth_width", ROOT / "utils" / "merge_depth_width.py")
+        merge = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(merge)
+        merge.replace_depth(self.out / "shortgpt" / "final_strategy.npy", self.strategy, target)
+
+    def train_jobs(self) -> list[Job]:
+        c = self.cfg
+        all_widths = "[1,7/8,3/4,5/8]"
+        jobs = []
+        d = self.out / "train" / "amoeba"
+        jobs.append(Job("train_amoeba", [*self.base(d), *self.train_flags(c.long_steps),
+                                         *self.elastic(self.strategy, all_widths), *self.sandwich(), *self.moe(),
+                                         "--adapter_snapshot_steps", str(c.steps)],
+                        d, done_file="train_results.json", resumable=True))
+        ablations = {"abl_lora": [*self.sandwich()],
+                     "abl_nobal": [*self.sandwich(), *self.moe(), "--no_balancing"],
+                     "abl_nokd": ["--random_sample_num_layer", "2", "--distill_method", "none", *self.moe()]}
+        for name, extra in ablations.items():
+            o = self.out / "train" / name
+            jobs.append(Job(f"train_{name}", [*self.base(o), *self.train_flags(c.steps),
+                                              *self.elastic(self.strategy, all_widths), *extra],
+                            o, done_file="train_results.json", resumable=True))
+        for layers, width in self.single:
+            o = self.out / "train" / f"pershape_{label(layers, width)}"
+            jobs.append(Job(f"train_pershape_{label(layers, width)}",
+                            [*self.base(o), *self.train_flags(c.steps), *self.elastic(self.strategy, all_widths),
+                             "--train_num_layer", str(layers), "--train_num_width", f"{width:g}"],
+                            o, done_file="train_results.json", resumable=True))
+        return jobs
+
+    def _eval_job(self, row: str, part: str, strategy: str, shapes: list[tuple[int, float]],
+                  extra: Optional[list[str]] = None, adapters: Optional[Path] = None) -> Job:
+        o = self.out / "eval" / (f"{row}_{part}" if part else row)
+        widths = sorted({w for _, w in shapes} | {1.0}, reverse=True)
+        width_flag = "[" + ",".join(f"{w:g}" for w in widths) + "]"
+        spec = ",".join(f"{d}x{w:g}" for d, w in shapes)
+        argv = [*self.base(o), *self.eval_flags(), *self.elastic(strategy, width_flag), "--eval_shapes", spec,
+                *(["--adapter_dir", str(adapters)] if adapters else []), *(extra or [])]
+        keys = [f"{m}_{label(d, w)}" for d, w in shapes for m in (PPL, *ACC_METRICS)]
+        needs = [Path(strategy)] + ([Path(adapters) / "adapter_config.json"] if adapters else [])
+        return Job(f"eval_{row}" + (f"_{part}" if part else ""), argv, o, want_keys=keys, needs=needs)
+
+    def eval_jobs(self) -> list[Job]:
+        c = self.cfg
+        train = self.out / "train"
+        jobs = []
+
+        def by_width(row, strategy, extra=None, adapters=None):
+            for w in self.widths:
+                jobs.append(self._eval_job(row, f"w{w:g}", strategy, [(d, w) for d in self.depths], extra,
+                                           adapters))
+
+        snapshot = train / "amoeba" / f"adapter_model-step{c.steps}"
+        by_width("stage1", self.strategy)
+        by_width("shortgpt", self.shortgpt_strategy)
+        by_width("amoeba", self.strategy, self.moe(), snapshot)
+        for layers, width in self.single:
+            name = f"pershape_{label(layers, width)}"
+            jobs.append(self._eval_job("pershape", label(layers, width), self.strategy, [(layers, width)],
+                                       adapters=train / name / "adapter_model"))
+        for name, extra in (("abl_lora", []), ("abl_nobal", self.moe()), ("abl_nokd", self.moe())):
+            jobs.append(self._eval_job(name, "", self.strategy, self.single, extra, train / name / "adapter_model"))
+        # Reproducibility: (d)'s evaluation again, in another process, on the largest and smallest shapes.
+        ends = [self.single[0], self.single[-1]]
+        jobs.append(self._eval_job("amoeba_repeat", "", self.strategy, ends, self.moe(), snapshot))
+        jobs.append(self._eval_job("amoeba_long", "", self.strategy, self.single, self.moe(),
+                                   train / "amoeba" / "adapter_model"))
+        return jobs
+
+
+# ----------------------------------------------------------------------------------------------
+# Running jobs
+# ----------------------------------------------------------------------------------------------
+def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict:
+    """Run unfinished ``jobs``, ``parallel`` at a time, until done or ``deadline`` (time.time())."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    timing_path = out / "timings.json"
+    timings = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    commands = out / "commands.sh"
+    pending = [j for j in jobs if not j.done()]
+    for j in jobs:
+        if j.done():
+            logger.info("%s: already done", j.name)
+    running: list[tuple[Job, subprocess.Popen, float]] = []
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    failed = []
+    while pending or running:
+        now = time.time()
+        while len(running) < parallel and now < deadline:
+            job = next((j for j in pending if j.ready()), None)  # the first whose inputs exist
+            if job is None:
+                break
+            pending.remove(job)
+            argv = list(job.argv)
+            if job.resumable and any(job.out.glob("checkpoint-*")):
+                argv.append("--resume_training")
+            cmd = [sys.executable, str(ROOT / "main.py"), *argv]
+            with open(commands, "a", encoding="utf-8") as f:
+                f.write(shlex.join(["python", "main.py", *argv]) + "\n")
+            log = open(logs / f"{job.name}.log", "a", encoding="utf-8")
+            logger.info("start %s", job.name)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            log.close()
+            running.append((job, proc, time.time()))
+        still = []
+        for job, proc, started in running:
+            code = proc.poll()
+            if code is None and time.time() >= deadline:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    code = proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    code = proc.wait()
+                logger.warning("%s: stopped at the deadline (run again to continue)", job.name)
+            if code is None:
+                still.append((job, proc, started))
+                continue
+            wall = time.time() - started
+            entry = timings.setdefault(job.name, {"seconds": 0.0, "runs": 0})
+            entry["seconds"] = round(entry["seconds"] + wall, 1)
+            entry["runs"] += 1
+            entry["concurrent_jobs"] = parallel
+            write_json(timing_path, timings)
+            if code == 0 and job.done():
+                logger.info("%s: done in %.0f s", job.name, wall)
+            else:
+                failed.append(job.name)
+                logger.error("%s: exit %s after %.0f s (log: %s)", job.name, code, wall, logs / f"{job.name}.log")
+        running = still
+        if pending and not running and not any(j.ready() for j in pending):
+            logger.error("cannot start (inputs missing): %s", ", ".join(j.name for j in pending))
+            failed += [j.name for j in pending]
+            pending = []
+        if pending and time.time() >= deadline:
+            logger.warning("deadline: %d job(s) not started: %s", len(pending), ", ".join(j.name for j in pending))
+            pending = []
+        time.sleep(2)
+    return {"failed": failed}
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+def collect(plan: Plan) -> dict:
+    """{row: {shape label: {metric: value, params}}} from every evaluation folder."""
+    rows: dict[str, dict] = {}
+    for folder in sorted((plan.out / "eval").glob("*")):
+        path = folder / "metrics.json"
+        if not path.is_file():
+            continue
+        name = folder.name
+        row = next((r for r in sorted(ROW_TITLES, key=len, reverse=True)
+                    if name == r or name.startswith(r + "_")), None)
+        if name.startswith("amoeba_repeat"):
+            row = "amoeba_repeat"
+        if row is None:
+            continue
+        metrics = json.loads(path.read_text())
+        for d, w in plan.grid + plan.single:
+            lab = label(d, w)
+            vals = {m: metrics[f"{m}_{lab}"] for m in (PPL, *ACC_METRICS, "params") if f"{m}_{lab}" in metrics}
+            if vals:
+                rows.setdefault(row, {})[lab] = vals
+    for shapes in rows.values():
+        for vals in shapes.values():
+            accs = [vals[m] for m in ACC_METRICS if m in vals]
+            if len(accs) == len(ACC_METRICS):
+                vals["avg_acc"] = sum(accs) / len(accs)
+    return rows
+
+
+def _fmt(v: Optional[float], kind: str) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "-"
+    return f"{v:.2f}" if kind == "ppl" else f"{100 * v:.1f}"
+
+
+def render(plan: Plan, rows: dict, timings: dict, driver_cmd: str) -> str:
+    """docs/RESULTS.md: summary, per-metric tables, comparisons, costs, commands."""
+    c = plan.cfg
+    shapes = plan.grid
+    labels = [label(d, w) for d, w in shapes]
+    order = [r for r in ROW_TITLES if r in rows]
+    lines = ["# Results: SmolLM2-135M-Instruct", "",
+             "Regenerate with:", "", "```", driver_cmd, "```", "",
+             f"Training: Alpaca-cleaned, {c.steps} optimizer steps of {c.batch_size} examples "
+             f"({c.source_len}+{c.target_len} tokens at most), learning rate 2e-4 constant after {c.warmup_steps} "
+             f"warm-up steps, LoRA r={c.lora_r} on every projection (MoE-LoRA: 5 experts, top-2), seed 0. "
+             f"Evaluation: WikiText-2 test perplexity{'' if not c.wikitext_windows else f' (first {c.wikitext_windows} windows)'}, "
+             f"ARC-Easy acc, PIQA acc, HellaSwag acc_norm (first {c.lm_eval_limit} documents each, lm-eval), MMLU "
+             f"test zero-shot accuracy ({c.mmlu_samples} questions). Accuracies in %; 'avg' is the mean of the four.",
+             ""]
+    for metric, title, kind in (("avg_acc", "Average accuracy (%)", "acc"), (PPL, "WikiText-2 perplexity", "ppl"),
+                                *((m, f"{n} accuracy (%)", "acc") for m, n in ACC_METRICS.items())):
+        lines += [f"## {title}", "", "| row | " + " | ".join(labels) + " |",
+                  "| --- | " + " | ".join("---:" for _ in labels) + " |"]
+        for r in order:
+            cells = [_fmt(rows[r].get(lab, {}).get(metric), kind) for lab in labels]
+            if all(x == "-" for x in cells):
+                continue
+            lines.append(f"| {ROW_TITLES[r]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += comparisons(plan, rows)
+    rep = rows.get("amoeba_repeat", {})
+    if rep:
+        first = rows.get("amoeba", {})
+        same = all(first.get(lab, {}).get(m) == v for lab, vals in rep.items() for m, v in vals.items())
+        verdict = "identical numbers, every metric" if same else "DIFFERENT numbers"
+        shown = ", ".join(f"{lab}: avg {_fmt(v.get('avg_acc'), 'acc')}, ppl {_fmt(v.get(PPL), 'ppl')}"
+                          for lab, v in rep.items())
+        lines += ["## Reproducibility", "",
+                  f"(d)'s evaluation run again in a separate process: {verdict} ({shown}).", ""]
+    lines += ["## Cost", "", f"Wall seconds of each job on the machine that ran it (up to {c.jobs} jobs shared "
+              "one GPU at a time, so these are not exclusive GPU seconds).", "", "| job | seconds | runs |",
+              "| --- | ---: | ---: |"]
+    lines += [f"| {k} | {v['seconds']:.0f} | {v['runs']} |" for k, v in sorted(timings.items())]
+    lines += ["", "Every command the script ran is in `commands.sh` of its output folder.", ""]
+    return "\n".join(lines)
+
+
+def comparisons(plan: Plan, rows: dict) -> list[str]:
+    """(d) against (a), (b) at every shape and against (c) at the single shapes."""
+    d = rows.get("amoeba", {})
+    if not d:
+        return []
+    lines = ["## One-for-all against the baselines", "", "| shape | params (M) | (d) avg | (d) - (a) | (d) - (b) | "
+             "(d) - (c) | (d) ppl / (c) ppl |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for dd, w in plan.grid:
+        lab = label(dd, w)
+        if lab not in d:
+            continue
+        row = d[lab]
+
+        def diff(other):
+            o = rows.get(other, {}).get(lab, {})
+            if "avg_acc" in o and "avg_acc" in row:
+                return f"{100 * (row['avg_acc'] - o['avg_acc']):+.1f}"
+            return "-"
+        c = rows.get("pershape", {}).get(lab, {})
+        ratio = f"{row[PPL] / c[PPL]:.3f}" if PPL in c and PPL in row else "-"
+        lines.append(f"| {lab} | {row.get('params', float('nan')) / 1e6:.1f} | {_fmt(row.get('avg_acc'), 'acc')} | "
+                     f"{diff('stage1')} | {diff('shortgpt')} | {diff('pershape')} | {ratio} |")
+    lines.append("")
+    singles = [label(a, b) for a, b in plan.single]
+    abl = [r for r in ("amoeba_long", "abl_lora", "abl_nobal", "abl_nokd") if r in rows]
+    if abl:
+        lines += ["## Ablations and the long run (avg accuracy % / perplexity)", "",
+                  "| row | " + " | ".join(singles) + " |", "| --- | " + " | ".join("---:" for _ in singles) + " |"]
+        for r in ["amoeba", "pershape", *abl]:
+            cells = []
+            for lab in singles:
+                v = rows.get(r, {}).get(lab, {})
+                cells.append(f"{_fmt(v.get('avg_acc'), 'acc')} / {_fmt(v.get(PPL), 'ppl')}")
+            lines.append(f"| {ROW_TITLES[r]} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def plot(plan: Plan, rows: dict, path: Path) -> Optional[Path]:
+    """Average accuracy against parameters, one line per row (the frontier plot)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in ROW_TITLES:
+        pts = sorted((v["params"] / 1e6, v) for v in rows.get(r, {}).values() if "params" in v)
+        if not pts:
+            continue
+        style = "-o" if len(pts) > 4 else "s"
+        for ax, metric in zip(axes, ("avg_acc", PPL)):
+            xs = [p for p, v in pts if metric in v]
+            ys = [v[metric] * (100 if metric == "avg_acc" else 1) for p, v in pts if metric in v]
+            ax.plot(xs, ys, style, label=ROW_TITLES[r], markersize=5, alpha=0.85)
+    axes[0].set_ylabel("average accuracy (%)")
+    axes[1].set_ylabel("WikiText-2 perplexity")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("parameters (M)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct subnets")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def report(plan: Plan, docs: Optional[str], driver_cmd: str) -> Path:
+    rows = collect(plan)
+    timings_path = plan.out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    write_json(plan.out / "results.json", rows)
+    png = plot(plan, rows, plan.out / "frontier.png")
+    text = render(plan, rows, timings, driver_cmd)
+    if png:
+        text = text.replace("## Average accuracy", "![frontier](frontier.png)\n\n## Average accuracy", 1)
+    write_text(plan.out / "RESULTS.md", text)
+    if docs:
+        target = Path(docs)
+        write_text(target, text.replace("](frontier.png)", "](results_frontier.png)"))
+        if png:
+            import shutil
+
+            shutil.copyfile(png, target.with_name("results_frontier.png"))
+    return plan.out / "RESULTS.md"
+
+
+# ----------------------------------------------------------------------------------------------
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="output/experiment")
+    p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"))
+    p.add_argument("--strategy", default=str(ROOT / "dp_selection_strategy.npy"))
+    p.add_argument("--phase", default="prep,train,eval,report", help="comma list of prep, train, eval, report")
+    p.add_argument("--jobs", type=int, default=8, help="jobs run at once")
+    p.add_argument("--deadline_s", type=float, default=None, help="stop after this many seconds (resumable)")
+    p.add_argument("--docs", default=None, help="also write the report here (e.g. docs/RESULTS.md)")
+    p.add_argument("--dataset", default="alpaca-clean")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--long_steps", type=int, default=1000)
+    p.add_argument("--warmup_steps", type=int, default=20)
+    p.add_argument("--save_steps", type=int, default=50)
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--source_len", type=int, default=384)
+    p.add_argument("--target_len", type=int, default=128)
+    p.add_argument("--lora_r", type=int, default=64)
+    p.add_argument("--depths", default="30,26,22,18")
+    p.add_argument("--widths", default="1,3/4,5/8")
+    p.add_argument("--single_shapes", default="30x1,26x3/4,22x5/8,18x5/8")
+    p.add_argument("--lm_eval_limit", type=int, default=1000)
+    p.add_argument("--mmlu_samples", type=int, default=2000)
+    p.add_argument("--wikitext_windows", type=int, default=0, help="0: the whole test split")
+    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--calib_samples", type=int, default=32)
+    p.add_argument("--calib_seqlen", type=int, default=512)
+    p.add_argument("--smoke", action="store_true", help="tiny settings to check the plumbing on a CPU")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.long_steps, args.warmup_steps, args.save_steps = 2, 3, 0, 1
+        args.batch_size, args.source_len, args.target_len, args.lora_r = 2, 48, 16, 4
+        args.lm_eval_limit, args.mmlu_samples, args.wikitext_windows = 4, 8, 1
+        args.eval_batch_size, args.calib_samples, args.calib_seqlen = 4, 2, 32
+    return args
+
+
+def regenerate_command(argv: list[str]) -> str:
+    """The command that reruns everything from scratch: ``argv`` without the scheduling flags."""
+    drop_with_value = {"--phase", "--deadline_s", "--jobs", "--out"}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a.split("=", 1)[0] in drop_with_value:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return shlex.join(["python", "scripts/experiment_smollm2.py", "--out", "output/experiment", *out])
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    cfg = parse(argv)
+    plan = Plan(cfg)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + cfg.deadline_s if cfg.deadline_s else float("inf")
+    phases = [x.strip() for x in cfg.phase.split(",") if x.strip()]
+    failed = []
+    if "prep" in phases:
+        failed += run_jobs(plan.prep_jobs(), plan.out, cfg.jobs, deadline)["failed"]
+        if not failed:
+            plan.merge_shortgpt()
+    # Training and evaluation share the job slots: an evaluation starts once its inputs exist.
+    jobs = (plan.train_jobs() if "train" in phases else []) + (plan.eval_jobs() if "eval" in phases else [])
+    if jobs:
+        failed += run_jobs(jobs, plan.out, cfg.jobs, deadline)["failed"]
+    if "report" in phases:
+        cmd = regenerate_command(argv if argv is not None else sys.argv[1:])
+        path = report(plan, cfg.docs, cmd)
+        print(path.read_text())
+    if failed:
+        print(f"failed: {', '.join(failed)} (logs in {plan.out / 'logs'})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
