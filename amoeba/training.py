@@ -387,14 +387,19 @@ def fixed_training_subnet(args, em: ElasticModel, masks: Optional[dict]) -> Opti
 
 
 def _fallback_optimizer(t) -> None:
-    """Paged / 8-bit optimizers need CUDA (bitsandbytes): use adamw_torch without it."""
+    """Paged / 8-bit optimizers need CUDA and bitsandbytes: use adamw_torch without them (same update
+    rule; only the optimizer state's paging/precision differs)."""
+    import importlib.util
+
     from transformers.training_args import OptimizerNames
 
     name = str(getattr(t.optim, "value", t.optim))
-    if t.adam8bit and torch.cuda.is_available():
+    usable = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+    if t.adam8bit and usable:
         t.optim = OptimizerNames("adamw_bnb_8bit")
-    elif ("paged" in name or "bnb" in name or "8bit" in name) and not torch.cuda.is_available():
-        logger.warning("--optim %s needs a CUDA GPU (bitsandbytes); using adamw_torch", name)
+    elif ("paged" in name or "bnb" in name or "8bit" in name) and not usable:
+        why = "a CUDA GPU" if not torch.cuda.is_available() else "bitsandbytes, which is not installed"
+        logger.warning("--optim %s needs %s; using adamw_torch", name, why)
         t.optim = OptimizerNames("adamw_torch")
 
 
