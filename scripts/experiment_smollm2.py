@@ -121,6 +121,10 @@ class Plan:
         self.min_layers = min(self.depths)
         self.strategy = str(Path(cfg.strategy).resolve())
         self.shortgpt_strategy = str(self.out / "shortgpt" / "shortgpt_strategy.npy")
+        self.rows = [r.strip() for r in (cfg.rows or "").split(",") if r.strip()]
+        unknown = [r for r in self.rows if r not in ROW_TITLES]
+        if unknown:
+            raise SystemExit(f"error: --rows: unknown row(s) {', '.join(unknown)} (choose from {', '.join(ROW_TITLES)})")
 
     # --- common flags
     def base(self, out: Path) -> list[str]:
@@ -184,6 +188,10 @@ class Plan:
         spec.loader.exec_module(merge)
         merge.replace_depth(self.out / "shortgpt" / "final_strategy.npy", self.strategy, target)
 
+    def wanted(self, row: str) -> bool:
+        """True when ``--rows`` (default: all) includes ``row``."""
+        return not self.rows or row in self.rows
+
     def train_jobs(self) -> list[Job]:
         c = self.cfg
         all_widths = "[1,7/8,3/4,5/8]"
@@ -207,7 +215,16 @@ class Plan:
                             [*self.base(o), *self.train_flags(c.steps), *self.elastic(self.strategy, all_widths),
                              "--train_num_layer", str(layers), "--train_num_width", f"{width:g}"],
                             o, done_file="train_results.json", resumable=True))
-        return jobs
+        return [j for j in jobs if self.wanted(self.row_of(j.name))
+                or (j.name == "train_amoeba" and self.wanted("amoeba_long"))]
+
+    @staticmethod
+    def row_of(job_name: str) -> str:
+        """The row a job belongs to (``train_abl_lora`` -> ``abl_lora``, ``eval_amoeba_w1`` -> ``amoeba``)."""
+        name = job_name.split("_", 1)[1]
+        if name.startswith("amoeba_repeat"):
+            return "amoeba"
+        return next(r for r in sorted(ROW_TITLES, key=len, reverse=True) if name == r or name.startswith(r + "_"))
 
     def _eval_job(self, row: str, part: str, strategy: str, shapes: list[tuple[int, float]],
                   extra: Optional[list[str]] = None, adapters: Optional[Path] = None) -> Job:
@@ -246,6 +263,8 @@ class Plan:
         jobs.append(self._eval_job("amoeba_repeat", "", self.strategy, ends, self.moe(), snapshot))
         jobs.append(self._eval_job("amoeba_long", "", self.strategy, self.single, self.moe(),
                                    train / "amoeba" / "adapter_model"))
+        jobs = [j for j in jobs if self.wanted(self.row_of(j.name))]
+        # The rows that need training wait for it, so a job's inputs come from this run or an earlier one.
         return jobs
 
 
@@ -264,8 +283,10 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict
         if j.done():
             logger.info("%s: already done", j.name)
     running: list[tuple[Job, subprocess.Popen, float]] = []
+    # expandable segments: several processes share one GPU, so cached-but-free blocks must not pile up
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+               PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
     failed = []
     while pending or running:
         now = time.time()
@@ -504,7 +525,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"))
     p.add_argument("--strategy", default=str(ROOT / "dp_selection_strategy.npy"))
     p.add_argument("--phase", default="prep,train,eval,report", help="comma list of prep, train, eval, report")
-    p.add_argument("--jobs", type=int, default=8, help="jobs run at once")
+    p.add_argument("--jobs", type=int, default=6,
+                   help="jobs run at once (on one H200, 9 filled its 141 GB and the GPU was busy 99%% of the time)")
+    p.add_argument("--rows", default=None, help="only these rows (comma list of: " + ", ".join(ROW_TITLES) + ")")
     p.add_argument("--deadline_s", type=float, default=None, help="stop after this many seconds (resumable)")
     p.add_argument("--docs", default=None, help="also write the report here (e.g. docs/RESULTS.md)")
     p.add_argument("--dataset", default="alpaca-clean")
@@ -522,7 +545,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lm_eval_limit", type=int, default=1000)
     p.add_argument("--mmlu_samples", type=int, default=2000)
     p.add_argument("--wikitext_windows", type=int, default=0, help="0: the whole test split")
-    p.add_argument("--eval_batch_size", type=int, default=64)
+    p.add_argument("--eval_batch_size", type=int, default=32)
     p.add_argument("--calib_samples", type=int, default=32)
     p.add_argument("--calib_seqlen", type=int, default=512)
     p.add_argument("--smoke", action="store_true", help="tiny settings to check the plumbing on a CPU")
@@ -558,7 +581,7 @@ def main(argv=None) -> int:
     deadline = time.time() + cfg.deadline_s if cfg.deadline_s else float("inf")
     phases = [x.strip() for x in cfg.phase.split(",") if x.strip()]
     failed = []
-    if "prep" in phases:
+    if "prep" in phases and plan.wanted("shortgpt"):
         failed += run_jobs(plan.prep_jobs(), plan.out, cfg.jobs, deadline)["failed"]
         if not failed:
             plan.merge_shortgpt()

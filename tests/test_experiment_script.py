@@ -1,0 +1,87 @@
+"""scripts/experiment_smollm2.py: the plan of jobs, and the report built from evaluation folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("experiment_smollm2", ROOT / "scripts" / "experiment_smollm2.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _write_metrics(folder, shapes, base, params=100e6):
+    folder.mkdir(parents=True)
+    metrics = {}
+    for i, lab in enumerate(shapes):
+        vals = {"wikitext2_ppl": base["ppl"] + i, "arc_easy_acc": base["acc"], "piqa_acc": base["acc"] + 0.1,
+                "hellaswag_acc_norm": base["acc"] - 0.1, "mmlu_test_accuracy": 0.25, "params": params - i * 1e6}
+        metrics.update({f"{k}_{lab}": v for k, v in vals.items()})
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_plan_rows_and_dependencies(tmp_path):
+    exp = _module()
+    plan = exp.Plan(exp.parse(["--out", str(tmp_path), "--rows", "pershape,amoeba_long"]))
+    train = [j.name for j in plan.train_jobs()]
+    assert train == ["train_amoeba"] + [f"train_pershape_{s}" for s in ("l30w1", "l26w0.75", "l22w0.625",
+                                                                         "l18w0.625")]
+    evals = plan.eval_jobs()
+    assert {plan.row_of(j.name) for j in evals} == {"pershape", "amoeba_long"}
+    long = next(j for j in evals if j.name == "eval_amoeba_long")
+    assert not long.ready()  # waits for the long run's adapters
+    (tmp_path / "train" / "amoeba" / "adapter_model").mkdir(parents=True)
+    (tmp_path / "train" / "amoeba" / "adapter_model" / "adapter_config.json").write_text("{}")
+    assert long.ready()
+    assert "--eval_shapes" in long.argv and "30x1,26x0.75,22x0.625,18x0.625" in long.argv
+    full = exp.Plan(exp.parse(["--out", str(tmp_path)]))
+    assert len(full.train_jobs()) == 8 and len(full.eval_jobs()) == 18
+    with pytest.raises(SystemExit):
+        exp.Plan(exp.parse(["--out", str(tmp_path), "--rows", "nonsense"]))
+
+
+def test_report_tables_comparisons_and_reproducibility(tmp_path):
+    exp = _module()
+    plan = exp.Plan(exp.parse(["--out", str(tmp_path), "--depths", "30,18", "--widths", "1,5/8",
+                               "--single_shapes", "30x1,18x5/8"]))
+    _write_metrics(tmp_path / "eval" / "amoeba_w1", ["l30w1", "l18w1"], {"ppl": 20.0, "acc": 0.49})
+    _write_metrics(tmp_path / "eval" / "amoeba_w0.625", ["l30w0.625", "l18w0.625"], {"ppl": 30.0, "acc": 0.41})
+    _write_metrics(tmp_path / "eval" / "stage1_w1", ["l30w1", "l18w1"], {"ppl": 25.0, "acc": 0.45})
+    _write_metrics(tmp_path / "eval" / "pershape_l18w0.625", ["l18w0.625"], {"ppl": 30.0, "acc": 0.45})
+    first = json.loads((tmp_path / "eval" / "amoeba_w0.625" / "metrics.json").read_text())
+    (tmp_path / "eval" / "amoeba_repeat").mkdir()
+    (tmp_path / "eval" / "amoeba_repeat" / "metrics.json").write_text(
+        json.dumps({k: v for k, v in first.items() if k.endswith("l18w0.625")}))
+    rows = exp.collect(plan)
+    assert set(rows) == {"amoeba", "stage1", "pershape", "amoeba_repeat"}
+    assert rows["amoeba"]["l30w1"]["avg_acc"] == pytest.approx((0.49 + 0.59 + 0.39 + 0.25) / 4)
+    text = exp.render(plan, rows, {"train_amoeba": {"seconds": 12.0, "runs": 1}}, "python x")
+    assert "| (d) AmoebaLLM one-for-all | 43.0 | 37.0 | 43.0 | 37.0 |" in text  # avg accuracy per grid shape
+    assert "| (a) Stage 1 only (DP + FLAP) | 40.0 | - | 40.0 | - |" in text
+    # (d) - (a) at l30w1: 43.0 - 40.0; (d) - (c) at l18w0.625: 37.0 - 40.0, perplexity ratio 31 / 30
+    line = next(ln for ln in text.splitlines() if ln.startswith("| l30w1 |"))
+    assert "| +3.0 |" in line
+    line = next(ln for ln in text.splitlines() if ln.startswith("| l18w0.625 |"))
+    assert "| -3.0 |" in line and f"| {31.0 / 30.0:.3f} |" in line
+    assert "identical numbers, every metric" in text
+    again = json.loads((tmp_path / "eval" / "amoeba_repeat" / "metrics.json").read_text())
+    again["piqa_acc_l18w0.625"] += 0.001
+    (tmp_path / "eval" / "amoeba_repeat" / "metrics.json").write_text(json.dumps(again))
+    assert "DIFFERENT numbers" in exp.render(plan, exp.collect(plan), {}, "python x")
+
+
+def test_regenerate_command_drops_scheduling_flags():
+    exp = _module()
+    cmd = exp.regenerate_command(["--out", "/x", "--jobs", "9", "--phase=eval", "--steps", "400",
+                                  "--deadline_s", "30", "--docs", "docs/RESULTS.md"])
+    assert cmd == ("python scripts/experiment_smollm2.py --out output/experiment --steps 400 "
+                   "--docs docs/RESULTS.md")
