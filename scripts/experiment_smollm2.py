@@ -159,7 +159,7 @@ class Plan:
         c = self.cfg
         flags = ["--do_train", "False", "--do_eval", "False", "--no_eval_orig", "--do_eval_wikitext2", "True",
                  "--do_mmlu_eval", "True", "--mmlu_dataset", "mmlu-zs", "--mmlu_split", "test",
-                 "--max_mmlu_samples", str(c.mmlu_samples), "--do_lm_eval", "True",
+                 *(["--max_mmlu_samples", str(c.mmlu_samples)] if c.mmlu_samples else []), "--do_lm_eval", "True",
                  "--do_lm_eval_task", "arc_easy,piqa,hellaswag", "--lm_eval_limit", str(c.lm_eval_limit),
                  "--per_device_eval_batch_size", str(c.eval_batch_size)]
         if c.wikitext_windows:
@@ -394,7 +394,7 @@ def render(plan: Plan, rows: dict, timings: dict, driver_cmd: str) -> str:
              f"warm-up steps, LoRA r={c.lora_r} on every projection (MoE-LoRA: 5 experts, top-2), seed 0. "
              f"Evaluation: WikiText-2 test perplexity{'' if not c.wikitext_windows else f' (first {c.wikitext_windows} windows)'}, "
              f"ARC-Easy acc, PIQA acc, HellaSwag acc_norm (first {c.lm_eval_limit} documents each, lm-eval), MMLU "
-             f"test zero-shot accuracy ({c.mmlu_samples} questions). Accuracies in %; 'avg' is the mean of the four.",
+             f"test zero-shot accuracy ({c.mmlu_samples or 'all'} questions). Accuracies in %; 'avg' is the mean of the four.",
              ""]
     for metric, title, kind in (("avg_acc", "Average accuracy (%)", "acc"), (PPL, "WikiText-2 perplexity", "ppl"),
                                 *((m, f"{n} accuracy (%)", "acc") for m, n in ACC_METRICS.items())):
@@ -543,7 +543,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--widths", default="1,3/4,5/8")
     p.add_argument("--single_shapes", default="30x1,26x3/4,22x5/8,18x5/8")
     p.add_argument("--lm_eval_limit", type=int, default=1000)
-    p.add_argument("--mmlu_samples", type=int, default=2000)
+    p.add_argument("--mmlu_samples", type=int, default=0,
+                   help="first N MMLU test questions (in subject order); 0: all 14,042")
     p.add_argument("--wikitext_windows", type=int, default=0, help="0: the whole test split")
     p.add_argument("--eval_batch_size", type=int, default=32)
     p.add_argument("--calib_samples", type=int, default=32)
