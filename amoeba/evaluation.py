@@ -10,14 +10,22 @@ lm-eval tasks run through lm-eval's own ``HFLM`` wrapped around the elastic mode
 ``piqa``, ``hellaswag`` and ``mmlu`` read the offline data directory when there is one (task configs in
 :mod:`amoeba.lm_eval_tasks`); every other task, and every task without a data directory, is lm-eval's
 stock task from the hub.
+
+Under ``torchrun`` (several processes), MMLU questions and WikiText-2 windows of every shape are split
+among the processes batch by batch and gathered (every process gets the one-process numbers); lm-eval,
+which runs on one process per shape, takes the shapes round-robin (shape ``i`` on rank ``i % world``).
+Rank 0 gathers everything and writes the files; the other ranks write nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import difflib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -33,6 +41,7 @@ from amoeba.elastic import ElasticModel, subnet_for
 from amoeba.errors import UsageError
 from amoeba.files import write_json
 from amoeba.subnet import Subnet
+from amoeba.text_data import gather_from_processes
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +231,10 @@ class LMEvalRunner:
 
         flat, raw = {}, {}
         for manager, names in self.managers:
-            out = lm_eval.simple_evaluate(model=self.lm, tasks=names, task_manager=manager, limit=self.limit,
-                                          num_fewshot=self.num_fewshot, log_samples=False,
-                                          bootstrap_iters=1000)
+            with _as_local_rank_zero():
+                out = lm_eval.simple_evaluate(model=self.lm, tasks=names, task_manager=manager, limit=self.limit,
+                                              num_fewshot=self.num_fewshot, log_samples=False,
+                                              bootstrap_iters=1000)
             if out is None:  # non-zero ranks of a distributed run get nothing back
                 continue
             raw.update(out["results"])
@@ -237,6 +247,38 @@ class LMEvalRunner:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+
+
+@contextlib.contextmanager
+def _as_local_rank_zero():
+    """Run lm-eval as the only process: ``simple_evaluate`` returns results only where ``LOCAL_RANK`` is 0,
+    and under ``torchrun`` a rank's lm-eval shapes are its own, run with a single-process ``HFLM``."""
+    before = os.environ.get("LOCAL_RANK")
+    if before is None or before == "0":
+        yield
+        return
+    os.environ["LOCAL_RANK"] = "0"
+    try:
+        yield
+    finally:
+        os.environ["LOCAL_RANK"] = before
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
+RESULT_TIMEOUT = datetime.timedelta(hours=24)  # a rank may wait while others run long lm-eval shapes
+
+
+def evaluation_group():
+    """A gloo group over all processes for the evaluation's (small, pickled) results, or None in a
+    single-process run. Its own long timeout: a rank without lm-eval shapes waits for the others at the
+    final gather, which may take longer than the default group's timeout (``--ddp_timeout``)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    if torch.distributed.get_world_size() == 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=RESULT_TIMEOUT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,15 +307,21 @@ def _mmlu_shots(dataset: str) -> int:
 
 def evaluate_shape(model, tokenizer, em: ElasticModel, subnet: Subnet, *, mmlu_examples=None,
                    mmlu_split: str = "eval", wikitext_windows=None, lm_runner: Optional[LMEvalRunner] = None,
-                   batch_size: int = 8, mmlu_max_len: int = 2048) -> ShapeResult:
-    """Measure one shape with whatever is given (MMLU examples, WikiText-2 windows, an lm-eval runner)."""
+                   batch_size: int = 8, mmlu_max_len: int = 2048, group=None,
+                   progress: bool = True) -> ShapeResult:
+    """Measure one shape with whatever is given (MMLU examples, WikiText-2 windows, an lm-eval runner).
+
+    With ``group`` (a ``torch.distributed`` group whose members all call this for the same shape), MMLU
+    questions and WikiText-2 windows are split among its processes and every process gets the whole result.
+    """
     from amoeba.mmlu import score_mmlu
 
     result = ShapeResult(subnet, em.param_count(subnet))
     with em.use(subnet), torch.no_grad():
         if mmlu_examples is not None:
             start = time.perf_counter()
-            s = score_mmlu(model, tokenizer, mmlu_examples, batch_size=batch_size, max_len=mmlu_max_len)
+            s = score_mmlu(model, tokenizer, mmlu_examples, batch_size=batch_size, max_len=mmlu_max_len,
+                           progress=progress, group=group)
             acc_key = f"mmlu_{mmlu_split}_accuracy"
             result.metrics.update({acc_key: s["accuracy"], "mmlu_loss": s["loss"],
                                    f"mmlu_{mmlu_split}_micro_accuracy": s["accuracy_micro"]})
@@ -284,7 +332,7 @@ def evaluate_shape(model, tokenizer, em: ElasticModel, subnet: Subnet, *, mmlu_e
             from amoeba.text_data import perplexity
 
             start = time.perf_counter()
-            ppl = perplexity(model, wikitext_windows, batch_size=batch_size, progress=True)
+            ppl = perplexity(model, wikitext_windows, batch_size=batch_size, progress=progress, group=group)
             result.metrics["wikitext2_ppl"] = ppl
             result.headline["wikitext2_ppl"] = ppl
             result.seconds["wikitext2"] = time.perf_counter() - start
@@ -307,7 +355,11 @@ def evaluate_shape(model, tokenizer, em: ElasticModel, subnet: Subnet, *, mmlu_e
 
 def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> dict:
     """Evaluate every requested shape with every requested metric; write metrics.json, results.md and
-    frontier.png into ``--output_dir``. Returns the metrics of this run, keyed as in metrics.json."""
+    frontier.png into ``--output_dir``. Returns the metrics of this run, keyed as in metrics.json.
+
+    Under ``torchrun`` every process calls this: MMLU and WikiText-2 are split within each shape, lm-eval
+    shapes are dealt out round-robin, rank 0 writes the files and every rank returns the same metrics.
+    """
     from amoeba.report import row_from_result, rows_from_metrics, sort_rows, write_report
 
     t = args.train
@@ -322,6 +374,13 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
                     "held-out loss of --do_eval belongs to training runs")
         return {}
 
+    group = evaluation_group()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if group else (0, 1)
+    writer = rank == 0
+    if world > 1:
+        logger.info("evaluating %d shapes on %d processes (rank %d): MMLU/WikiText-2 split within each shape, "
+                    "lm-eval shapes %s here", len(shapes), world, rank,
+                    [s.label for s in shapes[rank::world]] if t.do_lm_eval else "none")
     mmlu_examples = None
     if t.do_mmlu_eval:
         from amoeba.mmlu import load_mmlu
@@ -330,31 +389,53 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
         logger.info("MMLU %s (%s): %d questions", t.mmlu_split, t.mmlu_dataset, len(mmlu_examples))
     windows = _wikitext2_windows(args, model, tokenizer) if t.do_eval_wikitext2 else None
     runner = None
-    if t.do_lm_eval:
+    if t.do_lm_eval:  # on every rank, so a bad task name stops every rank alike
         runner = LMEvalRunner(model, tokenizer, args.lm_eval_tasks, args.data_dir, batch_size=batch_size,
                               limit=t.lm_eval_limit)
 
     was_training = model.training
     model.eval()  # dropout off, MoE router deterministic
     results: list[ShapeResult] = []
-    run_metrics: dict = {}
+    base = dict(existing)  # what the file held before: this run's keys are laid over it in shape order
     try:
-        for subnet in tqdm(shapes, desc="shapes", disable=len(shapes) < 2):
+        # Shared metrics first: every process takes part in every shape (nothing waits on lm-eval).
+        for subnet in tqdm(shapes, desc="shapes", disable=len(shapes) < 2 or not writer):
             logger.info("evaluating %s (%d layers, width %s)", subnet.label, subnet.num_layers, subnet.width)
             res = evaluate_shape(model, tokenizer, em, subnet, mmlu_examples=mmlu_examples,
-                                 mmlu_split=t.mmlu_split, wikitext_windows=windows, lm_runner=runner,
-                                 batch_size=batch_size, mmlu_max_len=t.mmlu_source_max_len)
-            res.metrics["params"] = float(res.params)
+                                 mmlu_split=t.mmlu_split, wikitext_windows=windows, batch_size=batch_size,
+                                 mmlu_max_len=t.mmlu_source_max_len, group=group, progress=writer)
             results.append(res)
-            keyed = suffixed(res.metrics, subnet)
-            run_metrics.update(keyed)
-            existing.update(keyed)
-            write_json(metrics_path, existing)  # after every shape: a later failure keeps these
-            logger.info("%s: %s", subnet.label, ", ".join(f"{k}={v:.4g}" for k, v in res.headline.items()))
+            if runner is None:
+                _finish(res)
+            if writer:
+                existing.update(suffixed(res.metrics, subnet))
+                write_json(metrics_path, existing)  # after every shape: a later failure keeps these
+        if runner is not None:
+            for i in range(rank, len(shapes), world):
+                subnet = shapes[i]
+                logger.info("lm-eval on %s (%d layers, width %s)", subnet.label, subnet.num_layers, subnet.width)
+                part = evaluate_shape(model, tokenizer, em, subnet, lm_runner=runner, batch_size=batch_size)
+                res = results[i]
+                res.metrics.update(part.metrics)
+                res.headline.update(part.headline)
+                res.seconds.update(part.seconds)
+                _finish(res)
+            if group is not None:
+                results = _gather_lm_eval(results, rank, world, group)
     finally:
         model.train(was_training)
         if runner is not None:
             runner.close()
+    run_metrics: dict = {}
+    for res in results:
+        run_metrics.update(suffixed(res.metrics, res.subnet))
+    existing = base
+    existing.update(run_metrics)
+    if not writer:
+        return run_metrics
+    write_json(metrics_path, existing)
+    for res in results:
+        logger.info("%s: %s", res.subnet.label, ", ".join(f"{k}={v:.4g}" for k, v in res.headline.items()))
     # The table covers every shape metrics.json knows, earlier runs' too, with this run's metric names.
     rows = [row_from_result(r) for r in results]
     names = list(dict.fromkeys(k for r in results for k in r.headline))
@@ -362,6 +443,21 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
     write_report(out_dir, sort_rows(rows), total_params=em.param_count(em.full_subnet()))
     _log_table(results)
     return run_metrics
+
+
+def _finish(res: ShapeResult) -> None:
+    """The parameter count goes last, as every shape's final key."""
+    res.metrics["params"] = float(res.params)
+
+
+def _gather_lm_eval(results: list[ShapeResult], rank: int, world: int, group) -> list[ShapeResult]:
+    """Every rank's lm-eval shapes merged into one list (shape ``i`` came from rank ``i % world``)."""
+    mine = {i: results[i] for i in range(rank, len(results), world)}
+    merged = list(results)
+    for share in gather_from_processes(mine, group):
+        for i, res in share.items():
+            merged[i] = res
+    return merged
 
 
 def _log_table(results: Sequence[ShapeResult]) -> None:

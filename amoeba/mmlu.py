@@ -191,12 +191,17 @@ def _model_device(model) -> torch.device:
 
 @torch.no_grad()
 def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size: int = 8,
-                  max_len: int = 2048, progress: bool = True) -> torch.Tensor:
+                  max_len: int = 2048, progress: bool = True, group=None) -> torch.Tensor:
     """float32 [n, 4] logits of the answer letters at each prompt's last token, in ``examples`` order.
 
     Prompts are batched longest first; each row's logits are taken at its own last real token, with
-    position ids counted over real tokens only, so left and right padding give the same numbers.
+    position ids counted over real tokens only, so left and right padding give the same numbers. With
+    ``group`` (a ``torch.distributed`` group whose members all call this with the same examples), each
+    process runs the batches ``rank, rank + world, ...`` and the rows are gathered: every process gets
+    the logits one process computes, batch for batch.
     """
+    from amoeba.text_data import gather_from_processes, process_share
+
     if batch_size < 1:
         raise UsageError(f"batch size {batch_size} must be at least 1", "--per_device_eval_batch_size")
     letters = torch.tensor(answer_token_ids(tokenizer))
@@ -206,10 +211,11 @@ def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size:
     left = getattr(tokenizer, "padding_side", "right") == "left"
     device = _model_device(model)
     out = torch.empty(len(encoded), 4, dtype=torch.float32)
+    rank, world = process_share(group) if group is not None else (0, 1)
     was_training = model.training
     model.eval()
     try:
-        batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)][rank::world]
         for batch in tqdm(batches, desc="MMLU", disable=not progress, leave=False):
             width = max(len(encoded[i]) for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -230,11 +236,16 @@ def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size:
             out[torch.tensor(batch)] = picked[:, letters.to(picked.device)].float().cpu()
     finally:
         model.train(was_training)
+    if world > 1:
+        rows = [i for batch in batches for i in batch]
+        for got, values in gather_from_processes((rows, out[rows].clone()), group):
+            if got:
+                out[torch.tensor(got)] = values
     return out
 
 
 def score_mmlu(model, tokenizer, examples: Sequence[MMLUExample], batch_size: int = 8, max_len: int = 2048,
-               progress: bool = True) -> dict:
+               progress: bool = True, group=None) -> dict:
     """Accuracy and loss of ``model`` on ``examples``.
 
     Returns ``accuracy`` (mean of per-subject accuracies, as qlora reports), ``accuracy_micro`` (over all
@@ -243,7 +254,7 @@ def score_mmlu(model, tokenizer, examples: Sequence[MMLUExample], batch_size: in
     """
     if not examples:
         raise UsageError("no MMLU questions to score", "--max_mmlu_samples")
-    logits = letter_logits(model, tokenizer, examples, batch_size, max_len, progress)
+    logits = letter_logits(model, tokenizer, examples, batch_size, max_len, progress, group=group)
     answers = torch.tensor([e.answer for e in examples])
     preds = logits.argmax(-1)
     loss = F.cross_entropy(logits, answers).item()

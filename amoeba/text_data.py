@@ -220,27 +220,57 @@ def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, in
     return float(nll), int(target.numel())
 
 
+def process_share(group=None) -> tuple[int, int]:
+    """(rank, world size) in ``group`` (default: the running ``torch.distributed`` group), or (0, 1)
+    without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+    return 0, 1
+
+
+def gather_from_processes(obj, group=None) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (``[obj]`` without a process group).
+
+    Objects travel pickled, so they should be small and on the CPU (numbers, lists, CPU tensors).
+    """
+    rank, world = process_share(group)
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj, group=group)
+    return out
+
+
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8,
-               progress: bool = False) -> float:
+               progress: bool = False, group=None) -> float:
     """exp(mean next-token NLL) over every predicted token of ``windows`` ``[n, seqlen]``.
 
-    Batched, without gradients, on the model's device; logits are scored in float32.
+    Batched, without gradients, on the model's device; logits are scored in float32. With ``group`` (a
+    ``torch.distributed`` group every member calls this with the same windows), each process scores the
+    batches ``rank, rank + world, ...`` and the per-batch sums are gathered and added in batch order, so
+    every process returns the one-process number (the batches are the same, so are their sums).
     """
     if windows.dim() != 2 or windows.shape[0] == 0:
         raise ValueError(f"windows must be a non-empty [n, seqlen] tensor, got {tuple(windows.shape)}")
+    rank, world = process_share(group) if group is not None else (0, 1)
     device = model_device(model)
     was_training = model.training
     model.eval()
-    total_nll, total_tokens = 0.0, 0
+    sums: list[tuple[int, float, int]] = []
     try:
-        batches = range(0, windows.shape[0], batch_size)
-        for start in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+        starts = list(range(0, windows.shape[0], batch_size))[rank::world]
+        for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
             ids = windows[start: start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits
             nll, count = window_nll(logits, ids)
-            total_nll += nll
-            total_tokens += count
+            sums.append((start, nll, count))
     finally:
         model.train(was_training)
+    if world > 1:
+        sums = sorted(s for share in gather_from_processes(sums, group) for s in share)
+    total_nll, total_tokens = 0.0, 0
+    for _, nll, count in sums:  # batch order: the same additions as one process makes
+        total_nll += nll
+        total_tokens += count
     return math.exp(total_nll / total_tokens)

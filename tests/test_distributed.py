@@ -380,6 +380,72 @@ def test_layer_dp_split_over_two_processes_equals_one_process():
         assert torch.allclose(got["metric"][finite], one["metric"][finite], rtol=1e-9, atol=0)
 
 
+# ----------------------------------------------------------------------------------------------
+# Evaluation across processes
+# ----------------------------------------------------------------------------------------------
+EVAL_REL = 1e-6  # relative tolerance of every metric; the split runs the same batches, so measured 0
+
+
+def _eval_flags(tiny_dir, out, shapes: str, *extra) -> list[str]:
+    return ["--model_name_or_path", str(tiny_dir / "model"), "--output_dir", str(out), "--do_train", "False",
+            "--report_to", "none", "--enable_shrinking", "--min_num_layer", "3", "--shrinking_method", "calib_dp",
+            "--shrinking_file", str(tiny_dir / "dp_selection_strategy.npy"), "--shrinkable_width",
+            "--width_choice", "[1,7/8,3/4,5/8]", "--eval_shapes", shapes, "--per_device_eval_batch_size", "2",
+            "--do_mmlu_eval", "True", "--mmlu_dataset", "mmlu-zs", "--do_eval_wikitext2", "True",
+            "--do_lm_eval", "True", "--do_lm_eval_task", "piqa", "--lm_eval_limit", "2", *extra]
+
+
+def _same_metrics(one: Path, two: Path) -> float:
+    """Assert both metrics.json files hold the same keys and values (to EVAL_REL); the largest relative
+    difference."""
+    a = json.loads((one / "metrics.json").read_text())
+    b = json.loads((two / "metrics.json").read_text())
+    assert list(a) == list(b)  # same keys in the same order
+    worst = 0.0
+    for k, v in a.items():
+        rel = abs(v - b[k]) / max(abs(v), 1e-30)
+        assert rel <= EVAL_REL, (k, v, b[k])
+        worst = max(worst, rel)
+    return worst
+
+
+def test_evaluation_split_over_two_processes_equals_one_process(tiny_dir, tmp_path):
+    """``torchrun --nproc_per_node 2 main.py`` evaluating 3 shapes (MMLU on 7 questions, WikiText-2 on 3
+    windows, lm-eval piqa): MMLU batches and WikiText-2 windows are split within each shape, lm-eval shapes
+    go to ranks 0, 1, 0; rank 0 writes metrics.json, equal to one process's (every key, to 1e-6 relative;
+    measured 0: each batch is the same batch in both runs, and the sums are added in the same order), plus
+    results.md and frontier.png."""
+    shapes = "6x1,5x7/8,4x3/4"
+    extra = ["--max_mmlu_samples", "7", "--max_wikitext2_windows", "3"]
+    one = _main(*_eval_flags(tiny_dir, tmp_path / "one", shapes, *extra))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun("main.py", *_eval_flags(tiny_dir, tmp_path / "two", shapes, *extra, "--ddp_backend", "gloo"))
+    assert two.returncode == 0, two.stderr[-4000:]
+    metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for label in ("l6w1", "l5w0.875", "l4w0.75"):
+        for key in ("mmlu_eval_accuracy", "mmlu_loss", "wikitext2_ppl", "piqa_acc", "params"):
+            assert f"{key}_{label}" in metrics, (key, label)
+    assert len({metrics[f"wikitext2_ppl_{lb}"] for lb in ("l6w1", "l5w0.875", "l4w0.75")}) == 3
+    assert _same_metrics(tmp_path / "one", tmp_path / "two") <= EVAL_REL
+    assert "lm-eval shapes ['l6w1', 'l4w0.75'] here" in two.stderr  # rank 0's round-robin share
+    assert "lm-eval shapes ['l5w0.875'] here" in two.stderr
+    for name in ("results.md", "frontier.png"):
+        assert (tmp_path / "two" / name).is_file()
+    assert "| l5w0.875 |" in (tmp_path / "two" / "results.md").read_text()
+
+
+def test_evaluation_with_a_rank_without_shapes_or_windows_does_not_hang(tiny_dir, tmp_path):
+    """One shape on two processes: rank 1 has no lm-eval shape and no WikiText-2 window (1 window), and
+    one of the two MMLU batches; the run ends (no hang) with one process's metrics."""
+    extra = ["--max_mmlu_samples", "3", "--max_wikitext2_windows", "1"]
+    one = _main(*_eval_flags(tiny_dir, tmp_path / "one", "4x3/4", *extra))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun("main.py", *_eval_flags(tiny_dir, tmp_path / "two", "4x3/4", *extra, "--ddp_backend", "gloo"))
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert "lm-eval shapes [] here" in two.stderr
+    assert _same_metrics(tmp_path / "one", tmp_path / "two") <= EVAL_REL
+
+
 _PORTS: dict = {}
 
 
