@@ -13,6 +13,29 @@ export TOKENIZERS_PARALLELISM=false
 if [[ -z "${AMOEBA_DATA_DIR:-}" && -d ../shared/data ]]; then
   export AMOEBA_DATA_DIR=$(cd ../shared/data && pwd)
 fi
+# No data directory and no hub (HF_HUB_OFFLINE=1 counts as none): fall back to the bundled synthetic sample.
+if [[ -z "${AMOEBA_DATA_DIR:-}" ]] && ! $PY -c '
+import os, sys, threading, urllib.request
+if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    sys.exit(1)
+ok = []
+def probe():  # in a thread, so a hanging name lookup cannot outlast the 5 s limit either
+    try:
+        urllib.request.urlopen(urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+                                                      method="HEAD"), timeout=5)
+        ok.append(1)
+    except urllib.error.HTTPError:
+        ok.append(1)  # the server answered
+    except Exception:
+        pass
+t = threading.Thread(target=probe, daemon=True)
+t.start()
+t.join(6)
+sys.exit(0 if ok else 1)'; then
+  export AMOEBA_DATA_DIR=$(cd amoeba/sample_data && pwd)
+  echo "WARNING: the Hugging Face hub is not reachable and no data directory is set: using the bundled synthetic" \
+       "sample ($AMOEBA_DATA_DIR). The results of this run come from made-up data and mean nothing."
+fi
 [[ -n "${AMOEBA_DATA_DIR:-}" ]] && echo "data: $AMOEBA_DATA_DIR" || echo "data: the Hugging Face hub (set AMOEBA_DATA_DIR for offline files)"
 MODEL=models/smollm2-135m-instruct
 $PY main.py --materialize_default_model
