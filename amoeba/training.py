@@ -342,6 +342,12 @@ def validate_training_setup(args, em: ElasticModel, strategy) -> Optional[dict]:
     if t.full_finetune:
         raise UsageError("Stage 2 trains adapters (LoRA / MoE-LoRA); full fine-tuning is not supported",
                          "--full_finetune")
+    if getattr(t, "fsdp", None):
+        # Unverified: the layer-skipping hooks inside FSDP units and saving adapters from sharded parameters
+        # have not been run on GPUs (FSDP is not available on CPU processes), so refuse rather than risk a
+        # silently wrong checkpoint.
+        raise UsageError("FSDP is not supported for Stage 2 yet; use DDP (one full model copy per GPU, "
+                         "scripts/launch_multi_gpu.sh) or a 4-bit base (--bits 4) to fit large models", "--fsdp")
     masks = None
     if t.enable_shrinking and t.shrinking_method == "calib_dp":
         if strategy is None:
