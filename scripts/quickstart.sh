@@ -42,8 +42,9 @@ $PY main.py --materialize_default_model
 COMMON=(--model_name_or_path "$MODEL" --do_train False --do_eval False --no_eval_orig)
 
 echo "== Stage 1 step 1: layer selection by dynamic programming (C4 perplexity) =="
+# Small on purpose: 2 windows of 128 tokens, depths 30..22 (the layer DP scores about 200 subnets).
 $PY main.py "${COMMON[@]}" --output_dir "$OUT/calib_dp" --layer_calib_dp --enable_shrinking --calib_dataset c4 \
-  --num_calib_sample 4 --calib_seqlen 128 --min_num_layer 18 --dp_keep_last_layer 1
+  --num_calib_sample 2 --calib_seqlen 128 --min_num_layer 22 --dp_keep_last_layer 1
 echo "== Stage 1 step 2: width selection (FLAP) =="
 $PY main.py "${COMMON[@]}" --output_dir "$OUT/width_calib" --width_calib --calib_dataset c4 \
   --num_calib_sample 32 --calib_seqlen 256 --prune_width_method flap
@@ -51,7 +52,7 @@ echo "== Stage 1 step 3: merge =="
 $PY utils/merge_depth_width.py --depth "$OUT/calib_dp/final_strategy.npy" \
   --width_mask "$OUT/width_calib/width_mask.npy" --width_bias "$OUT/width_calib/width_bias.npy" \
   --out "$OUT/dp_selection_strategy.npy"
-SHAPE=(--enable_shrinking --min_num_layer 18 --shrinking_method calib_dp --shrinking_file "$OUT/dp_selection_strategy.npy"
+SHAPE=(--enable_shrinking --min_num_layer 22 --shrinking_method calib_dp --shrinking_file "$OUT/dp_selection_strategy.npy"
        --shrinkable_width --width_choice "[1,7/8,3/4,5/8]" --prune_width_method flap
        --use_moe_lora --moe_num_expert 5 --moe_topk 2 --lora_r 16 --lora_alpha 32)
 echo "== Stage 2: one-for-all fine-tuning ($STEPS steps) =="
@@ -63,7 +64,7 @@ $PY main.py --model_name_or_path "$MODEL" --output_dir "$OUT/ft" --dataset alpac
 echo "== Evaluation of a few shapes =="
 $PY main.py --model_name_or_path "$MODEL" --output_dir "$OUT/ft" --do_train False --do_eval True --no_eval_orig \
   --do_eval_wikitext2 True --max_wikitext2_windows 4 --do_lm_eval True --do_lm_eval_task arc_easy --lm_eval_limit 100 \
-  --eval_num_layer 30,22,18 --eval_num_width 1,0.75 "${SHAPE[@]}"
+  --eval_num_layer 30,26,22 --eval_num_width 1,0.75 "${SHAPE[@]}"
 echo "== Export the 22-layer, 3/4-width subnet =="
 $PY main.py --model_name_or_path "$MODEL" --output_dir "$OUT/ft" --do_train False --eval_num_layer 22 \
   --eval_num_width 0.75 --export_dir "$OUT/export_l22w0.75" --overwrite "${SHAPE[@]}"
