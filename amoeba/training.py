@@ -127,11 +127,23 @@ def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     return value / world
 
 
-def target_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [n, V] in fp32, labels [n]) at the target positions (next-token shift, labels != -100)."""
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != -100
-    return logits[:, :-1][keep].float(), shift_labels[keep]
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices into the shifted [batch * (seq - 1)] positions that have a target, those targets).
+
+    Computed once per micro-batch: finding them waits for the device (the count is data-dependent), indexing
+    with them afterwards does not."""
+    shift_labels = labels[:, 1:].reshape(-1)
+    index = (shift_labels != -100).nonzero().squeeze(1)
+    return index, shift_labels.index_select(0, index)
+
+
+def target_logits(logits: torch.Tensor, labels: torch.Tensor,
+                  positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [n, V] in fp32, labels [n]) at the target positions (next-token shift, labels != -100);
+    ``positions`` from :func:`target_positions` when already known."""
+    index, target = positions if positions is not None else target_positions(labels)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
+    return flat.index_select(0, index).float(), target
 
 
 def soft_cross_entropy(student: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -168,11 +180,16 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         self.balancing = bool(balancing)
         self._micro_step = (-1, 0)
         self._role_sums: dict[str, list] = {}
-        self.tokens_seen = 0
+        self._tokens = 0  # a device tensor once training runs: counting must not wait for the GPU
         self.last_plan: list[tuple[str, Subnet]] = []
         # set to train always the same subnets (one fixed subnet: per-shape fine-tuning)
         self.fixed_plan: Optional[list[tuple[str, Subnet]]] = (
             [("largest", fixed_subnet)] if fixed_subnet is not None else None)
+
+    @property
+    def tokens_seen(self) -> int:
+        """Input tokens (attention-mask ones) this process has trained on."""
+        return int(self._tokens)
 
     # --- sampling
     def plan_for_step(self) -> list[tuple[str, Subnet]]:
@@ -209,7 +226,12 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         teacher = None
         ref = None
         step, micro = self._micro_step
-        self.tokens_seen += int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
+        self._tokens = self._tokens + (inputs["attention_mask"].sum() if "attention_mask" in inputs
+                                       else labels.numel())
+        # Losses are checked for NaN/inf once, after the last subnet: a check per subnet would make the host wait
+        # for the GPU before each next forward, and the optimizer step comes later anyway.
+        checked: list[tuple[str, Subnet, torch.Tensor]] = []
+        positions = target_positions(labels)
         try:
             for i, (role, subnet) in enumerate(plan):
                 self.em.set_subnet(subnet)
@@ -217,7 +239,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
                     router.noise_seed = router_noise_seed(self.args.seed, step, micro, i)
                 with self.compute_loss_context_manager():
                     logits = model(**feed).logits
-                    student, target = target_logits(logits, labels)
+                    student, target = target_logits(logits, labels, positions)
                     del logits
                     if target.numel() == 0:  # every target truncated away: nothing to learn here
                         loss = student.sum() * 0.0
@@ -233,8 +255,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
                 if self.args.n_gpu > 1:
                     loss = loss.mean()
                 value = mean_over_processes(loss.detach())
-                if not bool(torch.isfinite(value)):
-                    raise TrainingDiverged(self._diverged_message(float(value), role, subnet))
+                checked.append((role, subnet, value))
                 self._role_sums.setdefault(role, []).append(value)
                 if i == 0:
                     ref = value
@@ -242,6 +263,10 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
                     loss = loss * (ref / value.clamp_min(1e-12))
                 self.accelerator.backward(loss / ga)
                 del loss
+            values = torch.stack([v.float() for _, _, v in checked])
+            if not bool(torch.isfinite(values).all()):  # the one host-device sync of the micro-batch
+                role, subnet, value = next(c for c in checked if not bool(torch.isfinite(c[2])))
+                raise TrainingDiverged(self._diverged_message(float(value), role, subnet))
         finally:
             if router is not None:
                 router.noise_seed = None
