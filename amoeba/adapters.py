@@ -262,7 +262,10 @@ class MoELoRA(nn.Module):
         masked = self.host is not None and not self.host[0].sliceable
         if out_k is not None and not masked:
             b = b[:out_k]
-        h = self.dropout(x.to(a.dtype))
+        # Under autocast the products cast their operands themselves; an explicit cast to the adapters' fp32
+        # would only add a round trip (two kernels per adapter and pass) that autocast undoes.
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+        h = self.dropout(h)
         delta = F.linear(F.linear(h, a), b) * self.scaling
         if masked and out_k is not None:
             state, layer, role = self.host
