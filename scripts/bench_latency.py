@@ -161,8 +161,9 @@ def decode_ms_per_token(model, timer: Timer, batch: int, prompt_len: int, tokens
 class StepDecoder:
     """Greedy decoding with a static KV cache and the one-token step compiled with CUDA graphs.
 
-    ``generate`` spends a few milliseconds of Python per token (logits processors, stopping checks, input
-    preparation, a device sync), which hides what a smaller subnet saves at batch 1. Here the step
+    ``generate`` (even compiled, with CUDA graphs) spends a few milliseconds of Python per token (logits
+    processors, stopping checks, input preparation, a device sync), which hides what a smaller subnet saves at
+    batch 1. Here the step
     (forward of one token + argmax) is ``torch.compile(mode="reduce-overhead")``: on CUDA the whole step
     replays as one CUDA graph; ``cudagraph_mark_step_begin`` before each call and a copy of its output keep
     the graph's output buffer from being overwritten while still in use. Without CUDA the step runs eagerly.
