@@ -263,9 +263,8 @@ class Plan:
         jobs.append(self._eval_job("amoeba_repeat", "", self.strategy, ends, self.moe(), snapshot))
         jobs.append(self._eval_job("amoeba_long", "", self.strategy, self.single, self.moe(),
                                    train / "amoeba" / "adapter_model"))
-        jobs = [j for j in jobs if self.wanted(self.row_of(j.name))]
-        # The rows that need training wait for it, so a job's inputs come from this run or an earlier one.
-        return jobs
+        # A job whose adapters come from training starts once they exist (Job.needs): from this run or an earlier one.
+        return [j for j in jobs if self.wanted(self.row_of(j.name))]
 
 
 # ----------------------------------------------------------------------------------------------
