@@ -21,36 +21,17 @@ cd "$(dirname "$0")/.."
 NGPU=${NGPU:-2}
 LAUNCHER=${LAUNCHER:-torchrun}
 PORT=${PORT:-29500}
-MODEL=${MODEL:-models/smollm2-135m-instruct}
-OUT=${OUT:-output/ft}
-DATASET=${DATASET:-alpaca-gpt4}
-STRATEGY=${STRATEGY:-dp_selection_strategy.npy}
-MIN_LAYERS=${MIN_LAYERS:-18}
-MAX_STEPS=${MAX_STEPS:-10000}
-SAVE_STEPS=${SAVE_STEPS:-1000}
-EVAL_STEPS=${EVAL_STEPS:-1000}
-SOURCE_LEN=${SOURCE_LEN:-384}
-TARGET_LEN=${TARGET_LEN:-128}
-EVAL_SIZE=${EVAL_SIZE:-1024}
-GRAD_ACC=${GRAD_ACC:-4}
-WIDTH=${WIDTH---shrinkable_width --width_choice [1,7/8,3/4,5/8] --prune_width_method flap}
-MOE=${MOE---use_moe_lora --moe_num_expert 5 --moe_topk 2}
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+# One process per GPU: all NGPU of them visible (scripts/stage2_finetune.sh alone would keep GPU 0 only).
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 $((NGPU - 1)))}
 
 case "$LAUNCHER" in
-  torchrun) LAUNCH=("$PYTHON" -m torch.distributed.run --nproc_per_node "$NGPU" --master_port "$PORT") ;;
-  accelerate) LAUNCH=("$PYTHON" -m accelerate.commands.launch --config_file scripts/accelerate_ddp.yaml
-                      --num_processes "$NGPU" --main_process_port "$PORT") ;;
+  torchrun) LAUNCH="$PYTHON -m torch.distributed.run --nproc_per_node $NGPU --master_port $PORT" ;;
+  accelerate) LAUNCH="$PYTHON -m accelerate.commands.launch --config_file scripts/accelerate_ddp.yaml \
+--num_processes $NGPU --main_process_port $PORT" ;;
   *) echo "error: LAUNCHER must be torchrun or accelerate, not '$LAUNCHER'" >&2; exit 2 ;;
 esac
 
-# shellcheck disable=SC2086  # WIDTH and MOE are lists of flags
-"${LAUNCH[@]}" main.py --model_name_or_path "$MODEL" --output_dir "$OUT" --dataset "$DATASET" \
-  --do_train True --do_eval True --do_mmlu_eval True --do_eval_wikitext2 True --lora_modules all --fp16 \
-  --source_max_len "$SOURCE_LEN" --target_max_len "$TARGET_LEN" --gradient_accumulation_steps "$GRAD_ACC" \
-  --logging_steps 10 --max_steps "$MAX_STEPS" --save_strategy steps --data_seed 42 --save_steps "$SAVE_STEPS" \
-  --save_total_limit 1 --evaluation_strategy steps --eval_dataset_size "$EVAL_SIZE" --max_eval_samples 1000 \
-  --eval_steps "$EVAL_STEPS" --optim paged_adamw_32bit --ddp_find_unused_parameters --enable_shrinking \
-  --kd_weight 1 --min_num_layer "$MIN_LAYERS" --random_sample_num_layer 2 --distill_method sp \
-  --shrinking_method calib_dp --shrinking_file "$STRATEGY" $WIDTH $MOE "$@"
+# The seed's Stage 2 command, from scripts/stage2_finetune.sh, started by the launcher.
+LAUNCH="$LAUNCH" exec bash scripts/stage2_finetune.sh "$@"

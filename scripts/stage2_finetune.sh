@@ -8,6 +8,7 @@
 #   BITS=4 scripts/stage2_finetune.sh                             # 4-bit NF4 base model (CUDA only)
 #   MAX_STEPS=2 SOURCE_LEN=64 TARGET_LEN=32 EVAL_SIZE=16 scripts/stage2_finetune.sh   # a smoke run on a CPU
 #   RESUME=1 scripts/stage2_finetune.sh                           # continue from the last checkpoint
+#   GRAD_ACC=2 scripts/stage2_finetune.sh                         # gradient accumulation (the seed's 4 by default)
 #
 # STRATEGY is the Stage 1 file (dp_selection_strategy.npy). OUT gets adapter_model/, checkpoints,
 # training_log.json, train_results.json and loss_curve.png. AMOEBA_DATA_DIR (offline data laid out like
@@ -30,16 +31,19 @@ EVAL_SIZE=${EVAL_SIZE:-1024}
 BITS=${BITS:-16}
 WIDTH=${WIDTH---shrinkable_width --width_choice [1,7/8,3/4,5/8] --prune_width_method flap}
 MOE=${MOE---use_moe_lora --moe_num_expert 5 --moe_topk 2}
+GRAD_ACC=${GRAD_ACC:-4}
 PYTHON=${PYTHON:-python}
+# LAUNCH: what starts main.py (default: $PYTHON); scripts/launch_multi_gpu.sh puts torchrun/accelerate here.
+read -r -a LAUNCH_CMD <<< "${LAUNCH:-$PYTHON}"
 export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 
 EXTRA=()
 [[ -n "${RESUME:-}" ]] && EXTRA+=(--resume_training)
 
 # shellcheck disable=SC2086  # WIDTH and MOE are lists of flags
-"$PYTHON" main.py --model_name_or_path "$MODEL" --output_dir "$OUT" --dataset "$DATASET" \
+"${LAUNCH_CMD[@]}" main.py --model_name_or_path "$MODEL" --output_dir "$OUT" --dataset "$DATASET" \
   --do_train True --do_eval True --do_mmlu_eval True --do_eval_wikitext2 True --lora_modules all --fp16 \
-  --source_max_len "$SOURCE_LEN" --target_max_len "$TARGET_LEN" --gradient_accumulation_steps 4 \
+  --source_max_len "$SOURCE_LEN" --target_max_len "$TARGET_LEN" --gradient_accumulation_steps "$GRAD_ACC" \
   --logging_steps 10 --max_steps "$MAX_STEPS" --save_strategy steps --data_seed 42 --save_steps "$SAVE_STEPS" \
   --save_total_limit 1 --evaluation_strategy steps --eval_dataset_size "$EVAL_SIZE" --max_eval_samples 1000 \
   --eval_steps "$EVAL_STEPS" --optim paged_adamw_32bit --ddp_find_unused_parameters --enable_shrinking \
