@@ -64,14 +64,19 @@ class RunningStats:
         if nb == 0:
             return
         mean_b = x.mean(0)
-        m2_b = (x - mean_b).square_().sum(0)
-        if self.n == 0:
-            self.n, self.mean, self.m2 = nb, mean_b, m2_b
+        self.merge(nb, mean_b, (x - mean_b).square_().sum(0))
+
+    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Combine with the statistics (count, mean, sum of squared deviations) of another set of rows."""
+        if n == 0:
             return
-        total = self.n + nb
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (nb / total)
-        self.m2 = self.m2 + m2_b + delta.square() * (self.n * nb / total)
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.n * n / total)
         self.n = total
 
     @property
@@ -103,18 +108,7 @@ def merge_across_processes(stats: RunningStats, features: int, device: torch.dev
     torch.distributed.all_gather(parts, mine)
     out = RunningStats()
     for part in parts:
-        n = int(part[0].item())
-        if n == 0:
-            continue
-        mean_b, m2_b = part[1:1 + features], part[1 + features:]
-        if out.n == 0:
-            out.n, out.mean, out.m2 = n, mean_b, m2_b
-            continue
-        total = out.n + n
-        delta = mean_b - out.mean
-        out.mean = out.mean + delta * (n / total)
-        out.m2 = out.m2 + m2_b + delta.square() * (out.n * n / total)
-        out.n = total
+        out.merge(int(part[0].item()), part[1:1 + features], part[1 + features:])
     return out
 
 
