@@ -281,36 +281,42 @@ def _flap_result(world: int = 1) -> dict:
     return {k: v.detach().to(torch.float64).contiguous() for k, v in out.items()}
 
 
-def _flap_worker(rank: int, port: int, out: str) -> None:
+def _gloo_worker(rank: int, port: int, out: str, name: str) -> None:
+    """One of two gloo processes: computes ``_<name>_result()`` and saves it as ``<name><rank>``."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        save_file(_flap_result(), str(Path(out) / f"flap{rank}.safetensors"))
+        save_file(globals()[f"_{name}_result"](), str(Path(out) / f"{name}{rank}.safetensors"))
     finally:
         dist.destroy_process_group()
+
+
+def _results_of_two_processes(name: str) -> list[dict]:
+    """``_<name>_result()`` as computed by each of two gloo processes (spawned), rank 0 first."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_gloo_worker, args=(r, _free_port_shared(out), out, name)) for r in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(TIMEOUT)
+            assert p.exitcode == 0
+        return [load_file(str(Path(out) / f"{name}{r}.safetensors")) for r in (0, 1)]
 
 
 def test_flap_statistics_split_over_two_processes_equal_one_process():
     """Two gloo processes each take part of the calibration sequences; the merged per-layer statistics,
     the scores, the kept heads/channels and the compensation biases equal one process's (biases to 1e-5,
     measured about 1e-15; masks exactly), on both ranks."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-    from safetensors.torch import load_file
-
     one = _flap_result()
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_flap_worker, args=(r, _free_port_shared(out), out)) for r in (0, 1)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(TIMEOUT)
-            assert p.exitcode == 0
-        ranks = [load_file(str(Path(out) / f"flap{r}.safetensors")) for r in (0, 1)]
+    ranks = _results_of_two_processes("flap")
     assert float(one["tokens"][0]) == 5 * 16
     assert any(k.startswith("bias.") and float(v.abs().max()) > 1e-3 for k, v in one.items())
     for got in ranks:
@@ -340,37 +346,13 @@ def _dp_result(naive: bool = False) -> dict:
             "batches": torch.tensor([float(len(scorer.batches))])}
 
 
-def _dp_worker(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        save_file(_dp_result(), str(Path(out) / f"dp{rank}.safetensors"))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_layer_dp_split_over_two_processes_equals_one_process():
     """Two gloo processes score their share of the calibration batches (2 and 1 of 3) and gather the
     statistics: the DP table (scores to 1e-9 relative) and every kept-layer mask equal one process's, on
     both ranks."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-    from safetensors.torch import load_file
-
     one = _dp_result()
     assert float(one["batches"][0]) == 3
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_dp_worker, args=(r, _free_port_shared(out), out)) for r in (0, 1)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(TIMEOUT)
-            assert p.exitcode == 0
-        ranks = [load_file(str(Path(out) / f"dp{r}.safetensors")) for r in (0, 1)]
+    ranks = _results_of_two_processes("dp")
     assert [float(r["batches"][0]) for r in ranks] == [2, 1]  # each process ran only its share
     finite = torch.isfinite(one["metric"])
     assert int(finite.sum()) > 10
