@@ -60,6 +60,14 @@ ROW_TITLES = {
 ACC_METRICS = {"arc_easy_acc": "ARC-E", "piqa_acc": "PIQA", "hellaswag_acc_norm": "HellaSwag",
                "mmlu_test_accuracy": "MMLU"}
 PPL = "wikitext2_ppl"
+REPEAT = "amoeba_repeat"  # (d)'s evaluation run a second time: its own folder, compared with (d)'s
+
+
+def row_of_folder(name: str) -> Optional[str]:
+    """The row an evaluation folder (or a job name without its phase) belongs to: ``amoeba_w0.75`` ->
+    ``amoeba``, ``amoeba_repeat`` -> ``amoeba_repeat``, the longest matching row name wins."""
+    return next((r for r in sorted([*ROW_TITLES, REPEAT], key=len, reverse=True)
+                 if name == r or name.startswith(r + "_")), None)
 
 
 @dataclass
@@ -220,11 +228,10 @@ class Plan:
 
     @staticmethod
     def row_of(job_name: str) -> str:
-        """The row a job belongs to (``train_abl_lora`` -> ``abl_lora``, ``eval_amoeba_w1`` -> ``amoeba``)."""
-        name = job_name.split("_", 1)[1]
-        if name.startswith("amoeba_repeat"):
-            return "amoeba"
-        return next(r for r in sorted(ROW_TITLES, key=len, reverse=True) if name == r or name.startswith(r + "_"))
+        """The row a job belongs to (``train_abl_lora`` -> ``abl_lora``, ``eval_amoeba_w1`` -> ``amoeba``; the
+        repeated evaluation of (d) belongs to (d))."""
+        row = row_of_folder(job_name.split("_", 1)[1])
+        return "amoeba" if row == REPEAT else row
 
     def _eval_job(self, row: str, part: str, strategy: str, shapes: list[tuple[int, float]],
                   extra: Optional[list[str]] = None, adapters: Optional[Path] = None) -> Job:
@@ -260,7 +267,7 @@ class Plan:
             jobs.append(self._eval_job(name, "", self.strategy, self.single, extra, train / name / "adapter_model"))
         # Reproducibility: (d)'s evaluation again, in another process, on the largest and smallest shapes.
         ends = [self.single[0], self.single[-1]]
-        jobs.append(self._eval_job("amoeba_repeat", "", self.strategy, ends, self.moe(), snapshot))
+        jobs.append(self._eval_job(REPEAT, "", self.strategy, ends, self.moe(), snapshot))
         jobs.append(self._eval_job("amoeba_long", "", self.strategy, self.single, self.moe(),
                                    train / "amoeba" / "adapter_model"))
         # A job whose adapters come from training starts once they exist (Job.needs): from this run or an earlier one.
@@ -353,11 +360,7 @@ def collect(plan: Plan) -> dict:
         path = folder / "metrics.json"
         if not path.is_file():
             continue
-        name = folder.name
-        row = next((r for r in sorted(ROW_TITLES, key=len, reverse=True)
-                    if name == r or name.startswith(r + "_")), None)
-        if name.startswith("amoeba_repeat"):
-            row = "amoeba_repeat"
+        row = row_of_folder(folder.name)
         if row is None:
             continue
         metrics = json.loads(path.read_text())
@@ -406,7 +409,7 @@ def render(plan: Plan, rows: dict, timings: dict, driver_cmd: str) -> str:
             lines.append(f"| {ROW_TITLES[r]} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += comparisons(plan, rows)
-    rep = rows.get("amoeba_repeat", {})
+    rep = rows.get(REPEAT, {})
     if rep:
         first = rows.get("amoeba", {})
         same = all(first.get(lab, {}).get(m) == v for lab, vals in rep.items() for m, v in vals.items())
