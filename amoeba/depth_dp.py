@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from amoeba.errors import UsageError
 from amoeba.files import atomic_path, write_json, write_text
-from amoeba.text_data import is_local_text_file, load_text, model_device, token_windows, window_nll
+from amoeba.text_data import calibration_windows, is_local_text_file, model_device, window_nll
 
 logger = logging.getLogger(__name__)
 
@@ -442,14 +442,7 @@ def build_scorer(args, model: nn.Module, tokenizer, naive: bool = False, progres
         logger.info("layer DP on %d MMLU %s questions (%d-shot), metric %s", len(examples), split, shots,
                     metric.name)
     else:
-        split = "train"
-        if dataset == "wikitext2" and args.data_dir is not None:
-            # Offline there is only the WikiText-2 test split, the one perplexity results report.
-            split = "test"
-            logger.warning("!!! calibrating on the WikiText-2 TEST split (the only one offline): WikiText-2 test "
-                           "perplexities of the selected subnets are then biased; prefer --calib_dataset c4 !!!")
-        text = load_text(dataset, split=split, data_dir=args.data_dir)
-        windows = token_windows(tokenizer, text, t.calib_seqlen, n=t.num_calib_sample, seed=t.seed)
+        windows = calibration_windows(args, tokenizer, "the layer DP")
         metric = PerplexityMetric(lm_head)
         batches = text_batches(windows, t.calib_batch_size)
         logger.info("layer DP on %d windows of %d tokens from %s, metric perplexity", windows.shape[0],
@@ -506,9 +499,7 @@ def run_block_influence_selection(args, model: nn.Module, tokenizer) -> dict:
     num_layers = int(model.config.num_hidden_layers)
     keep_last = max(int(t.dp_keep_last_layer), 0)
     start = time.perf_counter()
-    text = load_text(dataset, split="test" if dataset == "wikitext2" and args.data_dir else "train",
-                     data_dir=args.data_dir)
-    windows = token_windows(tokenizer, text, t.calib_seqlen, n=t.num_calib_sample, seed=t.seed)
+    windows = calibration_windows(args, tokenizer, "ShortGPT layer selection")
     was_training = model.training
     model.eval()
     try:

@@ -508,22 +508,12 @@ def write_width_files(output_dir: str | Path, masks: dict, bias: dict, summary: 
 # ----------------------------------------------------------------------------------------------
 def calibration_tokens(args, tokenizer) -> torch.Tensor:
     """``--num_calib_sample`` windows of ``--calib_seqlen`` tokens from the ``--calib_dataset`` text."""
-    from amoeba.text_data import data_dir as text_data_dir
-    from amoeba.text_data import load_text, token_windows
+    from amoeba.text_data import calibration_windows
 
-    t = args.train
-    name = t.calib_dataset
-    if name == "mmlu":
+    if args.train.calib_dataset == "mmlu":
         raise UsageError("FLAP calibrates on text; mmlu is for the layer DP. Use one of "
                          f"{', '.join(TEXT_CALIB_DATASETS)} or a local .txt/.json/.jsonl file", "--calib_dataset")
-    split = "train"
-    if str(name).lower() == "wikitext2" and text_data_dir(args) is not None:
-        # The offline data directory holds only the WikiText-2 test split (as the layer DP uses too).
-        split = "test"
-        logger.warning("FLAP calibrates on the WikiText-2 TEST split (the only one offline); WikiText-2 test "
-                       "perplexities of the pruned widths are then optimistic. Prefer --calib_dataset c4")
-    text = load_text(name, split, args.data_dir)
-    return token_windows(tokenizer, text, t.calib_seqlen, n=t.num_calib_sample, seed=t.seed)
+    return calibration_windows(args, tokenizer, "FLAP")
 
 
 def run_width_calibration(args, model, tokenizer, bias: bool = True) -> dict:

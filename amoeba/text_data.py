@@ -180,6 +180,22 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def calibration_windows(args, tokenizer, purpose: str) -> torch.Tensor:
+    """``--num_calib_sample`` windows of ``--calib_seqlen`` tokens from the ``--calib_dataset`` text (seeded).
+
+    Calibration reads a training split; offline WikiText-2 has only its test split, which is then used with a
+    warning naming ``purpose`` (its WikiText-2 test perplexities become biased)."""
+    t = args.train
+    name = t.calib_dataset
+    split = "train"
+    if str(name).lower() == "wikitext2" and data_dir(args) is not None:
+        split = "test"
+        logger.warning("!!! %s calibrates on the WikiText-2 TEST split (the only one offline): WikiText-2 test "
+                       "perplexities of what it selects are then biased; prefer --calib_dataset c4 !!!", purpose)
+    text = load_text(name, split, args.data_dir)
+    return token_windows(tokenizer, text, t.calib_seqlen, n=t.num_calib_sample, seed=t.seed)
+
+
 def token_windows(tokenizer, text: Union[str, torch.Tensor], seqlen: int, n: Optional[int] = None,
                   seed: Optional[int] = None) -> torch.Tensor:
     """Token windows ``[n, seqlen]`` cut from ``text`` (a string or already tokenized ids).
