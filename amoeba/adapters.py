@@ -166,7 +166,9 @@ class ShapeRouter(nn.Module):
 
     def gates(self, subnet: Subnet, noisy: Optional[bool] = None) -> torch.Tensor:
         """Dense gates over all experts (zeros outside the top-k) for ``subnet``."""
-        idx, g = self.route(subnet, noisy)
+        return self._dense(*self.route(subnet, noisy))
+
+    def _dense(self, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.num_experts, dtype=g.dtype, device=g.device).index_put((idx,), g)
 
     def _param_version(self) -> tuple:
@@ -194,8 +196,7 @@ class ShapeRouter(nn.Module):
             with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
                 # fixed gates at evaluation: no graph kept alive across forwards
                 idx, g = self.route(subnet)
-                dense = torch.zeros(self.num_experts, dtype=g.dtype, device=g.device).index_put((idx,), g)
-            self._cache = (idx, g, dense)
+                self._cache = (idx, g, self._dense(idx, g))
             self._cache_key = key
         return self._cache
 
