@@ -147,9 +147,14 @@ def decode_ms_per_token(model, timer: Timer, batch: int, prompt_len: int, tokens
             return model.generate(ids, min_new_tokens=n, max_new_tokens=n, past_key_values=cache, **kwargs)
         return call
 
+    return per_token_ms(timer, run, tokens, reps, batch, warmup=2 if static else 1)
+
+
+def per_token_ms(timer: Timer, run, tokens: tuple[int, int], reps: int, batch: int, warmup: int) -> Optional[float]:
+    """(time of ``run(N2)()`` - time of ``run(N1)()``) / (N2 - N1): the prompt's prefill cancels out.
+    Warm-up happens at the exact lengths timed (a static cache and compiled graphs specialise on them)."""
     n1, n2 = tokens
-    # Warm-up at the exact lengths timed (a static cache + compile specialise on them).
-    t1 = timer.median(run(n1), reps, warmup=2 if static else 1)
+    t1 = timer.median(run(n1), reps, warmup=warmup)
     t2 = timer.median(run(n2), reps, warmup=1)
     if t2 <= t1:  # noise larger than the decode time: no number rather than a wrong one
         logger.warning("decode timing unresolved (batch %d): %d tokens took %.2f ms, %d took %.2f ms", batch, n2, t2,
@@ -169,7 +174,7 @@ class StepDecoder:
     the graph's output buffer from being overwritten while still in use. Without CUDA the step runs eagerly.
     """
 
-    def __init__(self, model, batch: int, max_len: int, compile_step: bool):
+    def __init__(self, model, max_len: int, compile_step: bool):
         from transformers import StaticCache
 
         self.model = model
@@ -207,18 +212,13 @@ def step_decode_ms_per_token(model, timer: Timer, batch: int, prompt_len: int, t
     equal ``generate``'s greedy tokens for the same prompt (a check that the hand loop decodes correctly)."""
     ids = torch.randint(0, vocab, (batch, prompt_len), device=device)
     n1, n2 = tokens
-    dec = StepDecoder(model, batch, prompt_len + n2 + 1, compile_step=device.type == "cuda")
+    dec = StepDecoder(model, prompt_len + n2 + 1, compile_step=device.type == "cuda")
     mine = dec.generate(ids, n1)
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None,
                          min_new_tokens=n1, max_new_tokens=n1, disable_compile=True)[:, prompt_len:]
     # bf16 ties can flip an argmax between two kernels; count it equal if the first tokens agree
     same = bool(torch.equal(mine[:, :2], ref[:, :2]))
-    t1 = timer.median(lambda: dec.generate(ids, n1), reps, warmup=2)
-    t2 = timer.median(lambda: dec.generate(ids, n2), reps, warmup=1)
-    if t2 <= t1:
-        logger.warning("step-decode timing unresolved (batch %d): %.2f ms vs %.2f ms", batch, t2, t1)
-        return None, same
-    return (t2 - t1) / (n2 - n1), same
+    return per_token_ms(timer, lambda n: lambda: dec.generate(ids, n), tokens, reps, batch, warmup=2), same
 
 
 def copy_bandwidth_gbs(device: torch.device, timer: Timer, nbytes: int) -> float:

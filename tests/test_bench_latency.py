@@ -24,7 +24,7 @@ def test_step_decoder_tokens_equal_generate_and_survive_reuse():
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 128, (2, 7), generator=g)
-    dec = bench.StepDecoder(model, batch=2, max_len=7 + 12 + 1, compile_step=False)
+    dec = bench.StepDecoder(model, max_len=7 + 12 + 1, compile_step=False)
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=12,
                          max_new_tokens=12, disable_compile=True)[:, 7:]
     got = dec.generate(ids, 12)
