@@ -35,3 +35,17 @@ def test_step_decoder_tokens_equal_generate_and_survive_reuse():
     ref2 = model.generate(other, attention_mask=torch.ones_like(other), do_sample=False, min_new_tokens=6,
                           max_new_tokens=6, disable_compile=True)[:, 7:]
     assert torch.equal(dec.generate(other, 6), ref2)
+
+
+def test_compiled_step_decoder_matches_generate():
+    """The step compiled as on the GPU (``torch.compile(mode="reduce-overhead")``; on a CPU inductor without
+    CUDA graphs) decodes the same greedy tokens, twice in a row (the compiled graph and the reset cache reused)."""
+    bench = _bench()
+    model = tiny_model("gqa", layers=2)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=8,
+                         max_new_tokens=8, disable_compile=True)[:, 7:]
+    dec = bench.StepDecoder(model, max_len=7 + 8 + 1, compile_step=True)
+    assert torch.equal(dec.generate(ids, 8), ref)
+    assert torch.equal(dec.generate(ids, 8), ref)
