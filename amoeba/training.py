@@ -400,21 +400,17 @@ def validate_training_setup(args, em: ElasticModel, strategy) -> Optional[dict]:
     return masks
 
 
-def fixed_training_subnet(args, em: ElasticModel, masks: Optional[dict]) -> Optional[Subnet]:
-    """The one subnet ``--train_num_layer``/``--train_num_width`` asks to train, or None (sandwich)."""
+def fixed_training_subnet(args, em: ElasticModel, strategy) -> Optional[Subnet]:
+    """The one subnet ``--train_num_layer``/``--train_num_width`` asks to train, or None (sandwich); a shape the
+    strategy (or the loaded widths) lacks is refused as for export."""
+    from amoeba.export import resolve_subnet
+
     t = args.train
     if t.train_num_layer is None:
         return None
     width = parse_ratio(t.train_num_width, "--train_num_width") if t.train_num_width else 1.0
-    if width_key(width) < 1.0:
-        allowed = args.width_choice if t.shrinkable_width else (1.0,)
-        if width_key(width) not in {width_key(w) for w in allowed} or width_key(width) not in em.width_plans:
-            raise UsageError(f"{width:g} is not a width of this run (give it in --width_choice, with "
-                             "--shrinkable_width and a strategy that has it)", "--train_num_width")
-    if t.train_num_layer < em.num_layers and masks is None and t.shrinking_method == "calib_dp":
-        raise UsageError("a fixed subnet below full depth needs --enable_shrinking and the strategy file",
-                         "--train_num_layer")
-    return subnet_for(em, int(t.train_num_layer), width, masks, flag="--train_num_layer")
+    return resolve_subnet(em, strategy, int(t.train_num_layer), width, t.shrinking_method,
+                          layer_flag="--train_num_layer", width_flag="--train_num_width")
 
 
 def _fallback_optimizer(t) -> None:
@@ -569,7 +565,7 @@ def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callback
     _disable_trainer_checkpointing(t)
 
     sampler = None
-    fixed = fixed_training_subnet(args, em, masks)
+    fixed = fixed_training_subnet(args, em, strategy)
     if fixed is not None:
         logger.info("training one fixed subnet: %s (%d parameters)", fixed.label, em.param_count(fixed))
     elif t.enable_shrinking or t.shrinkable_width:
