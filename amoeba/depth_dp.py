@@ -519,12 +519,9 @@ def run_block_influence_selection(args, model: nn.Module, tokenizer) -> dict:
         "method": "shortgpt", "num_layers": num_layers, "keep_last": keep_last, "calib_dataset": t.calib_dataset,
         "num_calib_sample": int(windows.shape[0]), "calib_seqlen": t.calib_seqlen, "seed": t.seed,
         "seconds": round(seconds, 3), "block_influence": [float(x) for x in bi], "depths": rows})
-    lines = ["# Layer selection (ShortGPT: lowest Block Influence dropped)", "",
-             "Block Influence per layer: " + ", ".join(f"{i}: {x:.4f}" for i, x in enumerate(bi)), "",
-             "| layers | removed | summed influence removed | removed layers |", "| ---: | ---: | ---: | --- |"]
-    lines += [f"| {r['num_layers']} | {r['removed']} | {r['score']:.4f} | "
-              f"{', '.join(map(str, r['removed_layers']))} |" for r in rows]
-    write_text(out / "dp_table.md", "\n".join(lines) + "\n")
+    write_depth_table(out, "Layer selection (ShortGPT: lowest Block Influence dropped)",
+                      "Block Influence per layer: " + ", ".join(f"{i}: {x:.4f}" for i, x in enumerate(bi)),
+                      "summed influence removed", rows)
     logger.info("ShortGPT layer selection from %d windows in %.1f s; strategy in %s", windows.shape[0], seconds, out)
     return final
 
@@ -559,13 +556,17 @@ def write_dp_outputs(output_dir: Path, result: DPResult) -> None:
         "keep_last": result.keep_last, "higher_is_better": result.higher_is_better,
         "evaluations": result.evaluations, "seconds": round(result.seconds, 3), **result.info, "depths": rows})
     metric = result.info.get("metric", "score")
-    lines = [f"# Layer selection ({metric}, {'higher' if result.higher_is_better else 'lower'} is better)", "",
-             f"{result.num_layers} layers, candidates 0..{result.candidates - 1}, "
-             f"{result.evaluations} subnets scored in {result.seconds:.1f} s.", "",
-             f"| layers | removed | {metric} | removed layers |", "| ---: | ---: | ---: | --- |"]
-    for r in rows:
-        lines.append(f"| {r['num_layers']} | {r['removed']} | {r['score']:.4f} | "
-                     f"{', '.join(map(str, r['removed_layers']))} |")
+    write_depth_table(output_dir, f"Layer selection ({metric}, {'higher' if result.higher_is_better else 'lower'} "
+                      "is better)", f"{result.num_layers} layers, candidates 0..{result.candidates - 1}, "
+                      f"{result.evaluations} subnets scored in {result.seconds:.1f} s.", metric, rows)
+
+
+def write_depth_table(output_dir: Path, title: str, intro: str, metric: str, rows: Sequence[dict]) -> None:
+    """``dp_table.md``: one line per depth (layers, removed, score, removed layers)."""
+    lines = [f"# {title}", "", intro, "", f"| layers | removed | {metric} | removed layers |",
+             "| ---: | ---: | ---: | --- |"]
+    lines += [f"| {r['num_layers']} | {r['removed']} | {r['score']:.4f} | {', '.join(map(str, r['removed_layers']))} |"
+              for r in rows]
     write_text(output_dir / "dp_table.md", "\n".join(lines) + "\n")
 
 
