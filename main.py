@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from amoeba.errors import UsageError
+from amoeba.errors import Interrupted, UsageError
 
 logger = logging.getLogger("amoeba.main")
 
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

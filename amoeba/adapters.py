@@ -124,6 +124,9 @@ class ShapeRouter(nn.Module):
         self._forward_id = 0
         self._cache_key = None
         self._cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._members: list[tuple[int, MoELoRA]] = []  # (layer, adapter); plain references, not submodules
+        self._mixes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mixed_stamp = None
 
     def bind(self, em: ElasticModel) -> None:
         """Read the current subnet from ``em`` and recompute gates at every decoder forward."""
@@ -172,8 +175,10 @@ class ShapeRouter(nn.Module):
         return torch.zeros(self.num_experts, dtype=g.dtype, device=g.device).index_put((idx,), g)
 
     def _param_version(self) -> tuple:
-        return tuple(p._version for p in (self.lora_gate_weight, self.lora_gate_bias,
-                                          self.lora_noise_weight, self.lora_noise_bias))
+        # the experts' versions too: evaluation caches their mix, which must follow an in-place load
+        own = (self.lora_gate_weight, self.lora_gate_bias, self.lora_noise_weight, self.lora_noise_bias)
+        return (tuple(p._version for p in own),
+                tuple((ad.lora_A._version, ad.lora_B._version) for _, ad in self._members))
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Gates of the elastic model's current subnet as (indices [topk], gates [topk]) (cached; see
@@ -184,6 +189,55 @@ class ShapeRouter(nn.Module):
         """The current gates as a dense vector over all experts (zeros outside the top-k), cached."""
         return self._current()[2]
 
+    def add_member(self, layer: int, adapter: "MoELoRA") -> None:
+        """Register an adapter of decoder layer ``layer`` whose experts this router mixes."""
+        self._members.append((int(layer), adapter))
+
+    def mixed(self, adapter: "MoELoRA") -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r] times alpha/r) of ``adapter`` mixed with the current gates (see :meth:`_mix_all`)."""
+        # validated once per forward and subnet, not once per adapter (evaluation's check reads every
+        # expert's version)
+        stamp = (self._forward_id, self._em.subnet if self._em is not None else None)
+        if stamp != self._mixed_stamp:
+            self._current()
+            self._mixed_stamp = stamp
+        m = self._mixes.get(id(adapter))
+        if m is None:  # not registered, or its layer is not in the subnet: mix it alone
+            dense = self._cache[2]
+            m = mix_experts(dense, adapter.lora_A, adapter.lora_B, dense * adapter.scaling)
+        return m
+
+    def _mix_all(self, subnet: Subnet, dense: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Mix the experts of every registered adapter of the subnet's layers at once.
+
+        Adapters of equal shape are stacked and mixed by one matrix product, and the mixed matrices are cast to
+        the autocast precision once: a few dozen kernels per forward instead of about ten per adapter, which
+        is what a small model's training step is bound by. Skipped layers' adapters stay out of the graph (no
+        gradient, so no optimizer update for them).
+        """
+        kept = set(subnet.layers)
+        groups: dict[tuple, list[MoELoRA]] = {}
+        for layer, ad in self._members:
+            if layer in kept:
+                key = (tuple(ad.lora_A.shape), tuple(ad.lora_B.shape), ad.lora_A.device, ad.lora_A.dtype, ad.scaling)
+                groups.setdefault(key, []).append(ad)
+        mixes = {}
+        for (shape_a, shape_b, device, dtype, scaling), ads in groups.items():
+            e, n = shape_a[0], len(ads)
+            cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+            with torch.autocast(device_type=device.type, enabled=False):
+                # stacked on a new first dim, so each adapter's gradient is a contiguous slice the optimizer
+                # can take as it is (no copy per parameter)
+                g = dense.to(device=device, dtype=dtype).view(1, 1, e)
+                a_all = (g @ torch.stack([ad.lora_A for ad in ads]).view(n, e, -1)).view(n, *shape_a[1:])
+                b_all = ((g * scaling) @ torch.stack([ad.lora_B for ad in ads]).view(n, e, -1)).view(
+                    n, *shape_b[1:])
+                if cast is not None:  # once here instead of once per adapter inside each product
+                    a_all, b_all = a_all.to(cast), b_all.to(cast)
+            for ad, a, b in zip(ads, a_all.unbind(0), b_all.unbind(0)):
+                mixes[id(ad)] = (a, b)
+        return mixes
+
     def _current(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._em is None:
             raise RuntimeError("the router is not bound to an elastic model")
@@ -191,27 +245,36 @@ class ShapeRouter(nn.Module):
         if self.training:
             key = ("train", subnet, self._forward_id, self.noise_seed)
         else:
-            key = ("eval", subnet, self._param_version(), self.lora_gate_weight.device)
+            dev = self.lora_gate_weight.device
+            autocast = torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type)
+            key = ("eval", subnet, self._param_version(), dev, autocast)
         if key != self._cache_key or self._cache is None:
             with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
                 # fixed gates at evaluation: no graph kept alive across forwards
                 idx, g = self.route(subnet)
                 self._cache = (idx, g, self._dense(idx, g))
+                # here too, once per forward and outside gradient-checkpointed layers: the mixed adapters
+                self._mixes = self._mix_all(subnet, self._cache[2])
             self._cache_key = key
         return self._cache
 
 
-def mix_experts(gates: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_e g_e A_e, sum_e g_e B_e) for dense gates [E]: one small matrix product each.
+def mix_experts(gates: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                b_gates: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_e g_e A_e, sum_e h_e B_e) for dense gates g [E] and h = ``b_gates`` (default g).
 
     Mixing with the dense gate vector (zeros outside the top-k) instead of gathering the chosen experts
     keeps the number of kernels per adapter low, which is what a step of a small model is bound by; the
-    unchosen experts get exactly zero gradient either way.
+    unchosen experts get exactly zero gradient either way. The mix runs in the adapters' own precision even
+    under autocast: casting the two mixed matrices costs two kernels, casting the expert stacks and the
+    gates four.
     """
     e = lora_A.shape[0]
-    g = gates.to(device=lora_A.device, dtype=lora_A.dtype).view(1, e)
-    a = (g @ lora_A.view(e, -1)).view(lora_A.shape[1:])
-    b = (g @ lora_B.view(e, -1)).view(lora_B.shape[1:])
+    with torch.autocast(device_type=lora_A.device.type, enabled=False):
+        g = gates.to(device=lora_A.device, dtype=lora_A.dtype).view(1, e)
+        h = g if b_gates is None else b_gates.to(device=lora_B.device, dtype=lora_B.dtype).view(1, e)
+        a = (g @ lora_A.view(e, -1)).view(lora_A.shape[1:])
+        b = (h @ lora_B.view(e, -1)).view(lora_B.shape[1:])
     return a, b
 
 
@@ -249,10 +312,16 @@ class MoELoRA(nn.Module):
                 f"experts={self.num_experts}")
 
     def combined(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [r, in], B [out, r]) mixed with the current gates."""
+        """(A [r, in], B [out, r] times alpha/r) mixed with the current gates.
+
+        The scaling rides on B (a small matrix) rather than on the output (tokens x out): one kernel less per
+        adapter and pass, on far less memory.
+        """
         if self.router is None:
-            return self.lora_A[0], self.lora_B[0]
-        return mix_experts(self.router.current_dense(), self.lora_A, self.lora_B)
+            # views, not [0]: indexing would add a scatter into a zero tensor to every backward
+            a, b = self.lora_A.view(self.lora_A.shape[1:]), self.lora_B.view(self.lora_B.shape[1:])
+            return a, b * self.scaling
+        return self.router.mixed(self)
 
     def forward(self, x: torch.Tensor, out_k: Optional[int] = None) -> torch.Tensor:
         """The output delta for input ``x`` (last dim: the kept input features) and kept outputs ``out_k``."""
@@ -267,7 +336,7 @@ class MoELoRA(nn.Module):
         # would only add a round trip (two kernels per adapter and pass) that autocast undoes.
         h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
         h = self.dropout(h)
-        delta = F.linear(F.linear(h, a), b) * self.scaling
+        delta = F.linear(F.linear(h, a), b)
         if masked and out_k is not None:
             state, layer, role = self.host
             delta = delta * state.unit_mask(layer, role, delta.shape[-1], out_k, delta.device, delta.dtype)
@@ -351,6 +420,8 @@ def attach_adapters(model: nn.Module, em: ElasticModel, config: AdapterConfig) -
             adapter = MoELoRA(mod.in_features, mod.out_features, config.r, config.alpha, config.dropout,
                               config.num_experts, router).to(device)
             object.__setattr__(adapter, "host", (em.state, layer, role))
+            if router is not None:
+                router.add_member(layer, adapter)
             mod.add_module("amoeba_adapter", adapter)
             adapted.append(mod)
     object.__setattr__(model, "_amoeba_adapter_config", config)

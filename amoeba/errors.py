@@ -11,3 +11,12 @@ class UsageError(ValueError):
     def __init__(self, message: str, flag: str | None = None):
         self.flag = flag
         super().__init__(f"{flag}: {message}" if flag else message)
+
+
+class Interrupted(Exception):
+    """The run was asked to stop (SIGTERM/SIGINT) and stopped cleanly; ``main.py`` prints the message and exits
+    with ``128 + signum``, the shell's code for a process ended by that signal."""
+
+    def __init__(self, message: str, signum: int):
+        self.signum = int(signum)
+        super().__init__(message)

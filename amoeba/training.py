@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -29,7 +31,7 @@ import transformers
 from amoeba.adapters import ADAPTER_DIR, CONFIG_FILE, add_adapters, get_router, load_adapters, save_adapters
 from amoeba.args import parse_ratio, width_key
 from amoeba.elastic import ElasticModel, subnet_for
-from amoeba.errors import UsageError
+from amoeba.errors import Interrupted, UsageError
 from amoeba.files import atomic_path, write_json, write_text
 from amoeba.subnet import Subnet
 
@@ -603,6 +605,61 @@ class AdapterSnapshots(transformers.TrainerCallback):
             save_adapters(model, self.output_dir / f"{ADAPTER_DIR}-step{state.global_step}", self.em)
 
 
+class StopOnSignal(transformers.TrainerCallback):
+    """SIGTERM or SIGINT while training: finish the current optimizer step, write a checkpoint, stop.
+
+    A scheduler's deadline or a preemption then costs no finished step, and ``--resume_training`` continues
+    from exactly there. With several processes the decision is agreed at every step end (one tiny
+    all-reduce), so all of them save and stop at the same step even if the signal reached them apart.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous: dict = {}
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Catch the signals for the duration of the block (main thread only; elsewhere: no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+            self._previous.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.received is not None:  # a second signal: stop at once, the usual way
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        logger.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+
+    def _agreed(self, args) -> Optional[int]:
+        if args.world_size <= 1:
+            return self.received
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.received or 0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102 (TrainerCallback API)
+        signum = self._agreed(args)
+        if signum is not None:
+            self.received = signum
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
 def snapshot_steps(text: Optional[str]) -> list[int]:
     """Parse ``--adapter_snapshot_steps`` (``400,1000``)."""
     if not text:
@@ -620,12 +677,20 @@ def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: 
     steps = snapshot_steps(t.adapter_snapshot_steps)
     if steps:
         callbacks = list(callbacks or []) + [AdapterSnapshots(steps, em, t.output_dir)]
+    stop = StopOnSignal()
+    callbacks = list(callbacks or []) + [stop]
     trainer, resume_from = prepare_trainer(args, model, tokenizer, em, strategy, callbacks)
     model = trainer.model
     start = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    with stop.installed():
+        result = trainer.train(resume_from_checkpoint=resume_from)
     elapsed = time.time() - start
     out = Path(t.output_dir)
+    if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
+        step = trainer.state.global_step
+        raise Interrupted(f"{signal.Signals(stop.received).name} at step {step} of {trainer.state.max_steps}; "
+                          f"checkpoint {out / f'checkpoint-{step}'} written; continue with --resume_training",
+                          stop.received)
     # Every process evaluates: the Trainer gathers across processes, so one alone would wait forever.
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None and t.do_eval else {}
     if trainer.args.should_save:

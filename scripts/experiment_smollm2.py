@@ -63,6 +63,11 @@ PPL = "wikitext2_ppl"
 REPEAT = "amoeba_repeat"  # (d)'s evaluation run a second time: its own folder, compared with (d)'s
 
 
+# Rough duration of an evaluation job on the H200 with a few jobs beside it (start-up, then each shape with all
+# metrics; measured: 316 s for 4 shapes with 9 jobs sharing the GPU).
+EVAL_JOB_S, EVAL_SHAPE_S = 40.0, 75.0
+
+
 def row_of_folder(name: str) -> Optional[str]:
     """The row an evaluation folder (or a job name without its phase) belongs to: ``amoeba_w0.75`` ->
     ``amoeba``, ``amoeba_repeat`` -> ``amoeba_repeat``, the longest matching row name wins."""
@@ -81,9 +86,15 @@ class Job:
     want_keys: list[str] = field(default_factory=list)
     resumable: bool = False
     needs: list[Path] = field(default_factory=list)  # files that must exist before it can start
+    expected_s: float = 0.0  # rough duration; a job that is not resumable starts only if it fits the deadline
 
     def ready(self) -> bool:
         return all(Path(p).exists() for p in self.needs)
+
+    def fits(self, now: float, deadline: float) -> bool:
+        """Whether starting now can pay off: a resumable job always can, another only if it ends in time (a job
+        stopped half-way keeps nothing)."""
+        return self.resumable or now + self.expected_s <= deadline
 
     def done(self) -> bool:
         if self.done_file and not (self.out / self.done_file).is_file():
@@ -243,7 +254,8 @@ class Plan:
                 *(["--adapter_dir", str(adapters)] if adapters else []), *(extra or [])]
         keys = [f"{m}_{label(d, w)}" for d, w in shapes for m in (PPL, *ACC_METRICS)]
         needs = [Path(strategy)] + ([Path(adapters) / "adapter_config.json"] if adapters else [])
-        return Job(f"eval_{row}" + (f"_{part}" if part else ""), argv, o, want_keys=keys, needs=needs)
+        return Job(f"eval_{row}" + (f"_{part}" if part else ""), argv, o, want_keys=keys, needs=needs,
+                   expected_s=EVAL_JOB_S + EVAL_SHAPE_S * len(shapes))
 
     def eval_jobs(self) -> list[Job]:
         c = self.cfg
@@ -268,8 +280,10 @@ class Plan:
         # Reproducibility: (d)'s evaluation again, in another process, on the largest and smallest shapes.
         ends = [self.single[0], self.single[-1]]
         jobs.append(self._eval_job(REPEAT, "", self.strategy, ends, self.moe(), snapshot))
-        jobs.append(self._eval_job("amoeba_long", "", self.strategy, self.single, self.moe(),
-                                   train / "amoeba" / "adapter_model"))
+        # one job per shape: they start together when the long run ends, so its tail is one shape long
+        for layers, width in self.single:
+            jobs.append(self._eval_job("amoeba_long", label(layers, width), self.strategy, [(layers, width)],
+                                       self.moe(), train / "amoeba" / "adapter_model"))
         # A job whose adapters come from training starts once they exist (Job.needs): from this run or an earlier one.
         return [j for j in jobs if self.wanted(self.row_of(j.name))]
 
@@ -297,7 +311,8 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict
     while pending or running:
         now = time.time()
         while len(running) < parallel and now < deadline:
-            job = next((j for j in pending if j.ready()), None)  # the first whose inputs exist
+            # the first whose inputs exist and that can finish before the deadline
+            job = next((j for j in pending if j.ready() and j.fits(now, deadline)), None)
             if job is None:
                 break
             pending.remove(job)
@@ -319,7 +334,7 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict
             if code is None and time.time() >= deadline:
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
-                    code = proc.wait(timeout=30)
+                    code = proc.wait(timeout=90)  # a training job finishes its step and checkpoints first
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     code = proc.wait()
@@ -342,6 +357,10 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict
         if pending and not running and not any(j.ready() for j in pending):
             logger.error("cannot start (inputs missing): %s", ", ".join(j.name for j in pending))
             failed += [j.name for j in pending]
+            pending = []
+        if pending and not running and not any(j.ready() and j.fits(time.time(), deadline) for j in pending):
+            # nothing left can finish in time: stop now instead of idling until the deadline
+            logger.warning("deadline too close to start: %s", ", ".join(j.name for j in pending))
             pending = []
         if pending and time.time() >= deadline:
             logger.warning("deadline: %d job(s) not started: %s", len(pending), ", ".join(j.name for j in pending))

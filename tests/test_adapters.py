@@ -158,6 +158,41 @@ def test_gradients_reach_only_kept_layers_and_kept_features():
     assert router.lora_gate_weight.grad is not None and router.lora_gate_weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_mixing_all_adapters_at_once_equals_mixing_each(autocast):
+    """The router mixes the experts of every adapter of the subnet in one product per shape; outputs and every
+    gradient (experts and router) equal mixing each adapter on its own, also in a training forward under bf16
+    autocast (within bf16 rounding) and for adapters of skipped layers (no gradient)."""
+    results = []
+    for batched in (True, False):
+        model = tiny_model("gqa", layers=4)
+        em = make_elastic(model)
+        _moe(em, model)
+        _randomize_b(model)
+        router = get_router(model)
+        if not batched:
+            router._members.clear()  # every adapter falls back to mixing its own experts
+        model.train()
+        router.noise_seed = 3
+        em.set_subnet(Subnet((0, 2, 3), 0.75))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(torch.arange(12).view(2, 6)).logits.float()
+        logits.square().mean().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logits.detach(), grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    tol = 2e-2 if autocast else 1e-5
+    assert torch.allclose(out_a, out_b, rtol=tol, atol=tol * 1e-2)
+    assert grads_a.keys() == grads_b.keys()
+    for name, g in grads_a.items():
+        if g is None:  # an adapter of the skipped layer 1
+            assert grads_b[name] is None and ".1." in name, name
+            continue
+        ref = grads_b[name]
+        assert torch.allclose(g, ref, rtol=tol, atol=tol * float(ref.abs().max())), name
+
+
+
 @pytest.mark.parametrize("kind", ["gqa", "mha"])
 def test_merged_delta_reproduces_the_adapted_subnet(kind, tokens):
     """W + merged_delta (adapters removed) gives the adapted subnet's logits: what export relies on."""

@@ -374,9 +374,10 @@ def test_bad_inputs_exit_2(tiny_dir, tmp_path):
     _assert_exit_2(_main(*base, *SANDWICH, *strat, "--fsdp", "full_shard auto_wrap"), "--fsdp", "DDP")
 
 
-def test_killed_run_resumes_to_the_same_adapters(tiny_dir, tmp_path):
+def test_killed_or_stopped_run_resumes_to_the_same_adapters(tiny_dir, tmp_path):
     """SIGKILL after a checkpoint, then --resume_training: the final adapters equal an uninterrupted run's
-    (same seed) to 1e-6."""
+    (same seed) to 1e-6. SIGTERM instead: the run finishes its step, writes a checkpoint at that very step, exits
+    143 with one line, and resumes to the same adapters too."""
     flags = [*SANDWICH, "--shrinking_file", str(tiny_dir / "dp_selection_strategy.npy"), "--use_moe_lora",
              "--moe_num_expert", "3", "--moe_topk", "2", "--max_steps", "10", "--save_strategy", "steps",
              "--save_steps", "3", "--save_total_limit", "2", "--gradient_accumulation_steps", "2",
@@ -384,36 +385,44 @@ def test_killed_run_resumes_to_the_same_adapters(tiny_dir, tmp_path):
              "--seed", "11", "--data_seed", "5"]
     full = _main(*_flags(tiny_dir, tmp_path / "full", *flags))
     assert full.returncode == 0, full.stderr[-3000:]
-
-    out = tmp_path / "killed"
-    proc = _run_main(*_flags(tiny_dir, out, *flags), wait=False)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "checkpoint-3" / "trainer_state.json").is_file():
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "adapter_model").exists()
-    ckpt = last_complete_checkpoint(out)
-    assert ckpt is not None and int(ckpt.name.split("-")[1]) < 10
-
-    again = _main(*_flags(tiny_dir, out, *flags))  # without --resume_training: refuses to overwrite
-    _assert_exit_2(again, "--resume_training")
-    resumed = _run_main(*_flags(tiny_dir, out, *flags, "--resume_training"))
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming from {ckpt}" in resumed.stderr
-
     from safetensors.torch import load_file
 
-    a = load_file(str(tmp_path / "full" / "adapter_model" / "adapter_model.safetensors"))
-    b = load_file(str(out / "adapter_model" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    moved = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert moved <= 1e-6, moved
-    assert max(float(a[k].abs().max()) for k in a if k.endswith("lora_B")) > 1e-4  # training moved them
+    reference = load_file(str(tmp_path / "full" / "adapter_model" / "adapter_model.safetensors"))
+    assert max(float(reference[k].abs().max()) for k in reference if k.endswith("lora_B")) > 1e-4  # moved
+
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        out = tmp_path / sig.name
+        proc = _run_main(*_flags(tiny_dir, out, *flags), wait=False)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "checkpoint-3" / "trainer_state.json").is_file():
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be stopped: " + proc.stderr.read()[-2000:]
+        proc.send_signal(sig)
+        stderr = proc.communicate(timeout=300)[1]
+        assert not (out / "adapter_model").exists()
+        ckpt = last_complete_checkpoint(out)
+        assert ckpt is not None and int(ckpt.name.split("-")[1]) < 10
+        if sig == signal.SIGKILL:
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+            step = int(ckpt.name.split("-")[1])
+            assert f"stopped: SIGTERM at step {step} of 10" in stderr and "Traceback" not in stderr
+            state = json.loads((ckpt / "trainer_state.json").read_text())
+            assert state["global_step"] == step
+
+        again = _main(*_flags(tiny_dir, out, *flags))  # without --resume_training: refuses to overwrite
+        _assert_exit_2(again, "--resume_training")
+        resumed = _run_main(*_flags(tiny_dir, out, *flags, "--resume_training"))
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resuming from {ckpt}" in resumed.stderr
+
+        b = load_file(str(out / "adapter_model" / "adapter_model.safetensors"))
+        assert reference.keys() == b.keys()
+        moved = max(float((reference[k] - b[k]).abs().max()) for k in reference)
+        assert moved <= 1e-6, (sig.name, moved)
 
 
 # ----------------------------------------------------------------------------------------------
