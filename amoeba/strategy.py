@@ -602,11 +602,39 @@ def _current_positions(order_now, wanted: np.ndarray):
     return inv[torch.as_tensor(wanted, dtype=torch.long)]
 
 
+def _unit_orders(strategy: Strategy, em, ratios: Sequence[float], where: str) -> Optional[tuple[list, list]]:
+    """Per layer, the new order of KV groups and MLP channels (as positions of the current order), or None
+    when there is nothing to rank by.
+
+    Ranked by every width of the file when its kept sets are nested, so the model's unit order, and with it
+    the bf16 rounding of every result, does not depend on which widths ``--width_choice`` asks for (even
+    none); by the requested widths alone otherwise (they must be nested).
+    """
+    every = sorted((r for r in strategy.widths() if r != 1.0), reverse=True)
+    for rank_by in (every, list(ratios)):
+        if not rank_by:
+            return None
+        try:
+            group_orders, channel_orders = [], []
+            for layer in range(em.num_layers):
+                units = [_width_units(strategy, em, r, layer) for r in rank_by]
+                g_order = _importance_order([g for g, _ in units], f"layer {layer} KV groups", where)
+                c_order = _importance_order([c for _, c in units], f"layer {layer} MLP channels", where)
+                group_orders.append(_current_positions(em.state.group_order[layer], g_order))
+                channel_orders.append(_current_positions(em.state.channel_order[layer], c_order))
+            return group_orders, channel_orders
+        except UsageError as err:
+            if rank_by is not every or list(ratios) == every:
+                raise
+            logger.info("units ranked by the requested widths only: not by all of the file's (%s)", err)
+    return None
+
+
 def apply_strategy(em, strategy: Strategy, width_choice: Sequence[float], nonuniform: bool = True) -> None:
     """Give the elastic model ``em`` the strategy's widths for every ratio in ``width_choice``.
 
-    Each layer's KV groups and MLP channels are reordered once by importance (a unit kept at more ratios
-    ranks higher), so every width is a prefix; with ``nonuniform`` each ratio gets the file's per-layer
+    Each layer's KV groups and MLP channels are reordered once by importance (a unit kept at more of the
+    file's ratios ranks higher; see :func:`_unit_orders`), so every width is a prefix; with ``nonuniform`` each ratio gets the file's per-layer
     sizes and FLAP biases as a width plan, otherwise widths stay uniform (round(r * n) per layer, no bias).
     Depth masks are read by callers (``strategy.layer_masks``). Ratio 1.0 is the full model.
     """
@@ -614,29 +642,23 @@ def apply_strategy(em, strategy: Strategy, width_choice: Sequence[float], nonuni
 
     validate_strategy(strategy, em, width_choice)
     ratios = sorted((r for r in _requested(width_choice) if r in strategy.widths()), reverse=True)
-    if not ratios:
-        if _requested(width_choice) and not strategy.has_width:
+    if not strategy.has_width:
+        if _requested(width_choice):
             logger.warning("the strategy has no width masks; widths %s stay uniform (first units)",
                            ", ".join(f"{r:g}" for r in _requested(width_choice)))
         return
     where = strategy.source or "the strategy"
+    orders = _unit_orders(strategy, em, ratios, where)
+    if orders is not None:
+        em.reorder(*orders)
     n = em.num_layers
     group_keep = {r: [] for r in ratios}
     channel_keep = {r: [] for r in ratios}
-    group_orders, channel_orders = [], []
     for layer in range(n):
-        gk, ck = [], []
         for r in ratios:
             g, c = _width_units(strategy, em, r, layer)
-            gk.append(g)
-            ck.append(c)
             group_keep[r].append(g)
             channel_keep[r].append(c)
-        g_order = _importance_order(gk, f"layer {layer} KV groups", where)
-        c_order = _importance_order(ck, f"layer {layer} MLP channels", where)
-        group_orders.append(_current_positions(em.state.group_order[layer], g_order))
-        channel_orders.append(_current_positions(em.state.channel_order[layer], c_order))
-    em.reorder(group_orders, channel_orders)
 
     for r in ratios:
         if not nonuniform:

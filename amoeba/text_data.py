@@ -229,10 +229,15 @@ def model_device(model: torch.nn.Module) -> torch.device:
 
 
 def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
-    """(sum of next-token NLL, number of predicted tokens) of full windows, computed in float32."""
-    shift = logits[:, :-1, :].float()
-    target = input_ids[:, 1:].to(shift.device)
-    nll = F.cross_entropy(shift.reshape(-1, shift.shape[-1]), target.reshape(-1), reduction="sum")
+    """(sum of next-token NLL, number of predicted tokens) of full windows, computed in float32.
+
+    One window at a time: a float32 copy of a whole batch's logits (32 x 2048 x 49k vocabulary: 13 GB, twice
+    over for the log-softmax) would exhaust a GPU that several evaluations share.
+    """
+    target = input_ids[:, 1:].to(logits.device)
+    nll = torch.zeros((), dtype=torch.float64, device=logits.device)
+    for row in range(logits.shape[0]):
+        nll += F.cross_entropy(logits[row, :-1, :].float(), target[row], reduction="sum")
     return float(nll), int(target.numel())
 
 

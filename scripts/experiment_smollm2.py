@@ -15,7 +15,7 @@ Metrics: WikiText-2 test perplexity, ARC-Easy acc, PIQA acc, HellaSwag acc_norm 
 ``--lm_eval_limit`` documents each) and zero-shot MMLU test accuracy (``--mmlu_samples`` questions).
 
     python scripts/experiment_smollm2.py --out output/experiment                 # everything, resumable
-    python scripts/experiment_smollm2.py --out output/experiment --phase report --docs docs/RESULTS.md
+    python scripts/experiment_smollm2.py --out output/experiment --phase report --docs docs/results_tables.md
     python scripts/experiment_smollm2.py --out /tmp/x --smoke --model <tiny> --strategy <its strategy>
 
 Jobs of a phase run ``--jobs`` at a time (on one GPU the small model leaves it mostly idle, so several
@@ -403,7 +403,7 @@ def _fmt(v: Optional[float], kind: str) -> str:
 
 
 def render(plan: Plan, rows: dict, timings: dict, driver_cmd: str) -> str:
-    """docs/RESULTS.md: summary, per-metric tables, comparisons, costs, commands."""
+    """The report (docs/results_tables.md): summary, per-metric tables, comparisons, costs, commands."""
     c = plan.cfg
     shapes = plan.grid
     labels = [label(d, w) for d, w in shapes]
@@ -431,12 +431,17 @@ def render(plan: Plan, rows: dict, timings: dict, driver_cmd: str) -> str:
     rep = rows.get(REPEAT, {})
     if rep:
         first = rows.get("amoeba", {})
-        same = all(first.get(lab, {}).get(m) == v for lab, vals in rep.items() for m, v in vals.items())
-        verdict = "identical numbers, every metric" if same else "DIFFERENT numbers"
+        diffs = [(lab, m, first.get(lab, {}).get(m), v) for lab, vals in rep.items() for m, v in vals.items()
+                 if first.get(lab, {}).get(m) != v]
+        verdict = "identical numbers, every metric" if not diffs else "DIFFERENT numbers"
         shown = ", ".join(f"{lab}: avg {_fmt(v.get('avg_acc'), 'acc')}, ppl {_fmt(v.get(PPL), 'ppl')}"
                           for lab, v in rep.items())
         lines += ["## Reproducibility", "",
                   f"(d)'s evaluation run again in a separate process: {verdict} ({shown}).", ""]
+        if diffs:
+            lines += ["| shape | metric | (d) | again |", "| --- | --- | ---: | ---: |"]
+            lines += [f"| {lab} | {m} | {a if a is None else f'{a:.4f}'} | {b:.4f} |" for lab, m, a, b in diffs]
+            lines.append("")
     lines += ["## Cost", "", f"Wall seconds of each job on the machine that ran it (up to {c.jobs} jobs shared "
               "one GPU at a time, so these are not exclusive GPU seconds).", "", "| job | seconds | runs |",
               "| --- | ---: | ---: |"]
@@ -550,7 +555,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="jobs run at once (on one H200, 9 filled its 141 GB and the GPU was busy 99%% of the time)")
     p.add_argument("--rows", default=None, help="only these rows (comma list of: " + ", ".join(ROW_TITLES) + ")")
     p.add_argument("--deadline_s", type=float, default=None, help="stop after this many seconds (resumable)")
-    p.add_argument("--docs", default=None, help="also write the report here (e.g. docs/RESULTS.md)")
+    p.add_argument("--docs", default=None, help="also write the report here (e.g. docs/results_tables.md)")
     p.add_argument("--dataset", default="alpaca-clean")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--long_steps", type=int, default=1000)

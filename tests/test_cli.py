@@ -124,3 +124,20 @@ def test_real_model_full_subnet_and_gguf(real_model_dir):
         g, r = gmodel(ids).logits, ref(ids).logits
     assert (g - r).abs().mean() < 0.05 and (g - r).abs().max() < 0.02 * r.abs().max()
     assert torch.equal(g[0, -1].argmax(), r[0, -1].argmax())
+
+
+def test_atomic_writes_replace_whole_files_with_ordinary_permissions(tmp_path):
+    """Outputs appear whole (written to a temporary file, then renamed), keep nothing behind on failure, and get
+    the permissions of a plain write, not the private mode of the temporary file."""
+    from amoeba.files import atomic_path, write_json
+
+    target = tmp_path / "out.json"
+    write_json(target, {"a": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("interrupted")
+    assert target.read_text().strip().endswith("}") and list(tmp_path.iterdir()) == [target]

@@ -296,6 +296,43 @@ def test_apply_strategy_twice_keeps_the_file_order(tokens, tmp_path):
     torch.testing.assert_close(got, masked_reference_logits(ref_model, s, 0.75, tokens), atol=1e-5, rtol=1e-4)
 
 
+def test_unit_order_does_not_depend_on_the_requested_widths(tokens, tmp_path):
+    """Every --width_choice (even only 1) gives the same unit order, ranked by all of the file's widths, so a
+    shape evaluated in runs that ask for different widths gets bit-identical results; a file whose other widths
+    are not nested falls back to ranking by the requested ones."""
+    model = tiny_model("gqa", layers=3)
+    s = load_strategy_from(random_strategy(model, seed=7), tmp_path / "s.npy")
+    runs = []
+    for choice in ((1.0,), (1.0, 0.625), (1.0, 0.875, 0.75, 0.625)):
+        m = copy.deepcopy(model)
+        em = make_elastic(m)
+        apply_strategy(em, s, choice)
+        runs.append(([o.clone() for o in em.state.group_order], [o.clone() for o in em.state.channel_order],
+                     _logits(m, tokens)))
+        if 0.625 in choice:
+            with em.use(Subnet((0, 1, 2), 0.625)):
+                runs[-1] += (_logits(m, tokens),)
+    for groups, channels, full, *rest in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(groups, runs[0][0]))
+        assert all(torch.equal(a, b) for a, b in zip(channels, runs[0][1]))
+        assert torch.equal(full, runs[0][2])
+    assert torch.equal(runs[1][3], runs[2][3])
+    # the order is not the identity: it ranks the units kept at more widths first
+    assert any(not torch.equal(o, torch.arange(len(o))) for o in runs[0][1])
+
+    raw = random_strategy(model, ratios=(1.0, 0.75, 0.5), seed=2)
+    name = module_name(0, "gate_proj")
+    a = raw["width_mask"][name][0.75]
+    b = np.zeros_like(a)
+    b[np.flatnonzero(~a)[0]] = True  # 0.5 keeps a channel 0.75 drops: not nested with 0.75
+    raw["width_mask"][name][0.5] = b
+    raw["width_mask"][module_name(0, "up_proj")][0.5] = b
+    s = load_strategy_from(raw, tmp_path / "n.npy")
+    em = make_elastic(copy.deepcopy(model))
+    apply_strategy(em, s, (1.0, 0.75))  # 0.75 alone is fine
+    assert 0.75 in em.width_plans
+
+
 def test_apply_strategy_refuses_non_nested_and_split_groups(tmp_path):
     model = tiny_model("gqa", layers=2)
     raw = random_strategy(model, ratios=(1.0, 0.75, 0.5))
