@@ -87,3 +87,22 @@ def test_regenerate_command_drops_scheduling_flags():
                                   "--deadline_s", "30", "--docs", "docs/RESULTS.md"])
     assert cmd == ("python scripts/experiment_smollm2.py --out output/experiment --steps 400 "
                    "--docs docs/RESULTS.md")
+
+
+def test_jobs_that_cannot_finish_before_the_deadline_are_not_started(tmp_path):
+    """An evaluation job (not resumable) starts only if its expected duration fits before the deadline; when no
+    remaining job fits, the driver stops at once instead of idling until the deadline. A resumable (training) job
+    always fits: it checkpoints when stopped."""
+    import time
+
+    exp = _module()
+    evaluation = exp.Job("eval_x", ["--never-run"], tmp_path / "x", want_keys=["k"], expected_s=600.0)
+    training = exp.Job("train_x", [], tmp_path / "t", done_file="train_results.json", resumable=True, expected_s=1e9)
+    now = time.time()
+    assert not evaluation.fits(now, now + 300) and evaluation.fits(now, now + 700)
+    assert training.fits(now, now + 1)
+    start = time.time()
+    result = exp.run_jobs([evaluation], tmp_path, parallel=2, deadline=time.time() + 120)
+    assert time.time() - start < 10  # did not wait for the deadline
+    assert result == {"failed": []}
+    assert not (tmp_path / "logs" / "eval_x.log").exists()  # never launched
