@@ -602,41 +602,28 @@ def _current_positions(order_now, wanted: np.ndarray):
     return inv[torch.as_tensor(wanted, dtype=torch.long)]
 
 
-def _unit_orders(strategy: Strategy, em, ratios: Sequence[float], where: str) -> Optional[tuple[list, list]]:
-    """Per layer, the new order of KV groups and MLP channels (as positions of the current order), or None
-    when there is nothing to rank by.
-
-    Ranked by every width of the file when its kept sets are nested, so the model's unit order, and with it
-    the bf16 rounding of every result, does not depend on which widths ``--width_choice`` asks for (even
-    none); by the requested widths alone otherwise (they must be nested).
-    """
-    every = sorted((r for r in strategy.widths() if r != 1.0), reverse=True)
-    for rank_by in (every, list(ratios)):
-        if not rank_by:
-            return None
-        try:
-            group_orders, channel_orders = [], []
-            for layer in range(em.num_layers):
-                units = [_width_units(strategy, em, r, layer) for r in rank_by]
-                g_order = _importance_order([g for g, _ in units], f"layer {layer} KV groups", where)
-                c_order = _importance_order([c for _, c in units], f"layer {layer} MLP channels", where)
-                group_orders.append(_current_positions(em.state.group_order[layer], g_order))
-                channel_orders.append(_current_positions(em.state.channel_order[layer], c_order))
-            return group_orders, channel_orders
-        except UsageError as err:
-            if rank_by is not every or list(ratios) == every:
-                raise
-            logger.info("units ranked by the requested widths only: not by all of the file's (%s)", err)
-    return None
+def _unit_orders(kept: dict, rank_by: Sequence[float], em, where: str) -> tuple[list, list]:
+    """Per layer, the new order of KV groups and MLP channels (as positions of the current order): a unit kept
+    at more of the widths ``rank_by`` ranks higher. ``kept[r][layer]`` = (kept groups, kept channels); the
+    kept sets must be nested across ``rank_by``."""
+    group_orders, channel_orders = [], []
+    for layer in range(em.num_layers):
+        g_order = _importance_order([kept[r][layer][0] for r in rank_by], f"layer {layer} KV groups", where)
+        c_order = _importance_order([kept[r][layer][1] for r in rank_by], f"layer {layer} MLP channels", where)
+        group_orders.append(_current_positions(em.state.group_order[layer], g_order))
+        channel_orders.append(_current_positions(em.state.channel_order[layer], c_order))
+    return group_orders, channel_orders
 
 
 def apply_strategy(em, strategy: Strategy, width_choice: Sequence[float], nonuniform: bool = True) -> None:
     """Give the elastic model ``em`` the strategy's widths for every ratio in ``width_choice``.
 
-    Each layer's KV groups and MLP channels are reordered once by importance (a unit kept at more of the
-    file's ratios ranks higher; see :func:`_unit_orders`), so every width is a prefix; with ``nonuniform`` each ratio gets the file's per-layer
-    sizes and FLAP biases as a width plan, otherwise widths stay uniform (round(r * n) per layer, no bias).
-    Depth masks are read by callers (``strategy.layer_masks``). Ratio 1.0 is the full model.
+    Each layer's KV groups and MLP channels are reordered once by importance, so every width is a prefix. The
+    ranking uses every width of the file when their kept sets are nested, so the unit order, and with it the
+    bf16 rounding of every result, does not depend on which widths ``--width_choice`` asks for (even none);
+    otherwise the requested widths alone (they must be nested). With ``nonuniform`` each ratio gets the file's
+    per-layer sizes and FLAP biases as a width plan, otherwise widths stay uniform (round(r * n) per layer, no
+    bias). Depth masks are read by callers (``strategy.layer_masks``). Ratio 1.0 is the full model.
     """
     import torch
 
@@ -648,17 +635,24 @@ def apply_strategy(em, strategy: Strategy, width_choice: Sequence[float], nonuni
                            ", ".join(f"{r:g}" for r in _requested(width_choice)))
         return
     where = strategy.source or "the strategy"
-    orders = _unit_orders(strategy, em, ratios, where)
+    n = em.num_layers
+
+    def kept_units(r):
+        return [_width_units(strategy, em, r, layer) for layer in range(n)]
+
+    kept = {r: kept_units(r) for r in ratios}
+    every = sorted((r for r in strategy.widths() if r != 1.0), reverse=True)
+    orders = None
+    if every != ratios:
+        try:
+            kept_all = {r: kept[r] if r in kept else kept_units(r) for r in every}
+            orders = _unit_orders(kept_all, every, em, where)
+        except UsageError as err:
+            logger.info("units ranked by the requested widths only, not by all of the file's: %s", err)
+    if orders is None and ratios:
+        orders = _unit_orders(kept, ratios, em, where)
     if orders is not None:
         em.reorder(*orders)
-    n = em.num_layers
-    group_keep = {r: [] for r in ratios}
-    channel_keep = {r: [] for r in ratios}
-    for layer in range(n):
-        for r in ratios:
-            g, c = _width_units(strategy, em, r, layer)
-            group_keep[r].append(g)
-            channel_keep[r].append(c)
 
     for r in ratios:
         if not nonuniform:
@@ -666,7 +660,7 @@ def apply_strategy(em, strategy: Strategy, width_choice: Sequence[float], nonuni
             continue
         groups, channels, bias = [], [], {}
         for layer in range(n):
-            g, c = int(group_keep[r][layer].sum()), int(channel_keep[r][layer].sum())
+            g, c = (int(units.sum()) for units in kept[r][layer])
             if g == 0 or c == 0:
                 logger.warning("%s: width %g keeps no %s in layer %d; keeping its most important one (the file's "
                                "bias assumed none kept)", where, r, "KV group" if g == 0 else "MLP channel", layer)
