@@ -61,6 +61,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--memory", action="store_true", help="measure the 7B 4-bit peak memory instead (CUDA)")
     p.add_argument("--memory_model_dir", default="/tmp/amoeba-llama2-7b-random", help="random 7B checkpoint")
     p.add_argument("--memory_steps", type=int, default=3, help="sandwich steps for the memory measurement")
+    p.add_argument("--count_ops", action="store_true",
+                   help="count the operations one training step of the second --subnets entry dispatches (under "
+                        "bf16 autocast), instead of timing: what a launch-bound step's time follows")
     p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, a few steps")
     return p.parse_args(argv)
 
@@ -180,6 +183,45 @@ def speed(opts, out_dir: Path) -> dict:
     }
 
 
+def count_ops(opts, out_dir: Path) -> dict:
+    """Operations dispatched by one forward+backward of one subnet (bf16 autocast, the model's device)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    flags = list(SEED_LLAMA2_FLAGS) + ["--bf16", "--gradient_checkpointing", "False"]
+    flags[flags.index("--min_num_layer") + 1] = "1"
+    model = None
+    model_dir = opts.model
+    if opts.smoke:
+        from tests.conftest import tiny_model
+
+        model = tiny_model("gqa", layers=6).to(torch.bfloat16)
+        model_dir = str(ROOT / "models" / "smollm2-135m-instruct")
+    args, model, em, trainer = build(model_dir, out_dir, flags, model, None)
+    layers, width = opts.subnets.split(",")[1].split(":")
+    sub = Subnet(tuple(range(min(int(layers), em.num_layers))), float(width))
+    trainer.fixed_plan = [("subnet", sub)]
+    device = next(model.parameters()).device
+    batch = synthetic_batch(1, 8, 8, int(model.config.vocab_size), device)
+    model.train()
+    counting = Counting()
+    with counting, torch.autocast(device.type, dtype=torch.bfloat16):
+        trainer.training_step(model, dict(batch))
+    ops = counting.ops
+    return {"subnet": sub.label, "operations": sum(ops.values()), "matrix_products": ops["aten.mm"] + ops["aten.bmm"],
+            "casts": ops["aten._to_copy"], "top": dict(ops.most_common(12))}
+
+
 def _random_7b(path: Path) -> None:
     """Write a random-weight Llama-2-7B-shaped checkpoint (fp16) once."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -292,6 +334,13 @@ def main(argv=None) -> int:
     out = Path(opts.out)
     work = out.parent / (out.stem + "_run")
     results = {"versions": library_versions(), "smoke": opts.smoke}
+    if opts.count_ops:
+        results["ops"] = count_ops(opts, work / "ops")
+        write_json(out, results)
+        o = results["ops"]
+        print(f"one training step of {o['subnet']} (bf16 autocast): {o['operations']} operations dispatched, "
+              f"{o['matrix_products']} matrix products, {o['casts']} casts")
+        return 0
     if opts.memory or opts.smoke:
         results["memory"] = memory(opts, work / "memory")
     if not opts.memory or opts.smoke:
