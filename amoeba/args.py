@@ -176,6 +176,11 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                                  metadata={"help": "Comma-separated lm-eval task names."})
     lm_eval_limit: Optional[int] = field(default=None, metadata={"help": "Evaluate at most this many examples "
                                                                           "per lm-eval task (for quick runs)."})
+    eval_skip_existing: bool = field(default=False, metadata={"help": "Resume an evaluation: per shape, skip "
+                                                                      "the metric groups (MMLU, WikiText-2, "
+                                                                      "lm-eval) whose keys metrics.json in "
+                                                                      "--output_dir already holds. Only for "
+                                                                      "re-running the same command."})
     max_wikitext2_windows: Optional[int] = field(default=None, metadata={"help": "Evaluate only the first N "
                                                                                  "WikiText-2 test windows (quick "
                                                                                  "runs; default: all)."})

@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 WIKITEXT2_SEQLEN = 2048  # the seed's window length
 METRICS_FILE = "metrics.json"
+LM_EVAL_HEADLINE = ("acc", "acc_norm", "exact_match", "word_perplexity")  # shown in tables, in this order
 
 
 @dataclass
@@ -140,6 +141,27 @@ def read_metrics(path: Path) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"{path} exists but does not hold a JSON object", "--output_dir")
     return data
+
+
+def finished_groups(existing: dict, label: str, mmlu_split: str, tasks: Sequence[str]) -> set[str]:
+    """The metric groups (``mmlu``, ``wikitext2``, ``lm_eval``) that ``existing`` (metrics.json) already holds
+    for the shape ``label``; lm-eval counts only when every task has its headline metric."""
+    done = set()
+    if f"mmlu_{mmlu_split}_accuracy_{label}" in existing:
+        done.add("mmlu")
+    if f"wikitext2_ppl_{label}" in existing:
+        done.add("wikitext2")
+    if tasks and all(any(f"{t}_{m}_{label}" in existing for m in LM_EVAL_HEADLINE) for t in tasks):
+        done.add("lm_eval")
+    return done
+
+
+def _reuse_headline(res: "ShapeResult", existing: dict, names: Sequence[str]) -> None:
+    """Show the recorded values of skipped metrics in this run's table."""
+    for name in names:
+        value = existing.get(f"{name}_{res.subnet.label}")
+        if isinstance(value, (int, float)):
+            res.headline[name] = float(value)
 
 
 def suffixed(metrics: dict, subnet: Subnet) -> dict:
@@ -342,7 +364,7 @@ def evaluate_shape(model, tokenizer, em: ElasticModel, subnet: Subnet, *, mmlu_e
             result.metrics.update(flat)
             for task in lm_runner.tasks:
                 found = False
-                for metric in ("acc", "acc_norm", "exact_match", "word_perplexity"):
+                for metric in LM_EVAL_HEADLINE:
                     if f"{task}_{metric}" in flat:
                         result.headline[f"{task}_{metric}"] = flat[f"{task}_{metric}"]
                         found = True
@@ -381,15 +403,25 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
         logger.info("evaluating %d shapes on %d processes (rank %d): MMLU/WikiText-2 split within each shape, "
                     "lm-eval shapes %s here", len(shapes), world, rank,
                     [s.label for s in shapes[rank::world]] if t.do_lm_eval else "none")
+    tasks = list(args.lm_eval_tasks) if t.do_lm_eval else []
+    # Resuming: what metrics.json holds is decided once, before this run writes anything (every rank alike).
+    skip = {s.label: finished_groups(existing, s.label, t.mmlu_split, tasks) if t.eval_skip_existing else set()
+            for s in shapes}
+    if group is not None:
+        torch.distributed.barrier(group=group)
+    if t.eval_skip_existing:
+        logger.info("resuming: recorded metric groups per shape: %s",
+                    {k: sorted(v) for k, v in skip.items() if v} or "none")
+    need = {g: any(g not in done for done in skip.values()) for g in ("mmlu", "wikitext2", "lm_eval")}
     mmlu_examples = None
-    if t.do_mmlu_eval:
+    if t.do_mmlu_eval and need["mmlu"]:
         from amoeba.mmlu import load_mmlu
 
         mmlu_examples = load_mmlu(t.mmlu_split, _mmlu_shots(t.mmlu_dataset), args.data_dir, t.max_mmlu_samples)
         logger.info("MMLU %s (%s): %d questions", t.mmlu_split, t.mmlu_dataset, len(mmlu_examples))
-    windows = _wikitext2_windows(args, model, tokenizer) if t.do_eval_wikitext2 else None
+    windows = _wikitext2_windows(args, model, tokenizer) if t.do_eval_wikitext2 and need["wikitext2"] else None
     runner = None
-    if t.do_lm_eval:  # on every rank, so a bad task name stops every rank alike
+    if t.do_lm_eval and need["lm_eval"]:  # on every rank, so a bad task name stops every rank alike
         runner = LMEvalRunner(model, tokenizer, args.lm_eval_tasks, args.data_dir, batch_size=batch_size,
                               limit=t.lm_eval_limit)
 
@@ -401,11 +433,20 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
         # Shared metrics first: every process takes part in every shape (nothing waits on lm-eval).
         for subnet in tqdm(shapes, desc="shapes", disable=len(shapes) < 2 or not writer):
             logger.info("evaluating %s (%d layers, width %s)", subnet.label, subnet.num_layers, subnet.width)
-            res = evaluate_shape(model, tokenizer, em, subnet, mmlu_examples=mmlu_examples,
-                                 mmlu_split=t.mmlu_split, wikitext_windows=windows, batch_size=batch_size,
-                                 mmlu_max_len=t.mmlu_source_max_len, group=group, progress=writer)
+            done = skip[subnet.label]
+            res = evaluate_shape(model, tokenizer, em, subnet,
+                                 mmlu_examples=None if "mmlu" in done else mmlu_examples,
+                                 mmlu_split=t.mmlu_split, wikitext_windows=None if "wikitext2" in done else windows,
+                                 batch_size=batch_size, mmlu_max_len=t.mmlu_source_max_len, group=group,
+                                 progress=writer)
+            if t.do_mmlu_eval and "mmlu" in done:
+                _reuse_headline(res, existing, [f"mmlu_{t.mmlu_split}_accuracy", "mmlu_loss"])
+            if t.do_eval_wikitext2 and "wikitext2" in done:
+                _reuse_headline(res, existing, ["wikitext2_ppl"])
             results.append(res)
             if runner is None:
+                if "lm_eval" in done:
+                    _reuse_headline(res, existing, [f"{k}_{m}" for k in tasks for m in LM_EVAL_HEADLINE])
                 _finish(res)
             if writer:
                 existing.update(suffixed(res.metrics, subnet))
@@ -413,13 +454,20 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
         if runner is not None:
             for i in range(rank, len(shapes), world):
                 subnet = shapes[i]
+                res = results[i]
+                if "lm_eval" in skip[subnet.label]:
+                    _reuse_headline(res, existing, [f"{k}_{m}" for k in tasks for m in LM_EVAL_HEADLINE])
+                    _finish(res)
+                    continue
                 logger.info("lm-eval on %s (%d layers, width %s)", subnet.label, subnet.num_layers, subnet.width)
                 part = evaluate_shape(model, tokenizer, em, subnet, lm_runner=runner, batch_size=batch_size)
-                res = results[i]
                 res.metrics.update(part.metrics)
                 res.headline.update(part.headline)
                 res.seconds.update(part.seconds)
                 _finish(res)
+                if writer:  # after every shape, as above: a run stopped later keeps what it measured
+                    existing.update(suffixed(res.metrics, subnet))
+                    write_json(metrics_path, existing)
             if group is not None:
                 results = _gather_lm_eval(results, rank, world, group)
     finally:

@@ -63,9 +63,9 @@ PPL = "wikitext2_ppl"
 REPEAT = "amoeba_repeat"  # (d)'s evaluation run a second time: its own folder, compared with (d)'s
 
 
-# Rough duration of an evaluation job on the H200 with a few jobs beside it (start-up, then each shape with all
-# metrics; measured: 316 s for 4 shapes with 9 jobs sharing the GPU).
-EVAL_JOB_S, EVAL_SHAPE_S = 40.0, 75.0
+# Rough duration of an evaluation job on the H200 with other jobs beside it (start-up, then each shape with all
+# metrics; measured: 434 and 446 s for 4 shapes with 9 jobs keeping the GPU 99% busy).
+EVAL_JOB_S, EVAL_SHAPE_S = 40.0, 100.0
 
 
 def row_of_folder(name: str) -> Optional[str]:
@@ -180,7 +180,9 @@ class Plan:
                  "--do_mmlu_eval", "True", "--mmlu_dataset", "mmlu-zs", "--mmlu_split", "test",
                  *(["--max_mmlu_samples", str(c.mmlu_samples)] if c.mmlu_samples else []), "--do_lm_eval", "True",
                  "--do_lm_eval_task", "arc_easy,piqa,hellaswag", "--lm_eval_limit", str(c.lm_eval_limit),
-                 "--per_device_eval_batch_size", str(c.eval_batch_size)]
+                 "--per_device_eval_batch_size", str(c.eval_batch_size),
+                 # a job stopped at the deadline keeps each finished shape's metrics; run again, it does the rest
+                 "--eval_skip_existing"]
         if c.wikitext_windows:
             flags += ["--max_wikitext2_windows", str(c.wikitext_windows)]
         return flags
@@ -442,10 +444,11 @@ def render(plan: Plan, rows: dict, timings: dict, driver_cmd: str) -> str:
             lines += ["| shape | metric | (d) | again |", "| --- | --- | ---: | ---: |"]
             lines += [f"| {lab} | {m} | {a if a is None else f'{a:.4f}'} | {b:.4f} |" for lab, m, a, b in diffs]
             lines.append("")
-    lines += ["## Cost", "", f"Wall seconds of each job on the machine that ran it (up to {c.jobs} jobs shared "
-              "one GPU at a time, so these are not exclusive GPU seconds).", "", "| job | seconds | runs |",
-              "| --- | ---: | ---: |"]
-    lines += [f"| {k} | {v['seconds']:.0f} | {v['runs']} |" for k, v in sorted(timings.items())]
+    lines += ["## Cost", "", "Wall seconds of each job on the machine that ran it, all tries together; several jobs "
+              "shared one GPU ('at a time': the driver's `--jobs`), so these are not exclusive GPU seconds.", "",
+              "| job | seconds | runs | at a time |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {k} | {v['seconds']:.0f} | {v['runs']} | {v.get('concurrent_jobs', '-')} |"
+              for k, v in sorted(timings.items())]
     lines += ["", "Every command the script ran is in `commands.sh` of its output folder.", ""]
     return "\n".join(lines)
 
@@ -455,8 +458,10 @@ def comparisons(plan: Plan, rows: dict) -> list[str]:
     d = rows.get("amoeba", {})
     if not d:
         return []
-    lines = ["## One-for-all against the baselines", "", "| shape | params (M) | (d) avg | (d) - (a) | (d) - (b) | "
-             "(d) - (c) | (d) ppl / (c) ppl |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["## One-for-all against the baselines", "",
+             "Average accuracy difference in points, and perplexity ratio (below 1: (d) is better).", "",
+             "| shape | params (M) | (d) avg | (d) - (a) | (d) - (b) | (d) - (c) | (d) ppl | ppl (d) / (a) | "
+             "ppl (d) / (b) | ppl (d) / (c) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for dd, w in plan.grid:
         lab = label(dd, w)
         if lab not in d:
@@ -468,10 +473,13 @@ def comparisons(plan: Plan, rows: dict) -> list[str]:
             if "avg_acc" in o and "avg_acc" in row:
                 return f"{100 * (row['avg_acc'] - o['avg_acc']):+.1f}"
             return "-"
-        c = rows.get("pershape", {}).get(lab, {})
-        ratio = f"{row[PPL] / c[PPL]:.3f}" if PPL in c and PPL in row else "-"
+
+        def ratio(other):
+            o = rows.get(other, {}).get(lab, {})
+            return f"{row[PPL] / o[PPL]:.3f}" if PPL in o and PPL in row else "-"
         lines.append(f"| {lab} | {row.get('params', float('nan')) / 1e6:.1f} | {_fmt(row.get('avg_acc'), 'acc')} | "
-                     f"{diff('stage1')} | {diff('shortgpt')} | {diff('pershape')} | {ratio} |")
+                     f"{diff('stage1')} | {diff('shortgpt')} | {diff('pershape')} | {_fmt(row.get(PPL), 'ppl')} | "
+                     f"{ratio('stage1')} | {ratio('shortgpt')} | {ratio('pershape')} |")
     lines.append("")
     singles = [label(a, b) for a, b in plan.single]
     abl = [r for r in ("amoeba_long", "abl_lora", "abl_nobal", "abl_nokd") if r in rows]
@@ -489,7 +497,8 @@ def comparisons(plan: Plan, rows: dict) -> list[str]:
 
 
 def plot(plan: Plan, rows: dict, path: Path) -> Optional[Path]:
-    """Average accuracy against parameters, one line per row (the frontier plot)."""
+    """Average accuracy and perplexity against parameters: every measured shape as a point, and for rows with
+    more than four shapes a line through their frontier (no smaller shape of the row does better)."""
     try:
         import matplotlib
 
@@ -497,16 +506,27 @@ def plot(plan: Plan, rows: dict, path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    # a shape's size is the same in every row; a shape whose evaluation is incomplete may lack it in its own
+    params = {lab: v["params"] for shapes in rows.values() for lab, v in shapes.items() if "params" in v}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in ROW_TITLES:
-        pts = sorted((v["params"] / 1e6, v) for v in rows.get(r, {}).values() if "params" in v)
-        if not pts:
-            continue
-        style = "-o" if len(pts) > 4 else "s"
+    for i, r in enumerate(ROW_TITLES):
         for ax, metric in zip(axes, ("avg_acc", PPL)):
-            xs = [p for p, v in pts if metric in v]
-            ys = [v[metric] * (100 if metric == "avg_acc" else 1) for p, v in pts if metric in v]
-            ax.plot(xs, ys, style, label=ROW_TITLES[r], markersize=5, alpha=0.85)
+            sign = 1 if metric == "avg_acc" else -1  # higher accuracy, lower perplexity is better
+            pts = sorted((params[lab] / 1e6, v[metric] * (100 if metric == "avg_acc" else 1))
+                         for lab, v in rows.get(r, {}).items() if metric in v and lab in params)
+            if not pts:
+                continue
+            color = f"C{i}"
+            many = len(pts) > 4
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o" if many else "s", color=color, markersize=5,
+                    alpha=0.85, label=ROW_TITLES[r] if metric == "avg_acc" else None)
+            if many:
+                front, best = [], None
+                for x, y in pts:
+                    if best is None or sign * y > sign * best:
+                        front.append((x, y))
+                        best = y
+                ax.plot([x for x, _ in front], [y for _, y in front], "-", color=color, alpha=0.85)
     axes[0].set_ylabel("average accuracy (%)")
     axes[1].set_ylabel("WikiText-2 perplexity")
     axes[1].set_yscale("log")

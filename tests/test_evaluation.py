@@ -146,6 +146,57 @@ def test_grid_keys_determinism_report_and_merge(tokenizer, tmp_path):
     assert em.subnet == em.full_subnet()  # evaluation leaves the model as it found it
 
 
+def test_resume_measures_only_what_metrics_json_lacks(tokenizer, tmp_path, monkeypatch):
+    import amoeba.mmlu
+
+    model = _model()
+    em = make_elastic(model)
+    masks = {0: [1, 1, 1, 1], 2: [1, 0, 0, 1]}
+    out = tmp_path / "run"
+    flags = ["--do_mmlu_eval", "True", "--mmlu_dataset", "mmlu-zs", "--max_mmlu_samples", "4",
+             "--do_lm_eval", "True", "--do_lm_eval_task", "piqa", "--lm_eval_limit", "2",
+             "--enable_shrinking", "--min_num_layer", "2", "--shrinking_method", "calib_dp", "--eval_num_layer", "4,2"]
+    args = _args(out, *flags, "--eval_skip_existing")
+    # a first run that stops in lm-eval's second shape keeps the first shape's lm-eval metrics
+    real_run, calls = LMEvalRunner.run, []
+
+    def failing_run(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("stopped")
+        return real_run(self)
+
+    monkeypatch.setattr(LMEvalRunner, "run", failing_run)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_evaluation(args, model, tokenizer, em, _Strategy(masks))
+    saved = json.loads((out / "metrics.json").read_text())
+    assert "piqa_acc_l4w1" in saved and "mmlu_eval_accuracy_l2w1" in saved and "piqa_acc_l2w1" not in saved
+    # the resumed run measures only l2w1's lm-eval (and, its record removed, l4w1's MMLU)
+    del saved["mmlu_eval_accuracy_l4w1"]
+    (out / "metrics.json").write_text(json.dumps(saved))
+    scored, real_score = [], amoeba.mmlu.score_mmlu
+
+    def counting_score(*a, **k):
+        scored.append(1)
+        return real_score(*a, **k)
+
+    monkeypatch.setattr(amoeba.mmlu, "score_mmlu", counting_score)
+    calls.clear()
+    monkeypatch.setattr(LMEvalRunner, "run", lambda self: (calls.append(1), real_run(self))[1])
+    resumed = run_evaluation(args, model, tokenizer, em, _Strategy(masks))
+    assert len(scored) == 1 and len(calls) == 1
+    assert "piqa_acc_l2w1" in resumed and "piqa_acc_l4w1" not in resumed and "mmlu_eval_accuracy_l4w1" in resumed
+    # the same numbers as one uninterrupted run
+    full = run_evaluation(_args(tmp_path / "fresh", *flags), model, tokenizer, em, _Strategy(masks))
+    final = json.loads((out / "metrics.json").read_text())
+    for key, value in full.items():
+        assert final[key] == pytest.approx(value, abs=1e-9), key
+    def table(folder):  # the rows, without the line of measured seconds
+        return [x for x in (folder / "results.md").read_text().splitlines() if x.startswith("|")]
+
+    assert table(out) == table(tmp_path / "fresh") and len(table(out)) == 4
+
+
 def test_shape_validation_names_the_flag(tmp_path):
     model = _model()
     em = make_elastic(model)
