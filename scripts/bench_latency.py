@@ -344,11 +344,18 @@ def run(a: argparse.Namespace) -> dict:
                 r[f"decode_b{b}_compiled_ms"] = decode_ms_per_token(target, timer, b, a.prompt_len, a.decode_tokens,
                                                                     a.reps, vocab, device, static=True)
                 if a.step_decode:
-                    ms, same = step_decode_ms_per_token(target, timer, b, a.prompt_len, a.decode_tokens, a.reps,
-                                                        vocab, device)
+                    try:
+                        ms, same = step_decode_ms_per_token(target, timer, b, a.prompt_len, a.decode_tokens, a.reps,
+                                                            vocab, device)
+                    except Exception as err:  # noqa: BLE001 - one failed measurement must not lose the table
+                        first = (str(err).strip().splitlines() or [""])[0][:300]
+                        logger.warning("%s: step decoder failed at batch %d: %s: %s", key, b, type(err).__name__,
+                                       first)
+                        r[f"decode_b{b}_graph_error"] = f"{type(err).__name__}: {first}"
+                        ms, same = None, None
                     r[f"decode_b{b}_graph_ms"] = ms
                     r[f"decode_b{b}_graph_matches_generate"] = same
-                    if not same:
+                    if same is False:
                         logger.warning("%s: the step decoder's tokens differ from generate's (batch %d)", key, b)
             free(target, extra)
             logger.info("%s compiled: %s", key, {k: v if v is None else round(v, 3) for k, v in r.items()
@@ -418,6 +425,9 @@ def markdown(result: dict) -> str:
                      "weight-bandwidth floor.")
     if result.get("compiled_note"):
         lines.append(f"Compiled columns: {result['compiled_note']}.")
+    for label, r in rows.items():
+        for k in sorted(k for k in r if k.endswith("_graph_error")):
+            lines.append(f"Step decoder failed ({label}, {k.split('_')[1]}): {r[k]}")
     return "\n".join(lines) + "\n"
 
 

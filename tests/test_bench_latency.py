@@ -49,3 +49,25 @@ def test_compiled_step_decoder_matches_generate():
     dec = bench.StepDecoder(model, max_len=7 + 8 + 1, compile_step=True)
     assert torch.equal(dec.generate(ids, 8), ref)
     assert torch.equal(dec.generate(ids, 8), ref)
+
+
+def test_a_failing_step_decoder_keeps_the_rest_of_the_table(tmp_path, monkeypatch):
+    """One measurement that raises (as a CUDA-graph error would) is recorded with its message; every other
+    number of the run is still written."""
+    import json
+
+    bench = _bench()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA graph output overwritten\nsecond line")
+
+    monkeypatch.setattr(bench, "step_decode_ms_per_token", broken)
+    out = tmp_path / "lat.json"
+    assert bench.main(["--smoke", "--layers", "8,5", "--widths", "1", "--no_masked", "--reps", "1",
+                       "--decode_batches", "1", "--step_decode", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"l8w1", "l5w1"}
+    for r in rows.values():
+        assert r["decode_b1_graph_error"] == "RuntimeError: CUDA graph output overwritten"
+        assert r["decode_b1_graph_ms"] is None and r["prefill_16_ms"] > 0
+    assert "Step decoder failed (l8w1, b1): RuntimeError" in out.with_suffix(".md").read_text()
