@@ -18,10 +18,11 @@ Metrics: WikiText-2 test perplexity, ARC-Easy acc, PIQA acc, HellaSwag acc_norm 
     python scripts/experiment_smollm2.py --out output/experiment --phase report --docs docs/results_tables.md
     python scripts/experiment_smollm2.py --out /tmp/x --smoke --model <tiny> --strategy <its strategy>
 
-Jobs of a phase run ``--jobs`` at a time (on one GPU the small model leaves it mostly idle, so several
-processes share it). ``--deadline_s`` stops starting jobs, and stops running ones, after that many seconds;
-training resumes from its last checkpoint and evaluation skips finished shapes when run again. Every command,
-its wall time and its log are kept under ``--out``.
+Jobs of a phase run ``--jobs`` at a time (one process of the small model leaves a GPU mostly idle, so several
+share it; 9 kept an H200 99% busy). ``--deadline_s`` stops starting jobs, and stops running ones, after that many seconds;
+training resumes from its last checkpoint and evaluation measures only what its ``metrics.json`` lacks when run
+again (exit status 3 says something was left for that). Every command, its wall time and its log are kept under
+``--out``.
 """
 
 from __future__ import annotations
@@ -87,14 +88,15 @@ class Job:
     resumable: bool = False
     needs: list[Path] = field(default_factory=list)  # files that must exist before it can start
     expected_s: float = 0.0  # rough duration; a job that is not resumable starts only if it fits the deadline
+    first_s: float = 0.0  # time to its first kept result, for a job that keeps partial results (0: keeps none)
 
     def ready(self) -> bool:
         return all(Path(p).exists() for p in self.needs)
 
     def fits(self, now: float, deadline: float) -> bool:
-        """Whether starting now can pay off: a resumable job always can, another only if it ends in time (a job
-        stopped half-way keeps nothing)."""
-        return self.resumable or now + self.expected_s <= deadline
+        """Whether starting now can pay off: a resumable job always can; one that keeps partial results if its
+        first result comes in time; another only if it ends in time (stopped half-way, it keeps nothing)."""
+        return self.resumable or now + (self.first_s or self.expected_s) <= deadline
 
     def done(self) -> bool:
         if self.done_file and not (self.out / self.done_file).is_file():
@@ -256,8 +258,9 @@ class Plan:
                 *(["--adapter_dir", str(adapters)] if adapters else []), *(extra or [])]
         keys = [f"{m}_{label(d, w)}" for d, w in shapes for m in (PPL, *ACC_METRICS)]
         needs = [Path(strategy)] + ([Path(adapters) / "adapter_config.json"] if adapters else [])
+        # each finished shape's metrics are kept (--eval_skip_existing resumes), so one shape in time pays off
         return Job(f"eval_{row}" + (f"_{part}" if part else ""), argv, o, want_keys=keys, needs=needs,
-                   expected_s=EVAL_JOB_S + EVAL_SHAPE_S * len(shapes))
+                   expected_s=EVAL_JOB_S + EVAL_SHAPE_S * len(shapes), first_s=EVAL_JOB_S + EVAL_SHAPE_S)
 
     def eval_jobs(self) -> list[Job]:
         c = self.cfg
@@ -309,7 +312,7 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
                PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"))
-    failed = []
+    failed, stopped = [], []
     while pending or running:
         now = time.time()
         while len(running) < parallel and now < deadline:
@@ -333,7 +336,9 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict
         still = []
         for job, proc, started in running:
             code = proc.poll()
+            was_stopped = False
             if code is None and time.time() >= deadline:
+                was_stopped = True
                 os.killpg(proc.pid, signal.SIGTERM)
                 try:
                     code = proc.wait(timeout=90)  # a training job finishes its step and checkpoints first
@@ -352,6 +357,8 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict
             write_json(timing_path, timings)
             if code == 0 and job.done():
                 logger.info("%s: done in %.0f s", job.name, wall)
+            elif was_stopped:
+                stopped.append(job.name)
             else:
                 failed.append(job.name)
                 logger.error("%s: exit %s after %.0f s (log: %s)", job.name, code, wall, logs / f"{job.name}.log")
@@ -363,12 +370,14 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict
         if pending and not running and not any(j.ready() and j.fits(time.time(), deadline) for j in pending):
             # nothing left can finish in time: stop now instead of idling until the deadline
             logger.warning("deadline too close to start: %s", ", ".join(j.name for j in pending))
+            stopped += [j.name for j in pending]
             pending = []
         if pending and time.time() >= deadline:
             logger.warning("deadline: %d job(s) not started: %s", len(pending), ", ".join(j.name for j in pending))
+            stopped += [j.name for j in pending]
             pending = []
         time.sleep(2)
-    return {"failed": failed}
+    return {"failed": failed, "stopped": stopped}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,7 +583,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=6,
                    help="jobs run at once (on one H200, 9 filled its 141 GB and the GPU was busy 99%% of the time)")
     p.add_argument("--rows", default=None, help="only these rows (comma list of: " + ", ".join(ROW_TITLES) + ")")
-    p.add_argument("--deadline_s", type=float, default=None, help="stop after this many seconds (resumable)")
+    p.add_argument("--deadline_s", type=float, default=None,
+                   help="stop after this many seconds (resumable; exit status 3 when something is left to do)")
     p.add_argument("--docs", default=None, help="also write the report here (e.g. docs/results_tables.md)")
     p.add_argument("--dataset", default="alpaca-clean")
     p.add_argument("--steps", type=int, default=400)
@@ -627,23 +637,29 @@ def main(argv=None) -> int:
     plan.out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + cfg.deadline_s if cfg.deadline_s else float("inf")
     phases = [x.strip() for x in cfg.phase.split(",") if x.strip()]
-    failed = []
+    failed, stopped = [], []
     if "prep" in phases and plan.wanted("shortgpt"):
-        failed += run_jobs(plan.prep_jobs(), plan.out, cfg.jobs, deadline)["failed"]
-        if not failed:
+        outcome = run_jobs(plan.prep_jobs(), plan.out, cfg.jobs, deadline)
+        failed, stopped = outcome["failed"], outcome["stopped"]
+        if not failed and not stopped:
             plan.merge_shortgpt()
     # Training and evaluation share the job slots: an evaluation starts once its inputs exist.
     jobs = (plan.train_jobs() if "train" in phases else []) + (plan.eval_jobs() if "eval" in phases else [])
     if jobs:
-        failed += run_jobs(jobs, plan.out, cfg.jobs, deadline)["failed"]
+        outcome = run_jobs(jobs, plan.out, cfg.jobs, deadline)
+        failed += outcome["failed"]
+        stopped += outcome["stopped"]
     if "report" in phases:
         cmd = regenerate_command(argv if argv is not None else sys.argv[1:])
         path = report(plan, cfg.docs, cmd)
         print(path.read_text())
+    if stopped:
+        print(f"stopped at the deadline (run the same command again to continue): {', '.join(stopped)}",
+              file=sys.stderr)
     if failed:
         print(f"failed: {', '.join(failed)} (logs in {plan.out / 'logs'})", file=sys.stderr)
         return 1
-    return 0
+    return 3 if stopped else 0
 
 
 if __name__ == "__main__":

@@ -101,8 +101,11 @@ def test_jobs_that_cannot_finish_before_the_deadline_are_not_started(tmp_path):
     now = time.time()
     assert not evaluation.fits(now, now + 300) and evaluation.fits(now, now + 700)
     assert training.fits(now, now + 1)
+    # an evaluation keeps each finished shape: it starts if its first shape can finish
+    partial = exp.Job("eval_y", [], tmp_path / "y", want_keys=["k"], expected_s=600.0, first_s=150.0)
+    assert partial.fits(now, now + 300) and not partial.fits(now, now + 100)
     start = time.time()
     result = exp.run_jobs([evaluation], tmp_path, parallel=2, deadline=time.time() + 120)
     assert time.time() - start < 10  # did not wait for the deadline
-    assert result == {"failed": []}
+    assert result == {"failed": [], "stopped": ["eval_x"]}  # left for the next run, not a failure
     assert not (tmp_path / "logs" / "eval_x.log").exists()  # never launched
