@@ -156,12 +156,16 @@ def finished_groups(existing: dict, label: str, mmlu_split: str, tasks: Sequence
     return done
 
 
-def _reuse_headline(res: "ShapeResult", existing: dict, names: Sequence[str]) -> None:
-    """Show the recorded values of skipped metrics in this run's table."""
-    for name in names:
-        value = existing.get(f"{name}_{res.subnet.label}")
-        if isinstance(value, (int, float)):
-            res.headline[name] = float(value)
+def _reuse_recorded(res: "ShapeResult", existing: dict, groups: set[str], mmlu_split: str,
+                    tasks: Sequence[str]) -> None:
+    """Show the recorded values of the skipped metric ``groups`` in this run's table."""
+    names = {"mmlu": [f"mmlu_{mmlu_split}_accuracy", "mmlu_loss"], "wikitext2": ["wikitext2_ppl"],
+             "lm_eval": [f"{k}_{m}" for k in tasks for m in LM_EVAL_HEADLINE]}
+    for group in ("mmlu", "wikitext2", "lm_eval"):
+        for name in names[group] if group in groups else ():
+            value = existing.get(f"{name}_{res.subnet.label}")
+            if isinstance(value, (int, float)):
+                res.headline[name] = float(value)
 
 
 def suffixed(metrics: dict, subnet: Subnet) -> dict:
@@ -405,23 +409,25 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
                     [s.label for s in shapes[rank::world]] if t.do_lm_eval else "none")
     tasks = list(args.lm_eval_tasks) if t.do_lm_eval else []
     # Resuming: what metrics.json holds is decided once, before this run writes anything (every rank alike).
-    skip = {s.label: finished_groups(existing, s.label, t.mmlu_split, tasks) if t.eval_skip_existing else set()
-            for s in shapes}
+    wanted = {g for g, on in (("mmlu", t.do_mmlu_eval), ("wikitext2", t.do_eval_wikitext2),
+                              ("lm_eval", t.do_lm_eval)) if on}
+    skip = {s.label: finished_groups(existing, s.label, t.mmlu_split, tasks) & wanted if t.eval_skip_existing
+            else set() for s in shapes}
     if group is not None:
         torch.distributed.barrier(group=group)
     if t.eval_skip_existing:
         logger.info("resuming: recorded metric groups per shape: %s",
                     {k: sorted(v) for k, v in skip.items() if v} or "none")
-    need = {g: any(g not in done for done in skip.values()) for g in ("mmlu", "wikitext2", "lm_eval")}
+    need = {g for g in wanted if any(g not in done for done in skip.values())}  # what some shape still lacks
     mmlu_examples = None
-    if t.do_mmlu_eval and need["mmlu"]:
+    if "mmlu" in need:
         from amoeba.mmlu import load_mmlu
 
         mmlu_examples = load_mmlu(t.mmlu_split, _mmlu_shots(t.mmlu_dataset), args.data_dir, t.max_mmlu_samples)
         logger.info("MMLU %s (%s): %d questions", t.mmlu_split, t.mmlu_dataset, len(mmlu_examples))
-    windows = _wikitext2_windows(args, model, tokenizer) if t.do_eval_wikitext2 and need["wikitext2"] else None
+    windows = _wikitext2_windows(args, model, tokenizer) if "wikitext2" in need else None
     runner = None
-    if t.do_lm_eval and need["lm_eval"]:  # on every rank, so a bad task name stops every rank alike
+    if "lm_eval" in need:  # on every rank, so a bad task name stops every rank alike
         runner = LMEvalRunner(model, tokenizer, args.lm_eval_tasks, args.data_dir, batch_size=batch_size,
                               limit=t.lm_eval_limit)
 
@@ -439,14 +445,9 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
                                  mmlu_split=t.mmlu_split, wikitext_windows=None if "wikitext2" in done else windows,
                                  batch_size=batch_size, mmlu_max_len=t.mmlu_source_max_len, group=group,
                                  progress=writer)
-            if t.do_mmlu_eval and "mmlu" in done:
-                _reuse_headline(res, existing, [f"mmlu_{t.mmlu_split}_accuracy", "mmlu_loss"])
-            if t.do_eval_wikitext2 and "wikitext2" in done:
-                _reuse_headline(res, existing, ["wikitext2_ppl"])
+            _reuse_recorded(res, existing, done, t.mmlu_split, tasks)
             results.append(res)
-            if runner is None:
-                if "lm_eval" in done:
-                    _reuse_headline(res, existing, [f"{k}_{m}" for k in tasks for m in LM_EVAL_HEADLINE])
+            if runner is None or "lm_eval" in done:
                 _finish(res)
             if writer:
                 existing.update(suffixed(res.metrics, subnet))
@@ -454,11 +455,9 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
         if runner is not None:
             for i in range(rank, len(shapes), world):
                 subnet = shapes[i]
-                res = results[i]
                 if "lm_eval" in skip[subnet.label]:
-                    _reuse_headline(res, existing, [f"{k}_{m}" for k in tasks for m in LM_EVAL_HEADLINE])
-                    _finish(res)
-                    continue
+                    continue  # recorded, and finished above
+                res = results[i]
                 logger.info("lm-eval on %s (%d layers, width %s)", subnet.label, subnet.num_layers, subnet.width)
                 part = evaluate_shape(model, tokenizer, em, subnet, lm_runner=runner, batch_size=batch_size)
                 res.metrics.update(part.metrics)
