@@ -581,7 +581,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--strategy", default=str(ROOT / "dp_selection_strategy.npy"))
     p.add_argument("--phase", default="prep,train,eval,report", help="comma list of prep, train, eval, report")
     p.add_argument("--jobs", type=int, default=6,
-                   help="jobs run at once (on one H200, 9 filled its 141 GB and the GPU was busy 99%% of the time)")
+                   help="jobs run at once (on one H200, 9 used up to 104 GB and kept the GPU 99%% busy)")
     p.add_argument("--rows", default=None, help="only these rows (comma list of: " + ", ".join(ROW_TITLES) + ")")
     p.add_argument("--deadline_s", type=float, default=None,
                    help="stop after this many seconds (resumable; exit status 3 when something is left to do)")
