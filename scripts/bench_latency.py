@@ -10,9 +10,9 @@ the saved export) and timed:
   a static KV cache + ``torch.compile`` (``generate(cache_implementation="static")``, which compiles the
   forward in transformers 5.17+); per-token time = (time of N2 tokens - time of N1 tokens) / (N2 - N1),
   so the prompt's prefill cancels out; warm-up runs use the exact lengths that are timed;
-- with ``--step_decode``, the same per-token latency from a hand greedy loop whose one-token step is
-  ``torch.compile(mode="reduce-overhead")`` (one CUDA graph per token; no ``generate`` overhead), checked
-  against ``generate``'s tokens;
+- with ``--step_decode``, the same per-token latency from a hand greedy loop over a static cache, one
+  replayed step per token (no ``generate`` overhead): the step ``torch.compile(mode="reduce-overhead")``, and
+  the eager step captured in one CUDA graph; both checked against ``generate``'s tokens;
 - the masked subnet: the elastic model with masks instead of slices (``em.state.sliceable = False``),
   the way width was taken by the original code (layers are still skipped for real).
 
@@ -50,6 +50,7 @@ logger = logging.getLogger("bench_latency")
 
 LLAMA2_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096)
+STEP_MODES = ("compile", "cudagraph")  # the step decoders of --step_decode
 SMOKE = dict(hidden_size=128, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
              intermediate_size=352, vocab_size=256, max_position_embeddings=512)
 
@@ -71,9 +72,11 @@ def parse_cli(argv=None) -> argparse.Namespace:
                         "skipped, past all of it the remaining compiled runs.")
     p.add_argument("--no_compile", action="store_true", help="Skip the static-cache + torch.compile decode.")
     p.add_argument("--no_masked", action="store_true", help="Skip the masked elastic subnets.")
-    p.add_argument("--step_decode", action="store_true",
-                   help="Also time a hand greedy loop with a static cache and the one-token step compiled with "
-                        "CUDA graphs (decode_b*_graph_ms): decode without generate's per-token Python.")
+    p.add_argument("--step_decode", nargs="?", const="compile,cudagraph", default="",
+                   help="Also time a hand greedy loop with a static cache, one replayed step per token, without "
+                        "generate's per-token Python: 'compile' (the step torch.compile'd with CUDA graphs), "
+                        "'cudagraph' (the eager step captured in one CUDA graph), or both (the default when the "
+                        "flag is given alone): columns decode_b*_compile_ms, decode_b*_cudagraph_ms.")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     a.layers = parse_int_list(a.layers or ("8,5" if a.smoke else "32,28,24,20"), "--layers")
@@ -85,6 +88,10 @@ def parse_cli(argv=None) -> argparse.Namespace:
     if len(a.decode_tokens) != 2 or a.decode_tokens[0] >= a.decode_tokens[1]:
         p.error("--decode_tokens takes two increasing numbers N1,N2")
     a.reps = a.reps or (2 if a.smoke else 3)
+    a.step_decode = [m.strip() for m in a.step_decode.split(",") if m.strip()]
+    unknown = [m for m in a.step_decode if m not in STEP_MODES]
+    if unknown:
+        p.error(f"--step_decode takes {' and/or '.join(STEP_MODES)}, not {','.join(unknown)}")
     return a
 
 
@@ -164,27 +171,58 @@ def per_token_ms(timer: Timer, run, tokens: tuple[int, int], reps: int, batch: i
 
 
 class StepDecoder:
-    """Greedy decoding with a static KV cache and the one-token step compiled with CUDA graphs.
+    """Greedy decoding with a static KV cache, one token per step, without ``generate``'s per-token Python.
 
     ``generate`` (even compiled, with CUDA graphs) spends a few milliseconds of Python per token (logits
     processors, stopping checks, input preparation, a device sync), which hides what a smaller subnet saves at
-    batch 1. Here the step
-    (forward of one token + argmax) is ``torch.compile(mode="reduce-overhead")``: on CUDA the whole step
-    replays as one CUDA graph; ``cudagraph_mark_step_begin`` before each call and a copy of its output keep
-    the graph's output buffer from being overwritten while still in use. Without CUDA the step runs eagerly.
+    batch 1. The prompt runs eagerly (it fills the cache); then each token is one step, by ``mode``:
+
+    - ``"eager"``: the step (forward of one token + argmax) runs as is;
+    - ``"compile"``: the step is ``torch.compile(mode="reduce-overhead")``: on CUDA it replays as one CUDA graph
+      (``cudagraph_mark_step_begin`` before each call and a copy of its output keep the graph's output buffer
+      from being overwritten while still in use); without CUDA, inductor code without graphs;
+    - ``"cudagraph"``: the eager step, captured once with ``torch.cuda.graph`` together with the update of its
+      own inputs (next token, next position), so a token costs one ``replay()``; no compiler involved. Without
+      CUDA the same in-place step runs eagerly (what the tests check).
     """
 
-    def __init__(self, model, max_len: int, compile_step: bool):
+    def __init__(self, model, max_len: int, mode: str = "eager"):
         from transformers import StaticCache
 
+        if mode not in ("eager",) + STEP_MODES:
+            raise ValueError(f"unknown step mode {mode!r}")
         self.model = model
+        self.mode = mode
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
-        self.compiled = compile_step
-        self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if compile_step else self._step
+        self.step = torch.compile(self._step, mode="reduce-overhead", dynamic=False) if mode == "compile" \
+            else self._step
+        self.graph = None  # the captured in-place step ("cudagraph" on CUDA), made on first use
+        self.tok = self.pos = None  # its static inputs, updated in place by the step itself
 
     def _step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=tok, past_key_values=self.cache, cache_position=pos, use_cache=True)
         return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def _step_in_place(self) -> None:
+        """One token: the static ``tok``/``pos`` become the next token and position."""
+        self.tok.copy_(self._step(self.tok, self.pos))
+        self.pos.add_(1)
+
+    def _capture(self) -> None:
+        # Warm-up on a side stream (as torch.cuda.graph requires): it runs the real step for the current token and
+        # position, so the cache entries it writes are the ones the replays write again.
+        tok0, pos0 = self.tok.clone(), self.pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step_in_place()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step_in_place()
+        self.tok.copy_(tok0)
+        self.pos.copy_(pos0)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, n: int) -> torch.Tensor:
@@ -196,8 +234,22 @@ class StepDecoder:
         tok = logits[:, -1].argmax(-1, keepdim=True)
         out = [tok]
         pos = pos[-1:] + 1
+        if self.mode == "cudagraph":
+            if self.tok is None or self.tok.shape != tok.shape:
+                self.tok, self.pos, self.graph = tok.clone(), pos.clone(), None
+            self.tok.copy_(tok)
+            self.pos.copy_(pos)
+            if self.graph is None and ids.is_cuda:
+                self._capture()
+            for _ in range(n - 1):
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self._step_in_place()
+                out.append(self.tok.clone())
+            return torch.cat(out, dim=1)
         for _ in range(n - 1):
-            if self.compiled:
+            if self.mode == "compile" and ids.is_cuda:
                 torch.compiler.cudagraph_mark_step_begin()
             tok = self.step(tok, pos).clone()
             out.append(tok)
@@ -207,12 +259,12 @@ class StepDecoder:
 
 @torch.no_grad()
 def step_decode_ms_per_token(model, timer: Timer, batch: int, prompt_len: int, tokens: tuple[int, int], reps: int,
-                             vocab: int, device) -> tuple[Optional[float], bool]:
-    """Per-token latency of :class:`StepDecoder` ((N2 - N1) tokens, as for generate), and whether its tokens
-    equal ``generate``'s greedy tokens for the same prompt (a check that the hand loop decodes correctly)."""
+                             vocab: int, device, mode: str) -> tuple[Optional[float], bool]:
+    """Per-token latency of :class:`StepDecoder` in ``mode`` ((N2 - N1) tokens, as for generate), and whether its
+    tokens equal ``generate``'s greedy tokens for the same prompt (a check that the hand loop decodes correctly)."""
     ids = torch.randint(0, vocab, (batch, prompt_len), device=device)
     n1, n2 = tokens
-    dec = StepDecoder(model, prompt_len + n2 + 1, compile_step=device.type == "cuda")
+    dec = StepDecoder(model, prompt_len + n2 + 1, mode=mode)
     mine = dec.generate(ids, n1)
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None,
                          min_new_tokens=n1, max_new_tokens=n1, disable_compile=True)[:, prompt_len:]
@@ -343,20 +395,22 @@ def run(a: argparse.Namespace) -> dict:
             for b in a.decode_batches:
                 r[f"decode_b{b}_compiled_ms"] = decode_ms_per_token(target, timer, b, a.prompt_len, a.decode_tokens,
                                                                     a.reps, vocab, device, static=True)
-                if a.step_decode:
+                for mode in a.step_decode:
+                    key_ms = f"decode_b{b}_{mode}_ms"
                     try:
                         ms, same = step_decode_ms_per_token(target, timer, b, a.prompt_len, a.decode_tokens, a.reps,
-                                                            vocab, device)
+                                                            vocab, device, mode)
                     except Exception as err:  # noqa: BLE001 - one failed measurement must not lose the table
                         first = (str(err).strip().splitlines() or [""])[0][:300]
-                        logger.warning("%s: step decoder failed at batch %d: %s: %s", key, b, type(err).__name__,
-                                       first)
-                        r[f"decode_b{b}_graph_error"] = f"{type(err).__name__}: {first}"
+                        logger.warning("%s: step decoder (%s) failed at batch %d: %s: %s", key, mode, b,
+                                       type(err).__name__, first)
+                        r[key_ms.replace("_ms", "_error")] = f"{type(err).__name__}: {first}"
                         ms, same = None, None
-                    r[f"decode_b{b}_graph_ms"] = ms
-                    r[f"decode_b{b}_graph_matches_generate"] = same
+                    r[key_ms] = ms
+                    r[key_ms.replace("_ms", "_matches_generate")] = same
                     if same is False:
-                        logger.warning("%s: the step decoder's tokens differ from generate's (batch %d)", key, b)
+                        logger.warning("%s: the %s step decoder's tokens differ from generate's (batch %d)", key,
+                                       mode, b)
             free(target, extra)
             logger.info("%s compiled: %s", key, {k: v if v is None else round(v, 3) for k, v in r.items()
                                                     if "compiled" in k and k.endswith("_ms")})
@@ -385,17 +439,22 @@ def run(a: argparse.Namespace) -> dict:
     }
 
 
+def _compiled_key(key: str) -> bool:
+    """Columns of the compiled phase: generate with a static cache, and the step decoders."""
+    return "compile" in key or "cudagraph" in key
+
+
 def markdown(result: dict) -> str:
     """The result as a markdown table (one row per shape)."""
     rows = result["rows"]
     any_row = next(iter(rows.values()))
     timed = [k for k in any_row if k.endswith("_ms") and not k.startswith("masked_")]
     for r in rows.values():
-        timed += [k for k in r if ("compiled" in k or "graph" in k) and k.endswith("_ms") and k not in timed]
+        timed += [k for k in r if _compiled_key(k) and k.endswith("_ms") and k not in timed]
     head = ["shape", "params", "param ratio"]
     for k in timed:
         head += [k.replace("_ms", " ms"), "speedup"]
-    masked = [k for k in timed if "compiled" not in k and "graph" not in k]
+    masked = [k for k in timed if not _compiled_key(k)]
     head += [f"masked {k.replace('_ms', '')} speedup" for k in masked]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
@@ -415,19 +474,18 @@ def markdown(result: dict) -> str:
                  f"rate {result['copy_rate_gbs']:.0f} GB/s; weight-bandwidth floor "
                  f"{result['weight_bandwidth_floor_ms_per_token']:.3f} ms/token.")
     dense = max(rows.values(), key=lambda r: r["params"])
-    if dense.get("decode_b1_compiled_ms"):
-        lines.append(f"Compiled dense decode at batch 1: {dense['decode_b1_compiled_ms']:.3f} ms/token = "
-                     f"{dense['decode_b1_compiled_ms'] / result['weight_bandwidth_floor_ms_per_token']:.2f}x the "
-                     "weight-bandwidth floor.")
-    if dense.get("decode_b1_graph_ms"):
-        lines.append(f"Graph-replayed dense decode at batch 1: {dense['decode_b1_graph_ms']:.3f} ms/token = "
-                     f"{dense['decode_b1_graph_ms'] / result['weight_bandwidth_floor_ms_per_token']:.2f}x the "
-                     "weight-bandwidth floor.")
+    floor = result["weight_bandwidth_floor_ms_per_token"]
+    for key, what in (("decode_b1_compiled_ms", "generate, compiled"), ("decode_b1_compile_ms", "step loop, compiled"),
+                      ("decode_b1_cudagraph_ms", "step loop, one CUDA graph")):
+        if dense.get(key):
+            lines.append(f"Dense decode at batch 1 ({what}): {dense[key]:.3f} ms/token = {dense[key] / floor:.2f}x "
+                         "the weight-bandwidth floor.")
     if result.get("compiled_note"):
         lines.append(f"Compiled columns: {result['compiled_note']}.")
     for label, r in rows.items():
-        for k in sorted(k for k in r if k.endswith("_graph_error")):
-            lines.append(f"Step decoder failed ({label}, {k.split('_')[1]}): {r[k]}")
+        for k in sorted(k for k in r if k.endswith("_error")):
+            _, batch, mode, _ = k.split("_")
+            lines.append(f"Step decoder ({mode}) failed ({label}, {batch}): {r[k]}")
     return "\n".join(lines) + "\n"
 
 

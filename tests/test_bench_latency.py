@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, tiny_model
@@ -24,17 +25,19 @@ def test_step_decoder_tokens_equal_generate_and_survive_reuse():
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 128, (2, 7), generator=g)
-    dec = bench.StepDecoder(model, max_len=7 + 12 + 1, compile_step=False)
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=12,
                          max_new_tokens=12, disable_compile=True)[:, 7:]
-    got = dec.generate(ids, 12)
-    assert torch.equal(got, ref), (got, ref)
-    # the cache is reset between runs: a shorter second run gives the prefix of the first
-    assert torch.equal(dec.generate(ids, 5), ref[:, :5])
     other = torch.randint(0, 128, (2, 7), generator=g)
     ref2 = model.generate(other, attention_mask=torch.ones_like(other), do_sample=False, min_new_tokens=6,
                           max_new_tokens=6, disable_compile=True)[:, 7:]
-    assert torch.equal(dec.generate(other, 6), ref2)
+    # "cudagraph" without CUDA runs its in-place step (next token and position written into its own inputs)
+    for mode in ("eager", "cudagraph"):
+        dec = bench.StepDecoder(model, max_len=7 + 12 + 1, mode=mode)
+        got = dec.generate(ids, 12)
+        assert torch.equal(got, ref), (mode, got, ref)
+        # the cache is reset between runs: a shorter second run gives the prefix of the first
+        assert torch.equal(dec.generate(ids, 5), ref[:, :5]), mode
+        assert torch.equal(dec.generate(other, 6), ref2), mode
 
 
 def test_compiled_step_decoder_matches_generate():
@@ -46,7 +49,7 @@ def test_compiled_step_decoder_matches_generate():
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(5))
     ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, min_new_tokens=8,
                          max_new_tokens=8, disable_compile=True)[:, 7:]
-    dec = bench.StepDecoder(model, max_len=7 + 8 + 1, compile_step=True)
+    dec = bench.StepDecoder(model, max_len=7 + 8 + 1, mode="compile")
     assert torch.equal(dec.generate(ids, 8), ref)
     assert torch.equal(dec.generate(ids, 8), ref)
 
@@ -68,6 +71,19 @@ def test_a_failing_step_decoder_keeps_the_rest_of_the_table(tmp_path, monkeypatc
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"l8w1", "l5w1"}
     for r in rows.values():
-        assert r["decode_b1_graph_error"] == "RuntimeError: CUDA graph output overwritten"
-        assert r["decode_b1_graph_ms"] is None and r["prefill_16_ms"] > 0
-    assert "Step decoder failed (l8w1, b1): RuntimeError" in out.with_suffix(".md").read_text()
+        for mode in ("compile", "cudagraph"):
+            assert r[f"decode_b1_{mode}_error"] == "RuntimeError: CUDA graph output overwritten"
+            assert r[f"decode_b1_{mode}_ms"] is None
+        assert r["prefill_16_ms"] > 0 and r["decode_b1_compiled_ms"] > 0
+    table = out.with_suffix(".md").read_text()
+    assert "Step decoder (cudagraph) failed (l8w1, b1): RuntimeError" in table
+    assert "decode_b1_compiled ms" in table
+
+
+def test_step_decode_modes_are_checked():
+    bench = _bench()
+    assert bench.parse_cli(["--out", "x.json", "--step_decode", "cudagraph"]).step_decode == ["cudagraph"]
+    assert bench.parse_cli(["--out", "x.json"]).step_decode == []
+    with pytest.raises(SystemExit) as err:
+        bench.parse_cli(["--out", "x.json", "--step_decode", "graphs"])
+    assert err.value.code == 2
