@@ -87,3 +87,13 @@ def test_step_decode_modes_are_checked():
     with pytest.raises(SystemExit) as err:
         bench.parse_cli(["--out", "x.json", "--step_decode", "graphs"])
     assert err.value.code == 2
+
+
+def test_greedy_gap_is_zero_for_greedy_tokens_and_large_for_others():
+    bench = _bench()
+    model = tiny_model("gqa", layers=2)
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(1))
+    new = bench.StepDecoder(model, max_len=6 + 5 + 1, mode="cudagraph").generate(ids, 5)
+    assert bench.greedy_gap(model, ids, new) < 1e-5
+    worst = model(torch.cat([ids, new], 1)).logits[:, 5:-1].argmin(-1)  # the least likely token at every step
+    assert bench.greedy_gap(model, ids, worst) > 1.0 > bench.GREEDY_GAP_TOLERANCE
