@@ -126,9 +126,10 @@ class Timer:
 
 @torch.no_grad()
 def prefill_ms(model, timer: Timer, length: int, reps: int, vocab: int, device) -> float:
-    """Batch-1 prefill of ``length`` tokens (the next-token logits only, as generate computes)."""
+    """Batch-1 prefill of ``length`` tokens (the next-token logits only, as generate computes). Three warm-up
+    calls: the first calls at a new length pay cuBLAS/allocator set-up that would otherwise show in the median."""
     ids = torch.randint(0, vocab, (1, length), device=device)
-    return timer.median(lambda: model(ids, use_cache=False, logits_to_keep=1), reps)
+    return timer.median(lambda: model(ids, use_cache=False, logits_to_keep=1), reps, warmup=3)
 
 
 @torch.no_grad()
