@@ -134,10 +134,11 @@ def prefill_ms(model, timer: Timer, length: int, reps: int, vocab: int, device) 
 
 @torch.no_grad()
 def decode_ms_per_token(model, timer: Timer, batch: int, prompt_len: int, tokens: tuple[int, int], reps: int,
-                        vocab: int, device, static: bool, gaps: Optional[dict] = None) -> Optional[float]:
-    """Per-token decode latency: (generate N2 - generate N1) / (N2 - N1), greedy, EOS ignored. With ``gaps``, the
-    :func:`greedy_gap` of generate's N2 tokens is stored there under ``"generate"`` (the reference for the step
-    decoders' gaps: bf16 near-ties move generate's tokens too)."""
+                        vocab: int, device, static: bool,
+                        check_greedy: bool = False) -> tuple[Optional[float], Optional[float]]:
+    """Per-token decode latency: (generate N2 - generate N1) / (N2 - N1), greedy, EOS ignored; and with
+    ``check_greedy`` the :func:`greedy_gap` of generate's N2 tokens (the reference for the step decoders' gaps:
+    bf16 near-ties move generate's tokens too), else None."""
     from transformers import StaticCache
 
     ids = torch.randint(0, vocab, (batch, prompt_len), device=device)
@@ -159,9 +160,8 @@ def decode_ms_per_token(model, timer: Timer, batch: int, prompt_len: int, tokens
         return call
 
     ms = per_token_ms(timer, run, tokens, reps, batch, warmup=2 if static else 1)
-    if gaps is not None:
-        gaps["generate"] = greedy_gap(model, ids, run(tokens[1])()[:, prompt_len:])
-    return ms
+    gap = greedy_gap(model, ids, run(tokens[1])()[:, prompt_len:]) if check_greedy else None
+    return ms, gap
 
 
 def per_token_ms(timer: Timer, run, tokens: tuple[int, int], reps: int, batch: int, warmup: int) -> Optional[float]:
@@ -348,8 +348,36 @@ def measure_eager(model, timer, a, vocab, device) -> dict:
     for n in a.prefill_lens:
         out[f"prefill_{n}_ms"] = prefill_ms(model, timer, n, a.reps, vocab, device)
     for b in a.decode_batches:
-        out[f"decode_b{b}_eager_ms"] = decode_ms_per_token(model, timer, b, a.prompt_len, a.decode_tokens,
-                                                           a.reps, vocab, device, static=False)
+        out[f"decode_b{b}_eager_ms"], _ = decode_ms_per_token(model, timer, b, a.prompt_len, a.decode_tokens,
+                                                              a.reps, vocab, device, static=False)
+    return out
+
+
+def measure_compiled(model, timer, a, vocab, device, label: str) -> dict:
+    """Static-cache decode numbers of one model: compiled ``generate``, and the step decoders of
+    ``--step_decode`` with every decoder's greedy gap."""
+    out = {}
+    for b in a.decode_batches:
+        out[f"decode_b{b}_compiled_ms"], gap = decode_ms_per_token(
+            model, timer, b, a.prompt_len, a.decode_tokens, a.reps, vocab, device, static=True,
+            check_greedy=bool(a.step_decode))
+        if gap is not None:
+            out[f"decode_b{b}_compiled_greedy_gap"] = gap
+        for mode in a.step_decode:
+            prefix = f"decode_b{b}_{mode}"
+            try:
+                ms, gap = step_decode_ms_per_token(model, timer, b, a.prompt_len, a.decode_tokens, a.reps, vocab,
+                                                   device, mode)
+            except Exception as err:  # noqa: BLE001 - one failed measurement must not lose the table
+                first = (str(err).strip().splitlines() or [""])[0][:300]
+                logger.warning("%s: step decoder (%s) failed at batch %d: %s: %s", label, mode, b,
+                               type(err).__name__, first)
+                out[f"{prefix}_error"] = f"{type(err).__name__}: {first}"
+                ms, gap = None, None
+            out[f"{prefix}_ms"], out[f"{prefix}_greedy_gap"] = ms, gap
+            if gap is not None and gap > GREEDY_GAP_TOLERANCE:
+                logger.warning("%s: the %s step decoder is not greedy (batch %d): gap %.3f of the logits' spread",
+                               label, mode, b, gap)
     return out
 
 
@@ -401,8 +429,7 @@ def run(a: argparse.Namespace) -> dict:
 
     compiled_note = None
     if not a.no_compile:
-        can_compile = device.type == "cuda"
-        if not can_compile:
+        if device.type != "cuda":
             compiled_note = "static KV cache without torch.compile (generate compiles only on CUDA)"
         # Priority: dense, then the smallest shapes (the largest speedups), then the rest.
         order = [dense_key] + sorted((k for k in rows if k != dense_key), key=lambda k: rows[k]["params"])
@@ -412,31 +439,10 @@ def run(a: argparse.Namespace) -> dict:
                 continue
             r = rows[key]
             extra, target = plain_model(model, em, Subnet(tuple(range(r["layers"])), r["width"]))
-            for b in a.decode_batches:
-                gaps = {} if a.step_decode else None  # generate's gap: the reference for the step decoders'
-                r[f"decode_b{b}_compiled_ms"] = decode_ms_per_token(target, timer, b, a.prompt_len, a.decode_tokens,
-                                                                    a.reps, vocab, device, static=True, gaps=gaps)
-                if gaps:
-                    r[f"decode_b{b}_compiled_greedy_gap"] = gaps["generate"]
-                for mode in a.step_decode:
-                    key_ms = f"decode_b{b}_{mode}_ms"
-                    try:
-                        ms, gap = step_decode_ms_per_token(target, timer, b, a.prompt_len, a.decode_tokens, a.reps,
-                                                            vocab, device, mode)
-                    except Exception as err:  # noqa: BLE001 - one failed measurement must not lose the table
-                        first = (str(err).strip().splitlines() or [""])[0][:300]
-                        logger.warning("%s: step decoder (%s) failed at batch %d: %s: %s", key, mode, b,
-                                       type(err).__name__, first)
-                        r[key_ms.replace("_ms", "_error")] = f"{type(err).__name__}: {first}"
-                        ms, gap = None, None
-                    r[key_ms] = ms
-                    r[key_ms.replace("_ms", "_greedy_gap")] = gap
-                    if gap is not None and gap > GREEDY_GAP_TOLERANCE:
-                        logger.warning("%s: the %s step decoder is not greedy (batch %d): gap %.3f of the logits' "
-                                       "spread", key, mode, b, gap)
+            r.update(measure_compiled(target, timer, a, vocab, device, key))
             free(target, extra)
             logger.info("%s compiled: %s", key, {k: v if v is None else round(v, 3) for k, v in r.items()
-                                                    if "compiled" in k and k.endswith("_ms")})
+                                                    if _compiled_key(k) and k.endswith("_ms")})
 
     dense = rows[dense_key]
     for r in rows.values():
