@@ -435,6 +435,13 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
     model.eval()  # dropout off, MoE router deterministic
     results: list[ShapeResult] = []
     base = dict(existing)  # what the file held before: this run's keys are laid over it in shape order
+
+    def keep(res: ShapeResult) -> None:
+        """Write the shape's metrics now: a run that fails or is stopped later keeps what it measured."""
+        if writer:
+            existing.update(suffixed(res.metrics, res.subnet))
+            write_json(metrics_path, existing)
+
     try:
         # Shared metrics first: every process takes part in every shape (nothing waits on lm-eval).
         for subnet in tqdm(shapes, desc="shapes", disable=len(shapes) < 2 or not writer):
@@ -449,9 +456,7 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
             results.append(res)
             if runner is None or "lm_eval" in done:
                 _finish(res)
-            if writer:
-                existing.update(suffixed(res.metrics, subnet))
-                write_json(metrics_path, existing)  # after every shape: a later failure keeps these
+            keep(res)
         if runner is not None:
             for i in range(rank, len(shapes), world):
                 subnet = shapes[i]
@@ -464,9 +469,7 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
                 res.headline.update(part.headline)
                 res.seconds.update(part.seconds)
                 _finish(res)
-                if writer:  # after every shape, as above: a run stopped later keeps what it measured
-                    existing.update(suffixed(res.metrics, subnet))
-                    write_json(metrics_path, existing)
+                keep(res)
             if group is not None:
                 results = _gather_lm_eval(results, rank, world, group)
     finally:
