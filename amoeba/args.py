@@ -312,7 +312,7 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
     # --- choosing a shape for a budget ---
     budget_params: Optional[str] = field(
         default=None, metadata={"help": "List the best shapes with at most this many parameters: a count (1.2e9), "
-                                        "a fraction of the full model (0.6) or a percentage (60%). With "
+                                        "a fraction of the full model (0.6) or a percentage (60%%). With "
                                         "--export_dir the best one is exported."})
     budget_latency_ms: Optional[float] = field(
         default=None, metadata={"help": "List the best shapes at most this slow (milliseconds, from "
