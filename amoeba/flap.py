@@ -2,16 +2,23 @@
 
 Calibration text runs through the model one decoder layer at a time. Forward hooks on the inputs of
 ``o_proj`` (per attention feature) and ``down_proj`` (per MLP channel) accumulate the running mean and
-variance of every input channel over all calibration tokens (float64, streaming). A feature's score is
-its variance times the squared norm of its weight column (FLAP's "WIFV"). Scores are standardised within
-each layer and module type; a KV group (a KV head with its query heads) scores the mean of its features,
-so grouped-query models lose whole groups and stay valid GQA models.
+variance of every input channel over all calibration tokens (float64, streaming). A feature's fluctuation
+metric is its variance times the squared norm of its weight column (FLAP's "WIFV"); as in FLAP (and the
+AmoebaLLM paper's code), the attention score is the **square** of that metric and the MLP score the metric
+itself. Scores are standardised within each layer and module type; a KV group (a KV head with its query
+heads) scores the mean of its features, so grouped-query models lose whole groups and stay valid GQA
+models.
+
+The variance is the exact (unbiased) variance over every calibration token. FLAP's running update
+instead drops the first calibration sequence and normalises by the number of sequences; both are per-layer
+scale factors up to that first sequence, which the per-layer standardisation removes.
 
 For every width ratio ``r`` (from ``--width_choice``):
 
 - ``--width_mode global`` (default, as FLAP): one threshold across all layers, each unit weighted by the
-  parameters it carries, so that the kept fraction of the prunable parameters is ``r``; layers end up
-  with different widths (at least one KV group and one channel each).
+  parameters it carries: in descending score order, the unit whose cumulative cost is closest to ``r``
+  times the total is the threshold, and the units scored above it are kept (FLAP's ``metric >
+  threshold``); layers end up with different widths (at least one KV group and one channel each).
 - ``--width_mode uniform``: every layer keeps exactly round(r * n) groups and channels.
 
 All ratios cut the same ranking, so a narrower width keeps a subset of a wider one (what makes widths
@@ -129,7 +136,7 @@ class FlapScores:
 
     ``group_score`` [layers, kv_groups] and ``channel_score`` [layers, channels] are standardised per layer
     and module type (comparable across layers); ``attn_feature_score``/``mlp_feature_score`` are the raw
-    per-feature scores. ``stats`` is None for the magnitude method (no activations).
+    per-feature scores before standardisation (for FLAP, the attention one is the squared WIFV). ``stats`` is None for the magnitude method (no activations).
     """
 
     group_score: torch.Tensor
@@ -308,8 +315,9 @@ def flap_scores(model, input_ids: Optional[torch.Tensor], batch_size: int = 8, m
     """Score every KV group and MLP channel of ``model`` (any Llama-family model; made elastic if needed).
 
     ``method="flap"``: variance of the unit's input times its squared weight-column norm (WIFV), from the
-    calibration tokens ``input_ids`` [n, seqlen]. ``method="magnitude"``: the L2 norm of the unit's weight
-    columns in ``o_proj``/``down_proj`` (no activations; ``input_ids`` is not used).
+    calibration tokens ``input_ids`` [n, seqlen], squared for the attention features (as FLAP scores
+    ``o_proj``). ``method="magnitude"``: the L2 norm of the unit's weight columns in ``o_proj``/``down_proj``
+    (no activations; ``input_ids`` is not used).
     """
     from amoeba.elastic import make_elastic
 
@@ -329,7 +337,9 @@ def flap_scores(model, input_ids: Optional[torch.Tensor], batch_size: int = 8, m
         col_o = _to_original(dense_weight(proj["o_proj"]).to(torch.float64).square().sum(0).cpu(), q_map)
         col_d = _to_original(dense_weight(proj["down_proj"]).to(torch.float64).square().sum(0).cpu(), c_map)
         if stats is not None:
-            a, m = stats[i].attn_var * col_o, stats[i].mlp_var * col_d
+            # FLAP squares the attention metric (not the MLP one) before standardisation; this changes
+            # which heads win, since a head scores the mean of its standardised features.
+            a, m = (stats[i].attn_var * col_o).square(), stats[i].mlp_var * col_d
         else:
             a, m = col_o.sqrt(), col_d.sqrt()
         attn_raw.append(a)
@@ -383,9 +393,10 @@ def select_widths(group_score: torch.Tensor, channel_score: torch.Tensor, ratios
             g_keep = np.ones_like(gs, dtype=bool)
             c_keep = np.ones_like(cs, dtype=bool)
         elif mode == "global":
-            k = int(np.argmin(np.abs(cum - r * total))) + 1
-            keep = np.zeros(scores.size, dtype=bool)
-            keep[order[:k]] = True
+            # FLAP's threshold is the unit whose cumulative cost is closest to the target; it keeps the
+            # units scored strictly above it.
+            k = int(np.argmin(np.abs(cum - r * total)))
+            keep = scores > scores[order[k]]  # ties with the threshold go too, as in FLAP
             g_keep = keep[:gs.size].reshape(gs.shape)
             c_keep = keep[gs.size:].reshape(cs.shape)
             for i in range(layers):  # every layer keeps at least its best group and channel

@@ -137,9 +137,11 @@ def test_attention_is_scored_by_whole_kv_groups(name):
         torch.testing.assert_close(s.group_score[i], z.reshape(-1, block).mean(1))
         # the same ranking as the summed WIFV of the group's query-head columns
         assert torch.equal(torch.argsort(s.group_score[i]), torch.argsort(raw.reshape(-1, block).sum(1)))
-        # WIFV = input variance x squared weight-column norm
+        # attention: the square of WIFV = input variance x squared weight-column norm (as FLAP)
         w = em.projections(i)["o_proj"].weight.detach().double()
-        torch.testing.assert_close(raw, s.stats[i].attn_var * w.square().sum(0))
+        torch.testing.assert_close(raw, (s.stats[i].attn_var * w.square().sum(0)).square())
+        w_d = em.projections(i)["down_proj"].weight.detach().double()
+        torch.testing.assert_close(s.mlp_feature_score[i], s.stats[i].mlp_var * w_d.square().sum(0))
     sel = select_widths(s.group_score, s.channel_score, RATIOS, "uniform", *unit_costs(em))
     masks, _ = width_dicts(em, sel, compensation_biases(em, s.stats, sel))
     for r in RATIOS:
@@ -192,6 +194,76 @@ def test_global_mode_keeps_the_asked_parameter_fraction():
                    + masks[module_name(i, "gate_proj")][r].sum() * 64 * 3 for i in range(4))
         assert kept / total == pytest.approx(sel.kept_fraction[r])
         assert abs(kept / total - r) <= g_cost / total + 1e-9
+
+
+def _original_flap_masks(model, ids, remaining):
+    """FLAP's AL-AM selection as the AmoebaLLM paper's code computes it, written here from its math for an
+    MHA Llama (heads of ``head_dim`` features instead of its hard-coded 128): per layer, the o_proj metric
+    is (fluctuation x squared column norm) ** 2, the down_proj metric is unsquared; both are standardised
+    per layer (torch.std), a head scores the mean of its features; all units are sorted together, heads
+    weighing 4 * head_dim / 3 channels (its 512 / 3), the threshold is the unit whose cumulative weight is
+    closest to ``remaining`` of the total, and the units scored strictly above it are kept. The fluctuation
+    is the exact variance over all tokens (see the module docstring)."""
+    inputs = _full_forward_inputs(model, ids)
+    layers = len(model.model.layers)
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    attn, mlp = [], []
+    for i in range(layers):
+        blk = model.model.layers[i]
+        var_o = inputs[(i, "o")].var(0)
+        var_d = inputs[(i, "d")].var(0)
+        attn.append((var_o * blk.self_attn.o_proj.weight.detach().double().pow(2).sum(0)) ** 2)
+        mlp.append(var_d * blk.mlp.down_proj.weight.detach().double().pow(2).sum(0))
+
+    def standardise(x):
+        return (x - x.mean(dim=1, keepdim=True)) / x.std(dim=1, keepdim=True)
+
+    attn_metric = standardise(torch.stack(attn)).reshape(layers, -1, hd).mean(dim=2)
+    mlp_metric = standardise(torch.stack(mlp))
+    metric = torch.cat([attn_metric.reshape(-1), mlp_metric.reshape(-1)])
+    ranked, index = torch.sort(metric, descending=True)
+    weight = torch.ones_like(ranked)
+    weight[index < attn_metric.numel()] = 4 * hd / 3
+    out = {}
+    for r in remaining:
+        threshold = ranked[torch.argmin(torch.abs(torch.cumsum(weight, 0) - weight.sum() * r))]
+        out[r] = ((attn_metric > threshold).numpy(), (mlp_metric > threshold).numpy())
+    return out
+
+
+def test_global_selection_equals_the_original_flap_scoring_and_threshold():
+    """Heads and channels kept at 1/2, 5/8 and 3/4 on a tiny MHA Llama are exactly the original's."""
+    model = tiny_model("mha", layers=4, num_attention_heads=8, intermediate_size=96, seed=3)
+    ids = _ids(n=6, seqlen=24, seed=2)
+    ratios = (0.5, 0.625, 0.75)
+    reference = _original_flap_masks(copy.deepcopy(model), ids, ratios)
+    s = flap_scores(model, ids, batch_size=4, progress=False)
+    em = make_elastic(model)
+    sel = select_widths(s.group_score, s.channel_score, ratios, "global", *unit_costs(em))
+    for r in ratios:
+        heads, channels = reference[r]
+        assert heads.any(1).all() and channels.any(1).all()  # no layer emptied: the floor of one unit is idle
+        np.testing.assert_array_equal(sel.groups[r], heads, err_msg=f"heads at {r}")
+        np.testing.assert_array_equal(sel.channels[r], channels, err_msg=f"channels at {r}")
+        assert not heads.all() and not channels.all()
+
+
+def test_attention_is_ranked_by_the_squared_metric_in_uniform_mode_too():
+    """Squaring before standardisation changes which head wins when a head's features disagree."""
+    model = tiny_model("mha", layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=48, seed=5)
+    em = make_elastic(model)
+    ids = _ids(n=4, seqlen=16, seed=4)
+    s = flap_scores(model, ids, batch_size=4, progress=False)
+    hd = em.head_dim
+    for i in range(2):
+        w = em.projections(i)["o_proj"].weight.detach().double().square().sum(0)
+        z = s.stats[i].attn_var * w
+        squared = ((z.square() - z.square().mean()) / z.square().std()).reshape(-1, hd).mean(1)
+        torch.testing.assert_close(s.group_score[i], squared)
+    sel = select_widths(s.group_score, s.channel_score, (0.5,), "uniform", *unit_costs(em))
+    for i in range(2):
+        top = torch.argsort(s.group_score[i], descending=True, stable=True)[:2].numpy()
+        assert sel.groups[0.5][i][top].all() and sel.groups[0.5][i].sum() == 2
 
 
 # ----------------------------------------------------------------------------------------------
