@@ -8,9 +8,11 @@ output size (None at full width). The adapter returns the output delta.
 - :class:`MoELoRA` holds E experts (A_e, B_e) and applies ``(sum_e g_e B_e)(sum_e g_e A_e) x * alpha/r``.
   With one expert and no router (gate 1) it is plain LoRA, numerically the same as peft's.
 - :class:`ShapeRouter` is one router for the whole model. Its input is the current subnet's shape (the
-  kept-layer 0/1 mask and the one-hot width); its output the top-k expert gates. Noisy top-k gating
-  while training, deterministic at evaluation, so a subnet's adapter is a fixed matrix that export can
-  merge into its weights.
+  kept-layer 0/1 mask and the one-hot width); it maps it through Linear(input -> 16) -> Linear(16 -> experts)
+  (no activation between, as the paper's router) to the top-k expert gates. Noisy top-k gating while
+  training, deterministic at evaluation, so a subnet's adapter is a fixed matrix that export can merge into
+  its weights. Adapters saved with the earlier single-layer router load for evaluation and export (converted
+  exactly, see :func:`upgrade_single_layer_router`).
 
 Adapters are saved in the model's ORIGINAL head/channel order (the elastic model may have permuted its
 dense weights by importance), so adapters trained on a bf16 model load on an 8-bit one and back.
@@ -18,12 +20,13 @@ dense weights by importance), so adapters trained on a bf16 model load on an 8-b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,10 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT = "amoeba-moe-lora"
 ROUTER_ATTR = "amoeba_router"
+ROUTER_HIDDEN = 16  # the hidden size of the paper's router (two linear layers, no activation)
+# the router tensors of adapters saved by earlier versions (a single linear layer to the expert logits)
+LEGACY_ROUTER_KEYS = ("router.lora_gate_weight", "router.lora_gate_bias", "router.lora_noise_weight",
+                      "router.lora_noise_bias")
 
 
 @dataclass
@@ -90,36 +97,37 @@ class AdapterConfig:
 class ShapeRouter(nn.Module):
     """One router for the whole model: subnet shape -> top-k expert gates.
 
-    Input features: the kept-layer 0/1 mask over all layers, concatenated with the one-hot of the
-    width (a subnet with per-layer widths uses the width key nearest to their mean). Output: ``topk``
-    expert indices and their gates (softmax over the chosen logits). While training, Gaussian noise
-    scaled by a learned ``softplus`` term is added to the logits before the top-k (noisy top-k gating);
-    in eval mode the gates are a deterministic function of the shape.
+    Input features x: the kept-layer 0/1 mask over all layers, concatenated with the one-hot of the width
+    (a subnet with per-layer widths uses the width key nearest to their mean). Expert logits:
+    ``lora_route_out(lora_route_in(x))``, i.e. W2 (W1 x + b1) + b2 with W1 [16, input] and W2 [experts, 16]
+    and no activation between, as the paper's router. While training, Gaussian noise scaled by
+    ``softplus(lora_noise(x))`` (one linear layer) is added to the logits before the top-k (noisy top-k
+    gating); in eval mode the gates are a deterministic function of the shape. The gates are the softmax of
+    the chosen logits. All three layers start as ``nn.Linear`` does. The router runs in its own precision
+    (fp32) even under autocast, so the experts a shape gets do not depend on the compute precision.
 
     Gates are computed once per model forward (a forward pre-hook on the decoder calls
-    :meth:`refresh`, outside any gradient-checkpointed layer) and cached; in eval mode the cache lives
+    :meth:`current`, outside any gradient-checkpointed layer) and cached; in eval mode the cache lives
     until the subnet or the router's parameters change.
     """
 
     def __init__(self, num_layers: int, num_widths: int, num_experts: int, topk: int,
-                 widths: Optional[list[float]] = None):
+                 widths: Optional[list[float]] = None, hidden: int = ROUTER_HIDDEN):
         super().__init__()
         if not 1 <= topk <= num_experts:
             raise UsageError(f"{topk} must be between 1 and --moe_num_expert ({num_experts})", "--moe_topk")
         self.num_layers, self.num_widths = int(num_layers), int(num_widths)
-        self.num_experts, self.topk = int(num_experts), int(topk)
+        self.num_experts, self.topk, self.hidden = int(num_experts), int(topk), int(hidden)
         self.widths = [float(w) for w in (widths if widths is not None else [1.0] * num_widths)]
         if len(self.widths) != self.num_widths:
             raise ValueError(f"{len(self.widths)} width values for {num_widths} widths")
         d = self.num_layers + self.num_widths
-        # Trainable tensors carry the ``lora_`` prefix like every adapter tensor (filtering by name works).
-        self.lora_gate_weight = nn.Parameter(torch.empty(self.num_experts, d))
-        self.lora_gate_bias = nn.Parameter(torch.zeros(self.num_experts))
-        self.lora_noise_weight = nn.Parameter(torch.zeros(self.num_experts, d))
-        self.lora_noise_bias = nn.Parameter(torch.zeros(self.num_experts))
-        # Random gate weights (as nn.Linear) so different shapes start on different experts.
-        nn.init.kaiming_uniform_(self.lora_gate_weight, a=math.sqrt(5))
+        # Trainable modules carry the ``lora_`` prefix like every adapter tensor (filtering by name works).
+        self.lora_route_in = nn.Linear(d, self.hidden)
+        self.lora_route_out = nn.Linear(self.hidden, self.num_experts)
+        self.lora_noise = nn.Linear(d, self.num_experts)
         self.noise_seed: Optional[int] = None
+        self.suspended = False  # True while the model runs without adapters (see adapters_disabled)
         self._em: Optional[ElasticModel] = None
         self._forward_id = 0
         self._cache_key = None
@@ -135,7 +143,7 @@ class ShapeRouter(nn.Module):
 
     def _on_decoder_forward(self, module, args):
         self._forward_id += 1
-        if self._em is not None:
+        if self._em is not None and not self.suspended:
             self.current()  # computed here, outside gradient-checkpointed layers
 
     def width_index(self, width) -> int:
@@ -150,22 +158,27 @@ class ShapeRouter(nn.Module):
         x[self.num_layers + self.width_index(subnet.width)] = 1.0
         return x
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise-free expert logits for router input(s) ``x`` [..., input]: W2 (W1 x + b1) + b2."""
+        return self.lora_route_out(self.lora_route_in(x))
+
     def route(self, subnet: Subnet, noisy: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert indices [topk], gates [topk]) for ``subnet``; noisy defaults to ``self.training``."""
         noisy = self.training if noisy is None else noisy
-        w = self.lora_gate_weight
-        x = self.features(subnet).to(device=w.device, dtype=w.dtype)
-        logits = F.linear(x, w, self.lora_gate_bias)
-        if noisy:
-            std = F.softplus(F.linear(x, self.lora_noise_weight, self.lora_noise_bias))
-            if self.noise_seed is not None:  # reproducible noise (same on every process, survives resume)
-                g = torch.Generator().manual_seed(int(self.noise_seed))
-                eps = torch.randn(self.num_experts, generator=g)
-            else:
-                eps = torch.randn(self.num_experts)
-            logits = logits + eps.to(device=w.device, dtype=w.dtype) * std
-        top, idx = torch.topk(logits, self.topk)
-        return idx, torch.softmax(top, dim=-1)
+        w = self.lora_route_in.weight
+        with torch.autocast(device_type=w.device.type, enabled=False):
+            x = self.features(subnet).to(device=w.device, dtype=w.dtype)
+            logits = self.logits(x)
+            if noisy:
+                std = F.softplus(self.lora_noise(x))
+                if self.noise_seed is not None:  # reproducible noise (same on every process, survives resume)
+                    g = torch.Generator().manual_seed(int(self.noise_seed))
+                    eps = torch.randn(self.num_experts, generator=g)
+                else:
+                    eps = torch.randn(self.num_experts)
+                logits = logits + eps.to(device=w.device, dtype=w.dtype) * std
+            top, idx = torch.topk(logits, self.topk)
+            return idx, torch.softmax(top, dim=-1)
 
     def gates(self, subnet: Subnet, noisy: Optional[bool] = None) -> torch.Tensor:
         """Dense gates over all experts (zeros outside the top-k) for ``subnet``."""
@@ -176,8 +189,7 @@ class ShapeRouter(nn.Module):
 
     def _param_version(self) -> tuple:
         # the experts' versions too: evaluation caches their mix, which must follow an in-place load
-        own = (self.lora_gate_weight, self.lora_gate_bias, self.lora_noise_weight, self.lora_noise_bias)
-        return (tuple(p._version for p in own),
+        return (tuple(p._version for p in self.parameters()),
                 tuple((ad.lora_A._version, ad.lora_B._version) for _, ad in self._members))
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,7 +257,7 @@ class ShapeRouter(nn.Module):
         if self.training:
             key = ("train", subnet, self._forward_id, self.noise_seed)
         else:
-            dev = self.lora_gate_weight.device
+            dev = self.lora_route_in.weight.device
             autocast = torch.is_autocast_enabled(dev.type) and torch.get_autocast_dtype(dev.type)
             key = ("eval", subnet, self._param_version(), dev, autocast)
         if key != self._cache_key or self._cache is None:
@@ -478,12 +490,39 @@ def remove_adapters(model: nn.Module) -> None:
         object.__setattr__(model, "_amoeba_adapter_config", None)
 
 
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as its frozen base inside the block: every adapter is detached from its projection and the
+    router computes no gates; both come back afterwards, whatever happens inside.
+
+    Fixed-shape distillation runs its teacher (the full base model) this way. Detaching (rather than a flag
+    checked in every projection) means the base forward costs exactly what a model without adapters costs.
+    """
+    detached = []
+    for mod in model.modules():
+        adapter = mod._modules.get("amoeba_adapter") if hasattr(mod, "_modules") else None
+        if adapter is not None:
+            detached.append((mod, adapter))
+    router = get_router(model)
+    for mod, _ in detached:
+        del mod._modules["amoeba_adapter"]
+    if router is not None:
+        router.suspended = True
+    try:
+        yield
+    finally:
+        for mod, adapter in detached:
+            mod._modules["amoeba_adapter"] = adapter
+        if router is not None:
+            router.suspended = False
+
+
 # ----------------------------------------------------------------------------------------------
 # Saving and loading (original head/channel order)
 # ----------------------------------------------------------------------------------------------
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter and router tensor in the model's CURRENT layout, keyed ``layers.{i}.{role}.lora_A``
-    / ``router.lora_gate_weight`` (independent of the model class and of wrappers)."""
+    / ``router.lora_route_in.weight`` (independent of the model class and of wrappers)."""
     sd = {}
     for layer, role, adapter in adapted_modules(model):
         sd[f"layers.{layer}.{role}.lora_A"] = adapter.lora_A
@@ -577,10 +616,52 @@ def read_adapter_config(directory) -> AdapterConfig:
     return AdapterConfig(**{k: v for k, v in raw.items() if k in known})
 
 
-def load_adapters(model: nn.Module, em: ElasticModel, directory) -> list[nn.Module]:
+def upgrade_single_layer_router(tensors: dict[str, torch.Tensor], router: ShapeRouter, directory,
+                                resuming: bool = False) -> dict[str, torch.Tensor]:
+    """Express a single-layer router saved by earlier versions (logits W x + b) as this two-layer router.
+
+    Detected by the saved keys (``router.lora_gate_weight`` without ``router.lora_route_in.weight``). Two
+    linear layers without activation compute any linear map of rank at most their hidden size, so with at most
+    ``router.hidden`` experts the conversion is exact: W1 = [W; 0], b1 = [b; 0], W2 = [I 0], b2 = 0 gives
+    W2 (W1 x + b1) + b2 = W x + b for every shape, i.e. the same experts and gates. The noise layer is unchanged.
+    Refused (UsageError naming ``directory``) with more experts than that, or when ``resuming`` (the optimizer
+    state of such a checkpoint belongs to the old parameters). Returns ``tensors`` with the router keys replaced.
+    """
+    if "router.lora_gate_weight" not in tensors or "router.lora_route_in.weight" in tensors:
+        return tensors
+    missing = [k for k in LEGACY_ROUTER_KEYS if k not in tensors]
+    if missing:
+        raise UsageError(f"{directory / WEIGHTS_FILE} holds an incomplete single-layer router (no {missing[0]})")
+    if resuming:
+        raise UsageError(f"{directory} was saved with the earlier single-layer MoE-LoRA router: it can be evaluated "
+                         "or exported, not resumed; start a new run", "--resume_training")
+    w, b = tensors["router.lora_gate_weight"], tensors["router.lora_gate_bias"]
+    experts, width = w.shape
+    if experts > router.hidden:
+        raise UsageError(f"{directory} was saved with the earlier single-layer MoE-LoRA router over {experts} experts, "
+                         f"which the two-layer router (hidden size {router.hidden}) cannot express; retrain it")
+    w_in = torch.zeros(router.hidden, width, dtype=w.dtype)
+    w_in[:experts] = w
+    b_in = torch.zeros(router.hidden, dtype=b.dtype)
+    b_in[:experts] = b
+    w_out = torch.zeros(experts, router.hidden, dtype=w.dtype)
+    w_out[:, :experts] = torch.eye(experts, dtype=w.dtype)
+    out = {k: v for k, v in tensors.items() if k not in LEGACY_ROUTER_KEYS}
+    out.update({"router.lora_route_in.weight": w_in, "router.lora_route_in.bias": b_in,
+                "router.lora_route_out.weight": w_out,
+                "router.lora_route_out.bias": torch.zeros(experts, dtype=b.dtype),
+                "router.lora_noise.weight": tensors["router.lora_noise_weight"],
+                "router.lora_noise.bias": tensors["router.lora_noise_bias"]})
+    logger.warning("%s: single-layer MoE-LoRA router of an earlier version, converted exactly to the two-layer router",
+                   directory)
+    return out
+
+
+def load_adapters(model: nn.Module, em: ElasticModel, directory, resuming: bool = False) -> list[nn.Module]:
     """Load adapters saved by :func:`save_adapters` into ``model`` (adding them if it has none).
 
-    Raises UsageError when they were made for a model of another shape.
+    Raises UsageError when they were made for a model of another shape. A single-layer router of an earlier
+    version is converted (:func:`upgrade_single_layer_router`), unless ``resuming`` training, which refuses it.
     """
     from safetensors.torch import load_file
 
@@ -601,6 +682,9 @@ def load_adapters(model: nn.Module, em: ElasticModel, directory) -> list[nn.Modu
                              f"{','.join(saved.modules)}) differ from the model's (r={current.r}, experts="
                              f"{current.num_experts}, modules={','.join(current.modules)})")
     tensors = load_file(str(directory / WEIGHTS_FILE))
+    router = get_router(model)
+    if router is not None:
+        tensors = upgrade_single_layer_router(tensors, router, directory, resuming)
     expected = set(adapter_state_dict(model))
     missing, extra = expected - set(tensors), set(tensors) - expected
     if missing or extra:
@@ -616,10 +700,13 @@ def load_adapters(model: nn.Module, em: ElasticModel, directory) -> list[nn.Modu
             a, b = _from_original(em, layer, role, a, b)
             adapter.lora_A.copy_(a)
             adapter.lora_B.copy_(b)
-        router = get_router(model)
         if router is not None:
             for name, p in router.named_parameters():
-                p.copy_(tensors[f"router.{name}"])
+                t = tensors[f"router.{name}"]
+                if t.shape != p.shape:
+                    raise UsageError(f"{directory}: router.{name} has shape {tuple(t.shape)}; the model needs "
+                                     f"{tuple(p.shape)}")
+                p.copy_(t)
     return [mod for mod in model.modules() if "amoeba_adapter" in getattr(mod, "_modules", {})]
 
 

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
 DEFAULT_WIDTH_CHOICE = "[1,7/8,3/4,5/8]"
 KNOWN_CALIB_DATASETS = ("mmlu", "wikitext2", "c4", "wiki")
+CALIB_METRICS = (None, "acc", "loss", "letter_loss", "ppl")
+CALIB_MMLU_SPLITS = ("eval", "validation", "val", "test", "dev")  # the names amoeba.mmlu.load_mmlu reads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +169,11 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Hugging Face cache directory."})
     train_on_source: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
     # --- evaluation ---
-    mmlu_split: str = field(default="eval", metadata={"help": "MMLU split to report: eval (validation) or test."})
+    mmlu_split: Optional[str] = field(
+        default=None,
+        metadata={"help": "MMLU split that --do_mmlu_eval reports: test or eval (validation); metrics.json keys "
+                          "read mmlu_<split>_accuracy_<shape>. Default: test for evaluation runs (--do_train "
+                          "False), eval for the MMLU measured at the end of a run that trains (--do_train True)."})
     mmlu_dataset: str = field(default="mmlu-fs", metadata={"help": "mmlu-zs (zero-shot) or mmlu-fs (five-shot)."})
     do_mmlu_eval: bool = field(default=False, metadata={"help": "Run the MMLU evaluation."})
     do_eval_wikitext2: bool = field(default=False, metadata={"help": "Evaluate WikiText-2 test perplexity."})
@@ -268,6 +274,13 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
     train_num_width: Optional[str] = field(default=None, metadata={"help": "Width of the fixed subnet of "
                                                                            "--train_num_layer (e.g. 3/4; "
                                                                            "default 1)."})
+    train_distill_full: bool = field(default=False, metadata={"help": "With --train_num_layer: distill the fixed "
+                                                                      "subnet from the frozen full model (all "
+                                                                      "layers, full width, adapters off) instead "
+                                                                      "of labels only; loss = --kd_weight x soft "
+                                                                      "cross entropy (--distill_method sp) + (1 - "
+                                                                      "--kd_weight) x label cross entropy. The "
+                                                                      "paper's per-shape baseline."})
     adapter_dir: Optional[str] = field(default=None, metadata={"help": "Read trained adapters from this run "
                                                                        "folder, checkpoint or adapter_model/ "
                                                                        "folder instead of --output_dir."})
@@ -293,22 +306,43 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
     calib_dataset: str = field(default="wikitext2",
                                metadata={"help": "Calibration data: " + ", ".join(KNOWN_CALIB_DATASETS)
                                                  + ", or a local .txt/.json/.jsonl file."})
-    calib_metric: Optional[str] = field(default=None, metadata={"help": "acc or loss on MMLU; text data always "
-                                                                        "uses perplexity."})
-    calib_mmlu_split: str = field(default="eval", metadata={"help": "MMLU split used for calibration (never the "
-                                                                    "reported split by default)."})
+    calib_metric: Optional[str] = field(
+        default=None,
+        metadata={"help": "Layer-DP metric on MMLU: acc (mean per-subject accuracy, the default), loss (as the "
+                          "original code: the full-vocabulary language-model cross entropy on the answer tokens, "
+                          "the answer letter and the end-of-sequence token, averaged per batch of "
+                          "--per_device_eval_batch_size questions) or letter_loss (cross entropy over the four "
+                          "answer-letter logits only). Text data is always scored by perplexity (ppl)."})
+    calib_mmlu_split: str = field(default="eval", metadata={"help": "MMLU split the layer DP calibrates on: eval "
+                                                                    "(validation, the default), test or dev. "
+                                                                    "Evaluation reports test by default, so the "
+                                                                    "two differ."})
     calib_seqlen: int = field(default=512, metadata={"help": "Tokens per calibration sequence for text data."})
     calib_batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass."})
     width_calib: bool = field(default=False, metadata={"help": "Stage 1 step 2: width selection (FLAP)."})
     width_mode: str = field(default="global", metadata={"help": "global (per-layer widths, as FLAP) or uniform."})
     prune_width_method: str = field(default="flap", metadata={"help": "Width importance metric: flap or "
                                                                       "magnitude."})
-    num_calib_sample: int = field(default=20, metadata={"help": "Calibration samples."})
+    num_calib_sample: int = field(
+        default=20,
+        metadata={"help": "Calibration size. Layer DP on MMLU (--calib_dataset mmlu): BATCHES of "
+                          "--per_device_eval_batch_size questions, the first questions of --calib_mmlu_split in "
+                          "subject order, as the original code takes them (40 x 8 = 320 questions); with "
+                          "--max_mmlu_samples set, the first that many questions instead. Text data (wikitext2, "
+                          "c4, wiki, a file) for the layer DP and for FLAP (--width_calib): sequences of "
+                          "--calib_seqlen tokens."})
     # --- export ---
     export_dir: Optional[str] = field(default=None, metadata={"help": "Export the subnet given by "
                                                                       "--eval_num_layer/--eval_num_width as a "
                                                                       "standard HF folder here."})
     overwrite: bool = field(default=False, metadata={"help": "Allow --export_dir to replace an existing folder."})
+    export_format: str = field(
+        default="exact",
+        metadata={"help": "How --export_dir writes a subnet whose layers have different widths (FLAP global): "
+                          "exact (every layer at its own size, smallest and fastest; the folder carries "
+                          "modeling_amoeba.py, load it with trust_remote_code=True) or padded (a stock folder, "
+                          "every layer zero-padded to the widest, for tools that refuse custom code). Uniform "
+                          "shapes are stock folders either way."})
     # --- choosing a shape for a budget ---
     budget_params: Optional[str] = field(
         default=None, metadata={"help": "List the best shapes with at most this many parameters: a count (1.2e9), "
@@ -407,12 +441,22 @@ def parse_args(argv: Optional[list[str]] = None) -> Arguments:
                    if train_args.eval_num_width else None)
     tasks = tuple(t.strip() for t in train_args.do_lm_eval_task.split(",") if t.strip())
     _check_values(train_args)
+    train_args.mmlu_split = resolve_mmlu_split(train_args)  # the run record names the split reported
     eval_shapes = parse_shape_list(train_args.eval_shapes) if train_args.eval_shapes else None
     if eval_shapes and (eval_layers or eval_widths):
         raise UsageError("give either a list of shapes or --eval_num_layer/--eval_num_width, not both",
                          "--eval_shapes")
     return Arguments(model_args, data_args, train_args, gen_args, width_choice, eval_layers, eval_widths, tasks,
                      eval_shapes)
+
+
+def resolve_mmlu_split(t) -> str:
+    """The MMLU split a run reports: ``--mmlu_split`` when given, else ``eval`` (validation) for a run that
+    trains and ``test`` for an evaluation run, so that what is reported is never the layer DP's default
+    calibration split (``--calib_mmlu_split eval``) unless asked for."""
+    if t.mmlu_split:
+        return t.mmlu_split
+    return "eval" if t.do_train else "test"
 
 
 def _check_values(t: TrainingArguments) -> None:
@@ -434,16 +478,26 @@ def _check_values(t: TrainingArguments) -> None:
         problems.append(f"--shrinking_method: '{t.shrinking_method}' is not calib_dp or first_layers")
     if t.distill_method not in ("sp", "none"):
         problems.append(f"--distill_method: '{t.distill_method}' is not sp or none")
+    if t.train_distill_full and t.train_num_layer is None:
+        problems.append("--train_distill_full: it distills one fixed subnet from the full model; give that subnet "
+                        "with --train_num_layer (and --train_num_width)")
+    elif t.train_distill_full and (t.distill_method == "none" or not 0.0 < t.kd_weight <= 1.0):
+        problems.append(f"--train_distill_full: needs --distill_method sp and --kd_weight in (0, 1] (got "
+                        f"{t.distill_method}, {t.kd_weight:g}); without them there is nothing to distill")
     if t.prune_width_method not in ("flap", "magnitude"):
         problems.append(f"--prune_width_method: '{t.prune_width_method}' is not flap or magnitude")
     if t.width_mode not in ("global", "uniform"):
         problems.append(f"--width_mode: '{t.width_mode}' is not global or uniform")
-    if t.calib_metric not in (None, "acc", "loss", "ppl"):
-        problems.append(f"--calib_metric: '{t.calib_metric}' is not acc, loss or ppl")
+    if t.calib_metric not in CALIB_METRICS:
+        problems.append(f"--calib_metric: '{t.calib_metric}' is not one of {', '.join(CALIB_METRICS[1:])}")
     if t.mmlu_dataset not in ("mmlu-zs", "mmlu-fs", "mmlu"):
         problems.append(f"--mmlu_dataset: '{t.mmlu_dataset}' is not mmlu-zs or mmlu-fs")
-    if t.mmlu_split not in ("eval", "test"):
+    if t.mmlu_split not in (None, "eval", "test"):
         problems.append(f"--mmlu_split: '{t.mmlu_split}' is not eval or test")
+    if t.calib_mmlu_split not in CALIB_MMLU_SPLITS:
+        problems.append(f"--calib_mmlu_split: '{t.calib_mmlu_split}' is not eval, test or dev")
+    if t.export_format not in ("exact", "padded"):
+        problems.append(f"--export_format: '{t.export_format}' is not exact or padded")
     if t.num_calib_sample < 1:
         problems.append(f"--num_calib_sample: {t.num_calib_sample} must be at least 1")
     if problems:

@@ -74,13 +74,12 @@ def parse_param_budget(text: str, full_params: int, flag: str = "--budget_params
     return int(value)
 
 
-def exported_param_count(em: ElasticModel, subnet: Subnet) -> int:
-    """Parameters the exported folder stores: per-layer widths are padded to the widest kept layer."""
-    sizes = em.layer_sizes(subnet)
-    g_max, c_max = max(g for g, _ in sizes), max(c for _, c in sizes)
-    hidden, hd, qpg = int(em.config.hidden_size), em.head_dim, em.queries_per_group
-    pad = sum((g_max - g) * hd * hidden * (2 * qpg + 2) + (c_max - c) * 3 * hidden for g, c in sizes)
-    return em.param_count(subnet) + pad
+def exported_param_count(em: ElasticModel, subnet: Subnet, export_format: str = "exact") -> int:
+    """Parameters the exported folder stores in ``export_format``: the subnet's own count for exact exports of
+    per-layer widths; with ``padded``, every layer as wide as the widest kept one."""
+    from amoeba.export import stored_param_count
+
+    return stored_param_count(em, subnet, export_format)
 
 
 def candidate_shapes(em: ElasticModel, strategy, args) -> list[tuple[int, float]]:
@@ -174,7 +173,7 @@ def rank_candidates(em: ElasticModel, strategy, args) -> tuple[list[Candidate], 
     for n, w in candidate_shapes(em, strategy, args):
         subnet = resolve_subnet(em, strategy, n, w, t.shrinking_method)
         params = em.param_count(subnet)
-        c = Candidate(subnet.label, n, w, params, exported_param_count(em, subnet), params / full)
+        c = Candidate(subnet.label, n, w, params, exported_param_count(em, subnet, t.export_format), params / full)
         if subnet.label in evaluated:
             c.score, c.score_source = evaluated[subnet.label], metric_name
         elif not evaluated and w == 1.0 and n in calib:
@@ -262,6 +261,7 @@ def run_budget(args, model, tokenizer, em: ElasticModel, strategy) -> list[Candi
         provenance = export_provenance(args, model)
         provenance["budget"] = {k: info[k] for k in ("budget_params", "budget_latency_ms", "metric", "latency_key")}
         provenance["budget"]["score"] = best.score
-        export_subnet(model, tokenizer, em, subnet, t.export_dir, overwrite=t.overwrite, provenance=provenance)
+        export_subnet(model, tokenizer, em, subnet, t.export_dir, overwrite=t.overwrite, provenance=provenance,
+                      export_format=t.export_format)
         print(f"exported {best.label} to {t.export_dir}")
     return fitting

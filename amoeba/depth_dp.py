@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from tqdm.auto import tqdm
 
 from amoeba.errors import UsageError
 from amoeba.files import atomic_path, write_json, write_text
+from amoeba.strategy import describe_calibration
 from amoeba.text_data import calibration_windows, is_local_text_file, model_device, window_nll
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class DPResult:
     ``strategy``: float array ``[N+1, M+1, layers]`` of kept-layer masks over all layers (cells that
     cannot exist, ``m > n``, are all zero); ``metric``: ``d`` as float array ``[N+1, M+1]`` (``inf``/
     ``-inf`` where no subnet was scored); ``final``: the seed's ``{'strategy': {m: mask}, 'metric':
-    {m: score}}`` for ``m = 1..M``.
+    {m: score}}`` for ``m = 1..M``, plus ``'calibration': {'layers': record}`` once the stage has run (how it
+    was calibrated: dataset, split, metric, samples).
     """
 
     num_layers: int
@@ -168,29 +169,75 @@ class PerplexityMetric(CalibrationMetric):
 
 
 class MMLUMetric(CalibrationMetric):
-    """MMLU accuracy (mean of per-subject accuracies) or loss from the answer-letter logits at each
-    prompt's last token, computed as :func:`amoeba.mmlu.score_mmlu` does."""
+    """MMLU scores from each question's hidden states at its last prompt token (and, for ``loss``, at the
+    answer token after it).
 
-    def __init__(self, lm_head: nn.Module, letters: Sequence[int], examples: Sequence, use_loss: bool):
+    ``kind``: ``acc`` (mean of per-subject accuracies from the answer-letter logits, as
+    :func:`amoeba.mmlu.score_mmlu` computes it; higher is better), ``loss`` (the original code's: the
+    full-vocabulary language-model cross entropy on each question's ``targets``, the answer letter and the
+    end-of-sequence token, averaged over the target tokens of each batch of ``batch_size`` consecutive
+    questions, then over the batches; lower is better) or ``letter_loss`` (cross entropy over the four letter
+    logits; lower is better). ``batch_size`` groups the questions as the original code's evaluation batches
+    did; it need not be the batch size the scorer runs them in.
+    """
+
+    KINDS = ("acc", "loss", "letter_loss")
+
+    def __init__(self, lm_head: nn.Module, letters: Sequence[int], examples: Sequence, kind: str = "acc",
+                 batch_size: int = 8, targets: Optional[Sequence[Sequence[int]]] = None):
+        if kind not in self.KINDS:
+            raise UsageError(f"'{kind}' does not apply to MMLU ({', '.join(self.KINDS)})", "--calib_metric")
+        if kind == "loss" and (targets is None or len(targets) != len(examples)):
+            raise ValueError("the language-model loss needs the target tokens of every question")
+        if batch_size < 1:
+            raise UsageError(f"batch size {batch_size} must be at least 1", "--per_device_eval_batch_size")
         self.lm_head = lm_head
         self.letters = torch.tensor(list(letters))
         self.examples = list(examples)
-        self.use_loss = use_loss
-        self.higher_is_better = not use_loss
-        self.name = "mmlu_loss" if use_loss else "mmlu_acc"
+        self.kind = kind
+        self.batch_size = int(batch_size)
+        self.targets = [list(t) for t in targets] if targets is not None else None
+        self.higher_is_better = kind == "acc"
+        self.name = {"acc": "mmlu_acc", "loss": "mmlu_loss", "letter_loss": "mmlu_letter_loss"}[kind]
 
     def batch_stats(self, hidden, batch):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
-        last = hidden[rows, batch["last"].to(hidden.device)]
-        logits = self.lm_head(last)[:, self.letters.to(hidden.device)].float().cpu()
-        return batch["index"], logits
+        last = batch["last"].to(hidden.device)
+        if self.kind != "loss":
+            logits = self.lm_head(hidden[rows, last])[:, self.letters.to(hidden.device)].float().cpu()
+            return batch["index"], logits
+        # Target j of a row is predicted at its last prompt position + j (the targets follow the prompt).
+        nll = torch.zeros(hidden.shape[0], dtype=torch.float64)
+        count = torch.zeros(hidden.shape[0], dtype=torch.long)
+        for j in range(int(batch["targets"].shape[1])):
+            target = batch["targets"][:, j]
+            valid = target >= 0
+            if not bool(valid.any()):
+                continue
+            sel = torch.nonzero(valid).reshape(-1)
+            at = sel.to(hidden.device)
+            logits = self.lm_head(hidden[at, last[at] + j]).float()
+            loss = F.cross_entropy(logits, target[sel].to(logits.device), reduction="none")
+            nll[sel] += loss.double().cpu()
+            count[sel] += 1
+        return batch["index"], nll, count
 
     def finish(self, stats):
+        if self.kind == "loss":
+            nll = torch.zeros(len(self.examples), dtype=torch.float64)
+            count = torch.zeros(len(self.examples), dtype=torch.long)
+            for index, part, n in stats:
+                nll[index] = part
+                count[index] = n
+            # The original's mmlu_loss: each batch's mean over its target tokens, averaged over the batches.
+            means = [float(nll[i: i + self.batch_size].sum() / count[i: i + self.batch_size].sum())
+                     for i in range(0, len(self.examples), self.batch_size)]
+            return sum(means) / len(means)
         logits = torch.empty(len(self.examples), 4)
         for index, part in stats:
             logits[index] = part
         answers = torch.tensor([e.answer for e in self.examples])
-        if self.use_loss:
+        if self.kind == "letter_loss":
             return float(F.cross_entropy(logits, answers))
         hits: dict[str, list[bool]] = defaultdict(list)
         for e, p in zip(self.examples, logits.argmax(-1).tolist()):
@@ -239,6 +286,7 @@ class LayerDropScorer:
         self.higher_is_better = metric.higher_is_better
         self.calls = 0
         self.layer_calls = 0
+        self.record: dict = {}  # how the calibration set was made (build_scorer fills it in)
         self._inputs: list[list[torch.Tensor]] = []  # [batch][layer] input hidden states (+ final output)
         self._kwargs: list[list[dict]] = []
         self._positional: list[bool] = []
@@ -361,40 +409,79 @@ def text_batches(windows: torch.Tensor, batch_size: int) -> list[dict]:
     return [{"input_ids": windows[i: i + batch_size]} for i in range(0, windows.shape[0], batch_size)]
 
 
-def mmlu_batches(tokenizer, examples: Sequence, batch_size: int, max_len: int) -> list[dict]:
-    """Right-padded prompt batches (longest first), with each row's last real position and its index."""
+def mmlu_batches(tokenizer, examples: Sequence, batch_size: int, max_len: int,
+                 targets: Optional[Sequence[Sequence[int]]] = None) -> list[dict]:
+    """Right-padded prompt batches (longest first), with each row's last prompt position and its index.
+
+    With ``targets`` (token ids per example), each prompt is followed by its targets, and the batch holds
+    them as ``targets`` ``[rows, most targets]`` (-1 where a row has fewer)."""
     from amoeba.mmlu import encode_prompts
 
     encoded = encode_prompts(tokenizer, [e.prompt for e in examples], max_len)
-    order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
+    tails = [list(t)[:-1] for t in targets] if targets is not None else [[] for _ in examples]  # the last
+    # target is only predicted, never read as input
+    order = sorted(range(len(encoded)), key=lambda i: (-(len(encoded[i]) + len(tails[i])), i))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = []
     for start in range(0, len(order), batch_size):
         rows = order[start: start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
+        width = max(len(encoded[i]) + len(tails[i]) for i in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
+        last = torch.empty(len(rows), dtype=torch.long)
         for r, i in enumerate(rows):
-            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[r, : len(encoded[i])] = 1
-        last = mask.sum(-1) - 1
+            seq = encoded[i] + tails[i]
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
+            last[r] = len(encoded[i]) - 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        batches.append({"input_ids": ids, "attention_mask": mask, "position_ids": positions, "last": last,
-                        "index": torch.tensor(rows)})
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "last": last,
+                 "index": torch.tensor(rows)}
+        if targets is not None:
+            most = max(len(targets[i]) for i in rows)
+            tgt = torch.full((len(rows), max(most, 1)), -1, dtype=torch.long)
+            for r, i in enumerate(rows):
+                tgt[r, : len(targets[i])] = torch.tensor(list(targets[i]), dtype=torch.long)
+            batch["targets"] = tgt
+        batches.append(batch)
     return batches
 
 
+def mmlu_calibration_examples(pool: Sequence, num_batches: int, batch_size: int,
+                              max_samples: Optional[int] = None) -> list:
+    """The questions the layer DP calibrates on, taken as the original code takes them: its evaluation
+    loader runs through the split in order (subject by subject) in batches of ``batch_size`` and stops after
+    ``num_batches`` (``--num_calib_sample``) batches, so the first ``num_batches * batch_size`` questions;
+    with ``max_samples`` (``--max_mmlu_samples``) the original evaluates the first ``max_samples`` questions
+    whole instead."""
+    if batch_size < 1:
+        raise UsageError(f"batch size {batch_size} must be at least 1", "--per_device_eval_batch_size")
+    if max_samples is not None:
+        if max_samples < 1:
+            raise UsageError(f"{max_samples} must be at least 1", "--max_mmlu_samples")
+        want, flag = max_samples, "--max_mmlu_samples"
+    else:
+        if num_batches < 1:
+            raise UsageError(f"{num_batches} must be at least 1", "--num_calib_sample")
+        want, flag = num_batches * batch_size, "--num_calib_sample"
+    if want > len(pool):
+        logger.warning("%s asks for %d MMLU questions, the split has %d: calibrating on all of them", flag, want,
+                       len(pool))
+    return list(pool[:want])
+
+
 def calibration_metric_name(dataset: str, calib_metric: Optional[str]) -> str:
-    """``acc``, ``loss`` (MMLU) or ``ppl`` (text); a metric that does not fit the data raises UsageError."""
+    """``acc``, ``loss``, ``letter_loss`` (MMLU) or ``ppl`` (text); a metric that does not fit the data raises
+    UsageError."""
     if dataset == "mmlu":
         if calib_metric in (None, "acc"):
             return "acc"
-        if calib_metric == "loss":
-            return "loss"
-        raise UsageError(f"'{calib_metric}' does not apply to MMLU (acc or loss)", "--calib_metric")
-    if calib_metric == "acc":
-        raise UsageError(f"accuracy needs --calib_dataset mmlu; text data ({dataset}) is scored by perplexity",
-                         "--calib_metric")
+        if calib_metric in ("loss", "letter_loss"):
+            return calib_metric
+        raise UsageError(f"'{calib_metric}' does not apply to MMLU (acc, loss or letter_loss)", "--calib_metric")
+    if calib_metric in ("acc", "letter_loss"):
+        raise UsageError(f"{calib_metric} needs --calib_dataset mmlu; text data ({dataset}) is scored by "
+                         "perplexity", "--calib_metric")
     return "ppl"
 
 
@@ -411,14 +498,22 @@ def check_calib_dataset(name: str) -> str:
                      ".txt/.json/.jsonl/.jsonl.gz file", "--calib_dataset")
 
 
+def _dataset_record_name(dataset: str) -> str:
+    """A calibration dataset as a record names it: a corpus name, or a local file's name (no machine path)."""
+    return dataset if dataset in CALIB_DATASETS else Path(dataset).name
+
+
 def build_scorer(args, model: nn.Module, tokenizer, naive: bool = False, progress: bool = True) -> LayerDropScorer:
-    """The calibration set and metric that ``args`` asks for, ready to score layer masks."""
+    """The calibration set and metric that ``args`` asks for, ready to score layer masks. The scorer's
+    ``record`` says how it calibrates (dataset, split, metric, samples), for the strategy file."""
+    from amoeba.args import resolve_mmlu_split
+
     t = args.train
     dataset = check_calib_dataset(t.calib_dataset)
     metric_name = calibration_metric_name(dataset, t.calib_metric)
     lm_head = model.get_output_embeddings()
     if dataset == "mmlu":
-        from amoeba.mmlu import SPLITS, answer_token_ids, load_mmlu
+        from amoeba.mmlu import SPLITS, answer_target_ids, answer_token_ids, load_mmlu, split_name
 
         split = t.calib_mmlu_split
         if split not in SPLITS:
@@ -426,28 +521,41 @@ def build_scorer(args, model: nn.Module, tokenizer, naive: bool = False, progres
         if SPLITS[split] == "test":
             logger.warning("!!! calibrating on the MMLU TEST split: MMLU test accuracies of the selected subnets "
                            "are then biased; use --calib_mmlu_split eval !!!")
-        if t.do_mmlu_eval and SPLITS[split] == SPLITS.get(t.mmlu_split):
+        reported = resolve_mmlu_split(t)
+        if t.do_mmlu_eval and SPLITS[split] == SPLITS.get(reported):
             logger.warning("!!! calibrating on the same MMLU split that this run reports (--mmlu_split %s): "
-                           "its accuracies are biased !!!", t.mmlu_split)
+                           "its accuracies are biased !!!", reported)
         shots = 0 if t.mmlu_dataset == "mmlu-zs" else 5
-        pool = load_mmlu(split, shots, args.data_dir)
-        if t.num_calib_sample < len(pool):
-            # A seeded sample over all subjects (the first N questions would all be abstract algebra).
-            picked = sorted(random.Random(t.seed).sample(range(len(pool)), t.num_calib_sample))
-            examples = [pool[i] for i in picked]
-        else:
-            examples = pool
-        metric = MMLUMetric(lm_head, answer_token_ids(tokenizer), examples, use_loss=metric_name == "loss")
-        batches = mmlu_batches(tokenizer, examples, t.calib_batch_size, t.mmlu_source_max_len)
-        logger.info("layer DP on %d MMLU %s questions (%d-shot), metric %s", len(examples), split, shots,
-                    metric.name)
+        group = int(t.per_device_eval_batch_size or 8)
+        examples = mmlu_calibration_examples(load_mmlu(split, shots, args.data_dir), t.num_calib_sample, group,
+                                             t.max_mmlu_samples)
+        letters = answer_token_ids(tokenizer)
+        targets = [answer_target_ids(tokenizer, e.answer, letters) for e in examples] \
+            if metric_name == "loss" else None
+        metric = MMLUMetric(lm_head, letters, examples, kind=metric_name, batch_size=group, targets=targets)
+        batches = mmlu_batches(tokenizer, examples, t.calib_batch_size, t.mmlu_source_max_len, targets=targets)
+        logger.info("layer DP on the first %d MMLU %s questions (%d-shot, %s), metric %s", len(examples), split,
+                    shots, f"--max_mmlu_samples {t.max_mmlu_samples}" if t.max_mmlu_samples is not None
+                    else f"{t.num_calib_sample} batches of {group}", metric.name)
+        record = {"dataset": "mmlu", "split": split_name(split), "metric": metric_name,
+                  "higher_is_better": metric.higher_is_better, "num_calib_sample": int(t.num_calib_sample),
+                  "batch_size": group, "questions": len(examples), "shots": shots}
+        if t.max_mmlu_samples is not None:
+            record["max_mmlu_samples"] = int(t.max_mmlu_samples)
     else:
+        from amoeba.text_data import calibration_split
+
         windows = calibration_windows(args, tokenizer, "the layer DP")
         metric = PerplexityMetric(lm_head)
         batches = text_batches(windows, t.calib_batch_size)
         logger.info("layer DP on %d windows of %d tokens from %s, metric perplexity", windows.shape[0],
                     t.calib_seqlen, dataset)
-    return LayerDropScorer(model, batches, metric, naive=naive, progress=progress)
+        record = {"dataset": _dataset_record_name(dataset), "split": calibration_split(args), "metric": "ppl",
+                  "higher_is_better": False, "num_calib_sample": int(t.num_calib_sample),
+                  "sequences": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": int(t.seed)}
+    scorer = LayerDropScorer(model, batches, metric, naive=naive, progress=progress)
+    scorer.record = {"method": "dp", **record}
+    return scorer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -474,10 +582,13 @@ def run_layer_calibration(args, model: nn.Module, tokenizer, naive: bool = False
     finally:
         model.train(was_training)
     result.seconds += prep
-    result.info = {"calib_dataset": t.calib_dataset, "metric": scorer.metric.name,
-                   "num_calib_sample": t.num_calib_sample, "calib_seqlen": t.calib_seqlen,
-                   "calib_batch_size": t.calib_batch_size, "seed": t.seed, "mode": "naive" if naive else "cached",
-                   "layer_forwards": scorer.layer_calls, "setup_seconds": round(prep, 3)}
+    result.info = {"calib_dataset": _dataset_record_name(check_calib_dataset(t.calib_dataset)),
+                   "metric": scorer.metric.name, "num_calib_sample": t.num_calib_sample,
+                   "calib_seqlen": t.calib_seqlen, "calib_batch_size": t.calib_batch_size, "seed": t.seed,
+                   "mode": "naive" if naive else "cached", "layer_forwards": scorer.layer_calls,
+                   "setup_seconds": round(prep, 3), "calibration": scorer.record}
+    # How the layers were chosen travels with them: merge_depth_width.py carries it into the strategy file.
+    result.final["calibration"] = {"layers": dict(scorer.record)}
     write_dp_outputs(Path(t.output_dir), result)
     logger.info("layer DP: %d subnets scored in %.1f s; strategy in %s", result.evaluations, result.seconds,
                 t.output_dir)
@@ -507,8 +618,14 @@ def run_block_influence_selection(args, model: nn.Module, tokenizer) -> dict:
     finally:
         model.train(was_training)
     masks = shortgpt_masks(bi, t.min_num_layer, keep_last)
+    from amoeba.text_data import calibration_split
+
+    record = {"method": "shortgpt", "dataset": _dataset_record_name(dataset), "split": calibration_split(args),
+              "metric": "block_influence", "higher_is_better": False, "num_calib_sample": int(t.num_calib_sample),
+              "sequences": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": int(t.seed)}
     final = {"strategy": {m: mask.astype(np.float32) for m, mask in masks.items()},
-             "metric": {m: float(bi[mask < 0.5].sum()) for m, mask in masks.items()}}
+             "metric": {m: float(bi[mask < 0.5].sum()) for m, mask in masks.items()},
+             "calibration": {"layers": record}}
     out = Path(t.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_npy(out / "final_strategy.npy", final)
@@ -516,12 +633,13 @@ def run_block_influence_selection(args, model: nn.Module, tokenizer) -> dict:
     rows = [{"num_layers": num_layers - m, "removed": m, "removed_layers": [int(i) for i in np.flatnonzero(k < 0.5)],
              "score": final["metric"][m]} for m, k in sorted(masks.items())]
     write_json(out / "block_influence.json", {
-        "method": "shortgpt", "num_layers": num_layers, "keep_last": keep_last, "calib_dataset": t.calib_dataset,
-        "num_calib_sample": int(windows.shape[0]), "calib_seqlen": t.calib_seqlen, "seed": t.seed,
-        "seconds": round(seconds, 3), "block_influence": [float(x) for x in bi], "depths": rows})
+        "method": "shortgpt", "num_layers": num_layers, "keep_last": keep_last,
+        "calib_dataset": _dataset_record_name(dataset), "num_calib_sample": int(windows.shape[0]),
+        "calib_seqlen": t.calib_seqlen, "seed": t.seed, "seconds": round(seconds, 3), "calibration": record,
+        "block_influence": [float(x) for x in bi], "depths": rows})
     write_depth_table(out, "Layer selection (ShortGPT: lowest Block Influence dropped)",
-                      "Block Influence per layer: " + ", ".join(f"{i}: {x:.4f}" for i, x in enumerate(bi)),
-                      "summed influence removed", rows)
+                      "Block Influence per layer: " + ", ".join(f"{i}: {x:.4f}" for i, x in enumerate(bi))
+                      + f".\n\nCalibration: {describe_calibration(record)}.", "summed influence removed", rows)
     logger.info("ShortGPT layer selection from %d windows in %.1f s; strategy in %s", windows.shape[0], seconds, out)
     return final
 
@@ -556,9 +674,11 @@ def write_dp_outputs(output_dir: Path, result: DPResult) -> None:
         "keep_last": result.keep_last, "higher_is_better": result.higher_is_better,
         "evaluations": result.evaluations, "seconds": round(result.seconds, 3), **result.info, "depths": rows})
     metric = result.info.get("metric", "score")
+    record = result.final.get("calibration", {}).get("layers")
+    calibration = f"\n\nCalibration: {describe_calibration(record)}." if record else ""
     write_depth_table(output_dir, f"Layer selection ({metric}, {'higher' if result.higher_is_better else 'lower'} "
                       "is better)", f"{result.num_layers} layers, candidates 0..{result.candidates - 1}, "
-                      f"{result.evaluations} subnets scored in {result.seconds:.1f} s.", metric, rows)
+                      f"{result.evaluations} subnets scored in {result.seconds:.1f} s.{calibration}", metric, rows)
 
 
 def write_depth_table(output_dir: Path, title: str, intro: str, metric: str, rows: Sequence[dict]) -> None:

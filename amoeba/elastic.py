@@ -390,8 +390,11 @@ class ElasticModel:
 
     # ------------------------------------------------------------------ accounting
     def param_count(self, subnet: Optional[Subnet] = None) -> int:
-        """Parameters that ``subnet`` (default: the current one) uses, as an exported model would hold."""
+        """Parameters that ``subnet`` (default: the current one) uses, as its exact export holds them: the kept
+        rows and columns, and a FLAP bias vector where the width plan adds one to a projection without bias."""
         subnet = subnet or self._subnet
+        plan = None if isinstance(subnet.width, tuple) else self.width_plans.get(subnet.width)
+        flap_bias = (plan.bias or {}) if plan is not None else {}
         total = sum(p.numel() for n, p in self.model.named_parameters()
                     if ".layers." not in n and "amoeba_adapter" not in n and "lora_" not in n)
         out_emb = self.model.get_output_embeddings()
@@ -408,7 +411,7 @@ class ElasticModel:
                 if getattr(p[role], "bias", None) is not None:
                     n += size
             for role in IN_SLICED:
-                if getattr(p[role], "bias", None) is not None:
+                if getattr(p[role], "bias", None) is not None or flap_bias.get((layer, role)) is not None:
                     n += hidden
             blk = self.all_layers[layer]
             n += sum(prm.numel() for name, prm in blk.named_parameters()

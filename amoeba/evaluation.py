@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 WIKITEXT2_SEQLEN = 2048  # the seed's window length
 METRICS_FILE = "metrics.json"
+CALIBRATION_KEY = "strategy_calibration"  # metrics.json: how the strategy in use was calibrated
 LM_EVAL_HEADLINE = ("acc", "acc_norm", "exact_match", "word_perplexity")  # shown in tables, in this order
 
 
@@ -388,7 +389,10 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
     """
     from amoeba.report import row_from_result, rows_from_metrics, sort_rows, write_report
 
+    from amoeba.args import resolve_mmlu_split
+
     t = args.train
+    mmlu_split = resolve_mmlu_split(t)
     out_dir = Path(t.output_dir)
     metrics_path = out_dir / METRICS_FILE
     existing = read_metrics(metrics_path)  # fail before any work if the file is damaged
@@ -403,6 +407,14 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
     group = evaluation_group()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if group else (0, 1)
     writer = rank == 0
+    calibration = strategy_calibration(strategy, t.shrinking_file)
+    if writer:  # what the reported subnets were chosen on; a record of an earlier strategy would mislead
+        if calibration:
+            existing[CALIBRATION_KEY] = calibration
+        else:
+            existing.pop(CALIBRATION_KEY, None)
+    if t.do_mmlu_eval and writer:
+        warn_if_reported_on_calibration_split(calibration, mmlu_split)
     if world > 1:
         logger.info("evaluating %d shapes on %d processes (rank %d): MMLU/WikiText-2 split within each shape, "
                     "lm-eval shapes %s here", len(shapes), world, rank,
@@ -411,7 +423,7 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
     # Resuming: what metrics.json holds is decided once, before this run writes anything (every rank alike).
     wanted = {g for g, on in (("mmlu", t.do_mmlu_eval), ("wikitext2", t.do_eval_wikitext2),
                               ("lm_eval", t.do_lm_eval)) if on}
-    skip = {s.label: finished_groups(existing, s.label, t.mmlu_split, tasks) & wanted if t.eval_skip_existing
+    skip = {s.label: finished_groups(existing, s.label, mmlu_split, tasks) & wanted if t.eval_skip_existing
             else set() for s in shapes}
     if group is not None:
         torch.distributed.barrier(group=group)
@@ -423,8 +435,8 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
     if "mmlu" in need:
         from amoeba.mmlu import load_mmlu
 
-        mmlu_examples = load_mmlu(t.mmlu_split, _mmlu_shots(t.mmlu_dataset), args.data_dir, t.max_mmlu_samples)
-        logger.info("MMLU %s (%s): %d questions", t.mmlu_split, t.mmlu_dataset, len(mmlu_examples))
+        mmlu_examples = load_mmlu(mmlu_split, _mmlu_shots(t.mmlu_dataset), args.data_dir, t.max_mmlu_samples)
+        logger.info("MMLU %s (%s): %d questions", mmlu_split, t.mmlu_dataset, len(mmlu_examples))
     windows = _wikitext2_windows(args, model, tokenizer) if "wikitext2" in need else None
     runner = None
     if "lm_eval" in need:  # on every rank, so a bad task name stops every rank alike
@@ -449,10 +461,10 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
             done = skip[subnet.label]
             res = evaluate_shape(model, tokenizer, em, subnet,
                                  mmlu_examples=None if "mmlu" in done else mmlu_examples,
-                                 mmlu_split=t.mmlu_split, wikitext_windows=None if "wikitext2" in done else windows,
+                                 mmlu_split=mmlu_split, wikitext_windows=None if "wikitext2" in done else windows,
                                  batch_size=batch_size, mmlu_max_len=t.mmlu_source_max_len, group=group,
                                  progress=writer)
-            _reuse_recorded(res, existing, done, t.mmlu_split, tasks)
+            _reuse_recorded(res, existing, done, mmlu_split, tasks)
             results.append(res)
             if runner is None or "lm_eval" in done:
                 _finish(res)
@@ -493,6 +505,35 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
     write_report(out_dir, sort_rows(rows), total_params=em.param_count(em.full_subnet()))
     _log_table(results)
     return run_metrics
+
+
+def strategy_calibration(strategy, path=None) -> dict:
+    """What metrics.json records about the strategy in use: its file (name or working-directory-relative path)
+    and how it was calibrated (the file's ``calibration`` records); {} when the strategy has no record."""
+    from amoeba.strategy import portable_path
+
+    records = getattr(strategy, "calibration", None) or {}
+    if not records:
+        return {}
+    return {"strategy_file": portable_path(path or getattr(strategy, "source", None)),
+            **{part: dict(record) for part, record in records.items()}}
+
+
+def warn_if_reported_on_calibration_split(calibration: dict, mmlu_split: str) -> bool:
+    """Warn (and return True) when the MMLU split reported is the one the strategy's layers were chosen on:
+    those subnets were picked for doing well on exactly these questions."""
+    from amoeba.mmlu import split_name
+
+    layers = (calibration or {}).get("layers") or {}
+    if layers.get("dataset") != "mmlu" or split_name(layers.get("split")) is None:
+        return False
+    if split_name(layers["split"]) != split_name(mmlu_split):
+        return False
+    logger.warning("!!! MMLU is reported on the %s split, the split the strategy's layers were calibrated on "
+                   "(%s questions, metric %s): its accuracies are biased; report another split (--mmlu_split) or "
+                   "calibrate on another (--calib_mmlu_split) !!!", split_name(mmlu_split),
+                   layers.get("questions", "?"), layers.get("metric"))
+    return True
 
 
 def _finish(res: ShapeResult) -> None:

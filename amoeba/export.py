@@ -14,16 +14,18 @@ The surgery, in order (each step a small function below):
 5. **Config updated**: head counts, ``head_dim`` (always explicit), ``intermediate_size``,
    ``num_hidden_layers``, bias flags, ``layer_types``.
 
-Per-layer widths. The Llama-family classes of transformers (5.17+) build every decoder layer from the
-same ``num_attention_heads``/``num_key_value_heads``/``intermediate_size``; per-layer sizes exist only
-in other architectures (a list-valued ``intermediate_size`` in Gemma3n, per-layer head counts in
-Laguna), which are different networks. A subnet with per-layer widths is therefore exported as a plain
-model padded to its widest kept layer: the extra rows of q/k/v/gate/up and columns of o/down are zero,
-so each padded unit contributes exactly nothing and the logits are exact. The padding is stored (the
-file is as large as the widest layer implies); ``amoeba_export.json`` records both the stored and the
-effective parameter counts. FLAP's global threshold often keeps some layer at (nearly) full width,
-so such an export is barely smaller than the full-width one; a width calibrated with ``--width_mode
-uniform`` exports to a model that is smaller in every layer.
+Per-layer widths. FLAP's global threshold gives every layer its own head, KV-group and MLP sizes, which
+a stock config (one size for all layers) cannot describe. ``export_format="exact"`` (the default) writes
+such a subnet at exactly its own sizes: ``config.json`` keeps the base's ``model_type`` and top-level
+fields and adds ``per_layer_shapes`` (one entry per layer), and ``modeling_amoeba.py`` (a copy of
+:mod:`amoeba.modeling_amoeba`, which subclasses the installed family's classes) is saved beside it and
+registered in ``auto_map``; it loads with ``AutoModelForCausalLM.from_pretrained(folder,
+trust_remote_code=True)``, without this project. Its parameter count is the subnet's own
+(:meth:`ElasticModel.param_count`). ``export_format="padded"`` writes a stock folder instead, every layer
+zero-padded to the widest kept one: exact logits, no custom code, but no smaller than its widest layer
+(``amoeba_export.json`` records the stored and the effective parameter counts). Uniform shapes are always
+written as stock folders; so is a family that the stock config can hold, and the exact format falls back
+to per-layer code only where a stock config cannot hold the subnet's FLAP biases.
 
 Adapter contract used by the merge: an adapted projection has a child ``amoeba_adapter``. If that
 module comes from :mod:`amoeba.adapters`, ``amoeba.adapters.merged_delta(projection)`` gives the
@@ -53,6 +55,8 @@ from amoeba.subnet import Subnet
 logger = logging.getLogger(__name__)
 
 EXPORT_RECORD = "amoeba_export.json"
+EXPORT_FORMATS = ("exact", "padded")
+MODELING_FILE = "modeling_amoeba.py"  # saved beside exports whose layers have their own sizes
 ROLES = OUT_SLICED + IN_SLICED
 # Which projections each architecture can give a bias, and through which config flag.
 #   "attention_bias": q/k/v/o together; "mlp_bias": gate/up/down together; "fixed": always present.
@@ -82,6 +86,22 @@ class SlicedModel:
     folded_bias: int
     adapters_merged: int
     notes: list[str] = field(default_factory=list)
+    per_layer_code: bool = False  # written with per_layer_shapes and modeling_amoeba.py
+
+
+@dataclass
+class ExportPlan:
+    """The exported model's config, its class (None: the stock class of ``config.model_type``) and the stored
+    (KV groups, MLP channels) of every kept layer."""
+
+    config: Any
+    model_class: Optional[type]
+    sizes: list[tuple[int, int]]
+
+    @property
+    def per_layer_code(self) -> bool:
+        """True when the folder needs ``modeling_amoeba.py`` (layers of their own sizes)."""
+        return self.model_class is not None
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -151,29 +171,31 @@ def _no_sliding_window(config) -> bool:
     return window is None or window >= int(getattr(config, "max_position_embeddings", 0) or 0) > 0
 
 
-def _subnet_config(em: ElasticModel, subnet: Subnet, groups: int, channels: int, model_type: str,
-                   bias_flags: dict[str, bool]):
-    """The config of the exported model (a fresh object; the source config is not touched)."""
-    from transformers import AutoConfig
-
+def _config_data(em: ElasticModel, subnet: Subnet) -> dict:
+    """The source config as a dict, at the subnet's depth (the source config is not touched)."""
     src = em.config
     data = src.to_dict()
     # The elastic model rewrites layer_types only inside a forward; outside it holds the full list.
     types = getattr(src, "layer_types", None)
-    data.update(
-        num_hidden_layers=subnet.num_layers,
-        num_attention_heads=groups * em.queries_per_group,
-        num_key_value_heads=groups,
-        head_dim=em.head_dim,
-        intermediate_size=channels,
-        use_cache=True,
-    )
+    data.update(num_hidden_layers=subnet.num_layers, head_dim=em.head_dim, use_cache=True)
     if types:
         data["layer_types"] = [types[i] for i in subnet.layers]
-    data.update(bias_flags)
-    for key in ("_name_or_path", "architectures", "quantization_config", "auto_map", "transformers_version"):
+    for key in ("_name_or_path", "architectures", "quantization_config", "auto_map", "transformers_version",
+                "model_type"):
         data.pop(key, None)
-    data.pop("model_type", None)
+    return data
+
+
+def _subnet_config(em: ElasticModel, subnet: Subnet, groups: int, channels: int, model_type: str,
+                   bias_flags: dict[str, bool]):
+    """The stock config of the exported model: one size for every layer."""
+    from transformers import AutoConfig
+
+    src = em.config
+    data = _config_data(em, subnet)
+    data.update(num_attention_heads=groups * em.queries_per_group, num_key_value_heads=groups,
+                intermediate_size=channels)
+    data.update(bias_flags)
     if model_type == src.model_type:
         config = AutoConfig.for_model(src.model_type, **data)
     else:
@@ -188,6 +210,75 @@ def _subnet_config(em: ElasticModel, subnet: Subnet, groups: int, channels: int,
         config = AutoConfig.for_model(model_type, **data)
     config.architectures = [_causal_lm_class(config.model_type)]
     return config
+
+
+def _per_layer_plan(em: ElasticModel, subnet: Subnet, sizes: list[tuple[int, int]]) -> ExportPlan:
+    """Every kept layer at its own sizes: the base's config plus ``per_layer_shapes``, loaded through
+    ``modeling_amoeba.py`` (the family's own classes, layers rebuilt at their sizes)."""
+    from transformers import AutoConfig
+
+    from amoeba.modeling_amoeba import CLASS_FOR_MODEL_TYPE, SHAPES_KEY
+
+    model_type = em.config.model_type
+    cls = CLASS_FOR_MODEL_TYPE.get(model_type)
+    if cls is None:
+        raise UsageError(f"the exact export of per-layer widths covers {', '.join(sorted(CLASS_FOR_MODEL_TYPE))}; "
+                         f"a '{model_type}' model is not among them. Pass --export_format padded for a stock "
+                         "folder with every layer padded to the widest one", "--export_format")
+    shapes = []
+    for layer, (groups, channels) in zip(subnet.layers, sizes):
+        shape = {"num_attention_heads": groups * em.queries_per_group, "num_key_value_heads": groups,
+                 "intermediate_size": channels}
+        proj = em.projections(layer)
+        for role in IN_SLICED:  # a FLAP bias where the family has no bias slot
+            if em.state.bias[layer].get(role) is not None and getattr(proj[role], "bias", None) is None:
+                shape[f"{role}_bias"] = True
+        shapes.append(shape)
+    data = _config_data(em, subnet)
+    data[SHAPES_KEY] = shapes
+    data["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
+    config = AutoConfig.for_model(model_type, **data)
+    config.architectures = [cls.__name__]
+    return ExportPlan(config, cls, list(sizes))
+
+
+def _bias_needs(em: ElasticModel, subnet: Subnet) -> set[str]:
+    """Projection roles that carry a bias in some kept layer (the base's own or a FLAP bias)."""
+    needs = set()
+    for layer in subnet.layers:
+        for role, mod in em.projections(layer).items():
+            if getattr(mod, "bias", None) is not None:
+                needs.add(role)
+        needs.update(role for role, b in em.state.bias[layer].items() if b is not None)
+    return needs
+
+
+def plan_export(em: ElasticModel, subnet: Subnet, export_format: str = "exact") -> ExportPlan:
+    """How ``subnet`` is written; call under ``em.use(subnet)`` (the plan reads that subnet's FLAP biases).
+
+    ``exact``: a stock config when one holds the subnet without zero-filled heads or channels (uniform
+    widths), else every layer at its own sizes through ``modeling_amoeba.py``. ``padded``: always a stock
+    config, every layer padded with zeros to the widest kept one.
+    """
+    if export_format not in EXPORT_FORMATS:
+        raise UsageError(f"'{export_format}' is not one of {', '.join(EXPORT_FORMATS)}", "--export_format")
+    exact = export_format == "exact"
+    sizes = em.layer_sizes(subnet)
+    if exact and len(set(sizes)) > 1:
+        return _per_layer_plan(em, subnet, sizes)
+    try:
+        model_type, flags = _bias_plan(em.config.model_type, em.config, _bias_needs(em, subnet))
+    except UsageError:
+        if exact:  # the per-layer code gives o_proj/down_proj a bias slot in any family
+            return _per_layer_plan(em, subnet, sizes)
+        raise
+    widest = max(g for g, _ in sizes)
+    model_type, groups = _fit_head_count(em, model_type, flags, widest)
+    if exact and groups > widest:  # a stock config would need zero-filled heads
+        return _per_layer_plan(em, subnet, sizes)
+    channels = max(c for _, c in sizes)
+    config = _subnet_config(em, subnet, groups, channels, model_type, flags)
+    return ExportPlan(config, None, [(groups, channels)] * subnet.num_layers)
 
 
 def _causal_lm_class(model_type: str) -> str:
@@ -238,20 +329,24 @@ def _sliced_projection(em: ElasticModel, layer: int, role: str, kept: int, size:
     return w.to(out_dtype), (b.to(out_dtype) if b is not None else None), zero, delta is not None
 
 
-def _state_dict_for(em: ElasticModel, subnet: Subnet, groups: int, channels: int,
+def _role_sizes(em: ElasticModel, groups: int, channels: int) -> dict[str, int]:
+    """Rows (q/k/v/gate/up) or columns (o/down) of each projection at ``groups`` KV groups, ``channels``."""
+    hd, qpg = em.head_dim, em.queries_per_group
+    return dict(q_proj=groups * qpg * hd, k_proj=groups * hd, v_proj=groups * hd, o_proj=groups * qpg * hd,
+                gate_proj=channels, up_proj=channels, down_proj=channels)
+
+
+def _state_dict_for(em: ElasticModel, subnet: Subnet, stored: list[tuple[int, int]],
                     target_keys: dict[str, torch.Size], dtype: torch.dtype) -> tuple[dict, dict]:
-    """The exported model's state dict, built key by key from the target model's own keys."""
+    """The exported model's state dict, built key by key from the target model's own keys; ``stored`` gives
+    each kept layer's stored (KV groups, channels), at least its kept ones (the rest is zero-filled)."""
     model = em.model
     source = {k: v for k, v in model.state_dict().items()}
     prefix = _layers_prefix(model, em)
-    hd, qpg = em.head_dim, em.queries_per_group
-    sizes = dict(q_proj=groups * qpg * hd, k_proj=groups * hd, v_proj=groups * hd, o_proj=groups * qpg * hd,
-                 gate_proj=channels, up_proj=channels, down_proj=channels)
     stats = dict(zero_filled=0, folded_bias=0, adapters_merged=0)
     projected: dict[str, torch.Tensor] = {}
-    for pos, (layer, (g, c)) in enumerate(zip(subnet.layers, em.layer_sizes(subnet))):
-        kept = dict(q_proj=g * qpg * hd, k_proj=g * hd, v_proj=g * hd, o_proj=g * qpg * hd,
-                    gate_proj=c, up_proj=c, down_proj=c)
+    for pos, (layer, (g, c), (sg, sc)) in enumerate(zip(subnet.layers, em.layer_sizes(subnet), stored)):
+        kept, sizes = _role_sizes(em, g, c), _role_sizes(em, sg, sc)
         for role in ROLES:
             w, b, zero, merged = _sliced_projection(em, layer, role, kept[role], sizes[role], dtype)
             sub = "self_attn" if role in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
@@ -299,29 +394,41 @@ def _source_key(key: str, prefix: str, subnet: Subnet) -> str:
     return key
 
 
-def _build(em: ElasticModel, subnet: Subnet, groups: int, channels: int, dtype: torch.dtype):
-    """(empty target model, its model_type, its state dict, counts, tied) for ``subnet`` (set already)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    needs = set()
-    for layer in subnet.layers:
-        for role, mod in em.projections(layer).items():
-            if getattr(mod, "bias", None) is not None:
-                needs.add(role)
-        needs.update(role for role, b in em.state.bias[layer].items() if b is not None)
-    model_type, flags = _bias_plan(em.config.model_type, em.config, needs)
-    model_type, groups = _fit_head_count(em, model_type, flags, groups)
-    config = _subnet_config(em, subnet, groups, channels, model_type, flags)
-    config.dtype = dtype
-    with init_empty_weights():  # parameters on meta (filled below); buffers such as rope are real
-        target = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+def _build(em: ElasticModel, subnet: Subnet, plan: ExportPlan, dtype: torch.dtype):
+    """(empty target model, its state dict, counts, tied) for ``subnet`` (set already) as ``plan`` says."""
+    target = _empty_model(plan, dtype)
+    tied = bool(getattr(plan.config, "tie_word_embeddings", False))
     target_keys = {k: v.shape for k, v in target.state_dict().items()}
     if tied:
         target_keys = {k: s for k, s in target_keys.items() if not k.startswith("lm_head.")}
-    state, stats = _state_dict_for(em, subnet, groups, channels, target_keys, dtype)
-    return target, model_type, state, stats, tied, groups
+    state, stats = _state_dict_for(em, subnet, plan.sizes, target_keys, dtype)
+    return target, state, stats, tied
+
+
+def _empty_model(plan: ExportPlan, dtype: torch.dtype) -> nn.Module:
+    """The exported model with its parameters on the meta device (buffers such as rope are real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    plan.config.dtype = dtype
+    with init_empty_weights():
+        if plan.model_class is not None:
+            return plan.model_class._from_config(plan.config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(plan.config, dtype=dtype)
+
+
+def stored_param_count(em: ElasticModel, subnet: Subnet, export_format: str = "exact") -> int:
+    """Parameters the exported folder of ``subnet`` holds in ``export_format`` (built on the meta device, so
+    nothing is sliced or allocated); tied embeddings count once."""
+    with em.use(subnet):
+        plan = plan_export(em, subnet, export_format)
+    target = _empty_model(plan, torch.float32)
+    total = sum(p.numel() for p in target.parameters())
+    out_emb, in_emb = target.get_output_embeddings(), target.get_input_embeddings()
+    if (getattr(plan.config, "tie_word_embeddings", False) and out_emb is not None
+            and out_emb.weight is not in_emb.weight):
+        total -= out_emb.weight.numel()
+    return int(total)
 
 
 def _fit_head_count(em: ElasticModel, model_type: str, flags: dict[str, bool], groups: int) -> tuple[str, int]:
@@ -348,22 +455,15 @@ def _fit_head_count(em: ElasticModel, model_type: str, flags: dict[str, bool], g
 
 
 @torch.no_grad()
-def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet) -> SlicedModel:
-    """Build ``subnet`` of the elastic model as a plain, smaller transformers model (in memory).
+def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet, export_format: str = "exact") -> SlicedModel:
+    """Build ``subnet`` of the elastic model as a smaller transformers model (in memory), as ``export_format``
+    says (see :func:`plan_export`).
 
     The result lives on the source model's device and dtype and does not share storage with it.
     """
     check_exportable(model, em)
     em.check(subnet)
     sizes = em.layer_sizes(subnet)
-    groups = max(g for g, _ in sizes)
-    channels = max(c for _, c in sizes)
-    padded = len(set(sizes)) > 1
-    if padded:
-        logger.warning("subnet %s has per-layer widths; a standard config holds one width, so layers are "
-                       "zero-padded to the widest (%d KV groups, %d channels): exact, not minimal. For a "
-                       "physically smaller export use uniform widths (width calibration with --width_mode "
-                       "uniform)", subnet.label, groups, channels)
     ref = em.projections(subnet.layers[0])["q_proj"].weight
     dtype, device = ref.dtype, ref.device
 
@@ -371,10 +471,15 @@ def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet) -> SlicedMo
     model.eval()  # a shape-aware router gives its deterministic (evaluation) gates
     try:
         with em.use(subnet):
-            target, model_type, state, stats, tied, groups = _build(em, subnet, groups, channels, dtype)
+            plan = plan_export(em, subnet, export_format)
+            target, state, stats, tied = _build(em, subnet, plan, dtype)
     finally:
         model.train(was_training)
-    padded = padded or groups > max(g for g, _ in sizes)
+    padded = list(plan.sizes) != list(sizes)
+    if padded and len(set(sizes)) > 1:
+        logger.warning("subnet %s has per-layer widths; --export_format padded zero-pads every layer to the widest "
+                       "(%d KV groups, %d channels): exact logits, stock config, not minimal", subnet.label,
+                       *plan.sizes[0])
     state = {k: v.to(device).clone() for k, v in state.items()}
     missing, unexpected = target.load_state_dict(state, strict=False, assign=True)
     if unexpected or [k for k in missing if not k.startswith("lm_head.")]:
@@ -384,15 +489,19 @@ def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet) -> SlicedMo
     target.to(device)
     target.eval()
     stored = sum(p.numel() for p in target.parameters())  # tied weights are one parameter
+    model_type = plan.config.model_type
     notes = []
     if model_type != em.config.model_type:
         notes.append(f"written as {model_type}, the same network: a {em.config.model_type} config cannot hold "
                      "this shape (its biases or its head count)")
+    if plan.per_layer_code:
+        notes.append(f"every layer at its own sizes (config per_layer_shapes); load with trust_remote_code=True "
+                     f"({MODELING_FILE})")
     if padded:
-        notes.append("per-layer widths zero-padded to the widest kept layer (exact logits)")
+        notes.append("zero-padded to the widest kept layer (exact logits)")
     return SlicedModel(target, subnet, model_type, em.config.model_type, list(sizes), padded, int(stored),
                        em.param_count(subnet), stats["zero_filled"], stats["folded_bias"],
-                       stats["adapters_merged"], notes)
+                       stats["adapters_merged"], notes, plan.per_layer_code)
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -406,9 +515,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def export_subnet(model: nn.Module, tokenizer, em: ElasticModel, subnet: Subnet, out_dir: str | os.PathLike,
-                  overwrite: bool = False, provenance: Optional[dict[str, Any]] = None) -> Path:
-    """Write ``subnet`` as a standard Hugging Face model folder (safetensors, config, tokenizer, record).
+                  overwrite: bool = False, provenance: Optional[dict[str, Any]] = None,
+                  export_format: str = "exact") -> Path:
+    """Write ``subnet`` as a Hugging Face model folder (safetensors, config, tokenizer, record).
 
+    Per-layer widths in the ``exact`` format also get ``modeling_amoeba.py`` (see the module docstring).
     The folder is written to a temporary sibling and renamed into place; an existing ``out_dir`` is
     replaced only with ``overwrite=True``. ``provenance`` (base model, strategy file and hash, adapters
     folder, ...) is stored in ``amoeba_export.json`` with the shape and parameter counts.
@@ -418,11 +529,15 @@ def export_subnet(model: nn.Module, tokenizer, em: ElasticModel, subnet: Subnet,
         raise UsageError(f"{out} already exists; pass --overwrite to replace it", "--export_dir")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder", "--export_dir")
-    sliced = slice_subnet(model, em, subnet)
+    sliced = slice_subnet(model, em, subnet, export_format)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         sliced.model.save_pretrained(tmp)
+        if sliced.per_layer_code:
+            from amoeba import modeling_amoeba
+
+            shutil.copyfile(modeling_amoeba.__file__, tmp / MODELING_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         else:
@@ -455,6 +570,7 @@ def export_record(sliced: SlicedModel, em: ElasticModel, provenance: Optional[di
             "mlp_channels_per_layer": [c for _, c in sliced.layer_sizes],
             "padded_to_widest_layer": sliced.padded,
         },
+        "per_layer_code": sliced.per_layer_code,
         "model_type": sliced.model_type,
         "source_model_type": sliced.source_model_type,
         "param_count": sliced.param_count,
@@ -506,7 +622,8 @@ def export_from_args(args, model: nn.Module, tokenizer, em: ElasticModel, strate
                        layers, width)
     subnet = resolve_subnet(em, strategy, layers, width, t.shrinking_method)
     provenance = export_provenance(args, model)
-    return export_subnet(model, tokenizer, em, subnet, t.export_dir, overwrite=t.overwrite, provenance=provenance)
+    return export_subnet(model, tokenizer, em, subnet, t.export_dir, overwrite=t.overwrite, provenance=provenance,
+                         export_format=t.export_format)
 
 
 def resolve_subnet(em: ElasticModel, strategy, layers: int, width: float, shrinking_method: str = "calib_dp",

@@ -5,8 +5,12 @@ header row, integer answers) or from the hub dataset ``cais/mmlu``. The zero-sho
 byte-for-byte those of the seed's ``zero_shot_mmlu_val.json``; five-shot prompts put the subject's five
 dev-split questions, with their answers, in front of the question.
 
-Scoring follows qlora: the prediction is the arg-max over the logits of the four answer letters at the
-last prompt token; the loss is the cross entropy over those four logits.
+Prediction as in qlora and the original AmoebaLLM code: the arg-max over the logits of the four answer
+letters at the last prompt token. The ``loss`` that :func:`score_mmlu` reports (``mmlu_loss`` in
+metrics.json) is our own: the cross entropy over those four logits. qlora and the original code report the
+language-model loss instead, the full-vocabulary cross entropy on the answer tokens (the answer letter and
+the end-of-sequence token, :func:`answer_target_ids`); the layer DP calibrates on that one with
+``--calib_metric loss`` and on the four-letter one with ``--calib_metric letter_loss``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ LETTERS = ("A", "B", "C", "D")
 SPLITS = {"eval": "val", "validation": "val", "val": "val", "test": "test", "dev": "dev"}
 HUB_SPLITS = {"val": "validation", "test": "test", "dev": "dev"}
 HUB_DATASET = "cais/mmlu"
+SPLIT_NAMES = {"val": "validation", "test": "test", "dev": "dev"}  # as calibration records write them
+
+
+def split_name(split: Optional[str]) -> Optional[str]:
+    """The MMLU split a flag value names, as records write it: ``eval``/``val``/``validation`` ->
+    ``validation``, ``test``, ``dev``; None for anything else."""
+    return SPLIT_NAMES.get(SPLITS.get(str(split))) if split is not None else None
 
 
 @dataclass(frozen=True)
@@ -172,6 +183,15 @@ def answer_token_ids(tokenizer) -> list[int]:
     return ids
 
 
+def answer_target_ids(tokenizer, answer: int, letters: Optional[Sequence[int]] = None) -> list[int]:
+    """The tokens the original code's MMLU loss is taken on, after the prompt: the answer letter (the token of
+    :func:`answer_token_ids`; for Llama's tokenizer the original's ``tokenizer("A</s>")`` gives the same) and
+    the end-of-sequence token when the tokenizer has one."""
+    letters = list(letters) if letters is not None else answer_token_ids(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [letters[answer]] + ([int(eos)] if eos is not None else [])
+
+
 def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> list[list[int]]:
     """Token ids of each prompt as qlora builds them: BOS text + prompt, no other special tokens.
 
@@ -249,7 +269,8 @@ def score_mmlu(model, tokenizer, examples: Sequence[MMLUExample], batch_size: in
     """Accuracy and loss of ``model`` on ``examples``.
 
     Returns ``accuracy`` (mean of per-subject accuracies, as qlora reports), ``accuracy_micro`` (over all
-    questions), ``loss`` (mean cross entropy over the four letter logits), ``per_subject`` {subject:
+    questions), ``loss`` (mean cross entropy over the four letter logits; not qlora's language-model loss, see
+    the module docstring), ``per_subject`` {subject:
     accuracy}, ``predictions`` (letter index per example) and ``n``.
     """
     if not examples:

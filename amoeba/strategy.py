@@ -8,7 +8,10 @@ Layout (the seed's, so files move between this project and the original AmoebaLL
                     "model.layers.{i}.self_attn.o_proj": None, ...},   # masks on q/k/v/gate/up
      "bias":       {"model.layers.{i}.self_attn.o_proj": {ratio: bias vector}, ...,
                     "model.layers.{i}.self_attn.q_proj": None, ...},   # FLAP biases on o/down
-     "info":       {"head_dim": ..., ...}}                             # optional, ours; the original ignores it
+     "info":       {"head_dim": ..., ...},                             # optional, ours; the original ignores it
+     "calibration": {"layers": {"method": "dp", "dataset": "mmlu", "split": "validation", "metric": "acc",
+                                "questions": 320, ...},
+                     "widths": {"method": "flap", "calibration": "c4, 512 x 1024 tokens", ...}}  # optional, ours
 
 A depth-only file (``final_strategy.npy``) has only ``strategy`` and ``metric``.
 
@@ -212,6 +215,8 @@ class Strategy:
     ``metric[m]``: calibration score of that depth. ``width_mask[name]``: {ratio: float32 0/1 mask over the
     module's output features} for q/k/v/gate/up, None for o/down. ``bias[name]``: {ratio: float32 bias} for
     o/down, None for the others. ``info``: optional facts about the model it was made for (head_dim...).
+    ``calibration``: optional records of how the layers (``layers``: dataset, split, metric, samples) and the
+    widths (``widths``) were calibrated; files without one (the original code's, older ones) load with ``{}``.
     """
 
     layer_masks: dict[int, np.ndarray]
@@ -221,6 +226,7 @@ class Strategy:
     info: dict = field(default_factory=dict)
     source: Optional[str] = None
     original_layout: bool = False  # names with the PEFT prefix: written by the original AmoebaLLM code
+    calibration: dict = field(default_factory=dict)  # how it was calibrated: {"layers": {...}, "widths": {...}}
 
     @property
     def num_layers(self) -> int:
@@ -274,6 +280,8 @@ class Strategy:
                            for k, v in self.bias.items()}
         if self.info:
             out["info"] = dict(self.info)
+        if self.calibration:
+            out["calibration"] = {k: dict(v) for k, v in self.calibration.items()}
         return out
 
 
@@ -357,6 +365,34 @@ def normalise_width_dict(raw: Any, what: str, problems: list[str], binary: bool)
     return out, prefixed
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def is_plain_record(value) -> bool:
+    """True for JSON-like values (strings, numbers, booleans, None, and lists/dicts of them): what a
+    calibration record may hold, so that it reads back through the restricted unpickler and into JSON."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain_record(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and is_plain_record(v) for k, v in value.items())
+    return False
+
+
+def _calibration_records(raw: Any, problems: list[str]) -> dict:
+    """The ``calibration`` entry of a strategy file: {part: record} with plain (JSON-like) records; absent -> {}."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in raw.items()):
+        problems.append("'calibration' is not a dict of records ({'layers': {...}, 'widths': {...}})")
+        return {}
+    if not is_plain_record(raw):
+        problems.append("'calibration' holds values other than text, numbers and lists")
+        return {}
+    return {k: dict(v) for k, v in raw.items()}
+
+
 def strategy_from_dict(obj: Any, path: str = "<strategy>", flag: Optional[str] = "--shrinking_file") -> Strategy:
     """Build a :class:`Strategy` from a loaded dict (ours or the original code's); report every problem at once."""
     if not isinstance(obj, dict):
@@ -409,11 +445,12 @@ def strategy_from_dict(obj: Any, path: str = "<strategy>", flag: Optional[str] =
     width_mask, pre1 = normalise_width_dict(obj.get("width_mask"), "width_mask", problems, binary=True)
     bias, pre2 = normalise_width_dict(obj.get("bias"), "bias", problems, binary=False)
     info = obj.get("info") if isinstance(obj.get("info"), dict) else {}
+    calibration = _calibration_records(obj.get("calibration"), problems)
     if problems:
         raise UsageError(f"{path} is not a valid strategy file: " + "; ".join(problems), flag)
 
     strategy = Strategy(layer_masks, metric, width_mask, bias, dict(info), source=str(path),
-                        original_layout=pre1 or pre2)
+                        original_layout=pre1 or pre2, calibration=calibration)
     n = strategy.num_layers
     if n == 0:
         raise UsageError(f"{path} holds neither layer masks nor width masks", flag)
@@ -437,6 +474,7 @@ def save_strategy(strategy: Strategy, path: str | os.PathLike, view: bool = True
     save_npy(strategy.to_dict(), path)
     if view:
         summary = describe_strategy(strategy)
+        summary["source"] = portable_path(path)  # the file this view describes
         write_json(path.with_suffix(".json"), summary)
         write_text(path.with_suffix(".md"), render_markdown(summary, path.name))
     logger.info("strategy written to %s", path)
@@ -471,13 +509,39 @@ def describe_strategy(strategy: Strategy) -> dict:
         depths.append({"num_layers": n - m, "num_removed": m, "score": strategy.metric.get(m),
                        "kept_layers": kept, "removed_layers": [i for i in range(n) if i not in kept]})
     widths = [{"ratio": r, "layers": width_layer_sizes(strategy, r)} for r in sorted(strategy.widths(), reverse=True)]
-    return {"num_layers": n, "source": strategy.source, "written_by_original_code": strategy.original_layout,
-            "info": strategy.info, "depths": depths, "widths": widths}
+    return {"num_layers": n, "source": portable_path(strategy.source),
+            "written_by_original_code": strategy.original_layout, "info": strategy.info,
+            "calibration": strategy.calibration, "depths": depths, "widths": widths}
+
+
+def portable_path(path: Optional[str | os.PathLike]) -> Optional[str]:
+    """``path`` as a written record holds it: relative to the working directory when it lies inside it,
+    else the file name alone, so that no file carries the path of the machine it was made on."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except (ValueError, OSError):
+        return p.name
+
+
+def describe_calibration(record: Optional[dict]) -> str:
+    """One readable line for a calibration record: ``method: dp; dataset: c4; split: validation; ...``."""
+    if not record:
+        return "not recorded"
+    return "; ".join(f"{k}: {v}" for k, v in record.items() if not isinstance(v, (dict, list)))
 
 
 def render_markdown(summary: dict, title: str) -> str:
     """The markdown view of :func:`describe_strategy`'s summary."""
-    lines = [f"# {title}", "", f"Model layers: {summary['num_layers']}.", "", "## Depths", "",
+    lines = [f"# {title}", "", f"Model layers: {summary['num_layers']}.", ""]
+    calibration = summary.get("calibration") or {}
+    if calibration:
+        lines += ["## Calibration", ""]
+        lines += [f"- {part}: {describe_calibration(record)}" for part, record in calibration.items()]
+        lines.append("")
+    lines += ["## Depths", "",
              "| layers | removed | score | removed layers | kept layers |", "| ---: | ---: | ---: | --- | --- |"]
     for d in summary["depths"]:
         score = "" if d["score"] is None else f"{d['score']:.6g}"

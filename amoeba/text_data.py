@@ -180,6 +180,18 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def calibration_split(args) -> Optional[str]:
+    """The split calibration text comes from: ``train`` where the corpus has one, the only split of a
+    calibration sample (C4: ``validation``), WikiText-2 ``test`` offline (the only split there); None for a
+    local file."""
+    key = str(args.train.calib_dataset).lower()
+    if key not in KNOWN_TEXT_DATASETS:
+        return None
+    if key == "wikitext2" and data_dir(args) is not None:
+        return "test"
+    return _ONLY_SPLIT.get(key, "train")
+
+
 def calibration_windows(args, tokenizer, purpose: str) -> torch.Tensor:
     """``--num_calib_sample`` windows of ``--calib_seqlen`` tokens from the ``--calib_dataset`` text (seeded).
 
@@ -187,12 +199,11 @@ def calibration_windows(args, tokenizer, purpose: str) -> torch.Tensor:
     warning naming ``purpose`` (its WikiText-2 test perplexities become biased)."""
     t = args.train
     name = t.calib_dataset
-    split = "train"
-    if str(name).lower() == "wikitext2" and data_dir(args) is not None:
-        split = "test"
+    split = calibration_split(args)
+    if str(name).lower() == "wikitext2" and split == "test":
         logger.warning("!!! %s calibrates on the WikiText-2 TEST split (the only one offline): WikiText-2 test "
                        "perplexities of what it selects are then biased; prefer --calib_dataset c4 !!!", purpose)
-    text = load_text(name, split, args.data_dir)
+    text = load_text(name, split or "train", args.data_dir)
     return token_windows(tokenizer, text, t.calib_seqlen, n=t.num_calib_sample, seed=t.seed)
 
 

@@ -1,12 +1,17 @@
 """Stage 2: one-for-all fine-tuning of the elastic model (sandwich sampling + in-place distillation).
 
-Per micro-batch, :class:`SandwichTrainer` runs the largest subnet, ``--random_sample_num_layer`` random
-subnets (depths from the Stage 1 strategy, or the first layers; random widths from ``--width_choice``)
-and the smallest one, each with its own forward and backward, so only one subnet's activations are alive
-at a time. The largest learns from the labels; the others from its detached predictions (``--distill_method
-sp``: soft cross entropy on the target tokens, mixed with the label loss by ``--kd_weight``), each scaled
-to the largest's loss magnitude unless ``--no_balancing``. Which subnets a step trains is a function of the
-seed and the global step only, so every process (and a resumed run) samples the same ones.
+Per micro-batch, :class:`SandwichTrainer` runs the largest subnet, ``--random_sample_num_layer`` distinct
+random subnets (drawn without replacement; depths from the Stage 1 strategy, or the first layers; widths from
+``--width_choice``) and the smallest one, each with its own forward and backward, so only one subnet's
+activations are alive at a time. The largest learns from the labels; the others from its detached
+predictions (``--distill_method sp``: soft cross entropy on the target tokens, mixed with the label loss by
+``--kd_weight``), each scaled to the largest's loss magnitude unless ``--no_balancing``. Which subnets a step
+trains is a function of the seed and the global step only, so every process (and a resumed run) samples the
+same ones.
+
+``--train_num_layer`` trains one fixed subnet instead (the per-shape baseline): on the labels, or with
+``--train_distill_full`` distilled from the frozen full model (every layer, full width, adapters off), with the
+same loss as the sandwich's distilled subnets.
 
 Only the adapters (and the MoE router) train. Checkpoints hold the adapters (``adapter_model/``, in the
 base model's original head/channel order), optimizer, scheduler and RNG states; the base weights are
@@ -28,7 +33,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from amoeba.adapters import ADAPTER_DIR, CONFIG_FILE, add_adapters, get_router, load_adapters, save_adapters
+from amoeba.adapters import (ADAPTER_DIR, CONFIG_FILE, adapters_disabled, add_adapters, get_router, load_adapters,
+                             save_adapters)
 from amoeba.args import parse_ratio, width_key
 from amoeba.elastic import ElasticModel, subnet_for
 from amoeba.errors import Interrupted, UsageError
@@ -53,6 +59,15 @@ class SandwichSampler:
     ``layer_masks`` ({removed: 0/1 mask}) gives the depths of ``calib_dp``; without it the first layers
     are kept (``first_layers``). ``widths``: the width choices (the largest subnet uses the widest, the
     smallest the narrowest). ``elastic_depth=False`` keeps every layer.
+
+    The random subnets of a step are drawn without replacement from the candidates (depth, width): depths in
+    [``min_num_layer``, layers) from the strategy, widths from ``widths``. As the paper's sampler, their widths
+    are drawn without replacement (each width at most once while there are enough widths) and each depth
+    uniformly; once every width has been used, another round of widths starts and a reused width is paired
+    only with a depth it has not had in this step. So no random subnet repeats within a step. A random subnet
+    may still equal the smallest one (its depth range includes ``min_num_layer``), as in the paper. When
+    fewer distinct candidates exist than asked (e.g. width-only elasticity with 4 widths and 5 random subnets),
+    every candidate is trained once per step and a warning says so at start-up.
     """
 
     def __init__(self, em: ElasticModel, min_num_layer: int, num_random: int, widths: Sequence[float],
@@ -74,6 +89,12 @@ class SandwichSampler:
         self.random_depths = depths or [n]
         self.num_random = int(num_random)
         self.widths = sorted({width_key(w) for w in widths}, reverse=True)
+        candidates = len(self.random_depths) * len(self.widths)
+        self.num_drawn = min(self.num_random, candidates)  # random subnets per step
+        if self.num_drawn < self.num_random:
+            logger.warning("--random_sample_num_layer %d: only %d distinct random subnets exist (%d depth(s) x %d "
+                           "width(s)); each step trains all of them once", self.num_random, candidates,
+                           len(self.random_depths), len(self.widths))
 
     def subnet(self, num_layers: int, width: float) -> Subnet:
         """The subnet of ``num_layers`` layers (strategy or first layers) at ``width``."""
@@ -89,12 +110,27 @@ class SandwichSampler:
         """``--min_num_layer`` layers at the narrowest width."""
         return self.subnet(self.min_layers, self.widths[-1])
 
+    def draw(self, rng: np.random.Generator) -> list[tuple[int, float]]:
+        """The (depth, width) of the step's random subnets: distinct, in the order drawn (see the class)."""
+        used: set[tuple[int, float]] = set()
+        pairs: list[tuple[int, float]] = []
+        while len(pairs) < self.num_drawn:
+            # one round: the widths that still have an unused depth, in random order (without replacement)
+            free = [w for w in self.widths if any((d, w) not in used for d in self.random_depths)]
+            for j in rng.permutation(len(free)):
+                if len(pairs) == self.num_drawn:
+                    break
+                width = free[int(j)]
+                depths = [d for d in self.random_depths if (d, width) not in used]
+                depth = int(depths[int(rng.integers(len(depths)))])
+                used.add((depth, width))
+                pairs.append((depth, float(width)))
+        return pairs
+
     def sample(self, rng: np.random.Generator) -> list[tuple[str, Subnet]]:
-        """[(role, subnet)]: largest, ``num_random`` random ones, smallest."""
+        """[(role, subnet)]: largest, the random ones (:meth:`draw`), smallest."""
         plan = [("largest", self.largest)]
-        for j in range(self.num_random):
-            depth = int(self.random_depths[int(rng.integers(len(self.random_depths)))])
-            width = float(self.widths[int(rng.integers(len(self.widths)))])
+        for j, (depth, width) in enumerate(self.draw(rng)):
             plan.append((f"random{j + 1}", self.subnet(depth, width)))
         plan.append(("smallest", self.smallest))
         return plan
@@ -153,6 +189,16 @@ def soft_cross_entropy(student: torch.Tensor, teacher_probs: torch.Tensor) -> to
     return -(teacher_probs * F.log_softmax(student, dim=-1)).sum(-1).mean()
 
 
+def distill_loss(student: torch.Tensor, target: torch.Tensor, teacher_probs: torch.Tensor,
+                 kd_weight: float) -> torch.Tensor:
+    """``kd_weight`` x soft cross entropy to the teacher + (1 - ``kd_weight``) x label cross entropy, on the
+    target tokens (``--distill_method sp``, ``--kd_weight``): the objective of every subnet that learns from a
+    teacher, in a sandwich step (teacher: the largest subnet) and in fixed-shape distillation (teacher: the full
+    base model)."""
+    kd = soft_cross_entropy(student, teacher_probs)
+    return kd_weight * kd + (1.0 - kd_weight) * F.cross_entropy(student, target)
+
+
 def combine_losses(losses: Sequence[torch.Tensor], balancing: bool) -> list[torch.Tensor]:
     """Scale each non-largest loss to the largest's magnitude (factor detached) when ``balancing``."""
     if not balancing or not losses:
@@ -172,7 +218,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
 
     def __init__(self, *args, em: ElasticModel, sampler: Optional[SandwichSampler], kd_weight: float = 1.0,
                  distill_method: str = "sp", distill_steps: int = -1, balancing: bool = True,
-                 fixed_subnet: Optional[Subnet] = None, **kwargs):
+                 fixed_subnet: Optional[Subnet] = None, distill_full: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.em = em
         self.sampler = sampler
@@ -180,6 +226,10 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         self.distill_method = distill_method
         self.distill_steps = int(distill_steps)
         self.balancing = bool(balancing)
+        # fixed-shape training distilled from the frozen full model (--train_distill_full)
+        self.distill_full = bool(distill_full)
+        if self.distill_full and fixed_subnet is None:
+            raise ValueError("distillation from the full model needs a fixed subnet")
         self._micro_step = (-1, 0)
         self._role_sums: dict[str, list] = {}
         self._tokens = 0  # a device tensor once training runs: counting must not wait for the GPU
@@ -211,9 +261,24 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
             return False
         return self.distill_steps < 0 or self.state.global_step <= self.distill_steps
 
+    def full_model_teacher(self, feed: dict, labels: torch.Tensor,
+                           positions: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Target-token probabilities [n, V] of the frozen full model: every layer, full width, adapters off,
+        no gradient (the teacher of ``--train_distill_full``)."""
+        model = self.model  # unwrapped: the teacher has nothing for DDP to synchronise
+        with torch.no_grad(), adapters_disabled(model), self.em.use(self.em.full_subnet()), \
+                self.compute_loss_context_manager():
+            logits = model(**feed).logits
+            teacher, _ = target_logits(logits, labels, positions)
+            del logits
+            return torch.softmax(teacher, dim=-1)
+
     # --- one micro-batch
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """Forward and backward every subnet of the sandwich, one at a time; returns the largest's loss."""
+        """Forward and backward every subnet of the sandwich, one at a time; returns the largest's loss.
+
+        With ``--train_distill_full`` the plan is the one fixed subnet, and the frozen full model (adapters off)
+        runs first, without gradient, as its teacher."""
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
@@ -235,6 +300,8 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         checked: list[tuple[str, Subnet, torch.Tensor]] = []
         positions = target_positions(labels)
         try:
+            if distill and self.distill_full:
+                teacher = self.full_model_teacher(feed, labels, positions)
             for i, (role, subnet) in enumerate(plan):
                 self.em.set_subnet(subnet)
                 if router is not None:
@@ -245,14 +312,12 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
                     del logits
                     if target.numel() == 0:  # every target truncated away: nothing to learn here
                         loss = student.sum() * 0.0
+                    elif teacher is not None:  # a random/smallest subnet, or the fixed one of --train_distill_full
+                        loss = distill_loss(student, target, teacher, self.kd_weight)
                     else:
                         loss = F.cross_entropy(student, target)
-                    if i == 0:
-                        if distill and len(plan) > 1:
-                            teacher = torch.softmax(student.detach(), dim=-1)
-                    elif teacher is not None and target.numel() > 0:
-                        kd = soft_cross_entropy(student, teacher)
-                        loss = self.kd_weight * kd + (1.0 - self.kd_weight) * loss
+                    if i == 0 and teacher is None and distill and len(plan) > 1:
+                        teacher = torch.softmax(student.detach(), dim=-1)  # in-place distillation
                     del student
                 if self.args.n_gpu > 1:
                     loss = loss.mean()
@@ -316,7 +381,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         where = Path(resume_from_checkpoint) / ADAPTER_DIR
-        load_adapters(self.em.model, self.em, where)
+        load_adapters(self.em.model, self.em, where, resuming=True)
         logger.info("resumed adapters from %s", where)
 
 
@@ -400,6 +465,7 @@ def validate_training_setup(args, em: ElasticModel, strategy) -> Optional[dict]:
     if t.train_num_width is not None and t.train_num_layer is None:
         raise UsageError("give the depth of the fixed subnet too (--train_num_layer)", "--train_num_width")
     return masks
+
 
 
 def fixed_training_subnet(args, em: ElasticModel, strategy) -> Optional[Subnet]:
@@ -498,6 +564,9 @@ def results_markdown(history: list[dict], metrics: dict) -> str:
     note = ("\nThe largest subnet's loss is the label cross entropy; the others' is their training objective "
             "(soft cross entropy to the largest's predictions, mixed with the label loss by --kd_weight), before "
             "balancing.\n")
+    if metrics.get("distilled_from_full_model"):
+        note = ("\nOne fixed subnet (logged as 'largest'), distilled from the frozen full model: its loss is soft "
+                "cross entropy to the full model's predictions, mixed with the label loss by --kd_weight.\n")
     return "# Stage 2 training\n\n" + "\n".join(lines) + "\n" + note
 
 
@@ -569,13 +638,14 @@ def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callback
     sampler = None
     fixed = fixed_training_subnet(args, em, strategy)
     if fixed is not None:
-        logger.info("training one fixed subnet: %s (%d parameters)", fixed.label, em.param_count(fixed))
+        logger.info("training one fixed subnet: %s (%d parameters)%s", fixed.label, em.param_count(fixed),
+                    f", distilled from the full model (kd_weight {t.kd_weight:g})" if t.train_distill_full else "")
     elif t.enable_shrinking or t.shrinkable_width:
         widths = args.width_choice if t.shrinkable_width else (1.0,)
         sampler = SandwichSampler(em, t.min_num_layer, t.random_sample_num_layer, widths, masks,
                                   elastic_depth=t.enable_shrinking)
-        logger.info("sandwich: largest %s, %d random (depths %s, widths %s), smallest %s",
-                    sampler.largest.label, sampler.num_random, sampler.random_depths,
+        logger.info("sandwich: largest %s, %d distinct random (depths %s, widths %s), smallest %s",
+                    sampler.largest.label, sampler.num_drawn, sampler.random_depths,
                     [f"{w:g}" for w in sampler.widths], sampler.smallest.label)
     if data is None:
         data = make_data_module(tokenizer, args)
@@ -587,7 +657,7 @@ def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callback
         trainer = SandwichTrainer(
             model=model, args=t, processing_class=tokenizer, callbacks=callbacks, em=em, sampler=sampler,
             kd_weight=t.kd_weight, distill_method=t.distill_method, distill_steps=t.distill_steps,
-            balancing=not t.no_balancing, fixed_subnet=fixed, **data)
+            balancing=not t.no_balancing, fixed_subnet=fixed, distill_full=t.train_distill_full, **data)
     return trainer, resume_from
 
 
@@ -699,6 +769,8 @@ def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: 
         metrics.update({"wall_seconds": round(elapsed, 2), "tokens_seen": trainer.tokens_seen,
                         "tokens_per_second": round(trainer.tokens_seen / max(elapsed, 1e-9), 2),
                         "sandwich": [r for r, _ in trainer.last_plan]})
+        if trainer.distill_full:
+            metrics["distilled_from_full_model"] = True
         metrics.update(final_eval)
         _write_outputs(trainer, out, metrics)
         logger.info("training done in %.1f s; adapters in %s", elapsed, out / ADAPTER_DIR)

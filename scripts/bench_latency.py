@@ -17,6 +17,14 @@ the saved export) and timed:
 - the masked subnet: the elastic model with masks instead of slices (``em.state.sliceable = False``),
   the way width was taken by the original code (layers are still skipped for real).
 
+Per-layer widths (``--per_layer_strategy``): every width of the grid gets the per-layer kept fractions of
+KV groups and MLP channels of a strategy file (e.g. the shipped SmolLM2 ``dp_selection_strategy.npy``, 30
+layers), mapped onto the model's layers by relative depth (layer ``j`` of ``L`` takes source layer
+``round(j * (S - 1) / (L - 1))``), each layer keeping ``max(1, round(fraction * units))`` units, with a bias
+vector on o_proj/down_proj of every narrowed layer (as FLAP's compensation). Each such shape is exported in
+each of ``--export_formats``: ``exact`` (every layer at its own size, the rows keyed by the shape's label)
+and ``padded`` (a stock model padded to its widest layer, rows ``<label>-padded``).
+
 Times are medians of CUDA-event measurements (``time.perf_counter`` on a CPU). The parameter ratio
 (dense / subnet parameters) is printed next to each speedup: it is the ceiling for weight-bound decode.
 Compiled runs are the slowest to prepare (one compilation per shape and batch), so they are done last,
@@ -24,6 +32,8 @@ in a priority order (dense, then the smallest shapes), until ``--time_budget_s``
 
     python scripts/bench_latency.py --out output/bench_latency.json            # the H200 grid
     python scripts/bench_latency.py --smoke --out /tmp/bench_latency_smoke.json  # a tiny CPU run
+    python scripts/bench_latency.py --out lat.json --layers 20,24 --widths 5/8,3/4 --shapes 20x5/8,24x3/4 \
+        --per_layer_strategy dp_selection_strategy.npy --export_formats exact,padded   # per-layer widths
 """
 
 from __future__ import annotations
@@ -37,11 +47,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amoeba.args import parse_int_list, parse_ratio_list  # noqa: E402
+from amoeba.args import parse_int_list, parse_ratio_list, parse_shape_list, width_key  # noqa: E402
 from amoeba.elastic import make_elastic  # noqa: E402
 from amoeba.export import slice_subnet  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
@@ -78,8 +89,29 @@ def parse_cli(argv=None) -> argparse.Namespace:
                         "generate's per-token Python: 'compile' (the step torch.compile'd with CUDA graphs), "
                         "'cudagraph' (the eager step captured in one CUDA graph), or both (the default when the "
                         "flag is given alone): columns decode_b*_compile_ms, decode_b*_cudagraph_ms.")
+    p.add_argument("--shapes", default=None,
+                   help="LAYERSxWIDTH pairs to time instead of the --layers x --widths grid, e.g. 20x5/8,24x3/4.")
+    p.add_argument("--per_layer_strategy", default=None,
+                   help="A strategy file (.npy) whose per-layer width fractions every width < 1 takes, mapped onto "
+                        "the model's layers by relative depth (default: uniform widths).")
+    p.add_argument("--export_formats", default="exact",
+                   help="Export forms to time for per-layer widths: exact, padded, or exact,padded.")
+    p.add_argument("--no_generate_compile", action="store_true",
+                   help="Skip generate() with a static cache and torch.compile (keep the --step_decode loops).")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    a.export_formats = [f.strip() for f in a.export_formats.split(",") if f.strip()]
+    if not a.export_formats or any(f not in ("exact", "padded") for f in a.export_formats):
+        p.error("--export_formats takes exact and/or padded")
+    if a.per_layer_strategy and not Path(a.per_layer_strategy).is_file():
+        p.error(f"--per_layer_strategy: no such file: {a.per_layer_strategy}")
+    if a.shapes:
+        from amoeba.errors import UsageError
+
+        try:
+            a.shapes = parse_shape_list(a.shapes, "--shapes")
+        except UsageError as err:
+            p.error(str(err))
     a.layers = parse_int_list(a.layers or ("8,5" if a.smoke else "32,28,24,20"), "--layers")
     a.widths = parse_ratio_list(a.widths or ("1,5/8" if a.smoke else "1,7/8,3/4,5/8"), "--widths")
     a.prefill_lens = parse_int_list(a.prefill_lens or ("16,32" if a.smoke else "512,2048"), "--prefill_lens")
@@ -315,9 +347,44 @@ def build_model(smoke: bool, device: torch.device, seed: int):
     return model.eval()
 
 
-def plain_model(model, em, subnet: Subnet):
+def mapped_width_plans(strategy_path: str, widths, em, seed: int = 0) -> dict[float, str]:
+    """Register on ``em`` a width plan for every width < 1 with the strategy's per-layer kept fractions of KV
+    groups and MLP channels, mapped by relative depth (see the module docstring), and a bias on o_proj and
+    down_proj of each narrowed layer. Returns {width: how each model layer maps} for the record."""
+    from amoeba.strategy import load_strategy
+
+    strategy = load_strategy(strategy_path, "--per_layer_strategy")
+    src_layers = strategy.num_layers
+    hidden = int(em.config.hidden_size)
+    g = torch.Generator().manual_seed(seed)
+    device = em.projections(0)["o_proj"].weight.device
+    out = {}
+    for w in widths:
+        w = width_key(w)
+        if w >= 1.0:
+            continue
+        if w not in strategy.widths():
+            raise SystemExit(f"--per_layer_strategy: {strategy_path} has no width {w:g} (it has "
+                             f"{strategy.widths()})")
+        groups, channels, bias = [], [], {}
+        for j in range(em.num_layers):
+            src = round(j * (src_layers - 1) / max(em.num_layers - 1, 1))
+            kv = float(np.mean(strategy.mask_of(src, "k_proj", w)))
+            ch = float(np.mean(strategy.mask_of(src, "gate_proj", w)))
+            groups.append(max(1, round(kv * em.num_kv_groups)))
+            channels.append(max(1, round(ch * em.intermediate_size)))
+            if groups[-1] < em.num_kv_groups or channels[-1] < em.intermediate_size:
+                for role in ("o_proj", "down_proj"):
+                    bias[(j, role)] = (torch.randn(hidden, generator=g) * 0.01).to(device)
+        em.add_width_plan(w, groups, channels, bias)
+        out[f"{w:g}"] = {"kv_groups": groups, "channels": channels}
+        logger.info("width %g from %s: KV groups %s, channels %s", w, strategy_path, groups, channels)
+    return out
+
+
+def plain_model(model, em, subnet: Subnet, export_format: str = "exact"):
     """(record, plain transformers model) of ``subnet``, exported in memory, ready to generate."""
-    sliced = slice_subnet(model, em, subnet)
+    sliced = slice_subnet(model, em, subnet, export_format)
     small = sliced.model
     small.generation_config.pad_token_id, small.generation_config.eos_token_id = 0, None
     return sliced, small
@@ -358,11 +425,12 @@ def measure_compiled(model, timer, a, vocab, device, label: str) -> dict:
     ``--step_decode`` with every decoder's greedy gap."""
     out = {}
     for b in a.decode_batches:
-        out[f"decode_b{b}_compiled_ms"], gap = decode_ms_per_token(
-            model, timer, b, a.prompt_len, a.decode_tokens, a.reps, vocab, device, static=True,
-            check_greedy=bool(a.step_decode))
-        if gap is not None:
-            out[f"decode_b{b}_compiled_greedy_gap"] = gap
+        if not a.no_generate_compile:
+            out[f"decode_b{b}_compiled_ms"], gap = decode_ms_per_token(
+                model, timer, b, a.prompt_len, a.decode_tokens, a.reps, vocab, device, static=True,
+                check_greedy=bool(a.step_decode))
+            if gap is not None:
+                out[f"decode_b{b}_compiled_greedy_gap"] = gap
         for mode in a.step_decode:
             prefix = f"decode_b{b}_{mode}"
             try:
@@ -396,8 +464,13 @@ def run(a: argparse.Namespace) -> dict:
     logger.info("dense model: %d parameters (%.2f GB bf16); copy rate %.0f GB/s", dense_params, weight_bytes / 1e9,
                 bw)
 
+    grid = a.shapes or [(n, w) for n in a.layers for w in a.widths]
+    mapping = mapped_width_plans(a.per_layer_strategy, [w for _, w in grid], em, a.seed) \
+        if a.per_layer_strategy else None
+    formats = a.export_formats if mapping else ["exact"]
     # Smallest shapes first (the largest speedups, e.g. 20 layers x 5/8), so a budget cut drops the mildest.
-    shapes = sorted(((n, w) for n in a.layers for w in a.widths if n <= full_layers), key=lambda s: s[0] * s[1])
+    shapes = sorted(((n, w, f) for n, w in grid if n <= full_layers for f in formats),
+                    key=lambda s: (s[0] * s[1], s[2]))
     rows: dict[str, dict] = {}
     dense_key = f"l{full_layers}w1"
     # Dense first: every speedup is relative to it.
@@ -406,15 +479,19 @@ def run(a: argparse.Namespace) -> dict:
     rows[dense_key] = dict(layers=full_layers, width=1.0, params=dense_params, param_ratio=1.0, kind="dense",
                            **measure_eager(dense_model, timer, a, vocab, device))
     free(dense_model, dense_sliced)
-    for n, w in shapes:
+    for n, w, fmt in shapes:
         subnet = Subnet(tuple(range(n)), w)
-        if subnet.label == dense_key:
+        key = subnet.label if fmt == "exact" else f"{subnet.label}-{fmt}"
+        if key == dense_key or key in rows:
             continue
-        sliced, small = plain_model(model, em, subnet)
+        sliced, small = plain_model(model, em, subnet, fmt)
         row = dict(layers=n, width=w, params=sliced.param_count, param_ratio=dense_params / sliced.param_count,
-                   kind="exported", **measure_eager(small, timer, a, vocab, device))
+                   kind="exported", export_format=fmt, per_layer_code=sliced.per_layer_code,
+                   **measure_eager(small, timer, a, vocab, device))
         free(small, sliced)
-        if not a.no_masked and time.perf_counter() - t_start > a.time_budget_s / 2:
+        if fmt != "exact":  # the masked elastic model is the same for every export form
+            pass
+        elif not a.no_masked and time.perf_counter() - t_start > a.time_budget_s / 2:
             row["masked_skipped"] = "time budget"
         elif not a.no_masked:
             em.state.sliceable = False  # masks: the same function at full-size arithmetic
@@ -423,8 +500,8 @@ def run(a: argparse.Namespace) -> dict:
                 row[f"masked_{k}"] = v
             em.set_subnet(em.full_subnet())
             em.state.sliceable = True
-        rows[subnet.label] = row
-        logger.info("%s: %s", subnet.label,
+        rows[key] = row
+        logger.info("%s: %s", key,
                     {k: v if v is None else round(v, 3) for k, v in row.items() if k.endswith("_ms")})
 
     compiled_note = None
@@ -438,7 +515,8 @@ def run(a: argparse.Namespace) -> dict:
                 rows[key]["compiled_skipped"] = "time budget"
                 continue
             r = rows[key]
-            extra, target = plain_model(model, em, Subnet(tuple(range(r["layers"])), r["width"]))
+            extra, target = plain_model(model, em, Subnet(tuple(range(r["layers"])), r["width"]),
+                                        r.get("export_format", "exact"))
             r.update(measure_compiled(target, timer, a, vocab, device, key))
             free(target, extra)
             logger.info("%s compiled: %s", key, {k: v if v is None else round(v, 3) for k, v in r.items()
@@ -461,6 +539,7 @@ def run(a: argparse.Namespace) -> dict:
         "copy_rate_gbs": bw,
         "weight_bandwidth_floor_ms_per_token": floor_ms,
         "compiled_note": compiled_note,
+        "per_layer_widths": mapping,
         "settings": {k: v for k, v in vars(a).items() if k != "out"},
         "wall_s": time.perf_counter() - t_start,
         "versions": library_versions(),
@@ -490,7 +569,7 @@ def markdown(result: dict) -> str:
     def fmt(x, nd=2):
         return "-" if x is None else f"{x:.{nd}f}"
 
-    for label, r in sorted(rows.items(), key=lambda kv: (-kv[1]["layers"], -kv[1]["width"])):
+    for label, r in sorted(rows.items(), key=lambda kv: (-kv[1]["layers"], -kv[1]["width"], kv[0])):
         cells = [label, f"{r['params'] / 1e9:.3f}B" if r["params"] > 1e8 else f"{r['params']:,}",
                  f"{r['param_ratio']:.2f}x"]
         for k in timed:

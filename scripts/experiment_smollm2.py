@@ -5,6 +5,8 @@ Rows (every one a run of ``main.py``; this script only schedules them and tabula
   (a) stage1     Stage 1 only: DP layers + FLAP widths (the shipped strategy), no training
   (b) shortgpt   ShortGPT layer drop (lowest Block Influence on the same C4 windows) + the same FLAP widths
   (c) pershape   each of the single shapes fine-tuned on its own with plain LoRA, ``--steps`` steps each
+  (c') pershape_kd  the same, distilled from the frozen full model (``--train_distill_full``, soft cross
+                 entropy, ``--kd_weight 1``): the paper's per-shape baseline
   (d) amoeba     one-for-all: MoE-LoRA, sandwich sampling, distillation, loss balancing; the adapters after
                  ``--steps`` steps of a ``--long_steps`` run (constant learning rate after a fixed warm-up,
                  so they equal a ``--steps`` run); ``amoeba_long`` is the same run at ``--long_steps``
@@ -52,6 +54,7 @@ ROW_TITLES = {
     "stage1": "(a) Stage 1 only (DP + FLAP)",
     "shortgpt": "(b) ShortGPT + FLAP",
     "pershape": "(c) per-shape LoRA",
+    "pershape_kd": "(c') per-shape LoRA, distilled from the full model",
     "amoeba": "(d) AmoebaLLM one-for-all",
     "amoeba_long": "(d') one-for-all, long run",
     "abl_lora": "(e) plain LoRA instead of MoE-LoRA",
@@ -173,6 +176,10 @@ class Plan:
     def moe(self) -> list[str]:
         return ["--use_moe_lora", "--moe_num_expert", "5", "--moe_topk", "2"]
 
+    def distill_full(self) -> list[str]:
+        """Per-shape training distilled from the frozen full model (row (c'))."""
+        return ["--train_distill_full", "True", "--distill_method", "sp", "--kd_weight", "1"]
+
     def sandwich(self) -> list[str]:
         return ["--random_sample_num_layer", "2", "--distill_method", "sp", "--kd_weight", "1"]
 
@@ -232,12 +239,13 @@ class Plan:
             jobs.append(Job(f"train_{name}", [*self.base(o), *self.train_flags(c.steps),
                                               *self.elastic(self.strategy, all_widths), *extra],
                             o, done_file="train_results.json", resumable=True))
-        for layers, width in self.single:
-            o = self.out / "train" / f"pershape_{label(layers, width)}"
-            jobs.append(Job(f"train_pershape_{label(layers, width)}",
-                            [*self.base(o), *self.train_flags(c.steps), *self.elastic(self.strategy, all_widths),
-                             "--train_num_layer", str(layers), "--train_num_width", f"{width:g}"],
-                            o, done_file="train_results.json", resumable=True))
+        for row, extra in (("pershape", []), ("pershape_kd", self.distill_full())):
+            for layers, width in self.single:
+                o = self.out / "train" / f"{row}_{label(layers, width)}"
+                jobs.append(Job(f"train_{row}_{label(layers, width)}",
+                                [*self.base(o), *self.train_flags(c.steps), *self.elastic(self.strategy, all_widths),
+                                 "--train_num_layer", str(layers), "--train_num_width", f"{width:g}", *extra],
+                                o, done_file="train_results.json", resumable=True))
         return [j for j in jobs if self.wanted(self.row_of(j.name))
                 or (j.name == "train_amoeba" and self.wanted("amoeba_long"))]
 
@@ -276,10 +284,11 @@ class Plan:
         by_width("stage1", self.strategy)
         by_width("shortgpt", self.shortgpt_strategy)
         by_width("amoeba", self.strategy, self.moe(), snapshot)
-        for layers, width in self.single:
-            name = f"pershape_{label(layers, width)}"
-            jobs.append(self._eval_job("pershape", label(layers, width), self.strategy, [(layers, width)],
-                                       adapters=train / name / "adapter_model"))
+        for row in ("pershape", "pershape_kd"):
+            for layers, width in self.single:
+                name = f"{row}_{label(layers, width)}"
+                jobs.append(self._eval_job(row, label(layers, width), self.strategy, [(layers, width)],
+                                           adapters=train / name / "adapter_model"))
         for name, extra in (("abl_lora", []), ("abl_nobal", self.moe()), ("abl_nokd", self.moe())):
             jobs.append(self._eval_job(name, "", self.strategy, self.single, extra, train / name / "adapter_model"))
         # Reproducibility: (d)'s evaluation again, in another process, on the largest and smallest shapes.
@@ -463,14 +472,16 @@ def render(plan: Plan, rows: dict, timings: dict, driver_cmd: str) -> str:
 
 
 def comparisons(plan: Plan, rows: dict) -> list[str]:
-    """(d) against (a), (b) at every shape and against (c) at the single shapes."""
+    """(d) against (a), (b) at every shape and against (c) (and (c') when measured) at the single shapes."""
     d = rows.get("amoeba", {})
     if not d:
         return []
+    kd = "pershape_kd" in rows  # the distilled per-shape baseline gets its own columns once it has results
     lines = ["## One-for-all against the baselines", "",
              "Average accuracy difference in points, and perplexity ratio (below 1: (d) is better).", "",
-             "| shape | params (M) | (d) avg | (d) - (a) | (d) - (b) | (d) - (c) | (d) ppl | ppl (d) / (a) | "
-             "ppl (d) / (b) | ppl (d) / (c) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| shape | params (M) | (d) avg | (d) - (a) | (d) - (b) | (d) - (c) | " + ("(d) - (c') | " if kd else "")
+             + "(d) ppl | ppl (d) / (a) | ppl (d) / (b) | ppl (d) / (c) |" + (" ppl (d) / (c') |" if kd else ""),
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if kd else "")]
     for dd, w in plan.grid:
         lab = label(dd, w)
         if lab not in d:
@@ -487,15 +498,17 @@ def comparisons(plan: Plan, rows: dict) -> list[str]:
             o = rows.get(other, {}).get(lab, {})
             return f"{row[PPL] / o[PPL]:.3f}" if PPL in o and PPL in row else "-"
         lines.append(f"| {lab} | {row.get('params', float('nan')) / 1e6:.1f} | {_fmt(row.get('avg_acc'), 'acc')} | "
-                     f"{diff('stage1')} | {diff('shortgpt')} | {diff('pershape')} | {_fmt(row.get(PPL), 'ppl')} | "
-                     f"{ratio('stage1')} | {ratio('shortgpt')} | {ratio('pershape')} |")
+                     f"{diff('stage1')} | {diff('shortgpt')} | {diff('pershape')} | "
+                     + (f"{diff('pershape_kd')} | " if kd else "") + f"{_fmt(row.get(PPL), 'ppl')} | "
+                     f"{ratio('stage1')} | {ratio('shortgpt')} | {ratio('pershape')} |"
+                     + (f" {ratio('pershape_kd')} |" if kd else ""))
     lines.append("")
     singles = [label(a, b) for a, b in plan.single]
     abl = [r for r in ("amoeba_long", "abl_lora", "abl_nobal", "abl_nokd") if r in rows]
-    if abl:
+    if abl or kd:
         lines += ["## Ablations and the long run (avg accuracy % / perplexity)", "",
                   "| row | " + " | ".join(singles) + " |", "| --- | " + " | ".join("---:" for _ in singles) + " |"]
-        for r in ["amoeba", "pershape", *abl]:
+        for r in ["amoeba", "pershape", *(["pershape_kd"] if kd else []), *abl]:
             cells = []
             for lab in singles:
                 v = rows.get(r, {}).get(lab, {})

@@ -7,8 +7,9 @@
 #   RESUME=1 scripts/stage1_calibrate_smollm2.sh                # keep a step whose output already exists
 #
 # Depth is calibrated on perplexity of the C4 sample, not on MMLU as the seed does for Llama-2-7B: at
-# 135M parameters MMLU accuracy is near chance (about 25%), so 40 questions cannot rank layers. WikiText-2
-# is left out of calibration because the benchmarks report its test split. FLAP uses the same C4 sample.
+# 135M parameters MMLU accuracy is near chance (about 25%), so the seed's 320 questions (40 batches of 8)
+# cannot rank layers. WikiText-2 is left out of calibration because the benchmarks report its test split.
+# FLAP uses the same C4 sample.
 # MODEL: the model folder; AMOEBA_DATA_DIR: offline data laid out like shared/data (unset: the hub).
 # CUDA_VISIBLE_DEVICES is honoured.
 set -euo pipefail

@@ -36,6 +36,14 @@ def _randomize_b(model, seed=0, scale=0.05):
             ad.lora_B.copy_(torch.randn(ad.lora_B.shape, generator=g) * scale)
 
 
+def _reference_logits(router, x):
+    """The paper's router by hand from its weights: Linear(input -> 16), then Linear(16 -> experts), nothing
+    between."""
+    w1, b1 = router.lora_route_in.weight.detach(), router.lora_route_in.bias.detach()
+    w2, b2 = router.lora_route_out.weight.detach(), router.lora_route_out.bias.detach()
+    return w2 @ (w1 @ x + b1) + b2
+
+
 def _random_order(em, seed):
     g = torch.Generator().manual_seed(seed)
     groups = [torch.randperm(em.num_kv_groups, generator=g) for _ in range(em.num_layers)]
@@ -98,10 +106,9 @@ def test_router_gates_depend_only_on_shape_and_are_fixed_in_eval():
     idx_a2, g_a2 = router.current()
     assert torch.equal(idx_a, idx_a2) and torch.equal(g_a, g_a2)
     assert abs(float(g_a.sum()) - 1.0) < 1e-6 and g_a.numel() == 2
-    # The gates are softmax over the top-k of W [mask, one-hot width] + b.
+    # The gates are softmax over the top-k of W2 (W1 [mask, one-hot width] + b1) + b2.
     x = torch.tensor([1, 1, 1, 1, 1, 0, 0], dtype=torch.float32)
-    logits = router.lora_gate_weight.detach() @ x + router.lora_gate_bias.detach()
-    top, top_idx = torch.topk(logits, 2)
+    top, top_idx = torch.topk(_reference_logits(router, x), 2)
     assert torch.equal(idx_a, top_idx)
     torch.testing.assert_close(g_a, torch.softmax(top, -1))
     # Per-layer widths route by the nearest trained width (mean 0.55 -> 0.5).
@@ -109,7 +116,7 @@ def test_router_gates_depend_only_on_shape_and_are_fixed_in_eval():
     assert feats.tolist() == [1, 1, 0, 0, 0, 0, 1]
     # A new router state (after an optimizer step) invalidates the cached gates.
     with torch.no_grad():
-        router.lora_gate_bias[idx_a[0]] -= 100.0
+        router.lora_route_out.bias[idx_a[0]] -= 100.0
     idx_a3, _ = router.current()
     assert int(idx_a[0]) not in idx_a3.tolist()
 
@@ -155,7 +162,8 @@ def test_gradients_reach_only_kept_layers_and_kept_features():
         else:
             assert not ad.lora_A.grad[:, :, kept_in[role]:].any(), role
     router = get_router(model)
-    assert router.lora_gate_weight.grad is not None and router.lora_gate_weight.grad.abs().sum() > 0
+    for layer in (router.lora_route_in, router.lora_route_out):
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -241,7 +249,7 @@ def test_saved_adapters_are_portable_across_unit_orders_and_mask_mode(tmp_path, 
     _moe(em, src)
     _randomize_b(src, scale=0.1)
     with torch.no_grad():
-        get_router(src).lora_gate_bias.normal_()
+        get_router(src).lora_route_out.bias.normal_()
     save_adapters(src, tmp_path / "ad", em)
     src.eval()
 
@@ -349,3 +357,131 @@ def test_real_model_adapters_move_between_sliced_and_masked_layouts(real_model_d
         em_m.set_subnet(sub)
         with torch.no_grad():
             torch.testing.assert_close(masked(tokens).logits, src(tokens).logits, rtol=1e-3, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The router as the paper builds it; single-layer routers of earlier versions
+# ----------------------------------------------------------------------------------------------
+def _noisy_reference(router, x, seed):
+    """Noisy top-k logits by hand: the noise-free logits plus N(0, 1) (seeded) times softplus(noise layer)."""
+    eps = torch.randn(router.num_experts, generator=torch.Generator().manual_seed(seed))
+    std = torch.nn.functional.softplus(router.lora_noise.weight.detach() @ x + router.lora_noise.bias.detach())
+    return _reference_logits(router, x) + eps * std
+
+
+def test_router_is_two_linear_layers_through_16_hidden_units():
+    """Linear(layer mask + one-hot width -> 16) -> Linear(16 -> experts), no activation between; the noise
+    scale is one linear layer. Gates of several shapes, at evaluation (also under bf16 autocast: the router runs
+    in fp32) and while training (seeded noise), equal a reference computed from the layers' weights."""
+    model = tiny_model("gqa", layers=4)
+    em = make_elastic(model)
+    _moe(em, model, experts=5, topk=2)
+    router = get_router(model)
+    shapes = {n: tuple(p.shape) for n, p in router.named_parameters()}
+    assert shapes == {"lora_route_in.weight": (16, 7), "lora_route_in.bias": (16,),
+                      "lora_route_out.weight": (5, 16), "lora_route_out.bias": (5,),
+                      "lora_noise.weight": (5, 7), "lora_noise.bias": (5,)}
+    assert [type(m) for m in router.children()] == [torch.nn.Linear] * 3  # nothing else (no activation)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # large random weights, so an activation or a missing layer would show
+        for p in router.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    subnets = [Subnet((0, 1, 2, 3), 1.0), Subnet((0, 1, 3), 0.75), Subnet((1, 2), 0.5), Subnet((0,), 1.0)]
+    router.eval()
+    for sub in subnets:
+        x = router.features(sub)
+        top, idx = torch.topk(_reference_logits(router, x), 2)
+        em.set_subnet(sub)
+        got_idx, got = router.current()
+        assert torch.equal(got_idx, idx), sub
+        torch.testing.assert_close(got, torch.softmax(top, -1), rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto_idx, auto = router.route(sub)
+        assert torch.equal(auto_idx, idx) and auto.dtype == torch.float32
+        torch.testing.assert_close(auto, got, rtol=0, atol=0)
+    router.train()
+    for seed, sub in enumerate(subnets):
+        router.noise_seed = seed
+        x = router.features(sub)
+        top, idx = torch.topk(_noisy_reference(router, x, seed), 2)
+        got_idx, got = router.route(sub)
+        assert torch.equal(got_idx, idx)
+        torch.testing.assert_close(got, torch.softmax(top, -1), rtol=1e-6, atol=1e-6)
+
+
+def _legacy_file(directory, experts, d, seed=0):
+    """Rewrite saved adapters as the earlier single-layer router had them; return its (W, b)."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(path).items() if not k.startswith("router.")}
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(experts, d, generator=g), torch.randn(experts, generator=g)
+    tensors.update({"router.lora_gate_weight": w, "router.lora_gate_bias": b,
+                    "router.lora_noise_weight": torch.randn(experts, d, generator=g) * 0.1,
+                    "router.lora_noise_bias": torch.zeros(experts)})
+    save_file(tensors, str(path), metadata={"format": "amoeba-moe-lora"})
+    return w, b
+
+
+def test_single_layer_router_of_earlier_versions_loads_exactly_or_is_refused(tmp_path):
+    """Adapters saved with the single-layer router (logits W x + b) load for evaluation/export: every shape gets
+    the experts and gates it had. Refused with one line naming the folder when resuming training, or when the
+    experts outnumber the hidden units (no exact two-layer form)."""
+    src = tiny_model("gqa", layers=4)
+    em = make_elastic(src)
+    _moe(em, src, experts=5, topk=2)
+    _randomize_b(src)
+    save_adapters(src, tmp_path / "old", em)
+    w, b = _legacy_file(tmp_path / "old", 5, 7)
+    model = tiny_model("gqa", layers=4)
+    em2 = make_elastic(model)
+    load_adapters(model, em2, tmp_path / "old")
+    router = get_router(model)
+    router.eval()
+    for sub in (Subnet((0, 1, 2, 3), 1.0), Subnet((0, 2, 3), 0.75), Subnet((3,), 0.5)):
+        top, idx = torch.topk(w @ router.features(sub) + b, 2)
+        got_idx, got = router.route(sub)
+        assert torch.equal(got_idx, idx), sub
+        torch.testing.assert_close(got, torch.softmax(top, -1), rtol=1e-6, atol=1e-6)
+    a, s = adapter_state_dict(model), adapter_state_dict(src)  # the experts themselves load unchanged
+    assert all(torch.equal(a[k], s[k]) for k in a if not k.startswith("router."))
+    fresh = tiny_model("gqa", layers=4)
+    with pytest.raises(UsageError, match=r"--resume_training.*old.*single-layer"):
+        load_adapters(fresh, make_elastic(fresh), tmp_path / "old", resuming=True)
+    many = tiny_model("gqa", layers=2)
+    em3 = make_elastic(many)
+    _moe(em3, many, experts=17, topk=2)
+    save_adapters(many, tmp_path / "many", em3)
+    _legacy_file(tmp_path / "many", 17, 5)
+    other = tiny_model("gqa", layers=2)
+    with pytest.raises(UsageError, match=r"many.*17 experts"):
+        load_adapters(other, make_elastic(other), tmp_path / "many")
+
+
+def test_adapters_disabled_runs_the_base_model_and_restores_everything(tokens):
+    """Inside ``adapters_disabled`` the model gives the base model's logits and the router computes nothing;
+    afterwards the adapters and the router work as before."""
+    from amoeba.adapters import adapters_disabled
+
+    model = tiny_model("gqa", layers=4)
+    base = copy.deepcopy(model)
+    em = make_elastic(model)
+    _moe(em, model)
+    _randomize_b(model, scale=0.1)
+    model.train()
+    router = get_router(model)
+    router.noise_seed = 3  # the same noisy gates in every forward
+    with torch.no_grad():
+        adapted = model(tokens).logits
+        calls = []
+        hooks = [ad.register_forward_hook(lambda *a: calls.append(1)) for _, _, ad in adapted_modules(model)]
+        stamp = router._cache_key
+        with adapters_disabled(model):
+            off = model(tokens).logits
+        assert not calls and router._cache_key == stamp  # no adapter ran, no gates were computed
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(off, base(tokens).logits, rtol=1e-5, atol=1e-5)
+        assert len(adapted_modules(model)) == 28 and not router.suspended
+        torch.testing.assert_close(model(tokens).logits, adapted)

@@ -97,3 +97,37 @@ def test_greedy_gap_is_zero_for_greedy_tokens_and_large_for_others():
     assert bench.greedy_gap(model, ids, new) < 1e-5
     worst = model(torch.cat([ids, new], 1)).logits[:, 5:-1].argmin(-1)  # the least likely token at every step
     assert bench.greedy_gap(model, ids, worst) > 1.0 > bench.GREEDY_GAP_TOLERANCE
+
+
+def test_per_layer_widths_are_mapped_by_relative_depth():
+    """The shipped SmolLM2 strategy (30 layers) onto 8 layers: each layer keeps the kept fraction of its source
+    layer, and the exact export of such a shape is smaller than its padded form and decodes the same tokens."""
+    import numpy as np
+
+    from amoeba.elastic import make_elastic
+    from amoeba.strategy import load_strategy
+    from amoeba.subnet import Subnet
+
+    bench = _bench()
+    model = tiny_model("mha", layers=8, num_attention_heads=8, intermediate_size=96)
+    em = make_elastic(model)
+    strategy_file = ROOT / "dp_selection_strategy.npy"
+    mapping = bench.mapped_width_plans(str(strategy_file), [1.0, 0.625], em)
+    assert list(mapping) == ["0.625"]
+    strategy = load_strategy(strategy_file)
+    plan = em.width_plans[0.625]
+    for j, src in enumerate([0, 4, 8, 12, 17, 21, 25, 29]):  # round(j * 29 / 7)
+        kv = np.mean(strategy.mask_of(src, "k_proj", 0.625))
+        ch = np.mean(strategy.mask_of(src, "gate_proj", 0.625))
+        assert plan.groups[j] == max(1, round(kv * 8)) and plan.channels[j] == max(1, round(ch * 96))
+        narrowed = plan.groups[j] < 8 or plan.channels[j] < 96
+        assert ((j, "o_proj") in plan.bias) == narrowed
+    assert len(set(zip(plan.groups, plan.channels))) > 1  # per-layer widths indeed
+    subnet = Subnet(tuple(range(6)), 0.625)
+    exact, small = bench.plain_model(model, em, subnet, "exact")
+    padded, wide = bench.plain_model(model, em, subnet, "padded")
+    assert exact.per_layer_code and not padded.per_layer_code
+    assert exact.param_count == em.param_count(subnet) < padded.param_count
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(small(ids).logits, wide(ids).logits, rtol=0, atol=1e-5)

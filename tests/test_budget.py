@@ -123,8 +123,29 @@ def test_bad_budgets_are_refused(tmp_path):
 def test_exported_param_count_matches_the_export():
     model, em, strategy = _setup(nonuniform=True)
     subnet = Subnet((0, 1, 3), 0.5)
-    assert exported_param_count(em, subnet) == slice_subnet(model, em, subnet).param_count
-    assert exported_param_count(em, subnet) > em.param_count(subnet)  # padded to the widest layer
+    exact = exported_param_count(em, subnet)
+    assert exact == slice_subnet(model, em, subnet).param_count == em.param_count(subnet)  # per-layer widths
+    padded = exported_param_count(em, subnet, "padded")
+    assert padded == slice_subnet(model, em, subnet, "padded").param_count
+    assert padded > exact  # the stock form pads every layer to the widest
+
+
+def test_budget_counts_and_exports_the_exact_form(tmp_path):
+    """A budget between the exact and the padded size of a per-layer shape: it fits, and it is exported exact."""
+    model, em, strategy = _setup(nonuniform=True)
+    subnet = Subnet((0, 1, 2, 3), 0.5)
+    exact, padded = exported_param_count(em, subnet), exported_param_count(em, subnet, "padded")
+    budget = str((exact + padded) // 2)
+    (tmp_path / "metrics.json").write_text(json.dumps({"mmlu_eval_accuracy_l4w0.5": 0.5, "mmlu_eval_accuracy_l2w1": 0.3,
+                                                       "mmlu_eval_accuracy_l3w0.5": 0.2}))
+    fitting = run_budget(_args(tmp_path, "--budget_params", budget, "--export_dir", str(tmp_path / "best")),
+                         model, None, em, strategy)
+    assert fitting[0].label == "l4w0.5" and fitting[0].export_params == exact
+    record = json.loads((tmp_path / "best" / EXPORT_RECORD).read_text())
+    assert record["param_count"] == exact and record["per_layer_code"]
+    padded_fit = run_budget(_args(tmp_path, "--budget_params", budget, "--export_format", "padded"),
+                            model, None, em, strategy)
+    assert "l4w0.5" not in [c.label for c in padded_fit]  # its stock form is over the budget
 
 
 @pytest.mark.real_model

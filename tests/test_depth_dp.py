@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -164,18 +166,96 @@ def test_mmlu_metric_cached_equals_naive_and_matches_score_mmlu():
     examples = [MMLUExample(subject=f"s{i % 3}", prompt="Q" + "xyz"[i % 3] * (5 + i) + "\nAnswer:",
                             answer=int(rng.integers(4))) for i in range(7)]
     letters = answer_token_ids(tok)
-    for use_loss in (False, True):
-        metric = MMLUMetric(model.get_output_embeddings(), letters, examples, use_loss=use_loss)
+    for kind in ("acc", "letter_loss"):
+        metric = MMLUMetric(model.get_output_embeddings(), letters, examples, kind=kind)
         batches = mmlu_batches(tok, examples, 3, 64)
         fast = LayerDropScorer(model, batches, metric, progress=False)
         slow = LayerDropScorer(model, batches, metric, naive=True, progress=False)
         reference = score_mmlu(model, tok, examples, batch_size=2, max_len=64, progress=False)
         full = fast.score(np.ones(4))
-        assert full == pytest.approx(reference["loss" if use_loss else "accuracy"], abs=1e-5)
+        assert full == pytest.approx(reference["loss" if kind == "letter_loss" else "accuracy"], abs=1e-5)
         for mask in ([1, 0, 1, 1], [1, 1, 0, 0], [0, 0, 1, 1]):
             mask = np.array(mask, dtype=float)
             assert fast.score(mask) == pytest.approx(slow.score(mask), abs=1e-6)
-        assert metric.higher_is_better is (not use_loss)
+        assert metric.higher_is_better is (kind == "acc")
+
+
+class EosCharTokenizer(CharTokenizer):
+    """CharTokenizer with an end-of-sequence token (id 3), as the original code's MMLU targets need."""
+
+    eos_token = "\x03"
+    eos_token_id = 3
+
+
+def _drop_layers(model, keep):
+    """A plain copy of ``model`` that has only the decoder layers ``keep`` (the reference for a subnet)."""
+    plain = copy.deepcopy(model)
+    plain.model.layers = torch.nn.ModuleList([plain.model.layers[i] for i in keep])
+    plain.config.num_hidden_layers = len(keep)
+    for pos, layer in enumerate(plain.model.layers):
+        layer.self_attn.layer_idx = pos
+    return plain
+
+
+def _original_mmlu_loss(model, tok, examples, batch_size):
+    """The original code's ``mmlu_loss``, computed its way: batches of ``batch_size`` consecutive questions,
+    each row = prompt + answer letter + EOS with labels on the last two tokens only (right padding),
+    transformers' own loss per batch (mean over the batch's label tokens), averaged over the batches."""
+    from amoeba.mmlu import answer_token_ids
+
+    letters = answer_token_ids(tok)
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            rows = []
+            for e in examples[start: start + batch_size]:
+                prompt = tok(e.prompt)["input_ids"]
+                rows.append((prompt + [letters[e.answer], tok.eos_token_id], len(prompt)))
+            width = max(len(ids) for ids, _ in rows)
+            ids = torch.zeros(len(rows), width, dtype=torch.long)
+            mask = torch.zeros(len(rows), width, dtype=torch.long)
+            labels = torch.full((len(rows), width), -100, dtype=torch.long)
+            for r, (seq, n_prompt) in enumerate(rows):
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+                labels[r, n_prompt: len(seq)] = torch.tensor(seq[n_prompt:])
+            losses.append(model(input_ids=ids, attention_mask=mask, labels=labels).loss.item())
+    return sum(losses) / len(losses)
+
+
+def test_mmlu_loss_is_the_original_codes_language_model_loss():
+    """``--calib_metric loss``: the full-vocabulary cross entropy on the answer letter and EOS, averaged per
+    batch of --per_device_eval_batch_size questions, then over batches: equal to transformers' loss on the
+    original code's batches, for the full model and for subnets, whatever batches the scorer runs."""
+    from amoeba.mmlu import MMLUExample, answer_target_ids, answer_token_ids
+
+    model = tiny_model("gqa", layers=4)
+    tok = EosCharTokenizer()
+    rng = np.random.default_rng(3)
+    examples = [MMLUExample(subject=f"s{i % 3}", prompt="Q" + "xyz"[i % 3] * (4 + 3 * i % 11) + "\nAnswer:",
+                            answer=int(rng.integers(4))) for i in range(7)]  # batches of 3: 3 + 3 + 1
+    letters = answer_token_ids(tok)
+    targets = [answer_target_ids(tok, e.answer, letters) for e in examples]
+    assert all(t == [letters[e.answer], 3] for t, e in zip(targets, examples))
+    metric = MMLUMetric(model.get_output_embeddings(), letters, examples, kind="loss", batch_size=3,
+                        targets=targets)
+    assert not metric.higher_is_better
+    batches = mmlu_batches(tok, examples, 2, 64, targets=targets)  # compute batches differ from the 3s
+    fast = LayerDropScorer(model, batches, metric, progress=False)
+    slow = LayerDropScorer(model, batches, metric, naive=True, progress=False)
+    assert fast.score(np.ones(4)) == pytest.approx(_original_mmlu_loss(model, tok, examples, 3), rel=1e-5)
+    for keep in ((0, 1, 3), (1, 2), (0, 3)):
+        mask = np.array([1.0 if i in keep else 0.0 for i in range(4)])
+        want = _original_mmlu_loss(_drop_layers(model, keep), tok, examples, 3)
+        assert fast.score(mask) == pytest.approx(want, rel=1e-5)
+        assert slow.score(mask) == pytest.approx(want, rel=1e-5)
+    # the per-batch mean is not the mean over questions: a last, smaller batch weighs as much as a full one
+    per_question = _original_mmlu_loss(model, tok, examples, 1)
+    assert fast.score(np.ones(4)) != pytest.approx(per_question, rel=1e-6)
+    # and it is not the four-letter loss
+    letter = MMLUMetric(model.get_output_embeddings(), letters, examples, kind="letter_loss")
+    assert LayerDropScorer(model, mmlu_batches(tok, examples, 2, 64), letter, progress=False).score(np.ones(4)) \
+        != pytest.approx(fast.score(np.ones(4)), rel=1e-3)
 
 
 # ---------------------------------------------------------------- the stage: flags, files, errors
@@ -310,3 +390,82 @@ def test_cached_equals_naive_on_smollm2(real_model_dir):
         mask = np.ones(30)
         mask[removed] = 0
         assert fast.score(mask) == pytest.approx(slow.score(mask), rel=1e-6)
+
+
+# ---------------------------------------------------------------- MMLU calibration as the original code takes it
+def test_mmlu_calibration_takes_num_calib_sample_batches_of_questions_in_order():
+    """The seed's Step 1 (--num_calib_sample 40, batches of 8): the first 320 validation questions, in the
+    original code's order (subject by subject), not a sample; --max_mmlu_samples takes precedence, as there."""
+    from amoeba.depth_dp import mmlu_calibration_examples
+    from amoeba.mmlu import load_mmlu
+
+    pool = load_mmlu("eval", 0, os.environ["AMOEBA_DATA_DIR"])  # the order of the seed's zero_shot_mmlu_val.json
+    seed = mmlu_calibration_examples(pool, 40, 8)
+    assert len(seed) == 320 and seed == pool[:320]
+    subjects = list(dict.fromkeys(e.subject for e in seed))
+    assert subjects[:3] == ["abstract_algebra", "anatomy", "astronomy"] and subjects == sorted(subjects)
+    assert mmlu_calibration_examples(pool, 5, 4) == pool[:20]
+    assert mmlu_calibration_examples(pool, 40, 8, max_samples=12) == pool[:12]
+    assert mmlu_calibration_examples(pool[:30], 40, 8) == pool[:30]  # a short split: all of it
+    with pytest.raises(UsageError, match="--per_device_eval_batch_size"):
+        mmlu_calibration_examples(pool, 40, 0)
+
+
+def test_mmlu_layer_dp_records_its_calibration_in_the_strategy_file(tmp_path):
+    """--calib_dataset mmlu --num_calib_sample 2 --per_device_eval_batch_size 4: the DP scores the first 8
+    validation questions with the original code's loss, and final_strategy.npy (read by the restricted
+    loader) and dp_table.json/.md say so."""
+    from amoeba.mmlu import load_mmlu
+    from amoeba.strategy import load_npy_dict, load_strategy
+
+    model = tiny_model("gqa", layers=4, max_position_embeddings=128)
+    args = _args(tmp_path, "--calib_dataset", "mmlu", "--mmlu_dataset", "mmlu-zs", "--num_calib_sample", "2",
+                 "--per_device_eval_batch_size", "4", "--calib_metric", "loss", "--mmlu_source_max_len", "40",
+                 "--min_num_layer", "3")
+    tok = EosCharTokenizer()
+    res = run_layer_calibration(args, model, tok, progress=False)
+    first = load_mmlu("eval", 0, os.environ["AMOEBA_DATA_DIR"])[:8]
+    # one layer removed: the best single removal by the original loss of those 8 questions, 2 batches of 4
+    short = [type(e)(e.subject, e.prompt[-40:], e.answer) for e in first]  # CharTokenizer: 1 token a char
+    losses = [_original_mmlu_loss(_drop_layers(model, [j for j in range(4) if j != i]), tok, short, 4)
+              for i in range(4)]
+    assert res.final["metric"][1] == pytest.approx(min(losses), rel=1e-5)
+    assert res.kept_layers(1) == [j for j in range(4) if j != int(np.argmin(losses))]
+    record = {"method": "dp", "dataset": "mmlu", "split": "validation", "metric": "loss", "higher_is_better": False,
+              "num_calib_sample": 2, "batch_size": 4, "questions": 8, "shots": 0}
+    out = tmp_path / "out"
+    assert load_npy_dict(out / "final_strategy.npy")["calibration"] == {"layers": record}
+    assert load_strategy(out / "final_strategy.npy").calibration == {"layers": record}
+    assert json.loads((out / "dp_table.json").read_text())["calibration"] == record
+    assert "Calibration: method: dp; dataset: mmlu; split: validation; metric: loss;" in \
+        (out / "dp_table.md").read_text()
+
+
+def test_text_layer_dp_record_names_no_machine_path(tmp_path):
+    from amoeba.strategy import load_strategy
+
+    model = tiny_model("gqa", layers=4)
+    run_layer_calibration(_args(tmp_path, "--min_num_layer", "3"), model, CharTokenizer(), progress=False)
+    out = tmp_path / "out"
+    record = load_strategy(out / "final_strategy.npy").calibration["layers"]
+    assert record == {"method": "dp", "dataset": "corpus.jsonl", "split": None, "metric": "ppl",
+                      "higher_is_better": False, "num_calib_sample": 3, "sequences": 3, "seqlen": 16, "seed": 42}
+    assert str(tmp_path) not in (out / "dp_table.json").read_text()
+
+
+def test_calibration_flags_are_checked():
+    from amoeba.args import parse_args
+
+    for flags, flag in ((["--calib_metric", "bogus"], "--calib_metric"), (["--mmlu_split", "train"], "--mmlu_split"),
+                        (["--calib_mmlu_split", "train"], "--calib_mmlu_split")):
+        with pytest.raises(UsageError) as err:
+            parse_args(["--do_train", "False", *flags])
+        assert str(err.value).startswith(flag) and "\n" not in str(err.value)
+    from amoeba.depth_dp import calibration_metric_name
+
+    assert calibration_metric_name("mmlu", "letter_loss") == "letter_loss"
+    assert calibration_metric_name("mmlu", "loss") == "loss"
+    with pytest.raises(UsageError, match="--calib_metric"):
+        calibration_metric_name("c4", "letter_loss")
+    with pytest.raises(UsageError, match="--calib_metric"):
+        calibration_metric_name("mmlu", "ppl")

@@ -405,7 +405,7 @@ def test_evaluation_split_over_two_processes_equals_one_process(tiny_dir, tmp_pa
     assert two.returncode == 0, two.stderr[-4000:]
     metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
     for label in ("l6w1", "l5w0.875", "l4w0.75"):
-        for key in ("mmlu_eval_accuracy", "mmlu_loss", "wikitext2_ppl", "piqa_acc", "params"):
+        for key in ("mmlu_test_accuracy", "mmlu_loss", "wikitext2_ppl", "piqa_acc", "params"):
             assert f"{key}_{label}" in metrics, (key, label)
     assert len({metrics[f"wikitext2_ppl_{lb}"] for lb in ("l6w1", "l5w0.875", "l4w0.75")}) == 3
     assert _same_metrics(tmp_path / "one", tmp_path / "two") <= EVAL_REL

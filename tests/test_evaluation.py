@@ -129,8 +129,8 @@ def test_grid_keys_determinism_report_and_merge(tokenizer, tmp_path):
     first = run_evaluation(args, model, tokenizer, em, _Strategy(masks))
     labels = ["l4w1", "l4w0.75", "l2w1", "l2w0.75"]
     for label in labels:
-        for metric in ("mmlu_eval_accuracy", "mmlu_loss", "piqa_acc", "piqa_acc_norm", "params",
-                       "mmlu_eval_accuracy_abstract_algebra"):
+        for metric in ("mmlu_test_accuracy", "mmlu_loss", "piqa_acc", "piqa_acc_norm", "params",
+                       "mmlu_test_accuracy_abstract_algebra"):
             assert f"{metric}_{label}" in first, f"{metric}_{label}"
     # the 2-layer shape runs the strategy's layers 0 and 3, not the first two
     assert first["params_l2w1"] == em.param_count(Subnet((0, 3)))
@@ -170,9 +170,9 @@ def test_resume_measures_only_what_metrics_json_lacks(tokenizer, tmp_path, monke
     with pytest.raises(RuntimeError, match="stopped"):
         run_evaluation(args, model, tokenizer, em, _Strategy(masks))
     saved = json.loads((out / "metrics.json").read_text())
-    assert "piqa_acc_l4w1" in saved and "mmlu_eval_accuracy_l2w1" in saved and "piqa_acc_l2w1" not in saved
+    assert "piqa_acc_l4w1" in saved and "mmlu_test_accuracy_l2w1" in saved and "piqa_acc_l2w1" not in saved
     # the resumed run measures only l2w1's lm-eval (and, its record removed, l4w1's MMLU)
-    del saved["mmlu_eval_accuracy_l4w1"]
+    del saved["mmlu_test_accuracy_l4w1"]
     (out / "metrics.json").write_text(json.dumps(saved))
     scored, real_score = [], amoeba.mmlu.score_mmlu
 
@@ -185,7 +185,7 @@ def test_resume_measures_only_what_metrics_json_lacks(tokenizer, tmp_path, monke
     monkeypatch.setattr(LMEvalRunner, "run", lambda self: (calls.append(1), real_run(self))[1])
     resumed = run_evaluation(args, model, tokenizer, em, _Strategy(masks))
     assert len(scored) == 1 and len(calls) == 1
-    assert "piqa_acc_l2w1" in resumed and "piqa_acc_l4w1" not in resumed and "mmlu_eval_accuracy_l4w1" in resumed
+    assert "piqa_acc_l2w1" in resumed and "piqa_acc_l4w1" not in resumed and "mmlu_test_accuracy_l4w1" in resumed
     # the same numbers as one uninterrupted run
     full = run_evaluation(_args(tmp_path / "fresh", *flags), model, tokenizer, em, _Strategy(masks))
     final = json.loads((out / "metrics.json").read_text())
@@ -195,6 +195,42 @@ def test_resume_measures_only_what_metrics_json_lacks(tokenizer, tmp_path, monke
         return [x for x in (folder / "results.md").read_text().splitlines() if x.startswith("|")]
 
     assert table(out) == table(tmp_path / "fresh") and len(table(out)) == 4
+
+
+def test_mmlu_reports_the_test_split_by_default_and_records_the_strategy_calibration(tokenizer, tmp_path, caplog):
+    """An evaluation run reports MMLU test (what papers report), not the validation split the layer DP
+    calibrates on by default; metrics.json records how the strategy was calibrated; reporting the
+    calibration split on purpose warns."""
+    import logging
+
+    import numpy as np
+
+    from amoeba.strategy import Strategy
+
+    model = _model()
+    em = make_elastic(model)
+    record = {"method": "dp", "dataset": "mmlu", "split": "validation", "metric": "acc", "questions": 320}
+    strategy = Strategy({0: np.ones(LAYERS, dtype=np.float32)}, calibration={"layers": record},
+                        source=str(tmp_path / "dp_selection_strategy.npy"))
+    flags = ["--do_mmlu_eval", "True", "--mmlu_dataset", "mmlu-zs", "--max_mmlu_samples", "2"]
+    assert parse_args(["--do_train", "True"]).train.mmlu_split == "eval"  # a run that trains: validation
+    args = _args(tmp_path / "default", *flags)
+    assert args.train.mmlu_split == "test"
+    with caplog.at_level(logging.WARNING, logger="amoeba.evaluation"):
+        got = run_evaluation(args, model, tokenizer, em, strategy)
+    assert "mmlu_test_accuracy_l4w1" in got and not any(k.startswith("mmlu_eval") for k in got)
+    saved = json.loads((tmp_path / "default" / "metrics.json").read_text())
+    assert saved["strategy_calibration"] == {"strategy_file": "dp_selection_strategy.npy", "layers": record}
+    assert not [r for r in caplog.records if "calibrated on" in r.getMessage()]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="amoeba.evaluation"):
+        got = run_evaluation(_args(tmp_path / "eval", *flags, "--mmlu_split", "eval"), model, tokenizer, em, strategy)
+    assert "mmlu_eval_accuracy_l4w1" in got
+    warned = [r.getMessage() for r in caplog.records if "calibrated on" in r.getMessage()]
+    assert len(warned) == 1 and "validation" in warned[0]
+    # a strategy without a record (older files) leaves none behind in metrics.json
+    run_evaluation(_args(tmp_path / "default", *flags), model, tokenizer, em, Strategy({0: np.ones(LAYERS)}))
+    assert "strategy_calibration" not in json.loads((tmp_path / "default" / "metrics.json").read_text())
 
 
 def test_shape_validation_names_the_flag(tmp_path):
@@ -293,7 +329,7 @@ def test_seed_evaluation_command_on_smollm2(real_model_dir, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("mmlu_eval_accuracy_l24w0.875", "arc_easy_acc_l24w0.875", "piqa_acc_norm_l24w0.875",
+    for key in ("mmlu_test_accuracy_l24w0.875", "arc_easy_acc_l24w0.875", "piqa_acc_norm_l24w0.875",
                 "hellaswag_acc_norm_l24w0.875", "params_l24w0.875"):
         assert key in metrics, key
     assert metrics["params_l24w0.875"] < 0.85 * 134_515_008  # fewer layers and narrower than the full model

@@ -46,7 +46,7 @@ def test_plan_rows_and_dependencies(tmp_path):
     assert [j.argv[j.argv.index("--eval_shapes") + 1] for j in long] == ["30x1", "26x0.75", "22x0.625",
                                                                          "18x0.625"]
     full = exp.Plan(exp.parse(["--out", str(tmp_path)]))
-    assert len(full.train_jobs()) == 8 and len(full.eval_jobs()) == 21
+    assert len(full.train_jobs()) == 12 and len(full.eval_jobs()) == 25
     with pytest.raises(SystemExit):
         exp.Plan(exp.parse(["--out", str(tmp_path), "--rows", "nonsense"]))
 
@@ -109,3 +109,38 @@ def test_jobs_that_cannot_finish_before_the_deadline_are_not_started(tmp_path):
     assert time.time() - start < 10  # did not wait for the deadline
     assert result == {"failed": [], "stopped": ["eval_x"]}  # left for the next run, not a failure
     assert not (tmp_path / "logs" / "eval_x.log").exists()  # never launched
+
+
+def test_distilled_per_shape_row(tmp_path):
+    """Row (c'): each single shape fine-tuned on its own, distilled from the frozen full model; its jobs are the
+    per-shape LoRA row's plus --train_distill_full, valid main.py flags, and the report compares (d) with it."""
+    from amoeba.args import parse_args
+
+    exp = _module()
+    assert "pershape_kd" in exp.__doc__ and "--train_distill_full" in exp.__doc__
+    plan = exp.Plan(exp.parse(["--out", str(tmp_path), "--rows", "pershape_kd"]))
+    train = plan.train_jobs()
+    assert [j.name for j in train] == [f"train_pershape_kd_{s}" for s in ("l30w1", "l26w0.75", "l22w0.625",
+                                                                          "l18w0.625")]
+    plain = {j.name: j.argv for j in exp.Plan(exp.parse(["--out", str(tmp_path), "--rows", "pershape"])).train_jobs()}
+    for job in train:
+        twin = plain[job.name.replace("pershape_kd", "pershape")]
+        argv = [a.replace("pershape_kd", "pershape") for a in job.argv]
+        assert argv == twin + ["--train_distill_full", "True", "--distill_method", "sp", "--kd_weight", "1"]
+        t = parse_args(job.argv).train  # main.py accepts the command
+        assert t.train_distill_full and t.train_num_layer is not None and t.kd_weight == 1.0
+    evals = plan.eval_jobs()
+    assert [plan.row_of(j.name) for j in evals] == ["pershape_kd"] * 4
+    assert all(str(tmp_path / "train" / j.name.replace("eval_", "", 1) / "adapter_model") in j.argv for j in evals)
+    # the report: (c') in the tables and a (d) - (c') column
+    report_plan = exp.Plan(exp.parse(["--out", str(tmp_path), "--depths", "30,18", "--widths", "1,5/8",
+                                      "--single_shapes", "30x1,18x5/8"]))
+    _write_metrics(tmp_path / "eval" / "amoeba_w0.625", ["l30w0.625", "l18w0.625"], {"ppl": 30.0, "acc": 0.41})
+    _write_metrics(tmp_path / "eval" / "pershape_kd_l18w0.625", ["l18w0.625"], {"ppl": 24.0, "acc": 0.43})
+    rows = exp.collect(report_plan)
+    assert set(rows) == {"amoeba", "pershape_kd"}
+    text = exp.render(report_plan, rows, {}, "python x")
+    assert "| (c') per-shape LoRA, distilled from the full model |" in text and "(d) - (c')" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| l18w0.625 |"))
+    # avg accuracy (d) 37.0 vs (c') 38.5; perplexity 31 / 24
+    assert "| -1.5 |" in line and f"| {31.0 / 24.0:.3f} |" in line

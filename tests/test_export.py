@@ -73,6 +73,9 @@ def _elastic(kind, layers=4, plan=None, bias=False, adapters=False, seed=0):
                    [torch.randperm(em.intermediate_size, generator=g) for _ in range(layers)])
         if plan == "three":  # 3 of 4 KV groups: 6 heads, which do not divide the hidden size 64
             groups, channels = [3] * layers, [72] * layers
+        elif plan == "mixed":  # FLAP-global-like: some layers keep everything, some one KV group
+            groups = [em.num_kv_groups if i % 2 == 0 else 1 for i in range(layers)]
+            channels = [em.intermediate_size if i % 2 == 0 else 7 + 5 * i for i in range(layers)]
         elif plan == "uniform":
             groups = [em.num_kv_groups // 2] * layers
             channels = [em.intermediate_size // 2] * layers
@@ -80,10 +83,11 @@ def _elastic(kind, layers=4, plan=None, bias=False, adapters=False, seed=0):
             groups = [1 + (i % em.num_kv_groups) for i in range(layers)]
             channels = [em.intermediate_size // (2 + i % 3) for i in range(layers)]
         b = None
-        if bias:
+        if bias:  # a FLAP bias on every layer that loses something (none where a layer keeps everything)
             hidden = model.config.hidden_size
             b = {(i, role): torch.randn(hidden, generator=g) * 0.3 for i in range(layers)
-                 for role in ("o_proj", "down_proj")}
+                 for role in ("o_proj", "down_proj")
+                 if groups[i] < em.num_kv_groups or channels[i] < em.intermediate_size}
         em.add_width_plan(0.5, groups, channels, b)
     if adapters == "moe":
         _add_moe_lora(model, em)
@@ -106,7 +110,7 @@ def _add_moe_lora(model, em):
     model.eval()  # the router joined after the model was put in eval mode
 
 
-# name -> (kind, plan, bias, adapters, subnet)
+# name -> (kind, plan, bias, adapters, subnet[, export format]); "exact" unless named
 CASES = {
     "mha_full": ("mha", None, False, False, Subnet((0, 1, 2, 3), 1.0)),
     "mha_uniform": ("mha", "uniform", False, False, Subnet((0, 2, 3), 0.5)),
@@ -118,31 +122,53 @@ CASES = {
     "qwen2_nonuniform_bias": ("qwen2", "nonuniform", True, False, Subnet((1, 2, 3), 0.5)),
     "mistral_uniform_bias": ("mistral", "uniform", True, False, Subnet((0, 1, 2), 0.5)),
     "qwen3_uniform": ("qwen3", "uniform", False, True, Subnet((0, 2), 0.5)),
+    # per-layer widths, written at each layer's own size
+    "mha_nonuniform": ("mha", "nonuniform", False, False, Subnet((0, 1, 2, 3), 0.5)),
+    "gqa_mixed_bias": ("gqa", "mixed", True, False, Subnet((0, 1, 2, 3), 0.5)),
+    "qwen2_mixed_bias_adapters": ("qwen2", "mixed", True, True, Subnet((0, 1, 3), 0.5)),
+    "qwen3_uniform_bias": ("qwen3", "uniform", True, False, Subnet((0, 1), 0.5)),  # no down_proj bias in Qwen3
+    "mistral_mixed_bias": ("mistral", "mixed", True, False, Subnet((1, 2, 3), 0.5)),
+    # the stock form of the same shapes, for tools that refuse custom code
+    "gqa_mixed_bias_padded": ("gqa", "mixed", True, False, Subnet((0, 1, 2, 3), 0.5), "padded"),
+    "gqa_nonuniform_bias_adapters_padded": ("gqa", "nonuniform", True, True, Subnet((0, 1, 3), 0.5), "padded"),
+    "qwen2_nonuniform_bias_padded": ("qwen2", "nonuniform", True, False, Subnet((1, 2, 3), 0.5), "padded"),
 }
 # Llama's config refuses a head count that does not divide hidden_size (6 of 64 here).
 CASES["gqa_6_heads"] = ("gqa", None, False, False, Subnet((0, 1, 3), 0.75))
 CASES["gqa_6_heads_bias"] = ("gqa", "three", True, False, Subnet((0, 2, 3), 0.5))
 if importlib.util.find_spec("amoeba.adapters") is not None:
     CASES["gqa_nonuniform_bias_moe_lora"] = ("gqa", "nonuniform", True, "moe", Subnet((1, 2, 3), 0.5))
+    CASES["mha_mixed_bias_moe_lora"] = ("mha", "mixed", True, "moe", Subnet((0, 1, 2, 3), 0.5))
     CASES["qwen2_uniform_moe_lora"] = ("qwen2", "uniform", False, "moe", Subnet((0, 1, 2, 3), 0.5))
 
 LOADER = textwrap.dedent("""
-    import json, sys, torch
+    import json, os, sys, torch
+    sys.modules["amoeba"] = None  # this project cannot be imported in this process
     from transformers import AutoModelForCausalLM
-    assert not any(m == "amoeba" or m.startswith("amoeba.") for m in sys.modules)
     spec = json.load(open(sys.argv[1]))
     ids = torch.tensor(spec["tokens"])
     results = {}
     for name, folder in spec["folders"].items():
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        custom = os.path.exists(os.path.join(folder, "modeling_amoeba.py"))
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=custom).eval()
         with torch.no_grad():
             logits = model(ids).logits
-            gen = model.generate(ids[:1], max_new_tokens=spec["new_tokens"], do_sample=False,
-                                 pad_token_id=0)
+            gen = model.generate(ids[:1], max_new_tokens=spec["new_tokens"], do_sample=False, pad_token_id=0)
+            static = model.generate(ids[:1], max_new_tokens=spec["new_tokens"], do_sample=False, pad_token_id=0,
+                                    cache_implementation="static")
         torch.save(logits, f"{folder}.logits.pt")
+        resaved_err = None
+        if custom:  # save_pretrained keeps the modeling file; the copy loads and computes the same
+            model.save_pretrained(f"{folder}.resaved")
+            again = AutoModelForCausalLM.from_pretrained(f"{folder}.resaved", dtype=torch.float32,
+                                                         trust_remote_code=True).eval()
+            with torch.no_grad():
+                resaved_err = (again(ids).logits - logits).abs().max().item()
         results[name] = {"params": sum(p.numel() for p in model.parameters()),
-                         "generated": gen[0].tolist(), "class": type(model).__name__,
-                         "loaded_modules": sorted({m for m in sys.modules if m.startswith("amoeba")})}
+                         "generated": gen[0].tolist(), "generated_static": static[0].tolist(),
+                         "class": type(model).__name__, "custom_code": custom, "resaved_err": resaved_err,
+                         "loaded_modules": sorted(m for m, mod in sys.modules.items()
+                                                  if mod is not None and (m == "amoeba" or m.startswith("amoeba.")))}
     print(json.dumps(results))
 """)
 
@@ -164,13 +190,13 @@ def exported(tmp_path_factory):
     """Export every case once; load all of them in one outside process."""
     root = tmp_path_factory.mktemp("exports")
     work = {}
-    for name, (kind, plan, bias, adapters, subnet) in CASES.items():
+    for name, (kind, plan, bias, adapters, subnet, *fmt) in CASES.items():
         model, em = _elastic(kind, plan=plan, bias=bias, adapters=adapters)
         with em.use(subnet), torch.no_grad():
             ref = model(TOKENS).logits
             gen = model.generate(TOKENS[:1], max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
         model.train()  # the export must take the router's evaluation gates even from a training model
-        folder = export_subnet(model, None, em, subnet, root / name)
+        folder = export_subnet(model, None, em, subnet, root / name, export_format=(fmt or ["exact"])[0])
         assert em.subnet == em.full_subnet() and model.training  # the elastic model is left as it was
         work[name] = dict(ref=ref, gen=gen[0].tolist(), folder=folder, em=em, subnet=subnet,
                           record=json.loads((folder / EXPORT_RECORD).read_text()))
@@ -187,15 +213,80 @@ def test_export_matches_elastic_subnet(exported, name):
     loaded, record = item["loaded"], item["record"]
     assert loaded["loaded_modules"] == []
     err = (item["logits"] - item["ref"]).abs().max().item()
-    assert err < 1e-4, f"{name}: logits differ by {err}"
-    assert loaded["generated"] == item["gen"]
+    assert err < 1e-5, f"{name}: logits differ by {err}"
+    assert loaded["generated"] == item["gen"] == loaded["generated_static"]
     assert loaded["params"] == record["param_count"]
     em, subnet = item["em"], item["subnet"]
     assert record["elastic_param_count"] == em.param_count(subnet)
-    # Stored parameters = the elastic count + zero padding / zero bias slots + FLAP biases folded in.
-    assert record["param_count"] == (record["elastic_param_count"] + record["zero_filled_params"]
-                                     + record["folded_bias_params"])
+    # Stored parameters = the subnet's own (FLAP biases included) + zero padding / zero bias slots.
+    assert record["param_count"] == record["elastic_param_count"] + record["zero_filled_params"]
     assert record["shape"]["kept_layers"] == list(subnet.layers)
+    assert loaded["custom_code"] == record["per_layer_code"]
+    if loaded["custom_code"]:
+        assert loaded["resaved_err"] == 0.0
+
+
+NONUNIFORM_EXACT = [n for n, c in CASES.items() if c[1] in ("nonuniform", "mixed") and c[5:] != ("padded",)]
+
+
+@pytest.mark.parametrize("name", NONUNIFORM_EXACT + ["qwen3_uniform_bias", "gqa_6_heads_bias"])
+def test_exact_export_holds_exactly_the_subnet_parameters(exported, name):
+    """Per-layer widths: every layer at its own sizes, the subnet's own parameter count to the parameter."""
+    item = exported[name]
+    em, subnet, record = item["em"], item["subnet"], item["record"]
+    assert item["loaded"]["custom_code"] and record["per_layer_code"]
+    assert item["loaded"]["params"] == em.param_count(subnet) == record["param_count"]
+    assert record["zero_filled_params"] == 0 and not record["shape"]["padded_to_widest_layer"]
+    cfg = json.loads((item["folder"] / "config.json").read_text())
+    assert cfg["model_type"] == em.config.model_type  # the base's family, not a rewrite
+    assert cfg["auto_map"]["AutoModelForCausalLM"] == f"modeling_amoeba.{cfg['architectures'][0]}"
+    assert (item["folder"] / "modeling_amoeba.py").is_file()
+    sizes = em.layer_sizes(subnet)
+    shapes = cfg["per_layer_shapes"]
+    assert [(s["num_key_value_heads"], s["intermediate_size"]) for s in shapes] == [tuple(x) for x in sizes]
+    assert all(s["num_attention_heads"] == s["num_key_value_heads"] * em.queries_per_group for s in shapes)
+    # the top-level sizes are the base's, so a stock loader refuses the folder instead of misreading it
+    assert (cfg["num_attention_heads"], cfg["intermediate_size"]) == (em.num_heads, em.intermediate_size)
+    for layer, shape in zip(subnet.layers, shapes):
+        flap = em.width_plans[subnet.width].bias or {}
+        assert shape.get("o_proj_bias", False) == ((layer, "o_proj") in flap
+                                                  and em.projections(layer)["o_proj"].bias is None)
+
+
+def test_padded_format_is_a_stock_folder_as_wide_as_its_widest_layer(exported):
+    exact, padded = exported["gqa_mixed_bias"], exported["gqa_mixed_bias_padded"]
+    assert not padded["loaded"]["custom_code"] and padded["record"]["shape"]["padded_to_widest_layer"]
+    assert padded["record"]["zero_filled_params"] > 0
+    assert padded["loaded"]["params"] > exact["loaded"]["params"]
+    cfg = json.loads((padded["folder"] / "config.json").read_text())
+    assert "per_layer_shapes" not in cfg and "auto_map" not in cfg
+    assert not (padded["folder"] / "modeling_amoeba.py").exists()
+    torch.testing.assert_close(padded["logits"], exact["logits"], rtol=0, atol=1e-5)
+
+
+def test_stored_param_count_predicts_the_folder(exported):
+    from amoeba.export import stored_param_count
+
+    for name in ("gqa_mixed_bias", "gqa_mixed_bias_padded", "gqa_uniform_bias", "qwen2_mixed_bias_adapters"):
+        item = exported[name]
+        fmt = CASES[name][5] if len(CASES[name]) > 5 else "exact"
+        assert stored_param_count(item["em"], item["subnet"], fmt) == item["loaded"]["params"], name
+
+
+def test_uncovered_family_is_refused_with_the_padded_hint(monkeypatch):
+    from amoeba import modeling_amoeba
+
+    monkeypatch.delitem(modeling_amoeba.CLASS_FOR_MODEL_TYPE, "qwen2")
+    model, em = _elastic("qwen2", plan="mixed")
+    with pytest.raises(UsageError, match="--export_format.*'qwen2'.*--export_format padded"):
+        slice_subnet(model, em, Subnet((0, 1, 2, 3), 0.5))
+    assert slice_subnet(model, em, Subnet((0, 1, 2, 3), 0.5), "padded").padded
+
+
+def test_unknown_export_format_is_refused():
+    model, em = _elastic("gqa")
+    with pytest.raises(UsageError, match="--export_format.*'tiny'"):
+        slice_subnet(model, em, Subnet((0, 1), 1.0), "tiny")
 
 
 @pytest.mark.parametrize("name", ["mha_full", "mha_uniform", "gqa_uniform_adapters", "qwen2_uniform",
@@ -225,22 +316,29 @@ def test_config_of_exports(exported):
     assert (cfg["num_hidden_layers"], cfg["num_key_value_heads"]) == (3, groups)
     assert cfg["num_attention_heads"] == groups * em.queries_per_group
     assert (cfg["head_dim"], cfg["intermediate_size"]) == (8, 48)
-    assert cfg["attention_bias"] and cfg["mlp_bias"]
+    assert cfg["attention_bias"] and cfg["mlp_bias"] and "auto_map" not in cfg
     cfg = json.loads((exported["qwen2_uniform"]["folder"] / "config.json").read_text())
     assert cfg["model_type"] == "qwen2" and cfg["head_dim"] == 8 and len(cfg["layer_types"]) == 3
-    # Qwen2 has no o_proj/MLP bias switch: with FLAP biases the same network is written as Llama.
-    cfg = json.loads((exported["qwen2_nonuniform_bias"]["folder"] / "config.json").read_text())
+    # Stock form: Qwen2 has no o_proj/MLP bias switch, so with FLAP biases the same network is written as Llama.
+    cfg = json.loads((exported["qwen2_nonuniform_bias_padded"]["folder"] / "config.json").read_text())
     assert cfg["model_type"] == "llama" and cfg["attention_bias"] and cfg["mlp_bias"]
+    # Exact form: Qwen2 stays Qwen2, o_proj/down_proj get their bias slots from the per-layer code.
+    cfg = json.loads((exported["qwen2_mixed_bias_adapters"]["folder"] / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and [s.get("o_proj_bias", False) for s in cfg["per_layer_shapes"]] == \
+        [False, True, True]
     cfg = json.loads((exported["gqa_6_heads"]["folder"] / "config.json").read_text())
     assert cfg["model_type"] == "mistral" and cfg["sliding_window"] is None and cfg["num_attention_heads"] == 6
+    # 6 heads and a bias: a stock Llama would need 2 zero heads; the exact form holds the 6 heads.
     rec = exported["gqa_6_heads_bias"]["record"]
-    assert rec["model_type"] == "llama" and rec["zero_filled_params"] > 0  # padded with zero heads to 8
-    nonuni = exported["gqa_nonuniform_bias_adapters"]["record"]
+    assert rec["model_type"] == "llama" and rec["zero_filled_params"] == 0 and rec["per_layer_code"]
+    nonuni = exported["gqa_nonuniform_bias_adapters_padded"]["record"]
     assert nonuni["shape"]["padded_to_widest_layer"] and nonuni["zero_filled_params"] > 0
     assert nonuni["adapters_merged"] == 3 * 7
     assert nonuni["shape"]["kv_groups_per_layer"] == [1, 2, 4]  # 1 + (layer % KV groups) for layers 0, 1, 3
+    assert exported["qwen2_mixed_bias_adapters"]["record"]["adapters_merged"] == 3 * 7
     if "qwen2_uniform_moe_lora" in exported:
         assert exported["qwen2_uniform_moe_lora"]["record"]["adapters_merged"] == 4 * 7
+        assert exported["mha_mixed_bias_moe_lora"]["record"]["adapters_merged"] == 4 * 7
 
 
 def test_adapter_merge_uses_the_exported_shape():
@@ -256,10 +354,11 @@ def test_adapter_merge_uses_the_exported_shape():
     torch.testing.assert_close(w, expect, rtol=0, atol=1e-6)
 
 
-def test_qwen3_down_bias_is_refused():
+def test_qwen3_down_bias_is_refused_in_the_stock_form():
     model, em = _elastic("qwen3", plan="uniform", bias=True)
     with pytest.raises(UsageError, match="cannot hold a bias on down_proj"):
-        slice_subnet(model, em, Subnet((0, 1), 0.5))
+        slice_subnet(model, em, Subnet((0, 1), 0.5), "padded")
+    assert slice_subnet(model, em, Subnet((0, 1), 0.5)).per_layer_code  # the exact form holds it
 
 
 def test_existing_folder_needs_overwrite(tmp_path):
@@ -378,3 +477,28 @@ def test_real_model_export_bf16(tmp_path, real_model_dir):
     assert res["params"] == record["param_count"]
     assert record["elastic_param_count"] == em.param_count(subnet)
     assert record["param_ratio"] < 0.75
+
+
+@pytest.mark.real_model
+def test_check_export_script_runs_a_per_layer_folder(tmp_path, real_model_dir):
+    """scripts/check_export.py (transformers only) loads a per-layer export with its tokenizer and generates
+    the same tokens with the dynamic and the static KV cache."""
+    from transformers import AutoTokenizer
+
+    model = tiny_model("gqa", 4, vocab_size=49152)
+    em = make_elastic(model)
+    em.add_width_plan(0.5, [4, 1, 2, 1], [96, 9, 40, 17],
+                      {(i, r): torch.randn(64) * 0.1 for i in (1, 2, 3) for r in ("o_proj", "down_proj")})
+    folder = export_subnet(model, AutoTokenizer.from_pretrained(real_model_dir), em, Subnet((0, 1, 2, 3), 0.5),
+                           tmp_path / "exp")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_export.py"), "--folder", str(folder),
+                           "--new_tokens", "6", "--out", str(tmp_path / "check.json")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "check.json").read_text())
+    assert res["per_layer_code"] and res["static_cache_agrees"]
+    assert res["params"] == em.param_count(Subnet((0, 1, 2, 3), 0.5))
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_export.py"), "--folder", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--folder" in bad.stderr and "Traceback" not in bad.stderr

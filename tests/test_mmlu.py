@@ -125,3 +125,26 @@ def test_scoring_is_deterministic_and_truncation_keeps_the_question_end(model, t
     short = encode_prompts(tokenizer, [examples[0].prompt], 64)[0]
     full = encode_prompts(tokenizer, [examples[0].prompt], 10_000)[0]
     assert len(short) == 64 and short == full[-64:]
+
+
+def test_answer_targets_are_the_letter_then_end_of_sequence(tokenizer):
+    """The original code's MMLU labels: the answer letter as it follows ``Answer:`` and the EOS token."""
+    from amoeba.mmlu import answer_target_ids
+
+    letters = answer_token_ids(tokenizer)
+    for answer in range(4):
+        ids = answer_target_ids(tokenizer, answer)
+        assert ids == [letters[answer], tokenizer.eos_token_id]
+        assert tokenizer.decode(ids[:1]) == " " + "ABCD"[answer]
+
+
+def test_split_names_and_the_reported_split_by_run_kind():
+    from amoeba.args import parse_args
+    from amoeba.mmlu import split_name
+
+    assert [split_name(s) for s in ("eval", "val", "validation", "test", "dev", "train", None)] == \
+        ["validation", "validation", "validation", "test", "dev", None, None]
+    assert parse_args(["--do_train", "False"]).train.mmlu_split == "test"  # evaluation: what papers report
+    assert parse_args(["--do_train", "True"]).train.mmlu_split == "eval"  # measured at the end of training
+    assert parse_args(["--do_train", "False", "--mmlu_split", "eval"]).train.mmlu_split == "eval"
+    assert parse_args([]).train.calib_mmlu_split == "eval"  # calibration: validation, by default

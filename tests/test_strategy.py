@@ -444,3 +444,103 @@ def test_merge_script_defaults_are_the_seeds_paths(tmp_path, monkeypatch, capsys
     assert _merge_module().main([]) == 2
     err = capsys.readouterr().err
     assert "--depth: no such file: output/calib_dp/final_strategy.npy" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration records and portable views
+# ----------------------------------------------------------------------------------------------
+LAYER_RECORD = {"method": "dp", "dataset": "mmlu", "split": "validation", "metric": "acc", "higher_is_better": True,
+                "num_calib_sample": 40, "batch_size": 8, "questions": 320, "shots": 5}
+
+
+def test_calibration_record_round_trips_through_the_restricted_loader(tmp_path):
+    import json
+
+    model = tiny_model("gqa", layers=3)
+    s = load_strategy_from(random_strategy(model), tmp_path / "in.npy")
+    assert s.calibration == {}  # a file without a record (older ones, the original code's) still loads
+    s.calibration = {"layers": dict(LAYER_RECORD), "widths": {"method": "flap", "calibration": "c4, 4 x 16 tokens"}}
+    out = save_strategy(s, tmp_path / "dp_selection_strategy.npy")
+    raw = load_npy_dict(out)  # the restricted unpickler admits the record: plain containers only
+    assert raw["calibration"]["layers"] == LAYER_RECORD
+    back = load_strategy(out)
+    assert back.calibration == s.calibration
+    view = json.loads((tmp_path / "dp_selection_strategy.json").read_text())
+    assert view["calibration"] == s.calibration
+    md = (tmp_path / "dp_selection_strategy.md").read_text()
+    assert "- layers: method: dp; dataset: mmlu; split: validation; metric: acc;" in md
+    # a record that is not plain data is refused with the file named
+    bad = dict(raw, calibration={"layers": {"metric": np.arange(3)}})
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(UsageError, match="bad.npy.*'calibration'"):
+        load_strategy(tmp_path / "bad.npy")
+
+
+def test_views_record_no_machine_path(tmp_path, monkeypatch):
+    import json
+
+    from amoeba.strategy import portable_path
+
+    model = tiny_model("gqa", layers=3)
+    s = load_strategy_from(random_strategy(model), tmp_path / "in.npy")
+    inside = tmp_path / "repo"
+    (inside / "output" / "stage1").mkdir(parents=True)
+    monkeypatch.chdir(inside)
+    save_strategy(s, tmp_path / "elsewhere.npy")  # outside the working directory: the file name only
+    assert json.loads((tmp_path / "elsewhere.json").read_text())["source"] == "elsewhere.npy"
+    save_strategy(s, inside / "output" / "stage1" / "dp.npy")  # inside: relative to it
+    assert json.loads((inside / "output" / "stage1" / "dp.json").read_text())["source"] == "output/stage1/dp.npy"
+    assert portable_path("output/x.npy") == "output/x.npy" and portable_path(None) is None
+    assert portable_path("/root/work/stage1/dp_selection_strategy.npy") == "dp_selection_strategy.npy"
+
+
+def test_merge_carries_the_layer_and_width_calibration(tmp_path):
+    import json
+
+    merge = _merge_module()
+    model = tiny_model("gqa", layers=3)
+    raw = random_strategy(model)
+    depth, wm, wb, out = (tmp_path / n for n in ("final_strategy.npy", "width_mask.npy", "width_bias.npy",
+                                                  "merged.npy"))
+    np.save(depth, {"strategy": raw["strategy"], "metric": raw["metric"], "calibration": {"layers": LAYER_RECORD}})
+    np.save(wm, raw["width_mask"])
+    np.save(wb, raw["bias"])
+    (tmp_path / "width_summary.json").write_text(json.dumps({
+        "method": "flap", "mode": "global", "bias": True, "calibration": "c4, 8 x 32 tokens", "num_tokens": 256,
+        "info": {"head_dim": 8}, "widths": {}}))
+    merged = merge.merge_depth_width(depth, wm, wb, out)
+    want = {"layers": LAYER_RECORD, "widths": {"method": "flap", "mode": "global", "bias": True,
+                                               "calibration": "c4, 8 x 32 tokens", "num_tokens": 256}}
+    assert merged.calibration == want and load_strategy(out).calibration == want
+    view = json.loads(out.with_suffix(".json").read_text())
+    assert view["calibration"] == want and view["source"] == "merged.npy"
+    # a width file with its own record: that one wins, and it is not taken for a module
+    np.save(wm, {**raw["width_mask"], "calibration": {"method": "flap", "dataset": "c4", "sequences": 8}})
+    assert merge.merge_depth_width(depth, wm, wb, out).calibration["widths"] == {"method": "flap", "dataset": "c4",
+                                                                                 "sequences": 8}
+    # other layers, same widths: the layers' record with the widths' record
+    shortgpt = {"method": "shortgpt", "dataset": "c4", "metric": "block_influence"}
+    np.save(depth, {"strategy": raw["strategy"], "metric": raw["metric"], "calibration": {"layers": shortgpt}})
+    again = merge.replace_depth(depth, out, tmp_path / "other.npy")
+    assert again.calibration == {"layers": shortgpt, "widths": {"method": "flap", "dataset": "c4", "sequences": 8}}
+    # depth files without a record (older ones) merge as before, with no layer record
+    np.save(depth, {"strategy": raw["strategy"], "metric": raw["metric"]})
+    assert "layers" not in merge.merge_depth_width(depth, wm, wb, out).calibration
+
+
+def test_shipped_strategy_names_no_machine_path_and_says_how_it_was_calibrated():
+    import json
+
+    from amoeba.strategy import describe_strategy
+
+    shipped = load_strategy(ROOT / "dp_selection_strategy.npy")
+    view = json.loads((ROOT / "dp_selection_strategy.json").read_text())
+    assert not view["source"].startswith("/") and ":" not in view["source"]
+    layers = shipped.calibration["layers"]
+    assert (layers["dataset"], layers["metric"], layers["sequences"], layers["seqlen"]) == ("c4", "ppl", 32, 512)
+    assert shipped.calibration["widths"]["method"] == "flap"
+    # the view is the project's own rendering of the file
+    summary = json.loads(json.dumps(describe_strategy(shipped)))
+    summary["source"] = view["source"]
+    assert view == summary
+    assert "## Calibration" in (ROOT / "dp_selection_strategy.md").read_text()

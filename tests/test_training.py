@@ -120,6 +120,67 @@ def test_sandwich_sampler_order_range_and_determinism():
         SandwichSampler(em, 2, 1, (1.0,), masks)  # the strategy has no 2-layer mask
 
 
+@pytest.mark.parametrize("widths, num_random, depth", [
+    ((1.0, 0.875, 0.75), 2, True),  # the paper's case: fewer random subnets than widths
+    ((1.0, 0.875, 0.75), 3, True),
+    ((1.0, 0.875), 5, True),  # more random subnets than widths: widths come round again, pairs never repeat
+    ((1.0,), 3, True),  # depth only: 3 random subnets among the 3 depths
+    ((1.0, 0.875, 0.75), 3, False),  # width only
+])
+def test_sandwich_random_subnets_are_drawn_without_replacement(widths, num_random, depth):
+    """No random subnet repeats within a step; while there are enough widths their widths differ (the paper
+    draws widths without replacement), and every width and depth still comes up."""
+    model = tiny_model("gqa", layers=6)
+    em = make_elastic(model)
+    masks = {1: [1, 1, 1, 1, 0, 1], 2: [1, 1, 0, 1, 0, 1], 3: [1, 0, 0, 1, 0, 1]}
+    s = SandwichSampler(em, 3, num_random, widths, masks, elastic_depth=depth)
+    assert s.num_drawn == num_random
+    seen = set()
+    for step in range(60):
+        randoms = [sub for role, sub in s.sample(step_rng(0, step, step % 3)) if role.startswith("random")]
+        assert len(randoms) == num_random and len(set(randoms)) == num_random, randoms
+        if num_random <= len(widths):
+            assert len({sub.width for sub in randoms}) == num_random
+        seen.update(randoms)
+    assert {sub.width for sub in seen} == set(widths)
+    assert {sub.num_layers for sub in seen} == ({3, 4, 5} if depth else {6})
+
+
+def test_sandwich_draw_with_fewer_candidates_than_asked_trains_each_once(caplog):
+    """Width-only elasticity with 3 widths and 5 random subnets asked: every step trains the 3 candidates once,
+    and a warning says so at start-up."""
+    em = make_elastic(tiny_model("gqa", layers=6))
+    with caplog.at_level("WARNING", logger="amoeba.training"):
+        s = SandwichSampler(em, 3, 5, (1.0, 0.875, 0.75), None, elastic_depth=False)
+    assert s.num_drawn == 3 and "only 3 distinct random subnets" in caplog.text
+    for step in range(5):
+        plan = s.sample(step_rng(1, step, 0))
+        assert [r for r, _ in plan] == ["largest", "random1", "random2", "random3", "smallest"]
+        assert sorted(sub.width for _, sub in plan[1:-1]) == [0.75, 0.875, 1.0]
+
+
+def test_sandwich_draw_depends_only_on_seed_and_step():
+    """The plan of a micro-batch is a function of (--seed, global step, micro-batch) only: two samplers built
+    as two processes would (each its own model, other global RNG states) draw the same subnets, and another
+    seed or step draws others."""
+    import random
+
+    masks = {1: [1, 1, 1, 1, 0, 1], 2: [1, 1, 0, 1, 0, 1], 3: [1, 0, 0, 1, 0, 1]}
+    plans = []
+    for rank in range(2):
+        random.seed(rank)
+        np.random.seed(100 + rank)
+        torch.manual_seed(200 + rank)
+        s = SandwichSampler(make_elastic(tiny_model("gqa", layers=6, seed=rank)), 3, 2, (1.0, 0.875, 0.75, 0.625),
+                            masks)
+        torch.rand(rank + 1), np.random.rand(rank + 1)  # the processes' global RNGs drift apart
+        plans.append([s.sample(step_rng(42, step, micro)) for step in range(20) for micro in range(2)])
+    assert plans[0] == plans[1]
+    other_seed = [s.sample(step_rng(43, step, micro)) for step in range(20) for micro in range(2)]
+    assert other_seed != plans[0]
+    assert len({tuple(p) for p in plans[0]}) > 10
+
+
 def test_balancing_scales_each_loss_to_the_largest():
     losses = [torch.tensor(2.0, requires_grad=True), torch.tensor(4.0, requires_grad=True),
               torch.tensor(1.0, requires_grad=True)]
@@ -185,6 +246,7 @@ def test_training_step_order_distillation_and_balancing(tiny_dir, tmp_path, chec
 
 
 def test_short_sandwich_run_lowers_the_loss_of_largest_and_smallest(tiny_dir, tmp_path):
+    torch.manual_seed(0)  # the adapters' initial values, whatever ran before in this process
     args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, "--max_steps", "30",
                                      "--learning_rate", "2e-2", "--lr_scheduler_type", "constant",
                                      "--warmup_ratio", "0", "--use_moe_lora", "--moe_num_expert", "3",
@@ -262,7 +324,10 @@ def test_fixed_subnet_training_updates_only_that_shape_and_loads_back(tiny_dir, 
     assert ev.returncode == 0, ev.stderr[-3000:]
     from transformers import AutoModelForCausalLM
 
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exp", dtype=torch.float32).eval()
+    # per-layer widths (FLAP global): the exact export carries its modeling file
+    assert (tmp_path / "exp" / "modeling_amoeba.py").is_file()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exp", dtype=torch.float32,
+                                                    trust_remote_code=True).eval()
     ids = torch.tensor([[1, 5, 9, 33, 7]])
     with torch.no_grad(), em.use(want):
         ref = model(input_ids=ids).logits
@@ -275,6 +340,87 @@ def test_fixed_subnet_training_updates_only_that_shape_and_loads_back(tiny_dir, 
     _assert_exit_2(_main(*_flags(tiny_dir, tmp_path / "o3", "--max_steps", "1"), *SANDWICH, "--shrinking_file",
                          str(tiny_dir / "dp_selection_strategy.npy"), "--train_num_layer", "4",
                          "--train_num_width", "1/2"), "--train_num_width")
+
+
+@pytest.mark.parametrize("checkpointing", ["False", "True"])
+def test_fixed_shape_distillation_from_the_full_model(tiny_dir, tmp_path, checkpointing):
+    """--train_distill_full: the frozen full model (every layer, full width, adapters off) runs first without
+    gradient; the fixed subnet's loss is kd_weight x soft CE to it + (1 - kd_weight) x label CE, and its
+    gradients equal a reference whose teacher is the plain Hugging Face model loaded from the folder."""
+    from transformers import AutoModelForCausalLM
+
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, "--train_num_layer", "4",
+                                     "--train_num_width", "3/4", "--train_distill_full", "True", "--kd_weight",
+                                     "0.5", "--use_moe_lora", "--moe_num_expert", "3", "--moe_topk", "2",
+                                     "--gradient_checkpointing", checkpointing)
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    fixed = Subnet.from_mask(s.layer_masks[2], 0.75)
+    assert trainer.fixed_plan == [("largest", fixed)] and trainer.distill_full
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, _, ad in adapted_modules(model):
+            ad.lora_B.normal_(0, 0.05, generator=g)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    forwards, adapter_calls = [], []
+
+    def attached():  # adapters on the projections of all 6 layers, kept or not
+        return sum("amoeba_adapter" in m._modules for i in range(6) for m in em.projections(i).values())
+
+    hooks = [em.decoder.register_forward_pre_hook(
+        lambda m, a: forwards.append((em.subnet, torch.is_grad_enabled(), attached())))]
+    hooks += [ad.register_forward_hook(lambda *a: adapter_calls.append(len(forwards)))
+              for _, _, ad in adapted_modules(model)]
+    model.train()
+    loss = trainer.training_step(model, dict(batch))
+    for h in hooks:
+        h.remove()
+    # teacher: full model, no gradient, no adapter attached or called; then the student with its adapters
+    assert forwards[0] == (em.full_subnet(), False, 0)
+    assert forwards[1:] == [(fixed, True, 42)]
+    assert adapter_calls and min(adapter_calls) == 2
+    assert attached() == 42 and not get_router(model).suspended
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)  # the base stays frozen
+    got = {k: v.grad.clone() for k, v in adapter_state_dict(model).items() if v.grad is not None}
+    model.zero_grad()
+
+    labels = batch["labels"]
+    keep = labels[:, 1:] != -100
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32).eval()
+    with torch.no_grad():
+        teacher = torch.softmax(plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                .logits[:, :-1][keep].float(), -1)
+    get_router(model).noise_seed = router_noise_seed(args.train.seed, 0, 0, 0)
+    with em.use(fixed):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        student = logits[:, :-1][keep].float()
+        kd = -(teacher * F.log_softmax(student, -1)).sum(-1).mean()
+        want_loss = 0.5 * kd + 0.5 * F.cross_entropy(student, labels[:, 1:][keep])
+        want_loss.backward()
+    assert abs(float(loss) - float(want_loss)) < 1e-5, (float(loss), float(want_loss))
+    want = {k: v.grad for k, v in adapter_state_dict(model).items() if v.grad is not None}
+    assert got.keys() == want.keys() and any(k.startswith("router.") for k in want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-7)
+
+
+def test_fixed_shape_distillation_run_and_bad_flags(tiny_dir, tmp_path):
+    """A short --train_distill_full run through main.py writes adapters; nonsense combinations exit 2 with one
+    line naming the flag."""
+    strat = ["--shrinking_file", str(tiny_dir / "dp_selection_strategy.npy")]
+    fixed = ["--train_num_layer", "4", "--train_num_width", "3/4"]
+    run = _main(*_flags(tiny_dir, tmp_path / "o", "--max_steps", "2"), *SANDWICH, *strat, *fixed,
+                "--train_distill_full", "True")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "o" / "adapter_model" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "o" / "train_results.json").read_text())["distilled_from_full_model"] is True
+    assert "distilled from the frozen full model" in (tmp_path / "o" / "train_results.md").read_text()
+    base = _flags(tiny_dir, tmp_path / "bad", "--max_steps", "1")
+    _assert_exit_2(_main(*base, *SANDWICH, *strat, "--train_distill_full", "True"),
+                   "--train_distill_full", "--train_num_layer")
+    _assert_exit_2(_main(*base, *SANDWICH, *strat, *fixed, "--train_distill_full", "--distill_method", "none"),
+                   "--train_distill_full", "--distill_method")
+    _assert_exit_2(_main(*base, *SANDWICH, *strat, *fixed, "--train_distill_full", "--kd_weight", "0"),
+                   "--train_distill_full", "--kd_weight")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@
                                       --width_from dp_selection_strategy.npy --out shortgpt_strategy.npy
 
 The defaults are the seed's paths. Inputs are read without executing code; the result is written
-atomically, next to a readable view (``<out stem>.json`` and ``.md``).
+atomically, next to a readable view (``<out stem>.json`` and ``.md``). The result carries how its layers
+were calibrated (the record the layer DP wrote into ``final_strategy.npy``) and how its widths were
+(``width_summary.json`` next to the width masks).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from amoeba.errors import UsageError  # noqa: E402
-from amoeba.strategy import (Strategy, load_npy_dict, load_strategy, normalise_width_dict,  # noqa: E402
-                             save_strategy)
+from amoeba.strategy import (Strategy, is_plain_record, load_npy_dict, load_strategy,  # noqa: E402
+                             normalise_width_dict, save_strategy)
 
 DEFAULT_DEPTH = "output/calib_dp/final_strategy.npy"
 DEFAULT_WIDTH_MASK = "output/width_calib/width_mask.npy"
@@ -40,14 +42,20 @@ def merge_depth_width(depth: str | Path, width_mask: str | Path, width_bias: str
             raise UsageError(f"no such file: {path}", flag)
     strategy = load_strategy(depth, "--depth")
     problems: list[str] = []
-    masks, pre1 = normalise_width_dict(load_npy_dict(width_mask, "--width_mask"), "width_mask", problems, binary=True)
-    bias, pre2 = normalise_width_dict(load_npy_dict(width_bias, "--width_bias"), "bias", problems, binary=False)
+    raw_masks = load_npy_dict(width_mask, "--width_mask")
+    raw_bias = load_npy_dict(width_bias, "--width_bias")
+    # A width file may carry its own calibration record next to the modules; it is no module.
+    width_record = raw_masks.pop("calibration", None)
+    raw_bias.pop("calibration", None)
+    masks, pre1 = normalise_width_dict(raw_masks, "width_mask", problems, binary=True)
+    bias, pre2 = normalise_width_dict(raw_bias, "bias", problems, binary=False)
     if problems:
         raise UsageError("the width files are not valid: " + "; ".join(problems), "--width_mask")
     if not any(masks.values()):
         raise UsageError(f"{width_mask} holds no width masks", "--width_mask")
     merged = Strategy(strategy.layer_masks, strategy.metric, masks, bias, dict(strategy.info), source=str(out),
-                      original_layout=strategy.original_layout or pre1 or pre2)
+                      original_layout=strategy.original_layout or pre1 or pre2,
+                      calibration=dict(strategy.calibration))
     width_layers = Strategy({}, width_mask=masks).num_layers
     if width_layers != strategy.num_layers:
         raise UsageError(f"{depth} is for a {strategy.num_layers}-layer model, {width_mask} covers {width_layers} "
@@ -57,13 +65,27 @@ def merge_depth_width(depth: str | Path, width_mask: str | Path, width_bias: str
     if bias_ratios and bias_ratios != mask_ratios:
         raise UsageError(f"{width_bias} holds widths {bias_ratios}, {width_mask} holds {mask_ratios}", "--width_bias")
     summary = Path(width_mask).with_name("width_summary.json")
-    if summary.is_file():  # shape facts (head_dim...) for the readable view
+    facts: dict = {}
+    if summary.is_file():  # shape facts (head_dim...) for the readable view, and how the widths were made
         try:
-            merged.info.update(json.loads(summary.read_text(encoding="utf-8")).get("info") or {})
+            facts = json.loads(summary.read_text(encoding="utf-8"))
+            merged.info.update(facts.get("info") or {})
         except (OSError, ValueError, AttributeError):
-            pass
+            facts = {}
+    record = width_calibration_record(width_record, facts if isinstance(facts, dict) else {})
+    if record:
+        merged.calibration["widths"] = record
     save_strategy(merged, out)
     return merged
+
+
+def width_calibration_record(record, summary: dict) -> dict:
+    """How the widths were calibrated: the width file's own record when it has one, else what its
+    ``width_summary.json`` says (method, mode, bias compensation, calibration data); {} when neither does."""
+    if isinstance(record, dict) and record and is_plain_record(record):
+        return dict(record)
+    keys = ("method", "mode", "bias", "calibration", "num_tokens")
+    return {k: summary[k] for k in keys if k in summary and isinstance(summary[k], (str, int, float, bool))}
 
 
 def replace_depth(depth: str | Path, width_from: str | Path, out: str | Path) -> Strategy:
@@ -78,9 +100,11 @@ def replace_depth(depth: str | Path, width_from: str | Path, out: str | Path) ->
     if widths.num_layers != layers.num_layers:
         raise UsageError(f"{depth} is for a {layers.num_layers}-layer model, {width_from} for "
                          f"{widths.num_layers} layers", "--width_from")
+    calibration = {part: record for part, record in (("layers", layers.calibration.get("layers")),
+                                                       ("widths", widths.calibration.get("widths"))) if record}
     merged = Strategy(layers.layer_masks, layers.metric, widths.width_mask, widths.bias,
                       {**widths.info, **layers.info}, source=str(out),
-                      original_layout=layers.original_layout or widths.original_layout)
+                      original_layout=layers.original_layout or widths.original_layout, calibration=calibration)
     save_strategy(merged, out)
     return merged
 
