@@ -321,6 +321,10 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
     calib_batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass."})
     width_calib: bool = field(default=False, metadata={"help": "Stage 1 step 2: width selection (FLAP)."})
     width_mode: str = field(default="global", metadata={"help": "global (per-layer widths, as FLAP) or uniform."})
+    width_align: int = field(default=1, metadata={"help": "Round every layer's kept MLP channels to a multiple of "
+                                                          "this (1: FLAP as published). 8 suits bf16 GPU kernels: "
+                                                          "exported layers with other channel counts run slower "
+                                                          "(docs/BENCHMARKS.md)."})
     prune_width_method: str = field(default="flap", metadata={"help": "Width importance metric: flap or "
                                                                       "magnitude."})
     num_calib_sample: int = field(
@@ -496,6 +500,8 @@ def _check_values(t: TrainingArguments) -> None:
         problems.append(f"--mmlu_split: '{t.mmlu_split}' is not eval or test")
     if t.calib_mmlu_split not in CALIB_MMLU_SPLITS:
         problems.append(f"--calib_mmlu_split: '{t.calib_mmlu_split}' is not eval, test or dev")
+    if t.width_align < 1:
+        problems.append(f"--width_align: {t.width_align} must be at least 1")
     if t.export_format not in ("exact", "padded"):
         problems.append(f"--export_format: '{t.export_format}' is not exact or padded")
     if t.num_calib_sample < 1:

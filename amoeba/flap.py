@@ -20,6 +20,8 @@ For every width ratio ``r`` (from ``--width_choice``):
   times the total is the threshold, and the units scored above it are kept (FLAP's ``metric >
   threshold``); layers end up with different widths (at least one KV group and one channel each).
 - ``--width_mode uniform``: every layer keeps exactly round(r * n) groups and channels.
+- ``--width_align N`` (either mode; default 1, FLAP as published): each layer's kept channel count is then
+  rounded to a multiple of N, which GPU matrix kernels need to run at full speed once exported.
 
 All ratios cut the same ranking, so a narrower width keeps a subset of a wider one (what makes widths
 prefixes in the elastic model). Bias compensation: the mean input of the removed features times their
@@ -371,9 +373,21 @@ def unit_costs(em) -> tuple[int, int]:
     return hidden * em.head_dim * (2 * em.queries_per_group + 2), 3 * hidden
 
 
+def align_channels(kept: int, align: int, total: int) -> int:
+    """``kept`` rounded to the nearest multiple of ``align`` (at least ``align``, at most ``total``)."""
+    if align <= 1:
+        return kept
+    return min(total, max(align, int(kept / align + 0.5) * align))
+
+
 def select_widths(group_score: torch.Tensor, channel_score: torch.Tensor, ratios: Sequence[float], mode: str,
-                  group_cost: int, channel_cost: int) -> WidthSelection:
-    """Pick the kept units for every ratio from one ranking (so kept sets are nested across ratios)."""
+                  group_cost: int, channel_cost: int, align: int = 1) -> WidthSelection:
+    """Pick the kept units for every ratio from one ranking (so kept sets are nested across ratios).
+
+    ``align > 1`` then rounds every layer's kept MLP channels to the nearest multiple of ``align`` (its
+    best-scored channels), so the matrix shapes suit GPU kernels (bf16 tensor cores want multiples of 8);
+    FLAP itself is ``align=1``. Rounding is monotone, so kept sets stay nested.
+    """
     if mode not in ("global", "uniform"):
         raise UsageError(f"'{mode}' is not global or uniform", "--width_mode")
     gs = group_score.detach().cpu().to(torch.float64).numpy()
@@ -412,6 +426,11 @@ def select_widths(group_score: torch.Tensor, channel_score: torch.Tensor, ratios
             for i in range(layers):
                 g_keep[i, np.argsort(-gs[i], kind="stable")[:kg]] = True
                 c_keep[i, np.argsort(-cs[i], kind="stable")[:kc]] = True
+        if align > 1 and r < 1.0:
+            for i in range(layers):
+                k = align_channels(int(c_keep[i].sum()), align, n_channels)
+                c_keep[i] = False
+                c_keep[i, np.argsort(-cs[i], kind="stable")[:k]] = True
         sel.groups[r], sel.channels[r] = g_keep, c_keep
         sel.kept_fraction[r] = float((g_keep.sum() * group_cost + c_keep.sum() * channel_cost) / total)
     return sel
@@ -490,7 +509,9 @@ def selection_summary(em, selection: WidthSelection) -> dict:
 def _summary_markdown(summary: dict) -> str:
     ratios = list(summary["widths"])
     lines = ["# Width calibration", "",
-             f"Method: {summary['method']}, mode: {summary['mode']}, bias compensation: "
+             f"Method: {summary['method']}, mode: {summary['mode']}"
+             + (f", channels per layer a multiple of {summary['channel_align']}"
+                if summary.get("channel_align", 1) > 1 else "") + ", bias compensation: "
              f"{'on' if summary['bias'] else 'off'}. Calibration: {summary['calibration']}.", "",
              "Kept fraction of the prunable parameters (attention and MLP projections): "
              + ", ".join(f"{r}: {summary['widths'][r]['kept_param_fraction']:.4f}" for r in ratios) + ".", "",
@@ -542,14 +563,15 @@ def run_width_calibration(args, model, tokenizer, bias: bool = True) -> dict:
     ids = calibration_tokens(args, tokenizer) if method == "flap" else None
     scores = flap_scores(model, ids, t.calib_batch_size, method=method)
     group_cost, channel_cost = unit_costs(em)
+    align = int(getattr(t, "width_align", 1) or 1)
     selection = select_widths(scores.group_score, scores.channel_score, ratios, t.width_mode, group_cost,
-                              channel_cost)
+                              channel_cost, align)
     with_bias = bool(bias) and scores.stats is not None
     biases = compensation_biases(em, scores.stats, selection, enabled=with_bias)
     masks, bias_dict = width_dicts(em, selection, biases)
     calib = ("none (weight magnitudes)" if ids is None else
              f"{t.calib_dataset}, {ids.shape[0]} x {ids.shape[1]} tokens")
-    summary = {"method": method, "mode": t.width_mode, "bias": with_bias, "calibration": calib,
+    summary = {"method": method, "mode": t.width_mode, "channel_align": align, "bias": with_bias, "calibration": calib,
                "num_tokens": None if scores.stats is None else scores.stats[0].tokens,
                "info": model_info(em), "widths": selection_summary(em, selection),
                "elapsed_s": round(time.time() - start, 2)}

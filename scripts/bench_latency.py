@@ -20,7 +20,8 @@ the saved export) and timed:
 Per-layer widths (``--per_layer_strategy``): every width of the grid gets the per-layer kept fractions of
 KV groups and MLP channels of a strategy file (e.g. the shipped SmolLM2 ``dp_selection_strategy.npy``, 30
 layers), mapped onto the model's layers by relative depth (layer ``j`` of ``L`` takes source layer
-``round(j * (S - 1) / (L - 1))``), each layer keeping ``max(1, round(fraction * units))`` units, with a bias
+``round(j * (S - 1) / (L - 1))``), each layer keeping ``max(1, round(fraction * units))`` units (channels
+rounded to a multiple of ``--align``, as ``--width_align`` would calibrate them), with a bias
 vector on o_proj/down_proj of every narrowed layer (as FLAP's compensation). Each such shape is exported in
 each of ``--export_formats``: ``exact`` (every layer at its own size, the rows keyed by the shape's label)
 and ``padded`` (a stock model padded to its widest layer, rows ``<label>-padded``).
@@ -55,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from amoeba.args import parse_int_list, parse_ratio_list, parse_shape_list, width_key  # noqa: E402
 from amoeba.elastic import make_elastic  # noqa: E402
 from amoeba.export import slice_subnet  # noqa: E402
+from amoeba.flap import align_channels  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
 from amoeba.subnet import Subnet  # noqa: E402
 
@@ -94,6 +96,9 @@ def parse_cli(argv=None) -> argparse.Namespace:
     p.add_argument("--per_layer_strategy", default=None,
                    help="A strategy file (.npy) whose per-layer width fractions every width < 1 takes, mapped onto "
                         "the model's layers by relative depth (default: uniform widths).")
+    p.add_argument("--align", type=int, default=1,
+                   help="With --per_layer_strategy: round every layer's mapped MLP channels to a multiple of this "
+                        "(as --width_align calibrates; 1: as mapped).")
     p.add_argument("--export_formats", default="exact",
                    help="Export forms to time for per-layer widths: exact, padded, or exact,padded.")
     p.add_argument("--no_generate_compile", action="store_true",
@@ -347,7 +352,7 @@ def build_model(smoke: bool, device: torch.device, seed: int):
     return model.eval()
 
 
-def mapped_width_plans(strategy_path: str, widths, em, seed: int = 0) -> dict[float, str]:
+def mapped_width_plans(strategy_path: str, widths, em, seed: int = 0, align: int = 1) -> dict[float, str]:
     """Register on ``em`` a width plan for every width < 1 with the strategy's per-layer kept fractions of KV
     groups and MLP channels, mapped by relative depth (see the module docstring), and a bias on o_proj and
     down_proj of each narrowed layer. Returns {width: how each model layer maps} for the record."""
@@ -369,10 +374,10 @@ def mapped_width_plans(strategy_path: str, widths, em, seed: int = 0) -> dict[fl
         groups, channels, bias = [], [], {}
         for j in range(em.num_layers):
             src = round(j * (src_layers - 1) / max(em.num_layers - 1, 1))
-            kv = float(np.mean(strategy.mask_of(src, "k_proj", w)))
-            ch = float(np.mean(strategy.mask_of(src, "gate_proj", w)))
+            kv = float(np.mean(strategy.mask_of(src, "k_proj", w), dtype=np.float64))
+            ch = float(np.mean(strategy.mask_of(src, "gate_proj", w), dtype=np.float64))
             groups.append(max(1, round(kv * em.num_kv_groups)))
-            channels.append(max(1, round(ch * em.intermediate_size)))
+            channels.append(align_channels(max(1, round(ch * em.intermediate_size)), align, em.intermediate_size))
             if groups[-1] < em.num_kv_groups or channels[-1] < em.intermediate_size:
                 for role in ("o_proj", "down_proj"):
                     bias[(j, role)] = (torch.randn(hidden, generator=g) * 0.01).to(device)
@@ -465,7 +470,7 @@ def run(a: argparse.Namespace) -> dict:
                 bw)
 
     grid = a.shapes or [(n, w) for n in a.layers for w in a.widths]
-    mapping = mapped_width_plans(a.per_layer_strategy, [w for _, w in grid], em, a.seed) \
+    mapping = mapped_width_plans(a.per_layer_strategy, [w for _, w in grid], em, a.seed, a.align) \
         if a.per_layer_strategy else None
     formats = a.export_formats if mapping else ["exact"]
     # Smallest shapes first (the largest speedups, e.g. 20 layers x 5/8), so a budget cut drops the mildest.

@@ -3,7 +3,8 @@
 The folder is loaded with ``AutoModelForCausalLM.from_pretrained`` (``trust_remote_code=True`` only when it
 carries ``modeling_amoeba.py``, i.e. per-layer widths), in bf16 or, with ``--load_in_4bit``, quantized to
 4-bit NF4 by bitsandbytes (CUDA). It generates greedily from a prompt with the dynamic and the static KV cache,
-and prints one json line: parameters, load time, generated text, whether both caches agree, and, for a 4-bit
+and prints one json line: parameters, load time, generated text, whether both caches agree, how far each
+generation is from greedy under a plain forward (bf16 near-ties can make the two caches differ), and, for a 4-bit
 load, the top-1 agreement of its next-token logits with the bf16 load of the same folder.
 
     python scripts/check_export.py --folder output/export_l22w0.75
@@ -54,6 +55,20 @@ def load(folder: str, four_bit: bool):
     return model, AutoTokenizer.from_pretrained(folder), custom
 
 
+def greedy_gap(model, ids, prompt_len: int) -> float:
+    """How far generated tokens are from greedy under a plain forward of the whole sequence: the largest
+    (best logit - chosen token's logit) / (the logits' spread) over the generated positions. 0 for exact
+    greedy decoding; a few hundredths where bf16 rounding flips near-ties."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(ids).logits[0, prompt_len - 1:-1].float()
+    chosen = ids[0, prompt_len:]
+    best, worst = logits.max(-1).values, logits.min(-1).values
+    got = logits.gather(-1, chosen[:, None])[:, 0]
+    return float(((best - got) / (best - worst)).max())
+
+
 def main(argv=None) -> int:
     """Load, generate with both caches, compare; print the json result."""
     import torch
@@ -76,6 +91,8 @@ def main(argv=None) -> int:
         "params": sum(p.numel() for p in model.parameters()), "device": str(device),
         "generated": tok.decode(dynamic[0, n:], skip_special_tokens=True),
         "static_cache_agrees": bool(torch.equal(dynamic, static)),
+        "dynamic_greedy_gap": greedy_gap(model, dynamic, n),
+        "static_greedy_gap": greedy_gap(model, static, n),
     }
     if a.load_in_4bit:
         del model

@@ -83,6 +83,11 @@ def test_grids_and_bad_values():
         parse_args(["--bits", "3"])
     with pytest.raises(UsageError, match="unknown argument"):
         parse_args(["--no_such_flag", "1"])
+    with pytest.raises(UsageError, match="--export_format: 'tight'"):
+        parse_args(["--export_format", "tight"])
+    with pytest.raises(UsageError, match="--width_align: 0"):
+        parse_args(["--width_align", "0"])
+    assert parse_args(["--width_align", "8", "--do_train", "False"]).train.width_align == 8
 
 
 def test_fp16_on_a_cpu_falls_back_to_fp32():

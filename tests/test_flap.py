@@ -266,6 +266,28 @@ def test_attention_is_ranked_by_the_squared_metric_in_uniform_mode_too():
         assert sel.groups[0.5][i][top].all() and sel.groups[0.5][i].sum() == 2
 
 
+@pytest.mark.parametrize("mode", ["global", "uniform"])
+def test_channel_alignment_rounds_each_layer_and_keeps_the_best_channels(mode):
+    model = tiny_model("gqa", layers=4, intermediate_size=100)
+    s = flap_scores(model, _ids(), batch_size=5, progress=False)
+    em = make_elastic(model)
+    ratios = (1.0, 0.875, 0.75, 0.625, 0.3)
+    plain = select_widths(s.group_score, s.channel_score, ratios, mode, *unit_costs(em))
+    aligned = select_widths(s.group_score, s.channel_score, ratios, mode, *unit_costs(em), align=8)
+    for r in ratios:
+        np.testing.assert_array_equal(aligned.groups[r], plain.groups[r])  # heads untouched
+        for i in range(4):
+            k, k8 = int(plain.channels[r][i].sum()), int(aligned.channels[r][i].sum())
+            if r == 1.0:
+                assert k8 == 100
+                continue
+            assert k8 % 8 == 0 and abs(k8 - k) <= 4 and k8 >= 8
+            top = torch.argsort(s.channel_score[i], descending=True, stable=True)[:k8].numpy()
+            assert aligned.channels[r][i][top].all()
+    for wide, narrow in zip(ratios, ratios[1:]):
+        assert not (aligned.channels[narrow] & ~aligned.channels[wide]).any()
+
+
 # ----------------------------------------------------------------------------------------------
 # Bias compensation and the files
 # ----------------------------------------------------------------------------------------------
