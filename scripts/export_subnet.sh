@@ -7,11 +7,14 @@
 #   BUDGET_LATENCY_MS=8 LATENCY_TABLE=output/bench_latency.json scripts/export_subnet.sh
 #   MOE="" RUN_DIR=output/base scripts/export_subnet.sh       # the base model, no adapters
 #   OVERWRITE=1 scripts/export_subnet.sh                      # replace an existing export folder
+#   EXPORT_FORMAT=padded scripts/export_subnet.sh             # a stock folder (no custom code), padded
 #
 # RUN_DIR is the Stage 2 output (adapters in adapter_model/ are merged into the exported weights; its
 # metrics.json, when present, ranks shapes for a budget). The base model is loaded in bf16: adapters
-# cannot be merged into 4/8-bit weights. The folder loads with AutoModelForCausalLM.from_pretrained and
-# records where it came from in amoeba_export.json. CUDA_VISIBLE_DEVICES is honoured.
+# cannot be merged into 4/8-bit weights. The folder loads with AutoModelForCausalLM.from_pretrained (add
+# trust_remote_code=True when it holds modeling_amoeba.py: per-layer widths, every layer at its own size;
+# EXPORT_FORMAT=padded writes a stock folder padded to the widest layer instead) and records where it came
+# from in amoeba_export.json. CUDA_VISIBLE_DEVICES is honoured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +31,7 @@ export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 
 EXTRA=()
 [[ -n "${OVERWRITE:-}" ]] && EXTRA+=(--overwrite)
+[[ -n "${EXPORT_FORMAT:-}" ]] && EXTRA+=(--export_format "$EXPORT_FORMAT")
 [[ -n "${BUDGET_PARAMS:-}" ]] && EXTRA+=(--budget_params "$BUDGET_PARAMS")
 [[ -n "${BUDGET_LATENCY_MS:-}" ]] && EXTRA+=(--budget_latency_ms "$BUDGET_LATENCY_MS")
 [[ -n "${LATENCY_TABLE:-}" ]] && EXTRA+=(--latency_table "$LATENCY_TABLE")

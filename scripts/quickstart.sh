@@ -74,4 +74,8 @@ echo
 echo "strategy:       $OUT/dp_selection_strategy.md"
 echo "metrics:        $OUT/ft/metrics.json"
 echo "frontier plot:  $OUT/ft/frontier.png"
-echo "exported model: $OUT/export_l22w0.75  (AutoModelForCausalLM.from_pretrained loads it)"
+if [[ -f "$OUT/export_l22w0.75/modeling_amoeba.py" ]]; then
+  echo "exported model: $OUT/export_l22w0.75  (per-layer widths: AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True); check: python scripts/check_export.py --folder $OUT/export_l22w0.75)"
+else
+  echo "exported model: $OUT/export_l22w0.75  (AutoModelForCausalLM.from_pretrained loads it)"
+fi
