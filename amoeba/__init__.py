@@ -10,4 +10,25 @@ The library is organised one module per concept:
 - ``elastic``: the elastic model that runs exactly the current subnet, on stock transformers.
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+
+class DropMessage(logging.Filter):
+    """A logging filter that drops the records whose message starts with one of ``prefixes`` (for library
+    warnings about something this project does on purpose; each use says why)."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+# bitsandbytes warns at import, on every CPU run, that an optional CPU 4-bit kernel package is missing. The 4-bit
+# path runs only on CUDA here (--bits 4 needs a GPU), so the message is never about the user's command: drop
+# exactly that one. Set before any module of this package imports bitsandbytes (through peft/transformers).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))

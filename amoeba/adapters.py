@@ -608,12 +608,56 @@ def read_adapter_config(directory) -> AdapterConfig:
         raise UsageError(f"{directory} holds no adapters ({CONFIG_FILE} and {WEIGHTS_FILE} expected)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON, or bytes that are not UTF-8
         raise UsageError(f"{path} is not readable JSON: {err}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise UsageError(f"{path} is not an adapter configuration written by this project")
     known = AdapterConfig.__dataclass_fields__
-    return AdapterConfig(**{k: v for k, v in raw.items() if k in known})
+    fields = {k: v for k, v in raw.items() if k in known}
+    for key, value in fields.items():
+        kind = _CONFIG_TYPES.get(key)
+        if kind is not None and not _is_kind(value, kind):
+            raise UsageError(f"{path} is damaged: {key} is {value!r}")
+    try:
+        return AdapterConfig(**fields)
+    except (TypeError, ValueError) as err:  # a missing field, or a value the config refuses (UsageError)
+        raise UsageError(f"{path} is damaged: {err}") from None
+
+
+# The JSON type of each AdapterConfig field ("number": int or float; lists: of that element type).
+_CONFIG_TYPES = {"r": "int", "alpha": "number", "dropout": "number", "modules": "list[str]", "num_experts": "int",
+                 "topk": "int", "use_router": "bool", "widths": "list[number]", "num_layers": "int",
+                 "model_type": "str", "hidden_size": "int", "intermediate_size": "int", "num_kv_groups": "int",
+                 "queries_per_group": "int", "head_dim": "int", "format": "str", "layout": "str"}
+
+
+def _is_kind(value, kind: str) -> bool:
+    if kind.startswith("list["):
+        return isinstance(value, list) and all(_is_kind(v, kind[5:-1]) for v in value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, str)
+
+
+def read_adapter_tensors(directory) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory/adapter_model.safetensors``; UsageError naming the file when it cannot be read
+    (truncated, not safetensors) or holds NaN/inf."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # noqa: BLE001 -- safetensors raises its own error types for every kind of damage
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UsageError(f"{path} cannot be read as safetensors ({text})") from None
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UsageError(f"{path} holds non-finite values ({key})")
+    return tensors
 
 
 def upgrade_single_layer_router(tensors: dict[str, torch.Tensor], router: ShapeRouter, directory,
@@ -663,8 +707,6 @@ def load_adapters(model: nn.Module, em: ElasticModel, directory, resuming: bool 
     Raises UsageError when they were made for a model of another shape. A single-layer router of an earlier
     version is converted (:func:`upgrade_single_layer_router`), unless ``resuming`` training, which refuses it.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     saved = read_adapter_config(directory)
     here = AdapterConfig(r=1, alpha=1, **_structure(em)).structure()
@@ -681,7 +723,7 @@ def load_adapters(model: nn.Module, em: ElasticModel, directory, resuming: bool 
             raise UsageError(f"the adapters in {directory} (r={saved.r}, experts={saved.num_experts}, modules="
                              f"{','.join(saved.modules)}) differ from the model's (r={current.r}, experts="
                              f"{current.num_experts}, modules={','.join(current.modules)})")
-    tensors = load_file(str(directory / WEIGHTS_FILE))
+    tensors = read_adapter_tensors(directory)
     router = get_router(model)
     if router is not None:
         tensors = upgrade_single_layer_router(tensors, router, directory, resuming)
@@ -711,8 +753,8 @@ def load_adapters(model: nn.Module, em: ElasticModel, directory, resuming: bool 
 
 
 def find_adapter_dir(output_dir) -> Optional[Path]:
-    """``output_dir/adapter_model`` if present, else that of the last complete checkpoint, else None.
-    ``output_dir`` may also be an adapter folder itself."""
+    """``output_dir/adapter_model`` if present, else that of the newest complete checkpoint whose adapters load
+    and are finite, else None. ``output_dir`` may also be an adapter folder itself."""
     output_dir = Path(output_dir)
     if (output_dir / CONFIG_FILE).is_file() and (output_dir / WEIGHTS_FILE).is_file():
         return output_dir
@@ -721,7 +763,7 @@ def find_adapter_dir(output_dir) -> Optional[Path]:
         return final
     from amoeba.training import last_complete_checkpoint
 
-    ckpt = last_complete_checkpoint(output_dir)
+    ckpt = last_complete_checkpoint(output_dir, resumable=False)
     if ckpt is not None and (ckpt / ADAPTER_DIR / CONFIG_FILE).is_file():
         return ckpt / ADAPTER_DIR
     return None

@@ -6,11 +6,11 @@ original code ran through ``eval`` (``--width_choice [1,7/8,3/4,5/8]``) are pars
 
 from __future__ import annotations
 
-import ast
 import logging
+import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from fractions import Fraction
 from typing import Optional
 
@@ -31,68 +31,78 @@ CALIB_MMLU_SPLITS = ("eval", "validation", "val", "test", "dev")  # the names am
 # Safe parsers for list-valued flags
 # ----------------------------------------------------------------------------------------------
 _NUMBER = re.compile(r"^\s*\d+(\.\d*)?(\s*/\s*\d+(\.\d*)?)?\s*$|^\s*\.\d+\s*$")
+_POSITIVE_INT = re.compile(r"\+?[0-9]+")
+# No list flag needs more: a longer value is a mistake (a pasted file, a runaway script), refused before parsing.
+MAX_LIST_CHARS = 4096
+
+
+def shown(text: str, limit: int = 60) -> str:
+    """``text`` as an error message quotes it: whole when short, else cut, with its length."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _list_items(text: str, flag: str) -> list[str]:
+    """The comma-separated items of a list-valued flag (surrounding brackets optional), stripped."""
+    if len(text) > MAX_LIST_CHARS:
+        raise UsageError(f"a value of {len(text)} characters is longer than any list this flag takes (at most "
+                         f"{MAX_LIST_CHARS})", flag)
+    return [p.strip() for p in text.strip().strip("[]").split(",") if p.strip()]
 
 
 def parse_ratio(text: str, flag: str = "--width_choice") -> float:
     """Parse one width ratio written as ``0.875``, ``7/8`` or ``1`` into a float in (0, 1]."""
-    if not _NUMBER.match(text):
-        raise UsageError(f"'{text}' is not a number or fraction (e.g. 7/8 or 0.875)", flag)
+    if len(text) > MAX_LIST_CHARS or not _NUMBER.match(text):
+        raise UsageError(f"'{shown(text)}' is not a number or fraction (e.g. 7/8 or 0.875)", flag)
     try:
         value = float(Fraction(text.replace(" ", "")))
-    except (ValueError, ZeroDivisionError):
-        raise UsageError(f"'{text}' is not a valid ratio", flag) from None
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise UsageError(f"'{shown(text)}' is not a valid ratio", flag) from None
     if not 0.0 < value <= 1.0:
-        raise UsageError(f"width ratio {text} is outside (0, 1]", flag)
+        raise UsageError(f"width ratio {shown(text)} is outside (0, 1]", flag)
     return value
 
 
 def parse_ratio_list(text: str, flag: str = "--width_choice") -> tuple[float, ...]:
     """Parse ``[1,7/8,3/4,5/8]`` (brackets optional) into ratios, keeping the given order."""
-    body = text.strip()
-    if body.startswith("[") and body.endswith("]"):
-        body = body[1:-1]
-    parts = [p for p in body.split(",") if p.strip()]
+    parts = _list_items(text, flag)
     if not parts:
-        raise UsageError(f"'{text}' holds no ratio", flag)
+        raise UsageError(f"'{shown(text)}' holds no ratio", flag)
     values = tuple(parse_ratio(p, flag) for p in parts)
     if len(set(values)) != len(values):
-        raise UsageError(f"'{text}' repeats a ratio", flag)
+        raise UsageError(f"'{shown(text)}' repeats a ratio", flag)
     return values
 
 
 def parse_shape_list(text: str, flag: str = "--eval_shapes") -> tuple[tuple[int, float], ...]:
     """Parse ``30x1,26x3/4`` (layers x width pairs) into ``((30, 1.0), (26, 0.75))``."""
     out = []
-    for part in text.strip().strip("[]").split(","):
-        part = part.strip()
-        if not part:
-            continue
+    for part in _list_items(text, flag):
         layers, sep, width = part.partition("x")
         if not sep:
-            raise UsageError(f"'{part}' is not LAYERSxWIDTH (e.g. 26x3/4)", flag)
+            raise UsageError(f"'{shown(part)}' is not LAYERSxWIDTH (e.g. 26x3/4)", flag)
         out.append((parse_int_list(layers, flag)[0], parse_ratio(width, flag)))
     if not out:
-        raise UsageError(f"'{text}' holds no shape", flag)
+        raise UsageError(f"'{shown(text)}' holds no shape", flag)
     return tuple(out)
 
 
 def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
-    """Parse ``24`` or ``30,26,22`` (brackets optional) into positive integers."""
-    body = text.strip().strip("[]")
+    """Parse ``24`` or ``30,26,22`` (brackets optional) into positive integers.
+
+    Digits only, matched by a regular expression: Python's own literal parser (``ast.literal_eval``) runs
+    out of memory on a long run of signs such as ``----...1``."""
     out = []
-    for part in body.split(","):
-        part = part.strip()
-        if not part:
-            continue
+    for part in _list_items(text, flag):
         try:
-            value = ast.literal_eval(part)
-        except (ValueError, SyntaxError):
-            value = None
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UsageError(f"'{part}' is not a positive integer", flag)
+            value = int(part) if _POSITIVE_INT.fullmatch(part) else 0
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            value = 0
+        if value <= 0:
+            raise UsageError(f"'{shown(part)}' is not a positive integer", flag)
         out.append(value)
     if not out:
-        raise UsageError(f"'{text}' holds no number", flag)
+        raise UsageError(f"'{shown(text)}' holds no number", flag)
     return tuple(out)
 
 
@@ -182,6 +192,12 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                                  metadata={"help": "Comma-separated lm-eval task names."})
     lm_eval_limit: Optional[int] = field(default=None, metadata={"help": "Evaluate at most this many examples "
                                                                           "per lm-eval task (for quick runs)."})
+    lm_eval_include_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Folder of your own lm-eval task configs (YAML, as lm-eval's --include_path takes them): "
+                          "a task defined there is read from there, before this project's offline configs and "
+                          "lm-eval's own, so any task can run offline from local files. Like lm-eval, it runs "
+                          "the !function helpers next to the configs: hand in folders you trust."})
     eval_skip_existing: bool = field(default=False, metadata={"help": "Resume an evaluation: per shape, skip "
                                                                       "the metric groups (MMLU, WikiText-2, "
                                                                       "lm-eval) whose keys metrics.json in "
@@ -292,8 +308,10 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
     use_moe_lora: bool = field(default=False, metadata={"help": "Use shape-aware MoE-LoRA adapters."})
     moe_num_expert: int = field(default=5, metadata={"help": "MoE-LoRA experts per adapted layer."})
     moe_topk: int = field(default=2, metadata={"help": "Experts the router picks per subnet."})
-    resume_training: bool = field(default=False, metadata={"help": "Resume from the last checkpoint in "
-                                                                   "--output_dir."})
+    resume_training: bool = field(default=False, metadata={"help": "Resume from the newest intact checkpoint in "
+                                                                   "--output_dir (damaged or half-written ones are "
+                                                                   "skipped with a warning). With no checkpoint to "
+                                                                   "resume: an error (exit 2), not a new run."})
     # --- Stage 1: calibration ---
     layer_calib_dp: bool = field(default=False, metadata={"help": "Stage 1 step 1: select layers by dynamic "
                                                                   "programming."})
@@ -339,7 +357,10 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
     export_dir: Optional[str] = field(default=None, metadata={"help": "Export the subnet given by "
                                                                       "--eval_num_layer/--eval_num_width as a "
                                                                       "standard HF folder here."})
-    overwrite: bool = field(default=False, metadata={"help": "Allow --export_dir to replace an existing folder."})
+    overwrite: bool = field(default=False, metadata={"help": "Allow --export_dir to replace an earlier export (a "
+                                                             "folder holding amoeba_export.json); never the run's "
+                                                             "--output_dir, the model, adapters or strategy being "
+                                                             "read, nor a folder holding them."})
     export_format: str = field(
         default="exact",
         metadata={"help": "How --export_dir writes a subnet whose layers have different widths (FLAP global): "
@@ -379,6 +400,10 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                 logger.warning("--fp16 needs a CUDA GPU; this machine has none, so training computes in float32")
                 self.fp16 = False
                 self.fp16_requested = True
+        if getattr(self, "activation_checkpointing", False) is None:
+            # --gradient_checkpointing is the seed's flag; newer transformers call it activation_checkpointing and
+            # warn about the old name on every run unless the new one is set (older ones lack the new field).
+            self.activation_checkpointing = self.gradient_checkpointing
         super().__post_init__()
 
 
@@ -423,9 +448,20 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+class _Parser(transformers.HfArgumentParser):
+    """``HfArgumentParser`` whose own errors (a value of the wrong type, a flag without its value) are a
+    :class:`UsageError`, so they end as one line like every other bad input instead of the whole usage text."""
+
+    def error(self, message: str):
+        match = re.match(r"argument (-[^\s/:]+)(?:/\S+)?: (.*)", message, re.S)
+        if match:
+            raise UsageError(" ".join(match.group(2).split()), match.group(1))
+        raise UsageError(" ".join(message.split()))
+
+
 def build_parser() -> transformers.HfArgumentParser:
     """The parser over the four argument groups."""
-    return transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments, GenerationArguments))
+    return _Parser((ModelArguments, DataArguments, TrainingArguments, GenerationArguments))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Arguments:
@@ -434,6 +470,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Arguments:
     try:
         model_args, data_args, train_args, gen_args, extra = parser.parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True)
+    except UsageError:  # the parser's own errors (_Parser.error), already naming their flag
+        raise
     except ValueError as err:  # transformers' own validation of the training arguments
         raise UsageError(str(err).strip().splitlines()[0]) from None
     if extra:
@@ -444,7 +482,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Arguments:
     eval_widths = (parse_ratio_list(train_args.eval_num_width, "--eval_num_width")
                    if train_args.eval_num_width else None)
     tasks = tuple(t.strip() for t in train_args.do_lm_eval_task.split(",") if t.strip())
-    _check_values(train_args)
+    _check_values(train_args, model_args, data_args, gen_args)
     train_args.mmlu_split = resolve_mmlu_split(train_args)  # the run record names the split reported
     eval_shapes = parse_shape_list(train_args.eval_shapes) if train_args.eval_shapes else None
     if eval_shapes and (eval_layers or eval_widths):
@@ -463,21 +501,111 @@ def resolve_mmlu_split(t) -> str:
     return "eval" if t.do_train else "test"
 
 
-def _check_values(t: TrainingArguments) -> None:
-    """Flag checks that need no model; every problem is reported at once."""
+# Numeric flags and the values they take; _check_values checks every one of them at once. Integers:
+# (smallest, largest or None). None as a flag's value means "not set" where the flag allows it.
+_INT_RANGES = {
+    **dict.fromkeys(("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "eval_accumulation_steps", "source_max_len", "target_max_len", "mmlu_source_max_len",
+                     "eval_dataset_size", "max_train_samples", "max_eval_samples", "max_wikitext2_windows",
+                     "max_mmlu_samples", "lm_eval_limit", "calib_batch_size", "num_calib_sample", "lora_r",
+                     "moe_num_expert", "min_num_layer", "train_num_layer", "width_align", "budget_top",
+                     "max_memory_MB", "max_new_tokens", "num_beams", "generation_max_length",
+                     "generation_num_beams", "dataloader_prefetch_factor", "torch_empty_cache_steps",
+                     "ddp_bucket_cap_mb", "ddp_timeout"), (1, None)),
+    "calib_seqlen": (2, None),  # a window predicts each of its tokens from the ones before it
+    **dict.fromkeys(("random_sample_num_layer", "dataloader_num_workers", "top_k", "no_repeat_ngram_size",
+                     "min_new_tokens"), (0, None)),
+    **dict.fromkeys(("dp_keep_last_layer", "distill_steps", "max_steps"), (-1, None)),  # -1: off / by epochs
+    **dict.fromkeys(("seed", "data_seed"), (0, 2**32 - 1)),  # the seeds numpy accepts
+}
+# Floats: the interval each lies in. Every float flag, listed here or not, must be a finite number.
+_FLOAT_RANGES = {
+    **dict.fromkeys(("learning_rate", "lora_alpha", "logging_steps", "save_steps", "eval_steps", "temperature",
+                     "repetition_penalty", "budget_latency_ms", "neftune_noise_alpha"), "(0, inf)"),
+    **dict.fromkeys(("weight_decay", "max_grad_norm", "warmup_steps", "num_train_epochs", "adam_epsilon",
+                     "eval_delay"), "[0, inf)"),
+    **dict.fromkeys(("warmup_ratio", "kd_weight", "label_smoothing_factor"), "[0, 1]"),
+    **dict.fromkeys(("lora_dropout", "adam_beta1", "adam_beta2"), "[0, 1)"),
+    "top_p": "(0, 1]",
+}
+# Flags that name files or folders: every name in the path must fit the file system's limit (NAME_MAX).
+_PATH_FLAGS = ("model_name_or_path", "output_dir", "export_dir", "shrinking_file", "adapter_dir", "metrics_file",
+               "latency_table", "cache_dir", "data_dir", "dataset", "calib_dataset", "device_map")
+MAX_NAME_BYTES = 255
+# No flag takes a longer value (4096 is also Linux's limit on a whole path).
+MAX_VALUE_CHARS = 4096
+
+
+def _outside(value: float, interval: str) -> bool:
+    """True when ``value`` lies outside ``interval``, written ``[0, 1)``, ``(0, inf)`` and so on."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    return value < low or value > high or (interval[0] == "(" and value == low) or \
+        (interval[-1] == ")" and value == high)
+
+
+def _range_problems(values: dict) -> list[str]:
+    """Problems of the numeric flags in ``values`` ({field name: value}) against the tables above."""
     problems = []
+    for name, value in values.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"--{name}: {value} is not a finite number")
+        elif name in _INT_RANGES and isinstance(value, int):
+            low, high = _INT_RANGES[name]
+            if value < low:
+                problems.append(f"--{name}: {value} must be at least {low}")
+            elif high is not None and value > high:
+                problems.append(f"--{name}: {value} must be at most {high}")
+        elif name in _FLOAT_RANGES and _outside(float(value), _FLOAT_RANGES[name]):
+            problems.append(f"--{name}: {value:g} is outside {_FLOAT_RANGES[name]}")
+    return problems
+
+
+def _length_problems(values: dict) -> list[str]:
+    """Text values too long to be meant: longer than MAX_VALUE_CHARS, or a path name the OS cannot hold."""
+    problems = []
+    for name, value in values.items():
+        if not isinstance(value, str):
+            continue
+        if len(value) > MAX_VALUE_CHARS:
+            problems.append(f"--{name}: a value of {len(value)} characters is longer than any this flag takes "
+                            f"(at most {MAX_VALUE_CHARS})")
+        elif name in _PATH_FLAGS:
+            longest = max(os.fsencode(value).split(b"/"), key=len)
+            if len(longest) > MAX_NAME_BYTES:
+                problems.append(f"--{name}: the name '{shown(os.fsdecode(longest))}' is longer than a file "
+                                f"name can be ({MAX_NAME_BYTES} bytes)")
+    return problems
+
+
+def _check_values(t: TrainingArguments, *groups) -> None:
+    """Flag checks that need no model; every problem is reported at once.
+
+    ``groups`` are the other argument groups (model, data, generation): their numeric and text flags are
+    checked against the same tables as the training flags."""
+    values = {f.name: getattr(g, f.name, None) for g in (t, *groups) for f in fields(g) if f.init}
+    problems = _length_problems(values) + _range_problems(values)
+    if t.max_steps == 0:
+        problems.append("--max_steps: 0 steps trains nothing; give a positive count, or -1 to train for "
+                        "--num_train_epochs")
+    elif t.do_train and t.max_steps == -1 and not t.num_train_epochs > 0:
+        problems.append(f"--num_train_epochs: {t.num_train_epochs:g} epochs (with --max_steps -1) trains nothing")
+    if t.bf16 and (t.fp16 or t.fp16_requested):
+        problems.append("--bf16: cannot be combined with --fp16; give one precision")
+    for flag, text, parse in (("--train_num_width", t.train_num_width, parse_ratio),
+                              ("--adapter_snapshot_steps", t.adapter_snapshot_steps, parse_int_list)):
+        if text is not None:  # parsed where they are used, after the model loads; fail before that
+            try:
+                parse(text, flag)
+            except UsageError as err:
+                problems.append(str(err))
     if t.bits not in (4, 8, 16, 32):
         problems.append(f"--bits: {t.bits} is not one of 4, 8, 16, 32")
     if t.quant_type not in ("nf4", "fp4"):
         problems.append(f"--quant_type: '{t.quant_type}' is not nf4 or fp4")
-    if t.moe_num_expert < 1:
-        problems.append(f"--moe_num_expert: {t.moe_num_expert} must be at least 1")
     if t.use_moe_lora and not 1 <= t.moe_topk <= t.moe_num_expert:
         problems.append(f"--moe_topk: {t.moe_topk} must be between 1 and --moe_num_expert ({t.moe_num_expert})")
-    if t.min_num_layer < 1:
-        problems.append(f"--min_num_layer: {t.min_num_layer} must be at least 1")
-    if t.random_sample_num_layer < 0:
-        problems.append(f"--random_sample_num_layer: {t.random_sample_num_layer} must not be negative")
     if t.shrinking_method not in ("calib_dp", "first_layers"):
         problems.append(f"--shrinking_method: '{t.shrinking_method}' is not calib_dp or first_layers")
     if t.distill_method not in ("sp", "none"):
@@ -500,11 +628,10 @@ def _check_values(t: TrainingArguments) -> None:
         problems.append(f"--mmlu_split: '{t.mmlu_split}' is not eval or test")
     if t.calib_mmlu_split not in CALIB_MMLU_SPLITS:
         problems.append(f"--calib_mmlu_split: '{t.calib_mmlu_split}' is not eval, test or dev")
-    if t.width_align < 1:
-        problems.append(f"--width_align: {t.width_align} must be at least 1")
     if t.export_format not in ("exact", "padded"):
         problems.append(f"--export_format: '{t.export_format}' is not exact or padded")
-    if t.num_calib_sample < 1:
-        problems.append(f"--num_calib_sample: {t.num_calib_sample} must be at least 1")
+    if t.lm_eval_include_path is not None and (not t.lm_eval_include_path
+                                               or not os.path.isdir(t.lm_eval_include_path)):
+        problems.append(f"--lm_eval_include_path: no such folder: '{t.lm_eval_include_path}'")
     if problems:
         raise UsageError("; ".join(problems))

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from amoeba.args import width_key
+from amoeba.args import shown, width_key
 from amoeba.elastic import ElasticModel
 from amoeba.errors import UsageError
 from amoeba.files import write_json, write_text
@@ -100,19 +100,36 @@ def candidate_shapes(em: ElasticModel, strategy, args) -> list[tuple[int, float]
 
 
 def read_metrics(path: Path, name: Optional[str], flag: str = "--metrics_file") -> tuple[Optional[str], dict]:
-    """(metric name, {label: value}) from an evaluation ``metrics.json``."""
+    """(metric name, {label: value}) from an evaluation ``metrics.json``.
+
+    A file that is not UTF-8 JSON holding an object raises UsageError naming ``flag``; values that are not
+    finite numbers (NaN, inf) rank nothing and are left out."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UsageError(f"cannot read {path}: {err}", flag) from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a metrics file: it is not text (not UTF-8)", flag) from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path} is not a metrics file: not valid JSON ({err.msg}, line {err.lineno} column "
+                         f"{err.colno})", flag) from None
+    except (ValueError, RecursionError) as err:  # a number too long to convert; nesting too deep
+        raise UsageError(f"{path} is not a metrics file: not valid JSON ({shown(str(err) or 'nested too deeply')})",
+                         flag) from None
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror or err}", flag) from None
     if not isinstance(data, dict):
         raise UsageError(f"{path} is not a json object of metrics", flag)
     key_re = re.compile(r"^(?P<metric>.+)_(?P<label>l\d+w[0-9.]+)$")
     by_metric: dict[str, dict[str, float]] = {}
     for key, value in data.items():
         m = key_re.match(key)
-        if m and isinstance(value, (int, float)) and not isinstance(value, bool):
-            by_metric.setdefault(m["metric"], {})[m["label"]] = float(value)
+        if not m or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            continue
+        if math.isfinite(value):
+            by_metric.setdefault(m["metric"], {})[m["label"]] = value
     if name is None:
         name = next((p for p in PREFERRED_METRICS if p in by_metric), None)
         if name is None and by_metric:
@@ -254,7 +271,7 @@ def run_budget(args, model, tokenizer, em: ElasticModel, strategy) -> list[Candi
     write_text(out / "budget.md", header + "\n" + table)
     print(header + table)
     if t.export_dir:
-        from amoeba.export import export_provenance, export_subnet, resolve_subnet
+        from amoeba.export import export_provenance, export_subnet, protected_paths, resolve_subnet
 
         best = fitting[0]
         subnet = resolve_subnet(em, strategy, best.num_layers, best.width, t.shrinking_method)
@@ -262,6 +279,6 @@ def run_budget(args, model, tokenizer, em: ElasticModel, strategy) -> list[Candi
         provenance["budget"] = {k: info[k] for k in ("budget_params", "budget_latency_ms", "metric", "latency_key")}
         provenance["budget"]["score"] = best.score
         export_subnet(model, tokenizer, em, subnet, t.export_dir, overwrite=t.overwrite, provenance=provenance,
-                      export_format=t.export_format)
+                      export_format=t.export_format, protected=protected_paths(args))
         print(f"exported {best.label} to {t.export_dir}")
     return fitting

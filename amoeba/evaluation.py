@@ -6,10 +6,11 @@ inside ``em.use(subnet)`` on the one in-memory model, so nothing is copied. Resu
 file already holds, written after every shape), plus a table (``results.md``) and a frontier plot
 (``frontier.png``) from :mod:`amoeba.report`.
 
-lm-eval tasks run through lm-eval's own ``HFLM`` wrapped around the elastic model. ``arc_easy``,
+lm-eval tasks run through lm-eval's own ``HFLM`` wrapped around the elastic model. A task defined in
+``--lm_eval_include_path`` (the user's own lm-eval task configs) comes from there; else ``arc_easy``,
 ``piqa``, ``hellaswag`` and ``mmlu`` read the offline data directory when there is one (task configs in
-:mod:`amoeba.lm_eval_tasks`); every other task, and every task without a data directory, is lm-eval's
-stock task from the hub.
+:mod:`amoeba.lm_eval_tasks`); every other task is lm-eval's stock task from the hub. Tasks are resolved,
+and with the hub offline their data looked up, before any model is loaded (:func:`check_lm_eval_tasks`).
 
 Under ``torchrun`` (several processes), MMLU questions and WikiText-2 windows of every shape are split
 among the processes batch by batch and gathered (every process gets the one-process numbers); lm-eval,
@@ -193,64 +194,230 @@ def lm_eval_keys(results: dict) -> dict[str, float]:
     return out
 
 
-_STOCK_MANAGER = None
+_MANAGERS: dict = {}
 
 
-def _stock_task_manager():
-    """lm-eval's index of its own tasks, built once per process (it parses thousands of YAML files)."""
-    global _STOCK_MANAGER
-    if _STOCK_MANAGER is None:
+def _task_manager(include_path: Optional[str] = None):
+    """lm-eval's index of its own tasks, plus the task configs in ``include_path`` when given (which, as in
+    lm-eval, take precedence over stock tasks of the same name). Built once per process and folder: it parses
+    thousands of YAML files."""
+    if include_path not in _MANAGERS:
         from lm_eval.tasks import TaskManager
 
-        _STOCK_MANAGER = TaskManager()
-    return _STOCK_MANAGER
+        _MANAGERS[include_path] = TaskManager(include_path=include_path)
+    return _MANAGERS[include_path]
+
+
+def _hub_offline() -> bool:
+    """True when ``datasets`` may not reach the hub (``HF_HUB_OFFLINE`` or ``HF_DATASETS_OFFLINE``)."""
+    import datasets
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an exception's message, short enough for a one-line error."""
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the data had to come from the network and could not"."""
+    errors: list[type[BaseException]] = [ConnectionError]
+    with contextlib.suppress(ImportError):
+        import requests
+
+        errors.append(requests.exceptions.ConnectionError)
+    with contextlib.suppress(ImportError):
+        import httpx
+
+        errors.append(httpx.TransportError)
+    return tuple(errors)
+
+
+def _inside(path, folder: str) -> bool:
+    return path is not None and Path(path).resolve().is_relative_to(folder)
+
+
+class LMEvalTasks:
+    """Where each requested lm-eval task comes from, decided before any model is loaded:
+
+    1. a config in ``--lm_eval_include_path`` (the user's own lm-eval task YAMLs, taken as lm-eval's own
+       ``include_path`` takes them: they may reference stock tasks and ``!function`` helpers next to them);
+    2. else, with a data directory, this project's offline config (:data:`amoeba.lm_eval_tasks.LOCAL_TASKS`),
+       rendered into a temporary folder;
+    3. else lm-eval's stock task, whose data comes from the Hugging Face hub (or its cache).
+
+    ``managers`` pairs each lm-eval ``TaskManager`` with the names it serves. Unknown names raise UsageError
+    with the closest known names; :meth:`check_data` finds tasks whose data cannot be had.
+    """
+
+    def __init__(self, tasks: Sequence[str], data_dir: Optional[str], include_path: Optional[str] = None):
+        from amoeba.lm_eval_tasks import LOCAL_TASKS, render_tasks
+
+        self.tasks = list(dict.fromkeys(tasks))
+        if not self.tasks:
+            raise UsageError("no lm-eval task given", "--do_lm_eval_task")
+        if include_path is not None and (not include_path or not Path(include_path).is_dir()):
+            raise UsageError(f"no such folder: '{include_path}'", "--lm_eval_include_path")
+        self.include_path = str(Path(include_path).resolve()) if include_path else None
+        self.data_dir = data_dir
+        self.managers: list[tuple[object, list[str]]] = []
+        self._tmp: Optional[str] = None
+        shipped = [t for t in self.tasks if data_dir and t in LOCAL_TASKS]
+        # lm-eval's index (with the user's folder): only built when a task may come from there (it takes seconds).
+        self._manager = None
+        if self.include_path or len(shipped) < len(self.tasks):
+            self._manager = _task_manager(self.include_path)
+        self.user = [t for t in self.tasks if self._in_include_path(t)]
+        self.local = [t for t in shipped if t not in self.user]
+        self.hub = [t for t in self.tasks if t not in self.user and t not in self.local]
+        if self.hub:
+            self._refuse_unknown()
+        if self.user or self.hub:
+            self.managers.append((self._manager, [t for t in self.tasks if t in self.user or t in self.hub]))
+        if self.local:
+            from lm_eval.tasks import TaskManager
+
+            self._tmp = tempfile.mkdtemp(prefix="amoeba_lm_eval_")
+            try:
+                render_tasks(self.local, data_dir, self._tmp)
+            except BaseException:
+                self.close()
+                raise
+            # Only the rendered folder: the offline configs must not be shadowed by the stock ones.
+            self.managers.append((TaskManager(include_path=self._tmp, include_defaults=False), self.local))
+        logger.info("lm-eval tasks: %s", "; ".join(
+            f"{what} {', '.join(names)}" for what, names in (("from --lm_eval_include_path:", self.user),
+                                                          ("offline, from the data directory:", self.local),
+                                                          ("lm-eval's own:", self.hub)) if names))
+
+    def _in_include_path(self, name: str) -> bool:
+        """True when ``name`` (a task, group or tag) is defined by a config in ``--lm_eval_include_path``."""
+        if not self.include_path:
+            return False
+        manager = self._manager
+        entry = manager.task_index.get(name)
+        if entry is None:
+            return False
+        if entry.yaml_path is None:  # a tag: defined by the tasks that carry it
+            return any(_inside(getattr(manager.task_index.get(t), "yaml_path", None), self.include_path)
+                       for t in entry.tags)
+        return _inside(entry.yaml_path, self.include_path)
+
+    def _refuse_unknown(self) -> None:
+        manager = self._manager
+        known = set(manager.all_tasks)
+        unknown = [t for t in self.hub if t not in known]
+        if not unknown:
+            return
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
+            hints.append(f"'{name}'" + (f" (closest: {', '.join(close)})" if close else ""))
+        where = (f" (not in lm-eval's tasks nor in the configs of {self.include_path}; a YAML there that does not "
+                 "parse is skipped)" if self.include_path else "")
+        raise UsageError(f"unknown lm-eval task {'; '.join(hints)}{where}", "--do_lm_eval_task")
+
+    def check_data(self) -> None:
+        """Load every task that does not come from the rendered offline folder, so that one without its data
+        fails here, with one line naming it and how to supply it, not as a traceback after the model is loaded:
+        the user's own configs always (they are local and their mistakes are best found early), lm-eval's stock
+        tasks when the hub is offline (they can then only come from the cache)."""
+        offline = _hub_offline()
+        names = self.user + (self.hub if offline else [])
+        if not names:
+            return
+        for name in [t for t in self.tasks if t in names]:
+            try:
+                self._manager.load([name])
+            except Exception as err:  # noqa: BLE001 - any failure to build the task is the user's to fix
+                logger.debug("lm-eval task %s does not load", name, exc_info=True)
+                raise self.unavailable([name], err) from None
+
+    def unavailable(self, names: Sequence[str], err: BaseException) -> UsageError:
+        """The one-line error for the tasks ``names`` whose data or config failed with ``err``: what failed,
+        and how to supply the task instead."""
+        from amoeba.lm_eval_tasks import LOCAL_TASKS
+
+        names = list(names)
+        which = f"lm-eval task{'s' if len(names) > 1 else ''} {', '.join(names)}"
+        own = all(t in self.user for t in names)
+        flag = "--lm_eval_include_path" if own else "--do_lm_eval_task"
+        offline = _hub_offline()
+        # Offline, a stock dataset that is not cached fails with ConnectionError or, on some paths, FileNotFoundError.
+        if not (isinstance(err, _connection_errors()) or (offline and not own and isinstance(err, FileNotFoundError))):
+            source = f" from {self.include_path}" if own else ""
+            return UsageError(f"the {which}{source} does not load: {type(err).__name__}: {_reason(err)}", flag)
+        where = (" from the Hugging Face hub, which is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE), and nothing is "
+                 "cached" if offline else "")
+        if own:
+            how = f"point its config in {self.include_path} at local files"
+        else:
+            how = (f"this project ships offline configs for {', '.join(LOCAL_TASKS)} only: give a task config over "
+                   "local files with --lm_eval_include_path DIR (see README)")
+            if any(t in LOCAL_TASKS for t in names) and not self.data_dir:
+                how = (f"set --data_dir (or AMOEBA_DATA_DIR) to an offline data directory, which this project's "
+                       f"configs for {', '.join(LOCAL_TASKS)} read, or give a task config over local files with "
+                       "--lm_eval_include_path DIR (see README)")
+        return UsageError(f"the {which} cannot get its data{where} ({_reason(err)}); {how}", flag)
+
+    def close(self) -> None:
+        """Remove the rendered task folder."""
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+
+def check_lm_eval_tasks(args) -> None:
+    """Resolve ``--do_lm_eval_task`` and check that every task's data can be had, before any model is loaded
+    (raises UsageError naming the task otherwise)."""
+    tasks = LMEvalTasks(args.lm_eval_tasks, args.data_dir, args.train.lm_eval_include_path)
+    try:
+        tasks.check_data()
+    finally:
+        tasks.close()
+
+
+def _quiet_in_memory_model_warnings() -> None:
+    """Drop lm-eval's two warnings about being handed a model object instead of a name: passing the in-memory
+    elastic model, in one process, is how this project uses lm-eval on purpose, so they never concern the user."""
+    from amoeba import DropMessage
+
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    if not any(isinstance(f, DropMessage) for f in hf_logger.filters):
+        hf_logger.addFilter(DropMessage("`pretrained` model kwarg is not of type `str`",
+                                        "Passed an already-initialized model through `pretrained`"))
 
 
 class LMEvalRunner:
     """Runs lm-eval tasks on the in-memory model through lm-eval's ``HFLM`` (one wrapper for all shapes).
 
-    Offline tasks (:data:`amoeba.lm_eval_tasks.LOCAL_TASKS` with a data directory) use configs rendered
-    into a temporary folder; the rest use lm-eval's stock tasks. Unknown names raise UsageError with the
-    closest known names.
+    Where each task comes from is :class:`LMEvalTasks`'s decision (the user's ``--lm_eval_include_path``
+    configs, this project's offline configs, or lm-eval's stock tasks). Unknown names raise UsageError with
+    the closest known names; a task whose data cannot be fetched raises UsageError naming it.
     """
 
     def __init__(self, model, tokenizer, tasks: Sequence[str], data_dir: Optional[str], batch_size: int = 8,
-                 limit: Optional[int] = None, num_fewshot: Optional[int] = None):
-        from amoeba.lm_eval_tasks import LOCAL_TASKS, render_tasks
-
-        if not tasks:
-            raise UsageError("no lm-eval task given", "--do_lm_eval_task")
+                 limit: Optional[int] = None, num_fewshot: Optional[int] = None,
+                 include_path: Optional[str] = None):
         if limit is not None and limit < 1:
             raise UsageError(f"{limit} must be at least 1", "--lm_eval_limit")
-        self.tasks = list(dict.fromkeys(tasks))
+        self.sources = LMEvalTasks(tasks, data_dir, include_path)
+        self.tasks = self.sources.tasks
         self.limit = limit
         self.num_fewshot = num_fewshot
-        self.local = [t for t in self.tasks if data_dir and t in LOCAL_TASKS]
-        self.hub = [t for t in self.tasks if t not in self.local]
-        self._tmp = None
-        self.managers = []
+        self.managers = self.sources.managers
         self.samples: dict = {}  # lm-eval's "n-samples" of the last run: {task: {original, effective}}
-        from lm_eval.tasks import TaskManager
-
-        if self.hub:
-            manager = _stock_task_manager()
-            known = set(manager.all_tasks)
-            unknown = [t for t in self.hub if t not in known]
-            if unknown:
-                hints = []
-                for name in unknown:
-                    close = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
-                    hints.append(f"'{name}'" + (f" (closest: {', '.join(close)})" if close else ""))
-                raise UsageError(f"unknown lm-eval task {'; '.join(hints)}", "--do_lm_eval_task")
-            self.managers.append((manager, self.hub))
-        if self.local:
-            self._tmp = tempfile.mkdtemp(prefix="amoeba_lm_eval_")
-            render_tasks(self.local, data_dir, self._tmp)
-            # Only the rendered folder: the offline configs must not be shadowed by the stock ones.
-            self.managers.append((TaskManager(include_path=self._tmp, include_defaults=False), self.local))
         from lm_eval.models.huggingface import HFLM
 
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        _quiet_in_memory_model_warnings()
+        try:
+            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        except BaseException:
+            self.close()
+            raise
 
     def run(self) -> tuple[dict[str, float], dict]:
         """Evaluate every task on the model's current subnet: (flat metrics, lm-eval's raw results)."""
@@ -258,10 +425,14 @@ class LMEvalRunner:
 
         flat, raw = {}, {}
         for manager, names in self.managers:
-            with _as_local_rank_zero():
-                out = lm_eval.simple_evaluate(model=self.lm, tasks=names, task_manager=manager, limit=self.limit,
-                                              num_fewshot=self.num_fewshot, log_samples=False,
-                                              bootstrap_iters=1000)
+            try:
+                with _as_local_rank_zero():
+                    out = lm_eval.simple_evaluate(model=self.lm, tasks=names, task_manager=manager,
+                                                  limit=self.limit, num_fewshot=self.num_fewshot,
+                                                  log_samples=False, bootstrap_iters=1000)
+            except _connection_errors() as err:  # the data had to come from the network and could not
+                logger.debug("lm-eval tasks %s could not get their data", names, exc_info=True)
+                raise self.sources.unavailable(names, err) from None
             if out is None:  # non-zero ranks of a distributed run get nothing back
                 continue
             raw.update(out["results"])
@@ -271,9 +442,7 @@ class LMEvalRunner:
 
     def close(self) -> None:
         """Remove the rendered task folder."""
-        if self._tmp:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        self.sources.close()
 
 
 @contextlib.contextmanager
@@ -441,7 +610,7 @@ def run_evaluation(args, model, tokenizer, em: ElasticModel, strategy=None) -> d
     runner = None
     if "lm_eval" in need:  # on every rank, so a bad task name stops every rank alike
         runner = LMEvalRunner(model, tokenizer, args.lm_eval_tasks, args.data_dir, batch_size=batch_size,
-                              limit=t.lm_eval_limit)
+                              limit=t.lm_eval_limit, include_path=t.lm_eval_include_path)
 
     was_training = model.training
     model.eval()  # dropout off, MoE router deterministic

@@ -36,20 +36,21 @@ for the current subnet. Entries outside the kept prefix are ignored.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from amoeba.elastic import IN_SLICED, OUT_SLICED, ElasticModel, _is_dense_linear, subnet_for
 from amoeba.errors import UsageError
-from amoeba.files import library_versions, write_json
+from amoeba.files import library_versions, writable_dir, write_json
 from amoeba.subnet import Subnet
 
 logger = logging.getLogger(__name__)
@@ -516,19 +517,16 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def export_subnet(model: nn.Module, tokenizer, em: ElasticModel, subnet: Subnet, out_dir: str | os.PathLike,
                   overwrite: bool = False, provenance: Optional[dict[str, Any]] = None,
-                  export_format: str = "exact") -> Path:
+                  export_format: str = "exact", protected: Sequence[tuple[Any, str, str]] = ()) -> Path:
     """Write ``subnet`` as a Hugging Face model folder (safetensors, config, tokenizer, record).
 
     Per-layer widths in the ``exact`` format also get ``modeling_amoeba.py`` (see the module docstring).
-    The folder is written to a temporary sibling and renamed into place; an existing ``out_dir`` is
-    replaced only with ``overwrite=True``. ``provenance`` (base model, strategy file and hash, adapters
-    folder, ...) is stored in ``amoeba_export.json`` with the shape and parameter counts.
+    The folder is written to a temporary sibling and renamed into place. Whether ``out_dir`` may be written,
+    or replaced, is decided by :func:`check_export_target` (``overwrite`` and the ``protected`` paths, see
+    :func:`protected_paths`). ``provenance`` (base model, strategy file and hash, adapters folder, ...) is
+    stored in ``amoeba_export.json`` with the shape and parameter counts.
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists; pass --overwrite to replace it", "--export_dir")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder", "--export_dir")
+    out = check_export_target(out_dir, overwrite, protected)
     sliced = slice_subnet(model, em, subnet, export_format)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -587,11 +585,69 @@ def export_record(sliced: SlicedModel, em: ElasticModel, provenance: Optional[di
     return record
 
 
+def is_export_folder(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder this project wrote as an export: its ``amoeba_export.json`` is a record
+    with the shape and parameter count (the marker :func:`check_export_target` requires before replacing it)."""
+    record = Path(path) / EXPORT_RECORD
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("shape"), dict) and "param_count" in data
+
+
+def _within(path: str, folder: str) -> bool:
+    """True when ``path`` is ``folder`` or lies inside it (both absolute and normalised)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False,
+                        protected: Sequence[tuple[Any, str, str]] = (), flag: str = "--export_dir") -> Path:
+    """The one rule for where an export may be written; returns ``out_dir`` as a Path or raises UsageError.
+
+    - ``out_dir`` is never one of the ``protected`` paths (``(path, its flag, what it is)``: the run's output
+      folder, the model, adapters and strategy being read) nor a folder holding one of them, whether or not it
+      exists yet, and with or without ``overwrite``;
+    - an existing ``out_dir`` is replaced only with ``overwrite`` and only when it is an earlier export of this
+      project (:func:`is_export_folder`); any other folder or file is never deleted;
+    - its parent must exist or be creatable, and be writable.
+    A new subfolder of a protected folder (an export inside the run folder) is fine.
+    """
+    text = os.fspath(out_dir)
+    if not text.strip():
+        raise UsageError("an empty path names no folder; give the folder to write the export to", flag)
+    out = Path(text).expanduser()
+    # compare both the path as given and with links resolved: whichever way the names meet, refuse
+    mine = {os.path.abspath(out), os.path.realpath(out)}
+    for path, what_flag, what in protected:
+        if path is None or not os.fspath(path).strip():
+            continue
+        theirs = {os.path.abspath(Path(path).expanduser()), os.path.realpath(Path(path).expanduser())}
+        if any(_within(p, m) for p in theirs for m in mine):
+            same = bool(mine & theirs)
+            raise UsageError(f"{out} {'is' if same else 'holds'} {what} ({what_flag} {path}); an export never "
+                             "replaces it, choose another folder (a new subfolder is fine)", flag)
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise UsageError(f"{out} exists and is not a folder", flag)
+        if not overwrite:
+            raise UsageError(f"{out} already exists; pass --overwrite to replace an earlier export", flag)
+        if not is_export_folder(out):
+            raise UsageError(f"{out} is not an export written by this project (it has no valid {EXPORT_RECORD}); "
+                             "--overwrite only replaces earlier exports, choose another folder", flag)
+    writable_dir(out.parent, flag, create=False)
+    return out
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and deleted only afterwards."""
+    """Rename ``tmp`` to ``out``; an existing ``out`` (an earlier export, see :func:`check_export_target`) is
+    moved aside first and deleted only afterwards."""
     if not out.exists():
         os.replace(tmp, out)
         return
+    if not is_export_folder(out):  # checked before the work; refuse again if it changed since
+        raise UsageError(f"{out} is no longer an export written by this project; nothing was replaced",
+                         "--export_dir")
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     os.replace(out, old)
     try:
@@ -599,7 +655,25 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     except BaseException:
         os.replace(old, out)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # a link to the earlier export was replaced: drop the link, not what it points to
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def protected_paths(args) -> list[tuple[str, str, str]]:
+    """What an export of this run may never be nor contain, as ``(path, flag, what)`` for
+    :func:`check_export_target`: the run's ``--output_dir``, and the model, adapters and strategy it reads."""
+    t = args.train
+    paths = [(t.output_dir, "--output_dir", "the run's own output folder")]
+    model = args.model.model_name_or_path
+    if model and Path(model).expanduser().exists():  # a hub id names no local folder
+        paths.append((model, "--model_name_or_path", "the model being read"))
+    if t.adapter_dir:
+        paths.append((t.adapter_dir, "--adapter_dir", "the adapters being read"))
+    if t.shrinking_file:
+        paths.append((t.shrinking_file, "--shrinking_file", "the strategy file being read"))
+    return paths
 
 
 # ---------------------------------------------------------------------------------------- from flags
@@ -623,7 +697,7 @@ def export_from_args(args, model: nn.Module, tokenizer, em: ElasticModel, strate
     subnet = resolve_subnet(em, strategy, layers, width, t.shrinking_method)
     provenance = export_provenance(args, model)
     return export_subnet(model, tokenizer, em, subnet, t.export_dir, overwrite=t.overwrite, provenance=provenance,
-                         export_format=t.export_format)
+                         export_format=t.export_format, protected=protected_paths(args))
 
 
 def resolve_subnet(em: ElasticModel, strategy, layers: int, width: float, shrinking_method: str = "calib_dp",

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from amoeba.errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "lm_eval", "bitsandbytes", "numpy",
@@ -49,6 +51,48 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def writable_dir(path: str | os.PathLike, flag: str, create: bool = True) -> Path:
+    """The folder ``path``, checked to be one this process can write into; with ``create`` it is made (with its
+    parents). Everything else is a UsageError naming ``flag``: an empty path (it would mean the current folder),
+    a file, a path under a file, a folder without write permission.
+
+    Every folder a command writes into goes through here before any work starts, so a bad one costs one line
+    instead of a traceback after the work.
+    """
+    text = os.fspath(path)
+    if not text.strip():
+        raise UsageError("an empty path names no folder; give one (e.g. ./output)", flag)
+    folder = Path(text).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is a file, not a folder", flag)
+    nearest = folder
+    while not nearest.exists() and not nearest.is_symlink() and nearest.parent != nearest:
+        nearest = nearest.parent  # the closest part of the path that exists decides whether it can be made
+    if not nearest.is_dir():
+        raise UsageError(f"cannot create {folder}: {nearest} is not a folder", flag)
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise UsageError(f"{nearest} is not writable", flag)
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"cannot create {folder}: {err.strerror or err}", flag) from None
+    return folder
+
+
+def writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """The file ``path``, checked to be one this process can write (atomically, beside it): not empty, not a
+    folder, in a folder that exists or can be made and is writable. Problems are a UsageError naming ``flag``."""
+    text = os.fspath(path)
+    if not text.strip():
+        raise UsageError("an empty path names no file", flag)
+    target = Path(text).expanduser()
+    if target.is_dir():
+        raise UsageError(f"{target} is a folder; give the path of the file to write", flag)
+    writable_dir(target.parent, flag, create=False)
+    return target
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

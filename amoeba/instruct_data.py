@@ -13,7 +13,6 @@ fly: ``bos + prompt`` (at most ``--source_max_len`` tokens) then ``response + eo
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
@@ -23,7 +22,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from amoeba.args import shown
 from amoeba.errors import UsageError
+from amoeba.text_data import read_text_content
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +63,7 @@ def alpaca_prompt(instruction: str, context: str = "") -> str:
 # Reading files (with line numbers for every complaint)
 # ----------------------------------------------------------------------------------------------
 def _open_text(path: Path) -> str:
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8") as fh:
-                return fh.read()
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError, EOFError) as err:
-        raise UsageError(f"cannot read {path}: {err}", "--dataset") from None
+    return read_text_content(path, "--dataset")
 
 
 def _line_of(text: str, pos: int) -> int:
@@ -97,6 +92,9 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, object]]:
         except json.JSONDecodeError as err:
             raise UsageError(f"{path}, line {n}: not valid JSON ({err.msg}, column {err.colno})",
                              "--dataset") from None
+        except (ValueError, RecursionError) as err:  # a number too long to convert; nesting too deep
+            raise UsageError(f"{path}, line {n}: not valid JSON ({shown(str(err) or 'nested too deeply')})",
+                             "--dataset") from None
     if not out:
         raise UsageError(f"{path} holds no records", "--dataset")
     return out
@@ -123,6 +121,9 @@ def _read_array(text: str, pos: int, path: Path, decoder: json.JSONDecoder) -> l
         except json.JSONDecodeError as err:
             raise UsageError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})",
                              "--dataset") from None
+        except (ValueError, RecursionError) as err:
+            raise UsageError(f"{path}, line {_line_of(text, pos)}: not valid JSON "
+                             f"({shown(str(err) or 'nested too deeply')})", "--dataset") from None
         out.append((_line_of(text, pos), obj))
         pos = skip_ws(end)
         if pos < n and text[pos] == ",":

@@ -1,7 +1,12 @@
 """Load a base model and its tokenizer: a hub id, a local folder, or a ``.gguf`` file.
 
 Precision follows ``--fp16/--bf16``; ``--bits 4|8`` quantizes through bitsandbytes (CUDA only).
-The architecture is checked from the config before any weight is read.
+
+Every local model is checked in one place, :func:`check_model_source`, before a library reads it (the JSON
+files parse, a weight file exists and each safetensors file is as long as its header says, a tokenizer file
+exists, a ``.gguf`` starts with the GGUF magic); what only the libraries can find (a mistyped value in
+config.json, weights that do not fit the config, a damaged ``.bin``) is translated where they are called
+(:func:`_reading`). Either way a bad model gives one :class:`UsageError` naming the file and the problem.
 
 ``--device_map`` (``auto`` or a JSON file of module -> device) spreads one model over several GPUs of
 one process through accelerate's hooks, for calibration and evaluation of a model too big for one GPU.
@@ -10,16 +15,19 @@ The hooks are attached even when the map names one device, so every placement ru
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
+import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from amoeba.args import DEFAULT_MODEL_DIR, ModelArguments, TrainingArguments
+from amoeba.args import DEFAULT_MODEL_DIR, ModelArguments, TrainingArguments, shown
 from amoeba.elastic import SUPPORTED_MODEL_TYPES
 from amoeba.errors import UsageError
 
@@ -28,6 +36,16 @@ logger = logging.getLogger(__name__)
 FLAG = "--model_name_or_path"
 DEVICE_MAP_FLAG = "--device_map"
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+# The weight files from_pretrained looks for, in its order of preference.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+# Files a tokenizer is built from (one is enough); the JSON files next to them must parse.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# Config sizes the model is built from: a zero or negative one fails deep inside torch.
+CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings")
+MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors format's own limit on its JSON header
 
 
 def compute_dtype(train_args: TrainingArguments) -> torch.dtype:
@@ -50,11 +68,15 @@ def _looks_local(name: str) -> bool:
 def resolve_model_path(name: str) -> tuple[str, Optional[str]]:
     """(folder or hub id, gguf file name or None) for ``--model_name_or_path``; missing paths raise."""
     path = Path(os.path.expanduser(name))
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except OSError as err:  # e.g. a name longer than the file system allows
+        raise UsageError(f"'{shown(name)}' cannot be a model: {err.strerror or err}", FLAG) from None
     if path.suffix == ".gguf":
-        if not path.is_file():
+        if not is_file:
             raise UsageError(f"no such file: {name}", FLAG)
         return str(path.parent), path.name
-    if path.exists():
+    if exists:
         if not path.is_dir() or not (path / "config.json").is_file():
             raise UsageError(f"{name} is not a model folder (no config.json)", FLAG)
         return str(path), None
@@ -66,20 +88,198 @@ def resolve_model_path(name: str) -> tuple[str, Optional[str]]:
     return name, None  # a hub id such as meta-llama/Llama-2-7b-hf
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A checked ``--model_name_or_path``: what ``from_pretrained`` reads, and how messages name its parts."""
+
+    name: str  # as the user gave it
+    where: str  # a local folder, the folder of a .gguf file, or a hub id
+    gguf: Optional[str] = None  # the .gguf file name inside ``where``
+    weights: Optional[str] = None  # the weight file (or the folder of a sharded model), when local
+
+    @property
+    def local(self) -> bool:
+        """True for a folder or .gguf on this machine (a hub id is fetched into the cache when loaded)."""
+        return self.gguf is not None or Path(self.where).is_dir()
+
+    def file(self, name: str) -> str:
+        """How messages name one of the model's files: its path, the .gguf file, or hub id plus file name."""
+        if self.gguf is not None:
+            return str(Path(self.where) / self.gguf)
+        return str(Path(self.where) / name) if self.local else f"{self.where} ({name})"
+
+
+def check_model_source(name: str) -> ModelSource:
+    """Resolve ``--model_name_or_path`` and check its files before any library reads them.
+
+    The one place a local model is validated: config.json is a JSON object naming a supported architecture;
+    the weights exist (a sharded model's index lists files that exist) and every safetensors file is as long
+    as its header says; a tokenizer file exists and the tokenizer's JSON files parse; a ``.gguf`` starts with
+    the GGUF magic bytes. Only the small JSON files and the weights' headers are read. Problems raise
+    UsageError naming the file.
+    """
+    where, gguf = resolve_model_path(name)
+    if gguf is not None:
+        _check_gguf(Path(where) / gguf)
+        return ModelSource(name, where, gguf, str(Path(where) / gguf))
+    folder = Path(where)
+    if not folder.is_dir():
+        return ModelSource(name, where)
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise _bad(folder / "config.json", "is not a JSON object")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str):
+        raise _bad(folder / "config.json", "names no model_type (the architecture, e.g. llama)")
+    _check_architecture(model_type, name)
+    weights = _weight_files(folder)
+    for file in weights:
+        if file.name.endswith(".safetensors"):
+            _check_safetensors(file)
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise _bad(folder, f"holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    for file in TOKENIZER_JSON:
+        if (folder / file).is_file():
+            _read_json(folder / file)
+    return ModelSource(name, where, None, str(weights[0] if len(weights) == 1 else folder))
+
+
+def _bad(path, problem: str) -> UsageError:
+    return UsageError(f"{path} {problem}", FLAG)
+
+
+def _check_architecture(model_type: str, name: str) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UsageError(f"architecture '{model_type}' of {name} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}", FLAG)
+
+
+def _read_json(path: Path):
+    """The parsed JSON of one of the model's small files (config, tokenizer, shard index)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _bad(path, "is missing") from None
+    except UnicodeDecodeError:
+        raise _bad(path, "is not text (not UTF-8): a damaged or binary file") from None
+    except json.JSONDecodeError as err:
+        raise _bad(path, f"is not valid JSON ({err.msg}: line {err.lineno} column {err.colno})") from None
+    except (ValueError, RecursionError) as err:  # a number too long to convert; nesting too deep
+        raise _bad(path, f"is not valid JSON ({shown(str(err) or 'nested too deeply')})") from None
+    except OSError as err:
+        raise _bad(path, f"cannot be read ({err.strerror or err})") from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files from_pretrained will read from ``folder`` (every shard of a sharded model)."""
+    for name in WEIGHT_FILES:
+        file = folder / name
+        if not file.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [file]
+        index = _read_json(file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(v, str) for v in weight_map.values()):
+            raise _bad(file, "has no weight_map {tensor name: shard file}")
+        shards = [folder / shard for shard in sorted(set(weight_map.values()))]
+        for shard in shards:
+            if not shard.is_file():
+                raise _bad(shard, f"is missing (listed in {file.name})")
+        return shards
+    raise _bad(folder, f"holds no weights (none of {', '.join(WEIGHT_FILES)})")
+
+
+def _read_head(path: Path, count: int, start: int = 0) -> tuple[bytes, int]:
+    """(``count`` bytes of ``path`` from ``start``, the file's size)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            return fh.read(count), os.fstat(fh.fileno()).st_size
+    except OSError as err:
+        raise _bad(path, f"cannot be read ({err.strerror or err})") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors the header places:
+    its size must be exactly what the header describes (a cut-short copy is not)."""
+    head, size = _read_head(path, 8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if not 0 < length <= min(size - 8, MAX_SAFETENSORS_HEADER):
+        raise _bad(path, f"is not a safetensors file, or is cut short ({size} bytes)")
+    raw, _ = _read_head(path, length, start=8)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        raise _bad(path, "is not a safetensors file (its header does not parse)") from None
+    if 8 + length + end != size:
+        raise _bad(path, f"is damaged or cut short: its header describes {8 + length + end} bytes, the file has "
+                         f"{size}")
+
+
+def _check_gguf(path: Path) -> None:
+    if _read_head(path, 4)[0] != b"GGUF":
+        raise _bad(path, "is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def _library_errors() -> tuple[type, ...]:
+    """What transformers, safetensors, torch and huggingface_hub raise on a file they cannot use."""
+    errors = [OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError, EOFError, OverflowError,
+              pickle.UnpicklingError]
+    with contextlib.suppress(ImportError):
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.errors import StrictDataclassError  # a mistyped value in config.json
+
+        errors.append(StrictDataclassError)
+    return tuple(errors)
+
+
+@contextlib.contextmanager
+def _reading(what: str, source: str):
+    """Turn a library's failure to read ``what`` from ``source`` into one UsageError line.
+
+    Runs around every from_pretrained call. The files were checked already (check_model_source); what fails
+    here is what only the library sees, so its own message is kept, on one line."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except _library_errors() as err:
+        if isinstance(err, torch.cuda.OutOfMemoryError):  # the machine's limit, not the files' fault
+            raise
+        if isinstance(err, pickle.UnpicklingError):  # torch.load's message is a page about weights_only
+            text = "damaged, or not a weights file that torch.load reads safely"
+        else:
+            text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+        raise UsageError(f"cannot load {what} from {source}: {shown(text, 300)}", FLAG) from None
+
+
+def _check_config_sizes(config, source: str) -> None:
+    for key in CONFIG_SIZES:
+        value = getattr(config, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise _bad(source, f"gives {key} = {value!r}; it must be a positive integer")
+
+
 def load_config(name: str, trust_remote_code: bool = False, token=None):
-    """The model config, with the architecture checked against the supported family."""
+    """The model config, with the files checked and the architecture checked against the supported family."""
+    return _load_config(check_model_source(name), trust_remote_code, token)
+
+
+def _load_config(source: ModelSource, trust_remote_code: bool, token):
     from transformers import AutoConfig
 
-    where, gguf = resolve_model_path(name)
-    try:
-        config = AutoConfig.from_pretrained(where, gguf_file=gguf, trust_remote_code=trust_remote_code,
+    where = source.file("config.json")
+    with _reading("the config", where):
+        config = AutoConfig.from_pretrained(source.where, gguf_file=source.gguf, trust_remote_code=trust_remote_code,
                                             token=token)
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"cannot load '{name}': {first}", FLAG) from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UsageError(f"architecture '{config.model_type}' of {name} is not supported; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}", FLAG)
+    _check_architecture(config.model_type, source.name)
+    _check_config_sizes(config, where)
     return config
 
 
@@ -198,27 +398,88 @@ def attach_device_hooks(model, device_map) -> None:
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, token=None, cache_dir=None):
     """The tokenizer, right-padded, with a pad token set when it has none (unk, else eos)."""
+    return _load_tokenizer(check_model_source(name), trust_remote_code, token, cache_dir)
+
+
+def _load_tokenizer(source: ModelSource, trust_remote_code: bool, token, cache_dir):
     from transformers import AutoTokenizer
 
-    where, gguf = resolve_model_path(name)
-    tok = AutoTokenizer.from_pretrained(where, gguf_file=gguf, padding_side="right", use_fast=True,
-                                        trust_remote_code=trust_remote_code, token=token, cache_dir=cache_dir)
+    folder = source.local and source.gguf is None
+    with _reading("the tokenizer", source.where if folder else source.file("tokenizer")):
+        tok = AutoTokenizer.from_pretrained(source.where, gguf_file=source.gguf, padding_side="right",
+                                            use_fast=True, trust_remote_code=trust_remote_code, token=token,
+                                            cache_dir=cache_dir)
+    _set_pad_token(tok)
+    return tok
+
+
+def _set_pad_token(tok) -> None:
     if tok.pad_token is None:
         # Reuse an existing token rather than growing the vocabulary: exported subnets keep the
         # base model's embedding shape. Padding is excluded by the attention mask and labels.
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
         logger.info("tokenizer had no pad token; using %r", tok.pad_token)
-    return tok
+
+
+class _HoldLoadReport(logging.Filter):
+    """Holds back transformers' load report (a table of every tensor that did not load) while this module
+    loads weights: missing, mismatched and unused tensors become one line here (:func:`_check_loaded`). A
+    report with CONVERSION entries passes: transformers' error after it points the reader to them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return "LOAD REPORT" not in text or "CONVERSION" in text
+
+
+def _check_loaded(info: dict, source: str) -> None:
+    """Refuse weights that do not make the model: tensors of the wrong shape, or tensors missing (which
+    transformers would fill with random values)."""
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: str(m[0]))
+    if mismatched:
+        key, stored, wanted = mismatched[0][:3]
+        raise _bad(source, f"does not fit config.json: {len(mismatched)} tensors have other shapes (e.g. {key}: "
+                           f"{list(stored)} stored, {list(wanted)} by the config)")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise _bad(source, f"lacks {len(missing)} of the model's tensors (e.g. {missing[0]}): weights of another "
+                           "model, or incomplete")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        logger.warning("%s: %d stored tensors are not part of the model and were ignored (e.g. %s)", source,
+                       len(unexpected), unexpected[0])
+
+
+def _from_pretrained(source: ModelSource, kwargs: dict):
+    """``AutoModelForCausalLM.from_pretrained`` with its failures translated and the loaded tensors checked."""
+    from transformers import AutoModelForCausalLM
+
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    hold = _HoldLoadReport()
+    report_logger.addFilter(hold)
+    try:
+        with _reading("the weights", source.weights or source.where):
+            try:
+                # Mismatched shapes are reported by _check_loaded, with the first tensor named, not by a table.
+                model, info = AutoModelForCausalLM.from_pretrained(source.where, output_loading_info=True,
+                                                                   ignore_mismatched_sizes=True, **kwargs)
+            except ValueError as err:
+                if "dispatched on the CPU or the disk" not in str(err):
+                    raise
+                raise UsageError("the quantized model does not fit on the GPUs (it would be offloaded to the CPU "
+                                 "or disk, which bitsandbytes cannot run); use more GPUs", DEVICE_MAP_FLAG) from None
+    finally:
+        report_logger.removeFilter(hold)
+    _check_loaded(info, source.weights or source.where)
+    return model
 
 
 def load_model_and_tokenizer(model_args: ModelArguments, train_args: TrainingArguments):
     """Load the base model (eval mode, ``use_cache`` off) and tokenizer from ``--model_name_or_path``."""
-    from transformers import AutoModelForCausalLM
-
     name = model_args.model_name_or_path
     token = True if model_args.use_auth_token else None
-    load_config(name, model_args.trust_remote_code, token)  # fails fast on a bad path or architecture
-    where, gguf = resolve_model_path(name)
+    source = check_model_source(name)  # fails fast on a bad path, file or architecture
+    _load_config(source, model_args.trust_remote_code, token)
+    where, gguf = source.where, source.gguf
     dtype = compute_dtype(train_args)
     device_map = resolve_device_map(getattr(model_args, "device_map", None), train_args)
     if device_map is not None and gguf is not None:
@@ -239,24 +500,19 @@ def load_model_and_tokenizer(model_args: ModelArguments, train_args: TrainingArg
 
         if qconfig is not None:
             raise UsageError("a .gguf model cannot be re-quantized with --bits; convert it to a folder first", "--bits")
-        model, tok = load_gguf(Path(where) / gguf, dtype=dtype)
+        with _reading("the model", source.file(gguf)):
+            model, tok = load_gguf(Path(where) / gguf, dtype=dtype)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        except ValueError as err:
-            if device_map is None or "dispatched on the CPU or the disk" not in str(err):
-                raise
-            raise UsageError("the quantized model does not fit on the GPUs (it would be offloaded to the CPU or "
-                             "disk, which bitsandbytes cannot run); use more GPUs", DEVICE_MAP_FLAG) from None
+        model = _from_pretrained(source, kwargs)
         tok = None
         if device_map is not None:
             _check_placement(model)
             attach_device_hooks(model, device_map)
             logger.info("placed on %s", ", ".join(sorted({str(d) for d in model.hf_device_map.values()})))
     if tok is None:
-        tok = load_tokenizer(name, model_args.trust_remote_code, token, train_args.cache_dir)
-    elif tok.pad_token is None:
-        tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
+        tok = _load_tokenizer(source, model_args.trust_remote_code, token, train_args.cache_dir)
+    else:
+        _set_pad_token(tok)
     if qconfig is None and device_map is None and torch.cuda.is_available():
         model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     model.config.use_cache = False

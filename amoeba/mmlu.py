@@ -19,6 +19,7 @@ import csv
 import logging
 import math
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,33 @@ SPLITS = {"eval": "val", "validation": "val", "val": "val", "test": "test", "dev
 HUB_SPLITS = {"val": "validation", "test": "test", "dev": "dev"}
 HUB_DATASET = "cais/mmlu"
 SPLIT_NAMES = {"val": "validation", "test": "test", "dev": "dev"}  # as calibration records write them
+SAFE_NAME = re.compile(r"[a-z0-9_]+")  # the only names a data folder may hand to a generated file
+
+
+def _shown(text: str) -> str:
+    """``text`` as one printable line (a file name may hold newlines or control characters)."""
+    return text if text.isprintable() else ascii(text)
+
+
+def safe_name(name: str, source, flag: Optional[str] = "--data_dir") -> str:
+    """``name``, a string taken from a data file or folder (an MMLU subject from a CSV's file name), if it
+    passes the project's one safe-name rule: lowercase ASCII letters, digits and underscores, nothing else.
+
+    Such names go into generated files: lm-eval task configs (task names, and a ``description`` that lm-eval
+    renders as a Jinja template, so ``{{ ... }}`` in a file name would run as code) and metrics.json keys.
+    Anything else is refused with a UsageError naming ``source`` (the file): the data is the user's, so it is
+    reported rather than silently skipped or rewritten.
+    """
+    if not SAFE_NAME.fullmatch(name):
+        raise UsageError(f"{_shown(str(source))}: {ascii(name)} is not a safe name (names taken from data files "
+                         "may hold only a-z, 0-9 and _); rename or remove it", flag)
+    return name
+
+
+def subject_of(path: str | os.PathLike, split: str) -> str:
+    """The MMLU subject of a per-subject CSV (``<subject>_<split>.csv``), checked by :func:`safe_name`."""
+    path = Path(path)
+    return safe_name(path.name[: -len(f"_{split}.csv")], path)
 
 
 def split_name(split: Optional[str]) -> Optional[str]:
@@ -105,7 +133,11 @@ def _local_split(data_dir: Path, split: str) -> dict[str, list[_Question]]:
     files = sorted(folder.glob(f"*_{split}.csv"))
     if not files:
         raise UsageError(f"no MMLU {split} files (*_{split}.csv) in {folder}", "--data_dir")
-    return {f.name[: -len(f"_{split}.csv")]: _read_csv(f, f.name[: -len(f"_{split}.csv")]) for f in files}
+    out = {}
+    for f in files:
+        subject = subject_of(f, split)
+        out[subject] = _read_csv(f, subject)
+    return out
 
 
 def _hub_split(split: str) -> dict[str, list[_Question]]:
@@ -119,6 +151,7 @@ def _hub_split(split: str) -> dict[str, list[_Question]]:
                          "to an offline data directory", "--data_dir") from None
     out: dict[str, list[_Question]] = defaultdict(list)
     for row in ds:
+        safe_name(row["subject"], f"{HUB_DATASET} ({HUB_SPLITS[split]})", None)
         out[row["subject"]].append(_Question(row["subject"], row["question"], tuple(row["choices"]),
                                              int(row["answer"])))
     return dict(sorted(out.items()))

@@ -47,11 +47,17 @@ def run(args: Arguments) -> None:
                              "--adapter_dir")
         if not Path(t.adapter_dir).is_dir() or find_adapter_dir(t.adapter_dir) is None:
             raise UsageError(f"no trained adapters in {t.adapter_dir}", "--adapter_dir")
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_run_record(out, args)
+    if t.do_lm_eval and not t.width_calib:  # an unknown task, or one without its data, fails before the model loads
+        from amoeba.evaluation import check_lm_eval_tasks
+
+        check_lm_eval_tasks(args)
+    out = prepare_output_folders(args)
     model, tokenizer = load_model_and_tokenizer(args.model, t)
     set_seed(t.seed)
+    if not t.do_train or t.width_calib:
+        # A training run writes its record once it knows the folder is its own (not an earlier run's, which a
+        # refused command must leave untouched): see amoeba.training.prepare_trainer.
+        save_run_record(out, args)
 
     if t.width_calib:
         from amoeba.flap import run_width_calibration
@@ -101,6 +107,22 @@ def run(args: Arguments) -> None:
         from amoeba.evaluation import run_evaluation
 
         run_evaluation(args, model, tokenizer, em, strategy)
+
+
+def prepare_output_folders(args: Arguments) -> Path:
+    """Refuse, before any work, output folders that cannot be written or an export that would replace data;
+    return ``--output_dir``, created. ``--export_dir`` follows the export rule
+    (:func:`amoeba.export.check_export_target`: never the run's own folder, the model, adapters or strategy
+    being read, nor a folder holding them; ``--overwrite`` replaces only an earlier export)."""
+    from amoeba.files import writable_dir
+
+    t = args.train
+    if t.export_dir is not None and not t.width_calib:  # width calibration ends the run before any export
+        from amoeba.export import check_export_target, protected_paths
+
+        writable_dir(t.output_dir, "--output_dir", create=False)  # its problems first: it is named first
+        check_export_target(t.export_dir, t.overwrite, protected_paths(args))
+    return writable_dir(t.output_dir, "--output_dir")
 
 
 def check_shapes(args: Arguments, num_layers: int) -> None:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from amoeba.args import shown
 from amoeba.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,24 @@ def is_local_text_file(name: str) -> bool:
     return str(name).lower().endswith(LOCAL_SUFFIXES)
 
 
+def read_text_content(path: Union[str, os.PathLike], flag: str) -> str:
+    """The whole text of ``path`` as UTF-8 (decompressed first when it ends in ``.gz``).
+
+    A file that cannot be read, a damaged gzip stream and bytes that are not UTF-8 text (a binary file given
+    as text) raise UsageError naming ``flag`` and the file."""
+    path = Path(path)
+    try:
+        if path.name.lower().endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8") as fh:
+                return fh.read()
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text (byte {err.start} of its text: {err.reason}); is it a binary "
+                         "file?", flag) from None
+    except (OSError, EOFError, zlib.error) as err:  # gzip: BadGzipFile (an OSError), EOFError, zlib.error
+        raise UsageError(f"cannot read {path}: {err}", flag) from None
+
+
 def read_text_file(path: Union[str, os.PathLike], flag: str = FLAG) -> str:
     """The text of a local ``.txt`` file, or the ``text`` fields of a ``.json``/``.jsonl(.gz)`` file
     joined by blank lines."""
@@ -79,17 +99,17 @@ def read_text_file(path: Union[str, os.PathLike], flag: str = FLAG) -> str:
     if not path.is_file():
         raise UsageError(f"no such file: {path}", flag)
     name = path.name.lower()
+    raw = read_text_content(path, flag)
     if name.endswith(".txt"):
-        return path.read_text(encoding="utf-8")
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as fh:
-        raw = fh.read()
+        return raw
     rows: list
     if name.endswith(".json"):
         try:
             rows = json.loads(raw)
         except json.JSONDecodeError:
             rows = None  # a .json file written as JSON lines
+        except (ValueError, RecursionError) as err:  # a number too long to convert; nesting too deep
+            raise UsageError(f"{path} is not valid JSON ({shown(str(err) or 'nested too deeply')})", flag) from None
         if isinstance(rows, dict):
             rows = rows.get("data") or rows.get("rows") or [rows]
         if rows is None:
@@ -118,6 +138,9 @@ def _json_lines(raw: str, path: Path, flag: str) -> list:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
             raise UsageError(f"{path}:{lineno}: not valid JSON ({err.msg})", flag) from None
+        except (ValueError, RecursionError) as err:
+            raise UsageError(f"{path}:{lineno}: not valid JSON ({shown(str(err) or 'nested too deeply')})",
+                             flag) from None
     return rows
 
 
@@ -148,7 +171,7 @@ def load_text(name_or_path: str, split: str = "test", data_dir: Union[str, os.Pa
         path = root / rel
         if not path.is_file():
             raise UsageError(f"{key}: expected the offline file {path}", "--data_dir")
-        text = read_text_file(path)
+        text = read_text_file(path, "--data_dir")
         logger.info("%s/%s: %d characters from %s", key, split, len(text), path)
         return text
     return _load_from_hub(key, split)

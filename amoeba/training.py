@@ -15,13 +15,18 @@ same loss as the sandwich's distilled subnets.
 
 Only the adapters (and the MoE router) train. Checkpoints hold the adapters (``adapter_model/``, in the
 base model's original head/channel order), optimizer, scheduler and RNG states; the base weights are
-never written.
+never written. A checkpoint is complete once its ``trainer_state.json`` exists: it is written last, atomically,
+after every other file of the checkpoint is on disk, and only when the adapters and optimizer state are finite.
+``--resume_training`` continues from the newest checkpoint that validates (:func:`checkpoint_problem`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -33,17 +38,20 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from amoeba.adapters import (ADAPTER_DIR, CONFIG_FILE, adapters_disabled, add_adapters, get_router, load_adapters,
-                             save_adapters)
+from amoeba.adapters import (ADAPTER_DIR, adapter_state_dict, adapters_disabled, add_adapters, get_router,
+                             load_adapters, save_adapters)
 from amoeba.args import parse_ratio, width_key
 from amoeba.elastic import ElasticModel, subnet_for
 from amoeba.errors import Interrupted, UsageError
-from amoeba.files import atomic_path, write_json, write_text
+from amoeba.files import atomic_path, save_run_record, write_json, write_text
 from amoeba.subnet import Subnet
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.json"
+TRAINER_STATE = "trainer_state.json"  # the "checkpoint complete" marker: written last
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+SCALER_FILE = "scaler.pt"
 
 
 class TrainingDiverged(UsageError):
@@ -341,11 +349,40 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         return ref / ga
 
     def _diverged_message(self, value: float, role: str, subnet: Subnet) -> str:
-        ckpt = last_complete_checkpoint(self.args.output_dir)
-        kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
         return (f"training loss became {value} at step {self.state.global_step + 1} ({role} subnet "
-                f"{subnet.label}); stopped without applying it, {kept}. Lower --learning_rate (or check "
-                "the data and --bits), then continue with --resume_training")
+                f"{subnet.label}); stopped without applying it, {self._last_good()}. Lower --learning_rate (or "
+                "check the data and --bits), then continue with --resume_training")
+
+    def _last_good(self) -> str:
+        ckpt = last_complete_checkpoint(self.args.output_dir)
+        return f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+
+    def nonfinite_state(self) -> Optional[str]:
+        """The name of the first adapter/router tensor or optimizer state that holds NaN/inf, or None.
+
+        One host-device sync per device: the per-tensor checks are combined before anything is read back."""
+        params = adapter_state_dict(self.em.model)
+        named = [(f"adapter {k}", v.detach()) for k, v in params.items()]
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None:
+            index = {id(p): k for k, p in params.items()}
+            for param, slots in getattr(optimizer, "state", {}).items():
+                for slot, value in slots.items():
+                    if torch.is_tensor(value) and value.is_floating_point():
+                        named.append((f"optimizer {slot} of {index.get(id(param), 'a parameter')}", value.detach()))
+        return _first_nonfinite(named)
+
+    def _check_finite_before_save(self) -> None:
+        # every process checks (the adapters are the same everywhere) and all agree, so none waits alone in a
+        # later collective while the others stop
+        bad = self.nonfinite_state()
+        flag = mean_over_processes(torch.tensor(float(bad is not None), device=self.args.device))
+        if float(flag) > 0:
+            step = self.state.global_step
+            raise TrainingDiverged(
+                f"{bad or 'the adapters of another process'} became non-finite at step {step} (the loss was finite: "
+                f"non-finite gradients); stopped without writing checkpoint-{step}, {self._last_good()}. Lower "
+                "--learning_rate (or check the data and --bits), then continue with --resume_training")
 
     # --- evaluation: the largest subnet
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -384,6 +421,40 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         load_adapters(self.em.model, self.em, where, resuming=True)
         logger.info("resumed adapters from %s", where)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, made durable: refused when the adapters or optimizer state are not finite;
+        every file is fsynced before ``trainer_state.json``, the completion marker, is written atomically (a
+        temporary file, fsync, rename), so a checkpoint with its marker is whole even after a kill or power loss;
+        older checkpoints are rotated away only after that."""
+        self._check_finite_before_save()
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            # A folder of this step can only be left from a run that was abandoned at an older checkpoint (resume
+            # takes the newest valid one): its stale marker must not vouch for the files now being rewritten.
+            _remove_marker(folder)
+        state = self.state
+
+        def save_to_json(json_path: str, _plain=state.save_to_json) -> None:
+            path = Path(json_path)
+            if path.name == TRAINER_STATE and path.parent == folder:
+                _write_marker(state, path)
+            else:
+                _plain(json_path)
+
+        state.save_to_json = save_to_json  # this instance only, for this save
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            vars(state).pop("save_to_json", None)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self.args.world_size > 1:
+            # each process writes its own RNG file: all must be on disk before the first process writes the marker
+            for path in Path(output_dir).glob(f"rng_state_{self.args.process_index}.pth"):
+                _fsync(path)
+            torch.distributed.barrier()
+
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
@@ -395,15 +466,159 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def last_complete_checkpoint(output_dir) -> Optional[Path]:
-    """The newest ``checkpoint-N`` with its trainer state and adapters written (a run killed while
-    saving leaves a partial folder; it is skipped)."""
+def _first_nonfinite(named: Sequence[tuple[str, torch.Tensor]]) -> Optional[str]:
+    """The name of the first tensor with a NaN/inf, or None; reads back one flag per device."""
+    by_device: dict = {}
+    for i, (_, value) in enumerate(named):
+        by_device.setdefault(value.device, []).append((i, torch.isfinite(value).all()))
+    bad = []
+    for flags in by_device.values():
+        ok = torch.stack([f for _, f in flags])
+        if not bool(ok.all()):
+            bad.extend(i for (i, _), good in zip(flags, ok.tolist()) if not good)
+    return named[min(bad)][0] if bad else None
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder's entries) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY)
+    except OSError:
+        return  # e.g. folders on Windows
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # a file system without fsync for this kind of file (e.g. some network mounts for folders)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file below ``folder``, then the folders themselves (deepest first) and ``folder``'s parent, so
+    the files and their names are on disk."""
+    dirs = []
+    for root, _, files in os.walk(folder):
+        dirs.append(Path(root))
+        for name in files:
+            _fsync(Path(root) / name)
+    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+        _fsync(d)
+    _fsync(folder.parent)
+
+
+def _write_marker(state, path: Path) -> None:
+    """Write the trainer state as ``path`` (the completion marker) last: the rest of the checkpoint folder is
+    synced first, then the marker goes to a temporary file, is fsynced and renamed over ``path``."""
+    _sync_tree(path.parent)
+    text = json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"  # as TrainerState.save_to_json
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    _fsync(path.parent)
+
+
+def _remove_marker(folder: Path) -> None:
+    """Remove the marker of a checkpoint folder about to be rewritten, and temporary markers a kill left behind."""
+    marker = folder / TRAINER_STATE
+    if marker.is_file():
+        logger.warning("%s is being written again; its earlier marker is removed first", folder)
+        marker.unlink()
+        _fsync(folder)
+    for tmp in folder.glob(f".{TRAINER_STATE}.*"):  # atomic_path's temporary names
+        tmp.unlink(missing_ok=True)
+
+
+def _short(err: BaseException) -> str:
+    """The first line of an exception's message, at most 160 characters (for a one-line reason)."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _load_state_file(path: Path):
+    """``torch.load`` of a checkpoint's optimizer/scheduler/RNG file the way the Trainer reads it (tensors and
+    plain containers only; numpy RNG state allowed)."""
+    try:
+        from transformers.trainer_pt_utils import safe_globals
+    except ImportError:  # older transformers: nothing extra to allow
+        safe_globals = contextlib.nullcontext
+    with safe_globals():
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_problem(folder, resumable: bool = True) -> Optional[str]:
+    """Why ``checkpoint-N`` cannot be resumed, or None when it validates.
+
+    Valid: the marker (``trainer_state.json``) is present and a JSON object; the adapters' config and
+    safetensors load and hold finite values; with ``resumable`` (what resuming needs, beyond the adapters that
+    evaluation reads) the marker holds the global step, and the optimizer, scheduler and RNG files are present
+    and load, the optimizer state finite."""
+    from amoeba.adapters import read_adapter_config, read_adapter_tensors
+
+    folder = Path(folder)
+    marker = folder / TRAINER_STATE
+    if not marker.is_file():
+        return f"no {TRAINER_STATE} (the checkpoint was not completed)"
+    try:
+        state = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"{TRAINER_STATE} is not readable JSON ({_short(err)})"
+    if not isinstance(state, dict) or (resumable and not isinstance(state.get("global_step"), int)):
+        return f"{TRAINER_STATE} holds no trainer state"
+    if resumable:
+        try:
+            transformers.TrainerState(**state)  # what the Trainer makes of it on resume
+        except (TypeError, ValueError) as err:
+            return f"{TRAINER_STATE} is not a trainer state this transformers can read ({_short(err)})"
+    try:
+        read_adapter_config(folder / ADAPTER_DIR)
+        read_adapter_tensors(folder / ADAPTER_DIR)
+    except UsageError as err:
+        return str(err)
+    if not resumable:
+        return None
+    rng = sorted(folder.glob("rng_state*.pth"))
+    if not rng:
+        return "no rng_state.pth"
+    scaler = [folder / SCALER_FILE] if (folder / SCALER_FILE).is_file() else []  # fp16 on CUDA only
+    for path in [folder / OPTIMIZER_FILE, folder / SCHEDULER_FILE, *scaler, *rng]:
+        if not path.is_file():
+            return f"no {path.name}"
+        try:
+            loaded = _load_state_file(path)
+        except Exception as err:  # noqa: BLE001 -- any failure to read the file makes the checkpoint unusable
+            return f"{path.name} cannot be loaded ({_short(err)})"
+        if path.name == OPTIMIZER_FILE:
+            slots = loaded.get("state", {}) if isinstance(loaded, dict) else {}
+            named = [(f"{path.name} ({slot} of parameter {key})", value)
+                     for key, values in (slots.items() if isinstance(slots, dict) else ())
+                     for slot, value in (values.items() if isinstance(values, dict) else ())
+                     if torch.is_tensor(value) and value.is_floating_point()]
+            bad = _first_nonfinite(named)
+            if bad:
+                return f"{bad} holds non-finite values"
+    return None
+
+
+def last_complete_checkpoint(output_dir, skipped: Optional[list] = None, resumable: bool = True) -> Optional[Path]:
+    """The newest ``checkpoint-N`` in ``output_dir`` that validates (:func:`checkpoint_problem`; ``resumable=False``:
+    its adapters only), or None.
+
+    Newer checkpoints that do not validate (a run killed while saving, a damaged file) are passed over; each is
+    appended to ``skipped`` as ``(path, reason)`` when a list is given."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
-    done = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and _step_of(p) >= 0
-            and (p / TRAINER_STATE).is_file() and (p / ADAPTER_DIR / CONFIG_FILE).is_file()]
-    return max(done, key=_step_of) if done else None
+    candidates = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and _step_of(p) >= 0),
+                        key=_step_of, reverse=True)
+    for path in candidates:
+        problem = checkpoint_problem(path, resumable)
+        if problem is None:
+            return path
+        if skipped is not None:
+            skipped.append((path, problem))
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -531,14 +746,25 @@ def _adapters_visible_to_trainer(model):
 
 
 def _prepare_output_dir(t) -> Optional[str]:
-    """The checkpoint to resume from (``--resume_training``), refusing to overwrite an earlier run."""
+    """The checkpoint to resume from (``--resume_training``), refusing to overwrite an earlier run.
+
+    Resuming takes the newest checkpoint that validates; each newer one passed over gets one warning naming it
+    and why. No checkpoint at all, or none that validates: UsageError (a user who asked to resume is told that
+    there was nothing to resume, rather than silently getting a new run)."""
     out = Path(t.output_dir)
     existing = [p for p in out.glob("checkpoint-*") if p.is_dir()] if out.is_dir() else []
     if t.resume_training:
-        ckpt = last_complete_checkpoint(out)
+        if not existing:
+            raise UsageError(f"{out} holds no checkpoint to resume from; leave out --resume_training to start a "
+                             "new run", "--resume_training")
+        skipped: list = []
+        ckpt = last_complete_checkpoint(out, skipped)
         if ckpt is None:
-            logger.warning("--resume_training: no complete checkpoint in %s; starting from scratch", out)
-            return None
+            reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            raise UsageError(f"no checkpoint in {out} can be resumed ({reasons}); remove them or choose another "
+                             "--output_dir to start a new run", "--resume_training")
+        for path, why in skipped:
+            logger.warning("skipping %s, it cannot be resumed: %s; falling back to an older checkpoint", path, why)
         logger.info("resuming from %s", ckpt)
         return str(ckpt)
     if existing:
@@ -618,6 +844,7 @@ def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callback
     t = args.train
     masks = validate_training_setup(args, em, strategy)
     resume_from = _prepare_output_dir(t)
+    save_run_record(t.output_dir, args)  # only now: a command refused above leaves an earlier run's record as it was
     _fallback_optimizer(t)
     t.prediction_loss_only = True
     t.remove_unused_columns = False
@@ -628,8 +855,9 @@ def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callback
     if getattr(model, "is_quantized", False) or t.bits in (4, 8):
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        # checkpointing is switched on just below through the current transformers API (the helper would call
+        # its deprecated name)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     add_adapters(model, em, args)
     if t.gradient_checkpointing:
         _enable_checkpointing(model)
@@ -730,6 +958,16 @@ class StopOnSignal(transformers.TrainerCallback):
         return control
 
 
+def _close_progress_bars(trainer) -> None:
+    """End the Trainer's progress bar line; a run that stops with an error never reaches ``on_train_end``, and the
+    error line must not be glued to a half-drawn bar."""
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
+
+
 def snapshot_steps(text: Optional[str]) -> list[int]:
     """Parse ``--adapter_snapshot_steps`` (``400,1000``)."""
     if not text:
@@ -753,7 +991,10 @@ def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: 
     model = trainer.model
     start = time.time()
     with stop.installed():
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_from)
+        finally:
+            _close_progress_bars(trainer)
     elapsed = time.time() - start
     out = Path(t.output_dir)
     if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
@@ -763,6 +1004,11 @@ def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: 
                           stop.received)
     # Every process evaluates: the Trainer gathers across processes, so one alone would wait forever.
     final_eval = trainer.evaluate() if trainer.eval_dataset is not None and t.do_eval else {}
+    bad = trainer.nonfinite_state()
+    if bad is not None:  # the last steps' gradients were not finite: such adapters are no result
+        raise TrainingDiverged(f"{bad} became non-finite by the last step ({trainer.state.global_step}; the loss was "
+                               f"finite: non-finite gradients); no adapters written, {trainer._last_good()}. Lower "
+                               "--learning_rate (or check the data and --bits), then continue with --resume_training")
     if trainer.args.should_save:
         save_adapters(model, out / ADAPTER_DIR, em)
         metrics = dict(result.metrics)

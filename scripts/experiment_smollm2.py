@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,6 +306,21 @@ class Plan:
 # ----------------------------------------------------------------------------------------------
 # Running jobs
 # ----------------------------------------------------------------------------------------------
+def resume_argv(out: Path, argv: list) -> None:
+    """Add --resume_training when the job's folder holds a complete checkpoint (its trainer_state.json marker).
+
+    Checkpoint folders without the marker are what a kill during this job's own first checkpoint leaves: they
+    cannot be resumed and would make the training refuse the folder, so they are removed (with a log line).
+    """
+    folders = [p for p in out.glob("checkpoint-*") if p.is_dir()]
+    if any((p / "trainer_state.json").is_file() for p in folders):
+        argv.append("--resume_training")
+        return
+    for p in folders:
+        logger.warning("removing %s: an incomplete checkpoint (no trainer_state.json) of an interrupted attempt", p)
+        shutil.rmtree(p)
+
+
 def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict:
     """Run unfinished ``jobs``, ``parallel`` at a time, until done or ``deadline`` (time.time())."""
     logs = out / "logs"
@@ -331,8 +347,8 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float) -> dict
                 break
             pending.remove(job)
             argv = list(job.argv)
-            if job.resumable and any(job.out.glob("checkpoint-*")):
-                argv.append("--resume_training")
+            if job.resumable:
+                resume_argv(job.out, argv)
             cmd = [sys.executable, str(ROOT / "main.py"), *argv]
             with open(commands, "a", encoding="utf-8") as f:
                 f.write(shlex.join(["python", "main.py", *argv]) + "\n")

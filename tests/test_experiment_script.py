@@ -144,3 +144,20 @@ def test_distilled_per_shape_row(tmp_path):
     line = next(ln for ln in text.splitlines() if ln.startswith("| l18w0.625 |"))
     # avg accuracy (d) 37.0 vs (c') 38.5; perplexity 31 / 24
     assert "| -1.5 |" in line and f"| {31.0 / 24.0:.3f} |" in line
+
+
+def test_resume_only_from_a_complete_checkpoint(tmp_path):
+    """A job resumes when a checkpoint has its marker; marker-less folders (a kill during the first checkpoint)
+    are removed so that the retry starts afresh instead of being refused."""
+    exp = _module()
+    out = tmp_path / "job"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"half")
+    argv = ["--do_train", "True"]
+    exp.resume_argv(out, argv)
+    assert argv == ["--do_train", "True"] and not (out / "checkpoint-2").exists()
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-6").mkdir()
+    exp.resume_argv(out, argv)
+    assert argv[-1] == "--resume_training" and (out / "checkpoint-6").exists()  # resume decides what to skip

@@ -368,7 +368,13 @@ def test_existing_folder_needs_overwrite(tmp_path):
     (out / "keep.txt").write_text("earlier result")
     with pytest.raises(UsageError, match="--overwrite"):
         export_subnet(model, None, em, Subnet((0, 1), 1.0), out)
+    with pytest.raises(UsageError, match="not an export written by this project"):  # only exports are replaced
+        export_subnet(model, None, em, Subnet((0, 1), 1.0), out, overwrite=True)
     assert (out / "keep.txt").read_text() == "earlier result"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    export_subnet(model, None, em, Subnet((0, 1), 1.0), out)  # an earlier export, then replaced
+    (out / "keep.txt").write_text("added to the export")
     export_subnet(model, None, em, Subnet((0, 1), 1.0), out, overwrite=True, provenance={"base_model": "tiny"})
     assert not (out / "keep.txt").exists()
     record = json.loads((out / EXPORT_RECORD).read_text())

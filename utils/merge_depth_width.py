@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from amoeba.errors import UsageError  # noqa: E402
+from amoeba.files import writable_file  # noqa: E402
 from amoeba.strategy import (Strategy, is_plain_record, load_npy_dict, load_strategy,  # noqa: E402
                              normalise_width_dict, save_strategy)
 
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=DEFAULT_OUT, help="merged strategy file to write")
     args = parser.parse_args(argv)
     try:
+        writable_file(args.out, "--out")  # before reading anything: a folder or an unwritable place is refused
         if args.width_from:
             merged = replace_depth(args.depth, args.width_from, args.out)
         else:
