@@ -332,6 +332,18 @@ def flap_scores(model, input_ids: Optional[torch.Tensor], batch_size: int = 8, m
         if input_ids is None or input_ids.numel() == 0:
             raise ValueError("FLAP needs calibration tokens")
         stats = collect_input_stats(em, input_ids, batch_size, progress)
+    attn_var = [st.attn_var for st in stats] if stats is not None else None
+    mlp_var = [st.mlp_var for st in stats] if stats is not None else None
+    groups, channels, attn_raw, mlp_raw = wifv_scores(em, attn_var, mlp_var)
+    return FlapScores(groups, channels, attn_raw, mlp_raw, stats, method)
+
+
+@torch.no_grad()
+def wifv_scores(em, attn_var: Optional[Sequence[torch.Tensor]], mlp_var: Optional[Sequence[torch.Tensor]]):
+    """(KV group scores [layers, groups], channel scores [layers, channels], raw attention and MLP feature
+    scores) from per-layer input variances over the original feature order, by FLAP's rule: WIFV (variance x
+    squared weight-column norm), squared for attention, standardised per layer and module, a KV group scoring
+    the mean of its features. Without variances (``None``), the weight-column L2 norms (``magnitude``)."""
     block = em.queries_per_group * em.head_dim
     attn_raw, mlp_raw, groups, channels = [], [], [], []
     for i in range(em.num_layers):
@@ -339,18 +351,18 @@ def flap_scores(model, input_ids: Optional[torch.Tensor], batch_size: int = 8, m
         q_map, c_map = _layouts(em, i)
         col_o = _to_original(dense_weight(proj["o_proj"]).to(torch.float64).square().sum(0).cpu(), q_map)
         col_d = _to_original(dense_weight(proj["down_proj"]).to(torch.float64).square().sum(0).cpu(), c_map)
-        if stats is not None:
+        if attn_var is not None:
             # FLAP squares the attention metric (not the MLP one) before standardisation; this changes
             # which heads win, since a head scores the mean of its standardised features.
-            a, m = (stats[i].attn_var * col_o).square(), stats[i].mlp_var * col_d
+            a = (attn_var[i].to(torch.float64) * col_o).square()
+            m = mlp_var[i].to(torch.float64) * col_d
         else:
             a, m = col_o.sqrt(), col_d.sqrt()
         attn_raw.append(a)
         mlp_raw.append(m)
         groups.append(_standardise(a).reshape(em.num_kv_groups, block).mean(1))
         channels.append(_standardise(m))
-    return FlapScores(torch.stack(groups), torch.stack(channels), torch.stack(attn_raw), torch.stack(mlp_raw),
-                      stats, method)
+    return torch.stack(groups), torch.stack(channels), torch.stack(attn_raw), torch.stack(mlp_raw)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,9 +16,9 @@ sequence at a time by forward hooks on every layer's ``o_proj``/``down_proj`` in
 full-model forwards. Its running mean equals the exact mean (all windows have the same length), so only
 the variance differs.
 
-Both variances are then scored exactly as ``amoeba.flap.flap_scores`` scores (WIFV: variance times the
-squared norm of the weight column, squared for attention; standardised per layer and module; a KV group
-scores the mean of its features; checked against ``flap_scores`` itself), and both rankings go through
+Both variances are then scored by ``amoeba.flap.wifv_scores``, the rule ``flap_scores`` uses (WIFV: variance
+times the squared norm of the weight column, squared for attention; standardised per layer and module; a KV
+group scores the mean of its features; checked against ``flap_scores`` itself), and both rankings go through
 ``amoeba.flap.select_widths`` (global mode, ``unit_costs``). Reported per width: KV groups and MLP channels
 kept by one selection and not the other (count and fraction of all such units).
 
@@ -49,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amoeba.args import parse_ratio_list, width_key  # noqa: E402
 from amoeba.files import write_json  # noqa: E402
-from amoeba.flap import (RunningStats, compensation_biases, dense_weight, flap_scores, select_widths,  # noqa: E402
-                         unit_costs, width_dicts)
+from amoeba.flap import (RunningStats, compensation_biases, flap_scores, select_widths, unit_costs,  # noqa: E402
+                         width_dicts, wifv_scores)
 from amoeba.text_data import load_text, perplexity, token_windows  # noqa: E402
 
 logger = logging.getLogger("bench_flap_variance")
@@ -146,29 +146,6 @@ def hooked_statistics(em, calib: torch.Tensor) -> tuple[list[dict], list[dict]]:
 # ----------------------------------------------------------------------------------------------
 # Scores and selections
 # ----------------------------------------------------------------------------------------------
-def standardise(x: torch.Tensor) -> torch.Tensor:
-    """(x - mean) / std over the features (unbiased std), a constant row giving zeros (as flap_scores)."""
-    z = (x - x.mean(dim=-1, keepdim=True)) / x.std(dim=-1, keepdim=True)
-    return torch.where(torch.isfinite(z), z, torch.zeros_like(z))
-
-
-@torch.no_grad()
-def scores_from_variances(em, attn_var: list[torch.Tensor], mlp_var: list[torch.Tensor]):
-    """(KV group scores [layers, groups], channel scores [layers, channels]) from per-layer input variances,
-    by flap_scores' rule: attention WIFV squared, MLP WIFV, per-layer standardisation, KV groups the mean."""
-    block = em.queries_per_group * em.head_dim
-    groups, channels = [], []
-    for i in range(em.num_layers):
-        proj = em.projections(i)
-        col_o = dense_weight(proj["o_proj"]).to(torch.float64).square().sum(0).cpu()
-        col_d = dense_weight(proj["down_proj"]).to(torch.float64).square().sum(0).cpu()
-        a = (attn_var[i].to(torch.float64) * col_o).square()
-        m = mlp_var[i].to(torch.float64) * col_d
-        groups.append(standardise(a).reshape(em.num_kv_groups, block).mean(1))
-        channels.append(standardise(m))
-    return torch.stack(groups), torch.stack(channels)
-
-
 def selection_difference(a, b, ratios, costs: tuple[int, int]) -> list[dict]:
     """Per ratio: KV groups and MLP channels kept by one selection and not the other, and the fraction of the
     prunable parameters each keeps (counted with the exact unit ``costs``, whatever weights selected them)."""
@@ -272,15 +249,15 @@ def main(argv=None) -> int:
     logger.info("ours: amoeba.flap.flap_scores (collect_input_stats)")
     ours = flap_scores(model, calib, args.batch_size, progress=False)
 
-    # checks: the hooks saw our activations, and our re-scoring reproduces flap_scores
+    # checks: the hooks saw our activations, and re-scoring our variances reproduces flap_scores
     hook_vs_ours = max(float(((e[k].variance - getattr(s, f"{k}_var")).abs() / getattr(s, f"{k}_var").abs()
                               .clamp_min(1e-30)).max()) for e, s in zip(exact, ours.stats) for k in ("attn", "mlp"))
-    g_ours, c_ours = scores_from_variances(em, [s.attn_var for s in ours.stats], [s.mlp_var for s in ours.stats])
+    g_ours, c_ours, _, _ = wifv_scores(em, [s.attn_var for s in ours.stats], [s.mlp_var for s in ours.stats])
     rescoring = max(float((g_ours - ours.group_score).abs().max()), float((c_ours - ours.channel_score).abs().max()))
     logger.info("checks: hooked exact variance vs collect_input_stats, max relative difference %.2e; "
                 "re-scored vs flap_scores, max abs difference %.2e", hook_vs_ours, rescoring)
 
-    g_orig, c_orig = scores_from_variances(em, [o["attn"].fluc for o in original], [o["mlp"].fluc for o in original])
+    g_orig, c_orig, _, _ = wifv_scores(em, [o["attn"].fluc for o in original], [o["mlp"].fluc for o in original])
     # recurrence / exact variance per feature, per layer and module: a pure scale factor would have no spread
     ratio = [o[k].fluc / getattr(s, f"{k}_var") for o, s in zip(original, ours.stats) for k in ("attn", "mlp")]
     costs = unit_costs(em)
