@@ -19,12 +19,26 @@ How: each class below is the family's own ``...ForCausalLM`` with one change. Be
 initialised (``post_init``), every decoder layer is rebuilt by the family's own decoder-layer class from a
 copy of the config carrying that layer's sizes. Forward passes, caches (dynamic and static),
 ``generate`` and ``save_pretrained`` are the family's code, unchanged.
+
+Fused projections: after loading, ``from_pretrained`` runs :meth:`PerLayerShapesMixin.fuse_projections`, which
+puts each layer's q/k/v weights into one matrix and gate/up into another. The family's forward still calls
+``q_proj(x)``, ``k_proj(x)``, ``v_proj(x)`` one by one; each is now a :class:`FusedPart` returning its slice
+of one shared product, computed when the first part is called with that input. Why: in batch-1 decoding a
+narrow layer's matrix-vector products are too small to reach the memory bandwidth, and a fixed cost per
+kernel dominates; one product instead of three (and two) removes most of it. The files on disk keep the
+stock per-projection names (``state_dict`` splits the fused weights back), so the folder is unchanged.
+Before attaching adapters by projection name (peft), call :meth:`~PerLayerShapesMixin.unfuse_projections`, or
+load with ``fuse_projections=False``. Quantized or offloaded weights are left unfused.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+from typing import Optional, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
@@ -32,7 +46,13 @@ from transformers.models.mistral.modeling_mistral import MistralForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 
+logger = logging.getLogger(__name__)
+
 SHAPES_KEY = "per_layer_shapes"
+FUSE_KEY = "fuse_projections"  # config flag (default true): fuse q/k/v and gate/up after loading
+# (block, projections read from the same input, name of their fused module)
+FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                ("mlp", ("gate_proj", "up_proj"), "gate_up_proj"))
 SIZE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 BIAS_KEYS = {"o_proj_bias": ("self_attn", "o_proj"), "down_proj_bias": ("mlp", "down_proj")}
 
@@ -61,6 +81,158 @@ def layer_config(config, shape: dict):
     return cfg
 
 
+class FusedLinear(nn.Module):
+    """Several projections of the same input as one matrix product (q/k/v, or gate/up).
+
+    The rows of ``weight`` are the parts' weights, stacked in order. :meth:`output_for` returns the whole
+    product; it is computed once per input and reused by the parts that follow, then dropped.
+    """
+
+    def __init__(self, parts: Sequence[nn.Linear], names: Sequence[str], attr: str):
+        super().__init__()
+        ref = parts[0].weight
+        self.weight = nn.Parameter(torch.cat([p.weight.detach() for p in parts]), requires_grad=ref.requires_grad)
+        self.has_bias = tuple(p.bias is not None for p in parts)
+        if any(self.has_bias):
+            bias = torch.cat([p.bias.detach() if p.bias is not None else ref.new_zeros(p.out_features) for p in parts])
+            self.bias = nn.Parameter(bias, requires_grad=ref.requires_grad)
+        else:
+            self.register_parameter("bias", None)
+        self.names, self.attr = tuple(names), attr
+        self.sizes = tuple(p.out_features for p in parts)
+        self.starts = tuple(sum(self.sizes[:i]) for i in range(len(parts)))
+        self.in_features = parts[0].in_features
+        self._input: Optional[torch.Tensor] = None
+        self._output: Optional[torch.Tensor] = None
+        self._left = 0
+        # On disk and in state_dict the parts keep their own names: a stock checkpoint layout.
+        self.register_state_dict_post_hook(FusedLinear._split_state)
+        self._join_handle = None
+
+    def install(self, block: nn.Module) -> None:
+        """Put this module on ``block`` in place of its parts (the names of ``names``)."""
+        setattr(block, self.attr, self)
+        for i, name in enumerate(self.names):
+            setattr(block, name, FusedPart(self, i))
+        # On the block, not here: load_state_dict hands each child only the keys under the child's name.
+        self._join_handle = block.register_load_state_dict_pre_hook(self._join_state)
+
+    def uninstall(self, block: nn.Module) -> None:
+        """Give ``block`` its parts back as plain ``nn.Linear`` modules."""
+        for i, name in enumerate(self.names):
+            setattr(block, name, self.part_linear(i))
+        delattr(block, self.attr)
+        if self._join_handle is not None:
+            self._join_handle.remove()
+            self._join_handle = None
+
+    def output_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused product for ``x``: computed when a part first asks for this input, reused by the others."""
+        if self._input is not x or self._left == 0:
+            self._input, self._output, self._left = x, F.linear(x, self.weight, self.bias), len(self.sizes)
+        out = self._output
+        self._left -= 1
+        if self._left == 0:  # every part served: hold no activation between calls
+            self._input = self._output = None
+        return out
+
+    def part_linear(self, index: int) -> nn.Linear:
+        """Part ``index`` as a plain ``nn.Linear`` holding a copy of its rows."""
+        start, size = self.starts[index], self.sizes[index]
+        w = self.weight.detach()
+        lin = nn.Linear(self.in_features, size, bias=self.has_bias[index], device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w[start:start + size])
+            if self.has_bias[index]:
+                lin.bias.copy_(self.bias.detach()[start:start + size])
+        lin.weight.requires_grad_(self.weight.requires_grad)
+        return lin
+
+    @staticmethod
+    def _split_state(module: "FusedLinear", state_dict, prefix: str, local_metadata) -> None:
+        base = prefix[: len(prefix) - len(module.attr) - 1]  # the block's prefix
+        weight, bias = state_dict.pop(prefix + "weight"), state_dict.pop(prefix + "bias", None)
+        for name, start, size, has_bias in zip(module.names, module.starts, module.sizes, module.has_bias):
+            # Copies, not views: checkpoint writers refuse tensors that share memory.
+            state_dict[f"{base}{name}.weight"] = weight.detach()[start:start + size].clone()
+            if has_bias:
+                state_dict[f"{base}{name}.bias"] = bias.detach()[start:start + size].clone()
+
+    def _join_state(self, block: nn.Module, state_dict, prefix: str, local_metadata, strict, missing_keys,
+                    unexpected_keys, error_msgs) -> None:
+        """Load hook of the block: stock per-projection keys become this module's fused keys."""
+        keys = [f"{prefix}{name}.weight" for name in self.names]
+        if not all(k in state_dict for k in keys):
+            return
+        own = f"{prefix}{self.attr}."
+        state_dict[own + "weight"] = torch.cat([state_dict.pop(k) for k in keys])
+        if self.bias is not None:
+            state_dict[own + "bias"] = torch.cat([
+                state_dict.pop(f"{prefix}{name}.bias") if has else self.bias.new_zeros(size)
+                for name, size, has in zip(self.names, self.sizes, self.has_bias)])
+
+
+class FusedPart(nn.Module):
+    """One projection of a :class:`FusedLinear`: called as before, returns its slice of the fused product."""
+
+    def __init__(self, fused: FusedLinear, index: int):
+        super().__init__()
+        # A plain attribute, not a submodule: the fused weights are registered once, on the parent block.
+        self.__dict__["fused"] = fused
+        self.index = index
+        self.in_features, self.out_features = fused.in_features, fused.sizes[index]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """This part's rows of the fused weight (a view), for code that reads a projection's dtype or shape."""
+        start = self.fused.starts[self.index]
+        return self.fused.weight[start:start + self.out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 (see class)
+        return self.fused.output_for(x).narrow(-1, self.fused.starts[self.index], self.out_features)
+
+
+def _plain_linears(block: nn.Module, names: Sequence[str]) -> Optional[list]:
+    """The named projections of ``block`` if all are plain, materialised ``nn.Linear`` of one device and dtype."""
+    parts = [getattr(block, name, None) for name in names]
+    if any(type(p) is not nn.Linear or p.weight.is_meta or getattr(p, "_hf_hook", None) is not None for p in parts):
+        return None
+    if len({(p.weight.device, p.weight.dtype) for p in parts}) != 1:
+        return None
+    return parts
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Fuse each decoder layer's q/k/v and gate/up projections into one product each (any model of these
+    families, per-layer or stock); returns how many groups were fused. Groups whose weights are quantized,
+    offloaded or not yet loaded stay as they are."""
+    fused = 0
+    for layer in model.model.layers:
+        for block_name, names, attr in FUSED_GROUPS:
+            block = getattr(layer, block_name, None)
+            parts = _plain_linears(block, names) if block is not None else None
+            if parts is not None:
+                FusedLinear(parts, names, attr).install(block)
+                fused += 1
+    if fused:
+        logger.info("fused q/k/v and gate/up projections in %d blocks", fused)
+    return fused
+
+
+def unfuse_projections(model: nn.Module) -> int:
+    """Undo :func:`fuse_projections` (e.g. before attaching adapters by projection name); returns how many
+    groups were split back into plain ``nn.Linear`` modules."""
+    split = 0
+    for layer in model.model.layers:
+        for block_name, _, attr in FUSED_GROUPS:
+            block = getattr(layer, block_name, None)
+            group = getattr(block, attr, None) if block is not None else None
+            if isinstance(group, FusedLinear):
+                group.uninstall(block)
+                split += 1
+    return split
+
+
 class PerLayerShapesMixin:
     """Rebuilds the decoder layers at the sizes of ``config.per_layer_shapes``, before weight init."""
 
@@ -86,6 +258,24 @@ class PerLayerShapesMixin:
                                                     device=old.weight.device, dtype=old.weight.dtype))
             rebuilt.append(layer)
         decoder.layers = nn.ModuleList(rebuilt)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """The family's ``from_pretrained``, then :meth:`fuse_projections` unless the config says
+        ``fuse_projections: false`` (or ``fuse_projections=False`` is passed)."""
+        fuse = kwargs.pop(FUSE_KEY, None)
+        model = super().from_pretrained(*args, **kwargs)
+        if fuse if fuse is not None else getattr(model.config, FUSE_KEY, True):
+            model.fuse_projections()
+        return model
+
+    def fuse_projections(self) -> int:
+        """See :func:`fuse_projections`."""
+        return fuse_projections(self)
+
+    def unfuse_projections(self) -> int:
+        """See :func:`unfuse_projections`."""
+        return unfuse_projections(self)
 
     def _get_static_cache_init_shape(self):
         """(KV heads per layer, head dim) for an eagerly initialised static cache."""

@@ -24,7 +24,10 @@ layers), mapped onto the model's layers by relative depth (layer ``j`` of ``L`` 
 rounded to a multiple of ``--align``, as ``--width_align`` would calibrate them), with a bias
 vector on o_proj/down_proj of every narrowed layer (as FLAP's compensation). Each such shape is exported in
 each of ``--export_formats``: ``exact`` (every layer at its own size, the rows keyed by the shape's label)
-and ``padded`` (a stock model padded to its widest layer, rows ``<label>-padded``).
+and ``padded`` (a stock model padded to its widest layer, rows ``<label>-padded``). Exact per-layer exports
+are timed as they load, with each layer's q/k/v and gate/up projections fused into one product each
+(``modeling_amoeba.fuse_projections``; ``--no_fuse`` times them unfused); ``--fused_dense`` adds a row
+``<dense>-fused``, the stock dense model with the same fusion, to show what fusing alone gives.
 
 Times are medians of CUDA-event measurements (``time.perf_counter`` on a CPU). The parameter ratio
 (dense / subnet parameters) is printed next to each speedup: it is the ceiling for weight-bound decode.
@@ -58,6 +61,7 @@ from amoeba.elastic import make_elastic  # noqa: E402
 from amoeba.export import slice_subnet  # noqa: E402
 from amoeba.flap import align_channels  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
+from amoeba.modeling_amoeba import fuse_projections  # noqa: E402
 from amoeba.subnet import Subnet  # noqa: E402
 
 logger = logging.getLogger("bench_latency")
@@ -101,6 +105,10 @@ def parse_cli(argv=None) -> argparse.Namespace:
                         "(as --width_align calibrates; 1: as mapped).")
     p.add_argument("--export_formats", default="exact",
                    help="Export forms to time for per-layer widths: exact, padded, or exact,padded.")
+    p.add_argument("--no_fuse", action="store_true",
+                   help="Time exact per-layer exports without fusing q/k/v and gate/up (they load fused).")
+    p.add_argument("--fused_dense", action="store_true",
+                   help="Also time the dense model with q/k/v and gate/up fused (row <dense>-fused).")
     p.add_argument("--no_generate_compile", action="store_true",
                    help="Skip generate() with a static cache and torch.compile (keep the --step_decode loops).")
     p.add_argument("--seed", type=int, default=0)
@@ -387,10 +395,15 @@ def mapped_width_plans(strategy_path: str, widths, em, seed: int = 0, align: int
     return out
 
 
-def plain_model(model, em, subnet: Subnet, export_format: str = "exact"):
-    """(record, plain transformers model) of ``subnet``, exported in memory, ready to generate."""
+def plain_model(model, em, subnet: Subnet, export_format: str = "exact", fuse: str = "per_layer"):
+    """(record, plain transformers model) of ``subnet``, exported in memory, ready to generate.
+
+    ``fuse``: ``per_layer`` fuses q/k/v and gate/up of exports with per-layer code (as they load from a
+    folder), ``all`` of any export, ``none`` of none."""
     sliced = slice_subnet(model, em, subnet, export_format)
     small = sliced.model
+    if fuse == "all" or (fuse == "per_layer" and sliced.per_layer_code):
+        fuse_projections(small)
     small.generation_config.pad_token_id, small.generation_config.eos_token_id = 0, None
     return sliced, small
 
@@ -482,16 +495,24 @@ def run(a: argparse.Namespace) -> dict:
     # The dense baseline is a plain transformers model (the full shape exported), not the wrapped one.
     dense_sliced, dense_model = plain_model(model, em, em.full_subnet())
     rows[dense_key] = dict(layers=full_layers, width=1.0, params=dense_params, param_ratio=1.0, kind="dense",
-                           **measure_eager(dense_model, timer, a, vocab, device))
+                           fuse="none", **measure_eager(dense_model, timer, a, vocab, device))
     free(dense_model, dense_sliced)
+    fuse = "none" if a.no_fuse else "per_layer"
+    if a.fused_dense:
+        dense_sliced, dense_model = plain_model(model, em, em.full_subnet(), fuse="all")
+        rows[f"{dense_key}-fused"] = dict(layers=full_layers, width=1.0, params=dense_params, param_ratio=1.0,
+                                          kind="dense-fused", fuse="all",
+                                          **measure_eager(dense_model, timer, a, vocab, device))
+        free(dense_model, dense_sliced)
     for n, w, fmt in shapes:
         subnet = Subnet(tuple(range(n)), w)
         key = subnet.label if fmt == "exact" else f"{subnet.label}-{fmt}"
         if key == dense_key or key in rows:
             continue
-        sliced, small = plain_model(model, em, subnet, fmt)
+        sliced, small = plain_model(model, em, subnet, fmt, fuse)
         row = dict(layers=n, width=w, params=sliced.param_count, param_ratio=dense_params / sliced.param_count,
                    kind="exported", export_format=fmt, per_layer_code=sliced.per_layer_code,
+                   fuse=fuse if sliced.per_layer_code else "none",
                    **measure_eager(small, timer, a, vocab, device))
         free(small, sliced)
         if fmt != "exact":  # the masked elastic model is the same for every export form
@@ -514,14 +535,15 @@ def run(a: argparse.Namespace) -> dict:
         if device.type != "cuda":
             compiled_note = "static KV cache without torch.compile (generate compiles only on CUDA)"
         # Priority: dense, then the smallest shapes (the largest speedups), then the rest.
-        order = [dense_key] + sorted((k for k in rows if k != dense_key), key=lambda k: rows[k]["params"])
+        firsts = [k for k in (dense_key, f"{dense_key}-fused") if k in rows]
+        order = firsts + sorted((k for k in rows if k not in firsts), key=lambda k: rows[k]["params"])
         for key in order:
             if time.perf_counter() - t_start > a.time_budget_s:
                 rows[key]["compiled_skipped"] = "time budget"
                 continue
             r = rows[key]
             extra, target = plain_model(model, em, Subnet(tuple(range(r["layers"])), r["width"]),
-                                        r.get("export_format", "exact"))
+                                        r.get("export_format", "exact"), r["fuse"])
             r.update(measure_compiled(target, timer, a, vocab, device, key))
             free(target, extra)
             logger.info("%s compiled: %s", key, {k: v if v is None else round(v, 3) for k, v in r.items()
@@ -586,7 +608,7 @@ def markdown(result: dict) -> str:
     lines.append(f"Device: {result['device']}; dense weights {result['weight_bytes'] / 1e9:.2f} GB; measured copy "
                  f"rate {result['copy_rate_gbs']:.0f} GB/s; weight-bandwidth floor "
                  f"{result['weight_bandwidth_floor_ms_per_token']:.3f} ms/token.")
-    dense = max(rows.values(), key=lambda r: r["params"])
+    dense = next(r for r in rows.values() if r.get("kind") == "dense")
     floor = result["weight_bandwidth_floor_ms_per_token"]
     for key, what in (("decode_b1_compiled_ms", "generate, compiled"), ("decode_b1_compile_ms", "step loop, compiled"),
                       ("decode_b1_cudagraph_ms", "step loop, one CUDA graph")):
