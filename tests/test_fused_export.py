@@ -87,6 +87,25 @@ def test_loading_fuses_and_changes_nothing_visible(tmp_path, kind):
     assert a.tolist() == b.tolist() == c.tolist()
 
 
+def test_long_inputs_take_the_parts_one_by_one_with_the_same_result(tmp_path):
+    """Above FUSED_MAX_ROWS tokens the parts run as separate products: the same logits as unfused."""
+    folder, _ = _per_layer_export(tmp_path, "qwen2")  # q/k/v biases
+    fused, plain = _load(folder), _load(folder, fuse_projections=False)
+    long = torch.randint(0, 128, (2, 150), generator=torch.Generator().manual_seed(8))  # 300 rows > 256
+    shared = []  # calls of the shared (fused) product
+    cls = type(_of_class(fused, "FusedLinear")[0])
+    original = cls.output_for
+    cls.output_for = lambda self, x: shared.append(1) or original(self, x)
+    try:
+        with torch.no_grad():
+            assert (fused(long).logits - plain(long).logits).abs().max().item() < 1e-5
+            assert not shared  # no fused product was formed for 300 rows
+            fused(TOKENS)
+            assert shared  # ... and it is for 18
+    finally:
+        cls.output_for = original
+
+
 def test_a_fused_model_saves_stock_files_and_reloads_equal(tmp_path):
     folder, _ = _per_layer_export(tmp_path, "gqa")
     fused = _load(folder)
