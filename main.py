@@ -23,10 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
+        # Imported inside the try: Ctrl-C during the seconds-long imports ends as one line, not a traceback. The
+        # stages load only once the command has parsed, so --help and a mistyped flag answer at once.
         from amoeba.args import parse_args
-        from amoeba.pipeline import run
 
         args = parse_args(argv)
+        from amoeba.pipeline import run
+
         run(args)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

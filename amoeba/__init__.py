@@ -1,13 +1,17 @@
 """AmoebaLLM: fine-tune a Llama-family LLM once, then cut out and deploy subnets of any shape.
 
-The library is organised one module per concept:
+The library is organised one module per concept, in three layers; imports only point down
+(``tests/test_layering.py`` checks it):
 
-- ``args``: the command-line argument dataclasses (the seed README's flags).
-- ``errors``: the exception type that ``main.py`` turns into a one-line message and exit code 2.
-- ``loading``: model and tokenizer loading (hub id, local folder, ``.gguf`` file, 4/8-bit).
-- ``default_model``: materialises the default SmolLM2-135M-Instruct folder offline.
-- ``subnet``: the small value object describing one subnet (kept layers, width).
-- ``elastic``: the elastic model that runs exactly the current subnet, on stock transformers.
+- **Stages** read the command-line flags: ``args`` (the one parser, one argument group per stage), ``pipeline``
+  (the stage order) and the stage entries in ``stages/`` (calibration, fine-tuning, evaluation, deployment).
+- **Components** do the work on typed values: ``loading``, ``elastic`` (the elastic model), ``strategy``,
+  ``depth_dp`` and ``flap`` (Stage 1), ``adapters`` and ``training`` (Stage 2), ``evaluation`` with ``mmlu``,
+  ``text_data`` and ``lm_eval_runner``, ``export``, ``budget``, ``report``, ``instruct_data``, ``default_model``.
+- **Shared rooms** hold what several stages need to agree on: ``subnet`` (the value object and ``width_key``),
+  ``shapes`` (which subnet "L layers x width w" is), ``run_folder`` (where a run keeps its adapters, checkpoints
+  and metrics.json), ``npy`` (safe .npy files), ``distributed`` (process groups), ``model_state`` (eval mode),
+  ``files`` (atomic writes) and ``errors``.
 """
 
 import logging

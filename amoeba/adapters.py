@@ -30,9 +30,10 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from amoeba.elastic import ATTN_ROLES, IN_SLICED, MLP_ROLES, OUT_SLICED, ElasticModel
+from amoeba.elastic import ATTN_ROLES, IN_SLICED, MLP_ROLES, OUT_SLICED, ElasticModel, get_elastic
 from amoeba.errors import UsageError
 from amoeba.files import atomic_path, write_json
 from amoeba.subnet import Subnet
@@ -40,7 +41,6 @@ from amoeba.subnet import Subnet
 logger = logging.getLogger(__name__)
 
 ALL_ROLES = ATTN_ROLES + MLP_ROLES
-ADAPTER_DIR = "adapter_model"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 FORMAT = "amoeba-moe-lora"
@@ -75,14 +75,13 @@ class AdapterConfig:
 
     def __post_init__(self):
         if self.r < 1:
-            raise UsageError(f"{self.r} must be at least 1", "--lora_r")
+            raise ValueError(f"rank r={self.r} must be at least 1")
         if self.num_experts < 1:
-            raise UsageError(f"{self.num_experts} must be at least 1", "--moe_num_expert")
+            raise ValueError(f"num_experts={self.num_experts} must be at least 1")
         if self.use_router and not 1 <= self.topk <= self.num_experts:
-            raise UsageError(f"{self.topk} must be between 1 and --moe_num_expert ({self.num_experts})",
-                             "--moe_topk")
+            raise ValueError(f"topk={self.topk} must be between 1 and num_experts ({self.num_experts})")
         if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"{self.dropout} must lie in [0, 1)", "--lora_dropout")
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1)")
 
     def structure(self) -> dict:
         """The fields that must agree between saved adapters and the model they are loaded into."""
@@ -115,7 +114,7 @@ class ShapeRouter(nn.Module):
                  widths: Optional[list[float]] = None, hidden: int = ROUTER_HIDDEN):
         super().__init__()
         if not 1 <= topk <= num_experts:
-            raise UsageError(f"{topk} must be between 1 and --moe_num_expert ({num_experts})", "--moe_topk")
+            raise ValueError(f"topk={topk} must be between 1 and num_experts ({num_experts})")
         self.num_layers, self.num_widths = int(num_layers), int(num_widths)
         self.num_experts, self.topk, self.hidden = int(num_experts), int(topk), int(hidden)
         self.widths = [float(w) for w in (widths if widths is not None else [1.0] * num_widths)]
@@ -354,51 +353,23 @@ class MoELoRA(nn.Module):
             delta = delta * state.unit_mask(layer, role, delta.shape[-1], out_k, delta.device, delta.dtype)
         return delta.to(x.dtype)
 
-
-def merged_delta(module: nn.Module) -> torch.Tensor:
-    """The adapter's weight delta [out_features, in_features] under the current subnet's gates.
-
-    ``module``: an adapted projection (with ``amoeba_adapter``) or the :class:`MoELoRA` itself. The
-    layout is the projection's current one; export slices the kept rows/columns out of it.
-    """
-    adapter = module if isinstance(module, MoELoRA) else getattr(module, "amoeba_adapter", None)
-    if not isinstance(adapter, MoELoRA):
-        raise ValueError(f"{type(module).__name__} has no adapter")
-    with torch.no_grad():
-        router = adapter.router
-        if router is None:
-            a, b = adapter.lora_A[0], adapter.lora_B[0]
-        else:  # the deterministic (evaluation) gates, even if the model is in training mode
-            a, b = mix_experts(router.gates(router._em.subnet, noisy=False), adapter.lora_A, adapter.lora_B)
-        return (b @ a) * adapter.scaling
+    def merged_delta(self) -> torch.Tensor:
+        """The weight delta [out_features, in_features] this adapter adds under the current subnet's gates: what
+        export merges into the projection's weight (the contract :mod:`amoeba.export` relies on). The layout is
+        the projection's current one; export slices the kept rows and columns out of it. The gates are the
+        deterministic (evaluation) ones, even while the model is in training mode."""
+        with torch.no_grad():
+            router = self.router
+            if router is None:
+                a, b = self.lora_A[0], self.lora_B[0]
+            else:
+                a, b = mix_experts(router.gates(router._em.subnet, noisy=False), self.lora_A, self.lora_B)
+            return (b @ a) * self.scaling
 
 
 # ----------------------------------------------------------------------------------------------
 # Attaching adapters
 # ----------------------------------------------------------------------------------------------
-def parse_lora_modules(text: str) -> list[str]:
-    """``all`` -> the seven projections; else a comma list of projection names (validated)."""
-    text = (text or "all").strip()
-    if text == "all":
-        return list(ALL_ROLES)
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ALL_ROLES]
-    if unknown or not names:
-        raise UsageError(f"'{text}': unknown module(s) {', '.join(unknown) or '(none given)'}; choose from "
-                         f"all, {', '.join(ALL_ROLES)}", "--lora_modules")
-    return [r for r in ALL_ROLES if r in names]
-
-
-def config_from_args(args, em: ElasticModel) -> AdapterConfig:
-    """The adapter configuration the command line asks for, for the model behind ``em``."""
-    t = args.train
-    widths = list(args.width_choice) if t.shrinkable_width else [1.0]
-    return AdapterConfig(
-        r=t.lora_r, alpha=t.lora_alpha, dropout=t.lora_dropout, modules=parse_lora_modules(t.lora_modules),
-        num_experts=t.moe_num_expert if t.use_moe_lora else 1, topk=t.moe_topk if t.use_moe_lora else 1,
-        use_router=bool(t.use_moe_lora), widths=[float(w) for w in widths], **_structure(em))
-
-
 def structure_of(em: ElasticModel) -> dict:
     """The model-shape fields of an :class:`AdapterConfig` for the model behind ``em``."""
     return _structure(em)
@@ -444,12 +415,6 @@ def attach_adapters(model: nn.Module, em: ElasticModel, config: AdapterConfig) -
                 config.num_experts, f", top-{config.topk}" if config.use_router else "", n_train, n_all,
                 100.0 * n_train / max(n_all, 1))
     return adapted
-
-
-def add_adapters(model: nn.Module, em: ElasticModel, args) -> list[nn.Module]:
-    """Add LoRA / MoE-LoRA adapters as the command line asks (``--lora_*``, ``--use_moe_lora``,
-    ``--moe_*``), freeze the base model, and return the adapted projections."""
-    return attach_adapters(model, em, config_from_args(args, em))
 
 
 def _module_device(mod: nn.Module) -> torch.device:
@@ -536,15 +501,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _unit_index(em: ElasticModel, layer: int, role: str) -> Optional[torch.Tensor]:
     """Original feature index of each current row (q/k/v/gate/up) or column (o/down); None = identity."""
-    if not em.sliceable:
-        return None  # packed weights keep the original layout
-    if role in ("gate_proj", "up_proj", "down_proj"):
-        idx = em.state.channel_order[layer]
-    else:
-        unit = em.head_dim * (em.queries_per_group if role in ("q_proj", "o_proj") else 1)
-        go = em.state.group_order[layer]
-        idx = (go[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)
-    idx = idx.cpu().long()
+    idx = em.feature_order(layer, role).cpu().long()
     if torch.equal(idx, torch.arange(idx.numel())):
         return None
     return idx
@@ -575,10 +532,6 @@ def _from_original(em, layer, role, a, b):
 
 def save_adapters(model: nn.Module, directory, em: Optional[ElasticModel] = None) -> Path:
     """Write the adapters (safetensors, original layout) and ``adapter_config.json`` into ``directory``."""
-    from safetensors.torch import save_file
-
-    from amoeba.elastic import get_elastic
-
     config = adapter_config(model)
     if config is None:
         raise ValueError("the model has no adapters to save")
@@ -646,8 +599,6 @@ def _is_kind(value, kind: str) -> bool:
 def read_adapter_tensors(directory) -> dict[str, torch.Tensor]:
     """The tensors of ``directory/adapter_model.safetensors``; UsageError naming the file when it cannot be read
     (truncated, not safetensors) or holds NaN/inf."""
-    from safetensors.torch import load_file
-
     path = Path(directory) / WEIGHTS_FILE
     try:
         tensors = load_file(str(path))
@@ -750,52 +701,3 @@ def load_adapters(model: nn.Module, em: ElasticModel, directory, resuming: bool 
                                      f"{tuple(p.shape)}")
                 p.copy_(t)
     return [mod for mod in model.modules() if "amoeba_adapter" in getattr(mod, "_modules", {})]
-
-
-def find_adapter_dir(output_dir) -> Optional[Path]:
-    """``output_dir/adapter_model`` if present, else that of the newest complete checkpoint whose adapters load
-    and are finite, else None. ``output_dir`` may also be an adapter folder itself."""
-    output_dir = Path(output_dir)
-    if (output_dir / CONFIG_FILE).is_file() and (output_dir / WEIGHTS_FILE).is_file():
-        return output_dir
-    final = output_dir / ADAPTER_DIR
-    if (final / CONFIG_FILE).is_file():
-        return final
-    from amoeba.training import last_complete_checkpoint
-
-    ckpt = last_complete_checkpoint(output_dir, resumable=False)
-    if ckpt is not None and (ckpt / ADAPTER_DIR / CONFIG_FILE).is_file():
-        return ckpt / ADAPTER_DIR
-    return None
-
-
-def load_trained_adapters(args, model: nn.Module, em: ElasticModel, output_dir) -> nn.Module:
-    """Load the adapters of a trained run from ``output_dir`` (final ``adapter_model/`` or the last
-    checkpoint) for evaluation/export; the model is left in eval mode (deterministic router).
-
-    UsageError when ``--use_moe_lora`` is given but no adapters exist, or they disagree with the flags.
-    """
-    t = args.train
-    where = find_adapter_dir(output_dir)
-    if where is None:
-        if t.use_moe_lora:
-            raise UsageError(f"no trained adapters in {output_dir} (expected {ADAPTER_DIR}/ or "
-                             f"checkpoint-*/{ADAPTER_DIR}); train first with --do_train True", "--output_dir")
-        logger.info("no adapters in %s: evaluating the base model", output_dir)
-        return model
-    saved = read_adapter_config(where)
-    if t.use_moe_lora and (not saved.use_router or saved.num_experts != t.moe_num_expert
-                           or saved.topk != t.moe_topk):
-        kind = (f"MoE-LoRA with {saved.num_experts} experts, top-{saved.topk}" if saved.use_router
-                else "plain LoRA")
-        raise UsageError(f"the adapters in {where} are {kind}; the flags ask for {t.moe_num_expert} experts, "
-                         f"top-{t.moe_topk}", "--use_moe_lora")
-    if t.use_moe_lora and t.shrinkable_width:
-        missing = [w for w in args.width_choice if all(abs(w - s) > 1e-6 for s in saved.widths)]
-        if missing:
-            logger.warning("widths %s were not trained (router widths %s): they use the nearest one",
-                           missing, saved.widths)
-    load_adapters(model, em, where)
-    logger.info("loaded adapters from %s", where)
-    model.eval()
-    return model

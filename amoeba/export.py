@@ -27,10 +27,12 @@ zero-padded to the widest kept one: exact logits, no custom code, but no smaller
 written as stock folders; so is a family that the stock config can hold, and the exact format falls back
 to per-layer code only where a stock config cannot hold the subnet's FLAP biases.
 
-Adapter contract used by the merge: an adapted projection has a child ``amoeba_adapter``. If that
-module comes from :mod:`amoeba.adapters`, ``amoeba.adapters.merged_delta(projection)`` gives the
-delta; any other adapter module must offer ``merged_delta() -> Tensor[out_features, in_features]``
-for the current subnet. Entries outside the kept prefix are ignored.
+Adapter contract used by the merge: an adapted projection has a child ``amoeba_adapter`` that offers
+``merged_delta() -> Tensor[out_features, in_features]``, its weight delta under the current subnet (the
+MoE-LoRA layer of :mod:`amoeba.adapters` does). Entries outside the kept prefix are ignored.
+
+Which shape to export, and where from, is the deployment stage's (:mod:`amoeba.stages.deployment`); what the
+export record says about its sources comes from there (``provenance``).
 """
 
 from __future__ import annotations
@@ -46,11 +48,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from amoeba.elastic import IN_SLICED, OUT_SLICED, ElasticModel, _is_dense_linear, subnet_for
+from amoeba import modeling_amoeba
+from amoeba.elastic import IN_SLICED, OUT_SLICED, ElasticModel, _is_dense_linear
 from amoeba.errors import UsageError
 from amoeba.files import library_versions, writable_dir, write_json
+from amoeba.model_state import eval_mode
 from amoeba.subnet import Subnet
 
 logger = logging.getLogger(__name__)
@@ -128,14 +135,9 @@ def _adapter_delta(module: nn.Module) -> Optional[torch.Tensor]:
     adapter = module._modules.get("amoeba_adapter")
     if adapter is None:
         return None
-    if type(adapter).__module__ == "amoeba.adapters":
-        from amoeba.adapters import merged_delta
-
-        delta = merged_delta(module)
-    elif callable(getattr(adapter, "merged_delta", None)):
-        delta = adapter.merged_delta()
-    else:
+    if not callable(getattr(adapter, "merged_delta", None)):
         raise UsageError(f"cannot merge adapter {type(adapter).__name__}: it offers no merged_delta()")
+    delta = adapter.merged_delta()
     w = module.weight
     if tuple(delta.shape) != tuple(w.shape):
         raise ValueError(f"adapter delta {tuple(delta.shape)} does not match weight {tuple(w.shape)}")
@@ -190,8 +192,6 @@ def _config_data(em: ElasticModel, subnet: Subnet) -> dict:
 def _subnet_config(em: ElasticModel, subnet: Subnet, groups: int, channels: int, model_type: str,
                    bias_flags: dict[str, bool]):
     """The stock config of the exported model: one size for every layer."""
-    from transformers import AutoConfig
-
     src = em.config
     data = _config_data(em, subnet)
     data.update(num_attention_heads=groups * em.queries_per_group, num_key_value_heads=groups,
@@ -216,14 +216,11 @@ def _subnet_config(em: ElasticModel, subnet: Subnet, groups: int, channels: int,
 def _per_layer_plan(em: ElasticModel, subnet: Subnet, sizes: list[tuple[int, int]]) -> ExportPlan:
     """Every kept layer at its own sizes: the base's config plus ``per_layer_shapes``, loaded through
     ``modeling_amoeba.py`` (the family's own classes, layers rebuilt at their sizes)."""
-    from transformers import AutoConfig
-
-    from amoeba.modeling_amoeba import CLASS_FOR_MODEL_TYPE, SHAPES_KEY
-
     model_type = em.config.model_type
-    cls = CLASS_FOR_MODEL_TYPE.get(model_type)
+    cls = modeling_amoeba.CLASS_FOR_MODEL_TYPE.get(model_type)
     if cls is None:
-        raise UsageError(f"the exact export of per-layer widths covers {', '.join(sorted(CLASS_FOR_MODEL_TYPE))}; "
+        raise UsageError(f"the exact export of per-layer widths covers "
+                         f"{', '.join(sorted(modeling_amoeba.CLASS_FOR_MODEL_TYPE))}; "
                          f"a '{model_type}' model is not among them. Pass --export_format padded for a stock "
                          "folder with every layer padded to the widest one", "--export_format")
     shapes = []
@@ -236,7 +233,7 @@ def _per_layer_plan(em: ElasticModel, subnet: Subnet, sizes: list[tuple[int, int
                 shape[f"{role}_bias"] = True
         shapes.append(shape)
     data = _config_data(em, subnet)
-    data[SHAPES_KEY] = shapes
+    data[modeling_amoeba.SHAPES_KEY] = shapes
     data["auto_map"] = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
     config = AutoConfig.for_model(model_type, **data)
     config.architectures = [cls.__name__]
@@ -283,9 +280,6 @@ def plan_export(em: ElasticModel, subnet: Subnet, export_format: str = "exact") 
 
 
 def _causal_lm_class(model_type: str) -> str:
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, AutoModelForCausalLM.__name__)
 
 
@@ -408,9 +402,6 @@ def _build(em: ElasticModel, subnet: Subnet, plan: ExportPlan, dtype: torch.dtyp
 
 def _empty_model(plan: ExportPlan, dtype: torch.dtype) -> nn.Module:
     """The exported model with its parameters on the meta device (buffers such as rope are real)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     plan.config.dtype = dtype
     with init_empty_weights():
         if plan.model_class is not None:
@@ -468,14 +459,10 @@ def slice_subnet(model: nn.Module, em: ElasticModel, subnet: Subnet, export_form
     ref = em.projections(subnet.layers[0])["q_proj"].weight
     dtype, device = ref.dtype, ref.device
 
-    was_training = model.training
-    model.eval()  # a shape-aware router gives its deterministic (evaluation) gates
-    try:
-        with em.use(subnet):
-            plan = plan_export(em, subnet, export_format)
-            target, state, stats, tied = _build(em, subnet, plan, dtype)
-    finally:
-        model.train(was_training)
+    # eval mode: a shape-aware router gives its deterministic (evaluation) gates
+    with eval_mode(model), em.use(subnet):
+        plan = plan_export(em, subnet, export_format)
+        target, state, stats, tied = _build(em, subnet, plan, dtype)
     padded = list(plan.sizes) != list(sizes)
     if padded and len(set(sizes)) > 1:
         logger.warning("subnet %s has per-layer widths; --export_format padded zero-pads every layer to the widest "
@@ -533,8 +520,6 @@ def export_subnet(model: nn.Module, tokenizer, em: ElasticModel, subnet: Subnet,
     try:
         sliced.model.save_pretrained(tmp)
         if sliced.per_layer_code:
-            from amoeba import modeling_amoeba
-
             shutil.copyfile(modeling_amoeba.__file__, tmp / MODELING_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -659,79 +644,3 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         old.unlink()
     else:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def protected_paths(args) -> list[tuple[str, str, str]]:
-    """What an export of this run may never be nor contain, as ``(path, flag, what)`` for
-    :func:`check_export_target`: the run's ``--output_dir``, and the model, adapters and strategy it reads."""
-    t = args.train
-    paths = [(t.output_dir, "--output_dir", "the run's own output folder")]
-    model = args.model.model_name_or_path
-    if model and Path(model).expanduser().exists():  # a hub id names no local folder
-        paths.append((model, "--model_name_or_path", "the model being read"))
-    if t.adapter_dir:
-        paths.append((t.adapter_dir, "--adapter_dir", "the adapters being read"))
-    if t.shrinking_file:
-        paths.append((t.shrinking_file, "--shrinking_file", "the strategy file being read"))
-    return paths
-
-
-# ---------------------------------------------------------------------------------------- from flags
-def export_from_args(args, model: nn.Module, tokenizer, em: ElasticModel, strategy) -> Path:
-    """``--export_dir``: export the first shape of ``--eval_num_layer``/``--eval_num_width``.
-
-    Depth comes from the strategy's layer masks (``--shrinking_method calib_dp``) or the first layers;
-    a width the strategy lacks is refused.
-    """
-    t = args.train
-    layers = args.eval_layers[0] if args.eval_layers else em.num_layers
-    width = args.eval_widths[0] if args.eval_widths else 1.0
-    if args.eval_shapes:
-        layers, width = args.eval_shapes[0]
-        if len(args.eval_shapes) > 1:
-            logger.warning("--export_dir exports one shape: %d layers x width %g (the first of --eval_shapes)",
-                           layers, width)
-    elif (args.eval_layers and len(args.eval_layers) > 1) or (args.eval_widths and len(args.eval_widths) > 1):
-        logger.warning("--export_dir exports one shape: %d layers x width %g (the first of each list)",
-                       layers, width)
-    subnet = resolve_subnet(em, strategy, layers, width, t.shrinking_method)
-    provenance = export_provenance(args, model)
-    return export_subnet(model, tokenizer, em, subnet, t.export_dir, overwrite=t.overwrite, provenance=provenance,
-                         export_format=t.export_format, protected=protected_paths(args))
-
-
-def resolve_subnet(em: ElasticModel, strategy, layers: int, width: float, shrinking_method: str = "calib_dp",
-                   layer_flag: str = "--eval_num_layer", width_flag: str = "--eval_num_width") -> Subnet:
-    """The subnet of ``layers`` x ``width`` as the strategy defines it; shapes it lacks raise UsageError."""
-    from amoeba.args import width_key
-
-    masks = getattr(strategy, "layer_masks", None) if shrinking_method == "calib_dp" else None
-    w = width_key(width)
-    if w != 1.0 and strategy is not None and w not in em.width_plans:
-        have = sorted(set(em.width_plans) | {1.0}, reverse=True)
-        in_file = getattr(strategy, "widths", None)
-        in_file = in_file() if callable(in_file) else in_file
-        hint = f"; the strategy file has {sorted(in_file, reverse=True)}" if in_file else ""
-        raise UsageError(f"width {w:g} is not among the loaded widths {have}{hint} (pass it in --width_choice "
-                         "with --shrinkable_width)", width_flag)
-    return subnet_for(em, layers, w, masks, layer_flag)
-
-
-def export_provenance(args, model: nn.Module) -> dict[str, Any]:
-    """Base model, strategy file (and its hash) and adapters folder of a run, for the export record."""
-    t = args.train
-    strategy_file = t.shrinking_file if t.shrinking_file and Path(t.shrinking_file).is_file() else None
-    has_adapters = any(n.endswith(".amoeba_adapter") or ".amoeba_adapter." in n for n, _ in model.named_modules())
-    adapters_dir = None
-    if has_adapters:
-        out = Path(t.output_dir)
-        final = out / "adapter_model"
-        ckpts = sorted(out.glob("checkpoint-*/adapter_model"), key=lambda p: int(p.parent.name.split("-")[-1]))
-        adapters_dir = str(final if final.is_dir() else (ckpts[-1] if ckpts else out))
-    return {
-        "base_model": args.model.model_name_or_path,
-        "strategy_file": strategy_file,
-        "strategy_sha256": file_sha256(strategy_file) if strategy_file else None,
-        "adapters_dir": adapters_dir,
-        "shrinking_method": t.shrinking_method,
-    }

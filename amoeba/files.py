@@ -1,4 +1,4 @@
-"""Atomic file writes and the run record every output directory keeps.
+"""Atomic file writes, writable-folder checks and the library versions a result records.
 
 Everything a stage writes goes to a temporary file in the same folder first and is then renamed over
 the final name, so an interrupted or failed run never leaves a half-written result behind.
@@ -7,13 +7,11 @@ the final name, so an interrupted or failed run never leaves a half-written resu
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.metadata
 import json
 import logging
 import os
 import platform
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -118,20 +116,3 @@ def library_versions() -> dict[str, str]:
             except importlib.metadata.PackageNotFoundError:
                 out[name] = "not installed"
     return out
-
-
-def save_run_record(output_dir: str | os.PathLike, args) -> None:
-    """Write ``run_args.json`` (resolved arguments, command line, library versions) into ``output_dir``."""
-    groups = {}
-    for name in ("model", "data", "train", "generation"):
-        obj = getattr(args, name)
-        groups[name] = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
-    record = {
-        "command": sys.argv,
-        "arguments": groups,
-        "parsed": {"width_choice": args.width_choice, "eval_layers": args.eval_layers,
-                   "eval_widths": args.eval_widths, "lm_eval_tasks": args.lm_eval_tasks,
-                   "data_dir": args.data_dir},
-        "versions": library_versions(),
-    }
-    write_json(Path(output_dir) / "run_args.json", record)

@@ -28,8 +28,9 @@ All ratios cut the same ranking, so a narrower width keeps a subset of a wider o
 prefixes in the elastic model). Bias compensation: the mean input of the removed features times their
 weight columns becomes a bias on the output of ``o_proj``/``down_proj``, one vector per ratio.
 
-Outputs (in ``--output_dir``): ``width_mask.npy`` and ``width_bias.npy`` in the seed's layout, plus
-``width_summary.json``/``.md`` (kept heads and channels per layer and ratio).
+Outputs (:func:`write_width_files`, into ``--output_dir``): ``width_mask.npy`` and ``width_bias.npy`` in the
+seed's layout, plus ``width_summary.json``/``.md`` (kept heads and channels per layer and ratio). The flags are
+read by Stage 1's entry (:mod:`amoeba.stages.calibration`); :func:`calibrate_widths` takes their values.
 """
 
 from __future__ import annotations
@@ -43,16 +44,20 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from amoeba.args import width_key
+from amoeba.distributed import process_share
+from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
 from amoeba.files import write_json, write_text
-from amoeba.strategy import module_name, save_npy
+from amoeba.model_state import eval_mode
+from amoeba.npy import save_npy
+from amoeba.strategy import module_name
+from amoeba.subnet import width_key
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("flap", "magnitude")
-TEXT_CALIB_DATASETS = ("wikitext2", "c4", "wiki")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,18 +100,11 @@ class RunningStats:
         return self.m2 / max(self.n - 1, 1)
 
 
-def _process_group() -> tuple[int, int]:
-    """(rank, world size) of the running ``torch.distributed`` group, or (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def merge_across_processes(stats: RunningStats, features: int, device: torch.device) -> RunningStats:
     """The statistics of every process's share of the calibration tokens, merged in rank order (the same
     on every process; equal to one process's streaming statistics up to float64 rounding)."""
-    _, world = _process_group()
+    _, world = process_share()
     if world == 1:
         return stats
     mine = torch.zeros(1 + 2 * features, dtype=torch.float64, device=device)
@@ -164,17 +162,14 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     w = module.weight
     if type(w) in (nn.Parameter, torch.Tensor) and w.dtype.is_floating_point:
         return w.detach()
-    from peft.utils.integrations import dequantize_bnb_weight
+    from peft.utils.integrations import dequantize_bnb_weight  # deferred: only packed (bitsandbytes) weights
 
     return dequantize_bnb_weight(w, state=getattr(module, "state", None)).detach()
 
 
 def _layouts(em, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q feature map, channel map): current position -> original index (the model may be reordered)."""
-    block = em.queries_per_group * em.head_dim
-    g = em.state.group_order[layer].cpu()
-    q_map = (g[:, None] * block + torch.arange(block)[None, :]).reshape(-1)
-    return q_map, em.state.channel_order[layer].cpu()
+    """(o_proj input map, down_proj input map): current position -> original index (the model may be reordered)."""
+    return em.feature_order(layer, "o_proj").cpu(), em.feature_order(layer, "down_proj").cpu()
 
 
 def _to_original(vec: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
@@ -265,21 +260,17 @@ def collect_input_stats(em, input_ids: torch.Tensor, batch_size: int = 8, progre
     Under ``torch.distributed`` (``torchrun``), each process takes its share of the calibration sequences
     and the per-layer statistics are merged across processes, so every process gets the one-process result.
     """
-    from tqdm.auto import tqdm
-
-    rank, world = _process_group()
+    rank, world = process_share()
     if world > 1:
         input_ids = torch.tensor_split(input_ids, world)[rank]
         progress = progress and rank == 0
 
     model = em.model
     use_cache = getattr(model.config, "use_cache", None)
-    was_training = model.training
-    model.eval()
     out: list[LayerStats] = []
     try:
         model.config.use_cache = False
-        with em.use(em.full_subnet()):
+        with eval_mode(model), em.use(em.full_subnet()):
             hidden, calls = _capture_layer_calls(em, input_ids, max(1, int(batch_size)))
             bar = tqdm(range(em.num_layers), desc="FLAP layers", unit="layer", disable=not progress)
             for i in bar:
@@ -308,7 +299,6 @@ def collect_input_stats(em, input_ids: torch.Tensor, batch_size: int = 8, progre
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
-        model.train(was_training)
     return out
 
 
@@ -322,10 +312,8 @@ def flap_scores(model, input_ids: Optional[torch.Tensor], batch_size: int = 8, m
     ``o_proj``). ``method="magnitude"``: the L2 norm of the unit's weight columns in ``o_proj``/``down_proj``
     (no activations; ``input_ids`` is not used).
     """
-    from amoeba.elastic import make_elastic
-
     if method not in METHODS:
-        raise UsageError(f"'{method}' is not one of {', '.join(METHODS)}", "--prune_width_method")
+        raise UsageError(f"'{method}' is not one of {', '.join(METHODS)}")
     em = make_elastic(model)
     stats = None
     if method == "flap":
@@ -402,7 +390,7 @@ def select_widths(group_score: torch.Tensor, channel_score: torch.Tensor, ratios
     FLAP itself is ``align=1``. Rounding is monotone, so kept sets stay nested.
     """
     if mode not in ("global", "uniform"):
-        raise UsageError(f"'{mode}' is not global or uniform", "--width_mode")
+        raise UsageError(f"'{mode}' is not global or uniform")
     gs = group_score.detach().cpu().to(torch.float64).numpy()
     cs = channel_score.detach().cpu().to(torch.float64).numpy()
     layers, n_groups = gs.shape
@@ -542,54 +530,49 @@ def _summary_markdown(summary: dict) -> str:
 def write_width_files(output_dir: str | Path, masks: dict, bias: dict, summary: dict) -> None:
     """Write ``width_mask.npy``, ``width_bias.npy`` (atomically) and the readable ``width_summary`` files."""
     out = Path(output_dir)
-    save_npy(masks, out / "width_mask.npy")
-    save_npy(bias, out / "width_bias.npy")
+    save_npy(out / "width_mask.npy", masks)
+    save_npy(out / "width_bias.npy", bias)
     write_json(out / "width_summary.json", summary)
     write_text(out / "width_summary.md", _summary_markdown(summary))
 
 
 # ----------------------------------------------------------------------------------------------
-# The stage
+# The whole calibration
 # ----------------------------------------------------------------------------------------------
-def calibration_tokens(args, tokenizer) -> torch.Tensor:
-    """``--num_calib_sample`` windows of ``--calib_seqlen`` tokens from the ``--calib_dataset`` text."""
-    from amoeba.text_data import calibration_windows
+@dataclass
+class WidthCalibration:
+    """What width calibration found: the seed-layout ``masks`` and ``bias`` dicts, and a readable ``summary``."""
 
-    if args.train.calib_dataset == "mmlu":
-        raise UsageError("FLAP calibrates on text; mmlu is for the layer DP. Use one of "
-                         f"{', '.join(TEXT_CALIB_DATASETS)} or a local .txt/.json/.jsonl file", "--calib_dataset")
-    return calibration_windows(args, tokenizer, "FLAP")
+    masks: dict
+    bias: dict
+    summary: dict
+    selection: WidthSelection
 
 
-def run_width_calibration(args, model, tokenizer, bias: bool = True) -> dict:
-    """Stage 1 step 2 (``--width_calib``): score, select and write the width masks and biases.
+def calibrate_widths(model, input_ids: Optional[torch.Tensor], ratios: Sequence[float], method: str = "flap",
+                     mode: str = "global", align: int = 1, batch_size: int = 8, bias: bool = True,
+                     data: str = "", started: Optional[float] = None) -> WidthCalibration:
+    """Score, select and compensate: the width masks and biases of every ratio in ``ratios``.
 
-    ``bias=False`` writes zero biases (the "FLAP without bias compensation" baseline). Returns the summary.
-    """
-    from amoeba.elastic import make_elastic
-
-    t = args.train
-    start = time.time()
+    ``input_ids`` [n, seqlen]: the calibration tokens (``method="flap"``; None for ``magnitude``), described by
+    ``data`` in the summary. ``bias=False`` gives zero biases (the "FLAP without bias compensation" baseline).
+    ``started``: when the calibration began (``time.time()``, the loading of its data included), for the
+    summary's ``elapsed_s``; default now."""
+    start = time.time() if started is None else started
     em = make_elastic(model)
-    ratios = tuple(dict.fromkeys(width_key(r) for r in args.width_choice))
-    method = t.prune_width_method
-    ids = calibration_tokens(args, tokenizer) if method == "flap" else None
-    scores = flap_scores(model, ids, t.calib_batch_size, method=method)
+    ratios = tuple(dict.fromkeys(width_key(r) for r in ratios))
+    scores = flap_scores(model, input_ids, batch_size, method=method)
     group_cost, channel_cost = unit_costs(em)
-    align = int(getattr(t, "width_align", 1) or 1)
-    selection = select_widths(scores.group_score, scores.channel_score, ratios, t.width_mode, group_cost,
-                              channel_cost, align)
+    align = int(align or 1)
+    selection = select_widths(scores.group_score, scores.channel_score, ratios, mode, group_cost, channel_cost,
+                              align)
     with_bias = bool(bias) and scores.stats is not None
     biases = compensation_biases(em, scores.stats, selection, enabled=with_bias)
     masks, bias_dict = width_dicts(em, selection, biases)
-    calib = ("none (weight magnitudes)" if ids is None else
-             f"{t.calib_dataset}, {ids.shape[0]} x {ids.shape[1]} tokens")
-    summary = {"method": method, "mode": t.width_mode, "channel_align": align, "bias": with_bias, "calibration": calib,
+    calib = ("none (weight magnitudes)" if input_ids is None else
+             f"{data}, {input_ids.shape[0]} x {input_ids.shape[1]} tokens")
+    summary = {"method": method, "mode": mode, "channel_align": align, "bias": with_bias, "calibration": calib,
                "num_tokens": None if scores.stats is None else scores.stats[0].tokens,
                "info": model_info(em), "widths": selection_summary(em, selection),
                "elapsed_s": round(time.time() - start, 2)}
-    write_width_files(t.output_dir, masks, bias_dict, summary)
-    fractions = ", ".join(f"{r:g}: {selection.kept_fraction[r]:.3f}" for r in ratios)
-    logger.info("width masks written to %s (kept parameter fraction %s)", t.output_dir, fractions)
-    print(f"width calibration done: {Path(t.output_dir) / 'width_mask.npy'}, {Path(t.output_dir) / 'width_bias.npy'}")
-    return summary
+    return WidthCalibration(masks, bias_dict, summary, selection)

@@ -22,8 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from amoeba.args import shown
-from amoeba.errors import UsageError
+from amoeba.errors import UsageError, shown
 from amoeba.text_data import read_text_content
 
 logger = logging.getLogger(__name__)
@@ -177,7 +176,7 @@ def is_local_dataset(name: str) -> bool:
 def load_examples(name: str, dataset_format: Optional[str] = None, data_dir: Optional[str] = None,
                   cache_dir: Optional[str] = None):
     """The formatted examples of ``--dataset`` as a ``datasets.Dataset`` with columns input, output."""
-    from datasets import Dataset
+    from datasets import Dataset  # deferred: datasets takes seconds to import, only Stage 2 data needs it
 
     if is_local_dataset(name):
         path = Path(os.path.expanduser(name))
@@ -201,7 +200,7 @@ def load_examples(name: str, dataset_format: Optional[str] = None, data_dir: Opt
                            path)
         logger.info("reading %s from %s", name, path)
         return Dataset.from_list(format_records(read_records(path), path, "alpaca"))
-    from datasets import load_dataset
+    from datasets import load_dataset  # deferred, as above: only the hub needs it
 
     try:
         raw = load_dataset(hub_id, split="train", cache_dir=cache_dir)
@@ -287,21 +286,42 @@ def split_examples(dataset, eval_size: int, seed: int):
     return parts["train"], parts["test"]
 
 
-def make_data_module(tokenizer, args) -> dict:
-    """``train_dataset``, ``eval_dataset`` (None unless ``--do_eval``) and ``data_collator`` for the Trainer."""
-    d, t = args.data, args.train
-    dataset = load_examples(d.dataset, d.dataset_format, args.data_dir, t.cache_dir)
+@dataclass(frozen=True)
+class InstructionData:
+    """Which instruction data a run trains on and how it is cut: ``dataset`` (a name or a local file) in
+    ``dataset_format``, from ``data_dir`` (offline) or the hub (cached in ``cache_dir``); ``eval_size`` examples
+    held out at random with ``split_seed`` (None: no evaluation split); both sets truncated to ``max_train`` /
+    ``max_eval`` examples; prompts of at most ``source_max_len`` tokens, responses of at most
+    ``target_max_len``, labels on the prompt too with ``train_on_source``; a ``length`` column for the Trainer's
+    length-grouped sampler with ``group_by_length``."""
+
+    dataset: str
+    dataset_format: Optional[str] = None
+    data_dir: Optional[str] = None
+    cache_dir: Optional[str] = None
+    eval_size: Optional[int] = None
+    split_seed: int = 42
+    max_train: Optional[int] = None
+    max_eval: Optional[int] = None
+    source_max_len: int = 1024
+    target_max_len: int = 256
+    train_on_source: bool = False
+    group_by_length: bool = True
+
+
+def make_data_module(tokenizer, data: InstructionData) -> dict:
+    """``train_dataset``, ``eval_dataset`` (None without ``eval_size``) and ``data_collator`` for the Trainer."""
+    dataset = load_examples(data.dataset, data.dataset_format, data.data_dir, data.cache_dir)
     if len(dataset) == 0:
-        raise UsageError(f"{d.dataset} holds no examples", "--dataset")
+        raise UsageError(f"{data.dataset} holds no examples", "--dataset")
     eval_dataset = None
-    if t.do_eval:
-        seed = t.data_seed if t.data_seed is not None else t.seed
-        dataset, eval_dataset = split_examples(dataset, d.eval_dataset_size, seed)
-        if d.max_eval_samples is not None and len(eval_dataset) > d.max_eval_samples:
-            eval_dataset = eval_dataset.select(range(d.max_eval_samples))
-    if d.max_train_samples is not None and len(dataset) > d.max_train_samples:
-        dataset = dataset.select(range(d.max_train_samples))
-    if t.group_by_length:
+    if data.eval_size is not None:
+        dataset, eval_dataset = split_examples(dataset, data.eval_size, data.split_seed)
+        if data.max_eval is not None and len(eval_dataset) > data.max_eval:
+            eval_dataset = eval_dataset.select(range(data.max_eval))
+    if data.max_train is not None and len(dataset) > data.max_train:
+        dataset = dataset.select(range(data.max_train))
+    if data.group_by_length:
         # The length sampler reads this column (characters: a cheap proxy for tokens, as qlora).
         def add_length(ex):
             return {"length": len(ex["input"]) + len(ex["output"])}
@@ -309,7 +329,7 @@ def make_data_module(tokenizer, args) -> dict:
         dataset = dataset.map(add_length)
         if eval_dataset is not None:
             eval_dataset = eval_dataset.map(add_length)
-    logger.info("instruction data %s: %d training examples, %s evaluation examples", d.dataset, len(dataset),
+    logger.info("instruction data %s: %d training examples, %s evaluation examples", data.dataset, len(dataset),
                 len(eval_dataset) if eval_dataset is not None else "no")
-    collator = InstructionCollator(tokenizer, d.source_max_len, d.target_max_len, t.train_on_source)
+    collator = InstructionCollator(tokenizer, data.source_max_len, data.target_max_len, data.train_on_source)
     return {"train_dataset": dataset, "eval_dataset": eval_dataset, "data_collator": collator}

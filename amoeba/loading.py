@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate import dispatch_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from amoeba.args import DEFAULT_MODEL_DIR, ModelArguments, TrainingArguments, shown
+from amoeba.default_model import DEFAULT_MODEL_DIR, load_gguf
 from amoeba.elastic import SUPPORTED_MODEL_TYPES
-from amoeba.errors import UsageError
+from amoeba.errors import UsageError, shown
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +50,32 @@ CONFIG_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors format's own limit on its JSON header
 
 
-def compute_dtype(train_args: TrainingArguments) -> torch.dtype:
+@dataclass(frozen=True)
+class LoadSettings:
+    """How to load the base model: ``model`` (a hub id, a local folder or a ``.gguf`` file), whether its own code
+    may run (``trust_remote_code``) and the machine's hub token be used (``use_auth_token``); precision (``bf16``,
+    ``fp16``: CUDA only; else fp32) or bitsandbytes quantization (``bits`` 4 or 8 with ``double_quant`` and
+    ``quant_type``); ``device_map`` (a strategy name or a JSON file) to spread it over the GPUs of one process,
+    which ``training`` refuses; the hub's ``cache_dir``."""
+
+    model: str
+    trust_remote_code: bool = False
+    use_auth_token: bool = False
+    bf16: bool = False
+    fp16: bool = False
+    bits: int = 16
+    double_quant: bool = True
+    quant_type: str = "nf4"
+    device_map: Optional[str] = None
+    training: bool = False
+    cache_dir: Optional[str] = None
+
+
+def compute_dtype(settings: LoadSettings) -> torch.dtype:
     """The dtype weights are loaded in: bf16, fp16 (CUDA only; fp32 on a CPU), else fp32."""
-    if getattr(train_args, "bf16", False):
+    if settings.bf16:
         return torch.bfloat16
-    if getattr(train_args, "fp16", False):
+    if settings.fp16:
         if torch.cuda.is_available():
             return torch.float16
         logger.warning("--fp16 on a machine without CUDA: computing in float32 instead")
@@ -228,7 +251,7 @@ def _library_errors() -> tuple[type, ...]:
     """What transformers, safetensors, torch and huggingface_hub raise on a file they cannot use."""
     errors = [OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError, EOFError, OverflowError,
               pickle.UnpicklingError]
-    with contextlib.suppress(ImportError):
+    with contextlib.suppress(ImportError):  # where the installed safetensors has its own error type
         from safetensors import SafetensorError
 
         errors.append(SafetensorError)
@@ -272,8 +295,6 @@ def load_config(name: str, trust_remote_code: bool = False, token=None):
 
 
 def _load_config(source: ModelSource, trust_remote_code: bool, token):
-    from transformers import AutoConfig
-
     where = source.file("config.json")
     with _reading("the config", where):
         config = AutoConfig.from_pretrained(source.where, gguf_file=source.gguf, trust_remote_code=trust_remote_code,
@@ -283,39 +304,38 @@ def _load_config(source: ModelSource, trust_remote_code: bool, token):
     return config
 
 
-def quantization_config(train_args: TrainingArguments):
+def quantization_config(settings: LoadSettings):
     """A ``BitsAndBytesConfig`` for ``--bits 4|8`` (None otherwise); CUDA is required."""
-    if train_args.bits not in (4, 8):
+    if settings.bits not in (4, 8):
         return None
     if not torch.cuda.is_available():
-        raise UsageError(f"{train_args.bits}-bit loading uses bitsandbytes and needs a CUDA GPU, and this machine "
+        raise UsageError(f"{settings.bits}-bit loading uses bitsandbytes and needs a CUDA GPU, and this machine "
                          "has none; drop --bits (or use --bits 16)", "--bits")
-    from transformers import BitsAndBytesConfig
-
     return BitsAndBytesConfig(
-        load_in_4bit=train_args.bits == 4,
-        load_in_8bit=train_args.bits == 8,
+        load_in_4bit=settings.bits == 4,
+        load_in_8bit=settings.bits == 8,
         llm_int8_threshold=6.0,
         llm_int8_has_fp16_weight=False,
-        bnb_4bit_compute_dtype=compute_dtype(train_args),
-        bnb_4bit_use_double_quant=train_args.double_quant,
-        bnb_4bit_quant_type=train_args.quant_type,
+        bnb_4bit_compute_dtype=compute_dtype(settings),
+        bnb_4bit_use_double_quant=settings.double_quant,
+        bnb_4bit_quant_type=settings.quant_type,
     )
 
 
 # ----------------------------------------------------------------------------------------------
 # --device_map
 # ----------------------------------------------------------------------------------------------
-def resolve_device_map(value: Optional[str], train_args: TrainingArguments):
+def resolve_device_map(value: Optional[str], training: bool = False, bits: int = 16):
     """``--device_map`` as ``from_pretrained`` takes it: None, a strategy name (``auto``, ...) or a dict
-    {module name: device}. Combinations that cannot work are refused with a UsageError."""
+    {module name: device}. Combinations that cannot work (``training``, ``bits`` 4/8 on the CPU) are refused with a
+    UsageError."""
     if value is None:
         return None
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world > 1:
         raise UsageError(f"spreads one model over the devices of one process; it cannot run under torchrun or "
                          f"accelerate launch (WORLD_SIZE={world}): start a single process", DEVICE_MAP_FLAG)
-    if train_args.do_train and not train_args.width_calib:
+    if training:
         raise UsageError("is for calibration and evaluation; give --do_train False (training a model spread "
                          "over devices is not supported: use torchrun with one model copy per GPU)",
                          DEVICE_MAP_FLAG)
@@ -323,8 +343,8 @@ def resolve_device_map(value: Optional[str], train_args: TrainingArguments):
         device_map = value
     else:
         device_map = _read_device_map(value)
-    if train_args.bits in (4, 8) and isinstance(device_map, dict) and "cpu" in device_map.values():
-        raise UsageError(f"{train_args.bits}-bit (bitsandbytes) weights must sit on GPUs; the map places modules "
+    if bits in (4, 8) and isinstance(device_map, dict) and "cpu" in device_map.values():
+        raise UsageError(f"{bits}-bit (bitsandbytes) weights must sit on GPUs; the map places modules "
                          "on the CPU", DEVICE_MAP_FLAG)
     return device_map
 
@@ -383,8 +403,6 @@ def attach_device_hooks(model, device_map) -> None:
     module had when it was attached; the elastic model later swaps the projections' classes, so the hooks
     are pointed at the class's forward at call time instead.
     """
-    from accelerate import dispatch_model
-
     if getattr(model, "hf_device_map", None) is None:
         if not isinstance(device_map, dict):  # a strategy that put everything on one device
             device_map = {"": next(model.parameters()).device}
@@ -402,8 +420,6 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, token=None, cache
 
 
 def _load_tokenizer(source: ModelSource, trust_remote_code: bool, token, cache_dir):
-    from transformers import AutoTokenizer
-
     folder = source.local and source.gguf is None
     with _reading("the tokenizer", source.where if folder else source.file("tokenizer")):
         tok = AutoTokenizer.from_pretrained(source.where, gguf_file=source.gguf, padding_side="right",
@@ -451,8 +467,6 @@ def _check_loaded(info: dict, source: str) -> None:
 
 def _from_pretrained(source: ModelSource, kwargs: dict):
     """``AutoModelForCausalLM.from_pretrained`` with its failures translated and the loaded tensors checked."""
-    from transformers import AutoModelForCausalLM
-
     report_logger = logging.getLogger("transformers.modeling_utils")
     hold = _HoldLoadReport()
     report_logger.addFilter(hold)
@@ -473,20 +487,20 @@ def _from_pretrained(source: ModelSource, kwargs: dict):
     return model
 
 
-def load_model_and_tokenizer(model_args: ModelArguments, train_args: TrainingArguments):
-    """Load the base model (eval mode, ``use_cache`` off) and tokenizer from ``--model_name_or_path``."""
-    name = model_args.model_name_or_path
-    token = True if model_args.use_auth_token else None
+def load_model_and_tokenizer(settings: LoadSettings):
+    """Load the base model (eval mode, ``use_cache`` off) and tokenizer as ``settings`` say."""
+    name = settings.model
+    token = True if settings.use_auth_token else None
     source = check_model_source(name)  # fails fast on a bad path, file or architecture
-    _load_config(source, model_args.trust_remote_code, token)
+    _load_config(source, settings.trust_remote_code, token)
     where, gguf = source.where, source.gguf
-    dtype = compute_dtype(train_args)
-    device_map = resolve_device_map(getattr(model_args, "device_map", None), train_args)
+    dtype = compute_dtype(settings)
+    device_map = resolve_device_map(settings.device_map, settings.training, settings.bits)
     if device_map is not None and gguf is not None:
         raise UsageError("a .gguf model loads on one device; convert it to a model folder first", DEVICE_MAP_FLAG)
-    qconfig = quantization_config(train_args)
-    kwargs = dict(dtype=dtype, trust_remote_code=model_args.trust_remote_code, token=token,
-                  cache_dir=train_args.cache_dir)
+    qconfig = quantization_config(settings)
+    kwargs = dict(dtype=dtype, trust_remote_code=settings.trust_remote_code, token=token,
+                  cache_dir=settings.cache_dir)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -494,10 +508,8 @@ def load_model_and_tokenizer(model_args: ModelArguments, train_args: TrainingArg
     if device_map is not None:
         kwargs["device_map"] = device_map
     logger.info("loading %s (%s%s)", name, str(dtype).replace("torch.", ""),
-                f", {train_args.bits}-bit" if qconfig else "")
+                f", {settings.bits}-bit" if qconfig else "")
     if gguf is not None:
-        from amoeba.default_model import load_gguf
-
         if qconfig is not None:
             raise UsageError("a .gguf model cannot be re-quantized with --bits; convert it to a folder first", "--bits")
         with _reading("the model", source.file(gguf)):
@@ -510,7 +522,7 @@ def load_model_and_tokenizer(model_args: ModelArguments, train_args: TrainingArg
             attach_device_hooks(model, device_map)
             logger.info("placed on %s", ", ".join(sorted({str(d) for d in model.hf_device_map.values()})))
     if tok is None:
-        tok = _load_tokenizer(source, model_args.trust_remote_code, token, train_args.cache_dir)
+        tok = _load_tokenizer(source, settings.trust_remote_code, token, settings.cache_dir)
     else:
         _set_pad_token(tok)
     if qconfig is None and device_map is None and torch.cuda.is_available():

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from amoeba.distributed import gather_from_processes, process_share
 from amoeba.errors import UsageError
+from amoeba.model_state import eval_mode, model_device
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +143,7 @@ def _local_split(data_dir: Path, split: str) -> dict[str, list[_Question]]:
 
 
 def _hub_split(split: str) -> dict[str, list[_Question]]:
-    from datasets import load_dataset
+    from datasets import load_dataset  # deferred: a heavy import that only the hub needs (offline: CSV files)
 
     try:
         ds = load_dataset(HUB_DATASET, "all", split=HUB_SPLITS[split])
@@ -235,13 +237,6 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> list[list
     return [ids[-max_len:] for ids in enc]
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(p.device for p in model.parameters() if p.device.type != "meta")
-    except StopIteration:
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size: int = 8,
                   max_len: int = 2048, progress: bool = True, group=None) -> torch.Tensor:
@@ -253,8 +248,6 @@ def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size:
     process runs the batches ``rank, rank + world, ...`` and the rows are gathered: every process gets
     the logits one process computes, batch for batch.
     """
-    from amoeba.text_data import gather_from_processes, process_share
-
     if batch_size < 1:
         raise UsageError(f"batch size {batch_size} must be at least 1", "--per_device_eval_batch_size")
     letters = torch.tensor(answer_token_ids(tokenizer))
@@ -262,12 +255,10 @@ def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size:
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     left = getattr(tokenizer, "padding_side", "right") == "left"
-    device = _model_device(model)
+    device = model_device(model)
     out = torch.empty(len(encoded), 4, dtype=torch.float32)
     rank, world = process_share(group) if group is not None else (0, 1)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)][rank::world]
         for batch in tqdm(batches, desc="MMLU", disable=not progress, leave=False):
             width = max(len(encoded[i]) for i in batch)
@@ -287,8 +278,6 @@ def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size:
             col = torch.searchsorted(keep, last)
             picked = logits[torch.arange(len(batch), device=logits.device), col.to(logits.device)]
             out[torch.tensor(batch)] = picked[:, letters.to(picked.device)].float().cpu()
-    finally:
-        model.train(was_training)
     if world > 1:
         rows = [i for batch in batches for i in batch]
         for got, values in gather_from_processes((rows, out[rows].clone()), group):

@@ -1,112 +1,112 @@
-"""What ``main.py`` runs: load once, then the stages the flags ask for, in the seed's order.
+"""What ``main.py`` runs: check the command, load once, then the stages the flags ask for, in the seed's order.
 
 Stage 1 width calibration (``--width_calib``) ends the run, as in the seed. Otherwise: layer DP
-(``--layer_calib_dp``), then the elastic model with the strategy file, training (``--do_train``),
-export (``--export_dir``) and evaluation of the requested shapes.
+(``--layer_calib_dp``), then the elastic model with the strategy file, training (``--do_train``) or the adapters
+of a finished run, export (``--export_dir``) or the budget picker, and evaluation of the requested shapes.
+:func:`run` reads as that list; each step is a function below, and each stage is a module of
+:mod:`amoeba.stages`.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Optional
+
+from transformers import set_seed
 
 from amoeba.args import Arguments
-from amoeba.errors import UsageError
+from amoeba.default_model import materialize_default_model
+from amoeba.elastic import ElasticModel, make_elastic
+from amoeba.errors import UsageError, for_flag
+from amoeba.export import check_export_target
+from amoeba.files import writable_dir
+from amoeba.loading import LoadSettings, load_model_and_tokenizer
+from amoeba.run_folder import find_adapters, save_run_record
+from amoeba.stages.calibration import run_layer_calibration, run_width_calibration
+from amoeba.stages.deployment import export_from_args, protected_paths, run_budget
+from amoeba.stages.evaluation import check_lm_eval_tasks, run_evaluation
+from amoeba.stages.finetuning import load_trained_adapters, run_training
+from amoeba.strategy import Strategy, apply_strategy, load_strategy
 
 logger = logging.getLogger(__name__)
 
 
-def wants_evaluation(args: Arguments) -> bool:
-    """True when any evaluation flag is on."""
-    t = args.train
-    return bool(t.do_mmlu_eval or t.do_eval_wikitext2 or t.do_lm_eval or (t.do_eval and not t.no_eval_orig))
-
-
 def run(args: Arguments) -> None:
     """Run every stage ``args`` asks for."""
-    t = args.train
     if args.model.materialize_default_model:
-        from amoeba.default_model import materialize_default_model
-
-        path = materialize_default_model()
-        print(f"default model ready at {path}")
+        print(f"default model ready at {materialize_default_model()}")
         return
-
-    from transformers import set_seed
-
-    from amoeba.files import save_run_record
-    from amoeba.loading import load_model_and_tokenizer
-
-    if t.shrinking_file and not Path(t.shrinking_file).is_file():
-        raise UsageError(f"no such file: {t.shrinking_file}", "--shrinking_file")
-    if t.adapter_dir is not None:
-        from amoeba.adapters import find_adapter_dir
-
-        if t.do_train:
-            raise UsageError("reads the adapters of a finished run; it cannot be combined with --do_train True",
-                             "--adapter_dir")
-        if not Path(t.adapter_dir).is_dir() or find_adapter_dir(t.adapter_dir) is None:
-            raise UsageError(f"no trained adapters in {t.adapter_dir}", "--adapter_dir")
-    if t.do_lm_eval and not t.width_calib:  # an unknown task, or one without its data, fails before the model loads
-        from amoeba.evaluation import check_lm_eval_tasks
-
-        check_lm_eval_tasks(args)
+    check_command(args)
     out = prepare_output_folders(args)
-    model, tokenizer = load_model_and_tokenizer(args.model, t)
-    set_seed(t.seed)
-    if not t.do_train or t.width_calib:
+    model, tokenizer = load_model_and_tokenizer(load_settings(args))
+    set_seed(args.train.seed)
+    if not args.train.do_train or args.calibration.width_calib:
         # A training run writes its record once it knows the folder is its own (not an earlier run's, which a
-        # refused command must leave untouched): see amoeba.training.prepare_trainer.
-        save_run_record(out, args)
-
-    if t.width_calib:
-        from amoeba.flap import run_width_calibration
-
+        # refused command must leave untouched): see amoeba.stages.finetuning.prepare_trainer.
+        save_run_record(out, *args.record())
+    if args.calibration.width_calib:
         run_width_calibration(args, model, tokenizer)
         return
-    if t.layer_calib_dp:
-        from amoeba.depth_dp import run_layer_calibration
-
+    if args.calibration.layer_calib_dp:
         run_layer_calibration(args, model, tokenizer)
-        if not (t.do_train or wants_evaluation(args) or t.export_dir):
+        if not (args.train.do_train or wants_evaluation(args) or args.export.export_dir):
             return
-
-    from amoeba.elastic import make_elastic
-
-    em = make_elastic(model)
+    with for_flag("--model_name_or_path"):  # an architecture the elastic model does not cover
+        em = make_elastic(model)
     check_shapes(args, em.num_layers)
-    strategy = None
-    if t.shrinking_file and (t.enable_shrinking or t.shrinkable_width):
-        from amoeba.strategy import apply_strategy, load_strategy
-
-        strategy = load_strategy(t.shrinking_file)
-        apply_strategy(em, strategy, args.width_choice if t.shrinkable_width else (1.0,),
-                       nonuniform=t.nonuniform_width or t.prune_width_method == "flap")
-    elif t.shrinking_method == "calib_dp" and t.enable_shrinking and (t.do_train or wants_evaluation(args)):
-        raise UsageError("--shrinking_method calib_dp needs --shrinking_file (the Stage 1 strategy)",
-                         "--shrinking_file")
-
-    if t.do_train:
-        from amoeba.training import run_training
-
-        model = run_training(args, model, tokenizer, em, strategy)
-    elif t.adapter_dir is not None or t.use_moe_lora or _has_adapters(out):
-        from amoeba.adapters import load_trained_adapters
-
-        model = load_trained_adapters(args, model, em, t.adapter_dir or out)
-
-    if t.budget_params or t.budget_latency_ms is not None:
-        from amoeba.budget import run_budget
-
-        run_budget(args, model, tokenizer, em, strategy)  # exports the best fitting shape with --export_dir
-    elif t.export_dir:
-        from amoeba.export import export_from_args
-
-        export_from_args(args, model, tokenizer, em, strategy)
+    strategy = load_elastic_strategy(args, em)
+    model, adapters_dir = adapt(args, model, tokenizer, em, strategy, out)
+    if wants_budget(args):
+        run_budget(args, model, tokenizer, em, strategy, adapters_dir)  # exports the best fitting shape too
+    elif args.export.export_dir:
+        export_from_args(args, model, tokenizer, em, strategy, adapters_dir)
     if wants_evaluation(args):
-        from amoeba.evaluation import run_evaluation
-
         run_evaluation(args, model, tokenizer, em, strategy)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the flags ask for
+# ----------------------------------------------------------------------------------------------
+def wants_evaluation(args: Arguments) -> bool:
+    """True when any evaluation flag is on."""
+    e = args.evaluation
+    return bool(e.do_mmlu_eval or e.do_eval_wikitext2 or e.do_lm_eval or (args.train.do_eval and not e.no_eval_orig))
+
+
+def wants_budget(args: Arguments) -> bool:
+    """True when a parameter or latency budget is given."""
+    return bool(args.budget.budget_params or args.budget.budget_latency_ms is not None)
+
+
+def load_settings(args: Arguments) -> LoadSettings:
+    """How the flags ask for the base model to be loaded."""
+    m, t = args.model, args.train
+    return LoadSettings(model=m.model_name_or_path, trust_remote_code=m.trust_remote_code,
+                        use_auth_token=m.use_auth_token, bf16=bool(getattr(t, "bf16", False)),
+                        fp16=bool(getattr(t, "fp16", False)), bits=m.bits, double_quant=m.double_quant,
+                        quant_type=m.quant_type, device_map=m.device_map,
+                        training=bool(t.do_train and not args.calibration.width_calib), cache_dir=m.cache_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Before any work
+# ----------------------------------------------------------------------------------------------
+def check_command(args: Arguments) -> None:
+    """Refuse, before the model loads, files that do not exist, flags that do not go together and lm-eval tasks
+    that cannot be had."""
+    e = args.elastic
+    if e.shrinking_file and not Path(e.shrinking_file).is_file():
+        raise UsageError(f"no such file: {e.shrinking_file}", "--shrinking_file")
+    adapter_dir = args.adapters.adapter_dir
+    if adapter_dir is not None:
+        if args.train.do_train:
+            raise UsageError("reads the adapters of a finished run; it cannot be combined with --do_train True",
+                             "--adapter_dir")
+        if not Path(adapter_dir).is_dir() or find_adapters(adapter_dir) is None:
+            raise UsageError(f"no trained adapters in {adapter_dir}", "--adapter_dir")
+    if args.evaluation.do_lm_eval and not args.calibration.width_calib:
+        check_lm_eval_tasks(args)  # an unknown task, or one without its data, fails before the model loads
 
 
 def prepare_output_folders(args: Arguments) -> Path:
@@ -114,27 +114,46 @@ def prepare_output_folders(args: Arguments) -> Path:
     return ``--output_dir``, created. ``--export_dir`` follows the export rule
     (:func:`amoeba.export.check_export_target`: never the run's own folder, the model, adapters or strategy
     being read, nor a folder holding them; ``--overwrite`` replaces only an earlier export)."""
-    from amoeba.files import writable_dir
-
-    t = args.train
-    if t.export_dir is not None and not t.width_calib:  # width calibration ends the run before any export
-        from amoeba.export import check_export_target, protected_paths
-
-        writable_dir(t.output_dir, "--output_dir", create=False)  # its problems first: it is named first
-        check_export_target(t.export_dir, t.overwrite, protected_paths(args))
-    return writable_dir(t.output_dir, "--output_dir")
+    output_dir, export_dir = args.train.output_dir, args.export.export_dir
+    if export_dir is not None and not args.calibration.width_calib:  # width calibration ends the run first
+        writable_dir(output_dir, "--output_dir", create=False)  # its problems first: it is named first
+        check_export_target(export_dir, args.export.overwrite, protected_paths(args))
+    return writable_dir(output_dir, "--output_dir")
 
 
 def check_shapes(args: Arguments, num_layers: int) -> None:
     """Refuse depths the model cannot have before any work starts."""
-    t = args.train
     for layers in list(args.eval_layers or ()) + [d for d, _ in args.eval_shapes or ()]:
         if layers > num_layers:
             raise UsageError(f"{layers} layers asked, the model has {num_layers}", "--eval_num_layer")
-    if t.enable_shrinking and t.min_num_layer > num_layers:
-        raise UsageError(f"{t.min_num_layer} exceeds the model's {num_layers} layers", "--min_num_layer")
+    e = args.elastic
+    if e.enable_shrinking and e.min_num_layer > num_layers:
+        raise UsageError(f"{e.min_num_layer} exceeds the model's {num_layers} layers", "--min_num_layer")
 
 
-def _has_adapters(output_dir: Path) -> bool:
-    """True when ``output_dir`` holds trained adapters (a finished or checkpointed Stage 2 run)."""
-    return (output_dir / "adapter_model").is_dir() or any(output_dir.glob("checkpoint-*/adapter_model"))
+# ----------------------------------------------------------------------------------------------
+# The model the later stages share
+# ----------------------------------------------------------------------------------------------
+def load_elastic_strategy(args: Arguments, em: ElasticModel) -> Optional[Strategy]:
+    """The strategy file (``--shrinking_file``), its widths applied to ``em``; None when the flags use none."""
+    e = args.elastic
+    if e.shrinking_file and (e.enable_shrinking or e.shrinkable_width):
+        with for_flag("--shrinking_file"):  # a damaged file, or one made for another model or other widths
+            strategy = load_strategy(e.shrinking_file)
+            apply_strategy(em, strategy, args.width_choice if e.shrinkable_width else (1.0,),
+                           nonuniform=e.nonuniform_width or args.calibration.prune_width_method == "flap")
+        return strategy
+    if e.shrinking_method == "calib_dp" and e.enable_shrinking and (args.train.do_train or wants_evaluation(args)):
+        raise UsageError("--shrinking_method calib_dp needs --shrinking_file (the Stage 1 strategy)",
+                         "--shrinking_file")
+    return None
+
+
+def adapt(args: Arguments, model, tokenizer, em: ElasticModel, strategy: Optional[Strategy],
+          out: Path) -> tuple[object, Optional[Path]]:
+    """The model with its adapters: trained now (``--do_train``), or those of a finished run (``--adapter_dir``,
+    else ``--output_dir``'s when it holds some); and the folder they live in (None: the base model)."""
+    if args.train.do_train:
+        model = run_training(args, model, tokenizer, em, strategy)
+        return model, find_adapters(out)
+    return model, load_trained_adapters(args, model, em, args.adapters.adapter_dir or out)

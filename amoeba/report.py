@@ -69,7 +69,9 @@ def sort_rows(rows: Sequence[ReportRow]) -> list[ReportRow]:
 
 
 def lower_is_better(metric: str) -> bool:
-    """True for perplexities and losses."""
+    """True for perplexities and losses (the metric's name ends in, or has as a part, ppl, perplexity or loss);
+    accuracies and every other metric are better when higher."""
+    metric = metric.lower()
     return any(metric.endswith(s) or f"_{s}_" in metric for s in LOWER_IS_BETTER)
 
 
@@ -132,10 +134,10 @@ def plot_frontier(results: Sequence, path: str | Path) -> Optional[Path]:
     cols = plot_metrics(metric_columns(results))
     if not cols or not results:
         return None
-    import matplotlib
+    import matplotlib  # deferred: a slow import, only for the plot
 
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the file-only backend
 
     n = len(cols)
     ncols = min(3, n)

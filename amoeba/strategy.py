@@ -15,28 +15,26 @@ Layout (the seed's, so files move between this project and the original AmoebaLL
 
 A depth-only file (``final_strategy.npy``) has only ``strategy`` and ``metric``.
 
-Loading never executes code: the ``.npy`` header is parsed as a literal and a pickled payload goes through
-a restricted unpickler that admits numpy arrays, dtypes, scalars and plain containers only.
+Loading never executes code (:mod:`amoeba.npy`): the ``.npy`` header is parsed as a literal and a pickled
+payload goes through a restricted unpickler that admits numpy arrays, dtypes, scalars and plain containers only.
 """
 
 from __future__ import annotations
 
-import ast
-import builtins
-import io
 import logging
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+import torch
 
-from amoeba.args import width_key
 from amoeba.errors import UsageError
-from amoeba.files import atomic_path, write_json, write_text
+from amoeba.files import write_json, write_text
+from amoeba.npy import load_npy_dict, save_npy
+from amoeba.subnet import width_key
 
 logger = logging.getLogger(__name__)
 
@@ -63,145 +61,6 @@ def parse_module_name(name: str) -> Optional[tuple[int, str]]:
     if m is None:
         return None
     return int(m.group(1)), m.group(3)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading .npy files without executing code
-# ----------------------------------------------------------------------------------------------
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    """The globals a pickled dict of numpy arrays needs, under numpy 1.x and 2.x module spellings."""
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    allowed: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-    for mod in ("numpy.core", "numpy._core"):
-        allowed[(f"{mod}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{mod}.multiarray", "scalar")] = multiarray.scalar
-        if hasattr(numeric, "_frombuffer"):  # pickle protocol 5 spelling of arrays
-            allowed[(f"{mod}.numeric", "_frombuffer")] = numeric._frombuffer
-    for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex", "bool", "str", "bytes",
-                 "bytearray"):
-        allowed[("builtins", name)] = getattr(builtins, name)
-        allowed[("__builtin__", name)] = allowed[("builtins", name)]  # Python 2 pickles
-    import collections
-
-    allowed[("collections", "OrderedDict")] = collections.OrderedDict
-    allowed[("_codecs", "encode")] = _latin1_encode  # how Python 2-compatible pickles spell bytes
-    return allowed
-
-
-def _latin1_encode(text, encoding="latin1", errors="strict"):
-    """``_codecs.encode`` restricted to the latin-1 round trip that protocol-2 pickles of bytes use."""
-    if not isinstance(text, str) or str(encoding).lower().replace("-", "") not in ("latin1", "iso88591"):
-        raise pickle.UnpicklingError("_codecs.encode is admitted only for latin-1 byte strings")
-    return text.encode("latin1", errors)
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler that resolves only the numpy/builtin globals of :func:`_numpy_globals`."""
-
-    def __init__(self, file, path: str, flag: Optional[str]):
-        super().__init__(file, encoding="latin1")  # latin1: Python 2 numpy pickles decode losslessly
-        self._path, self._flag = path, flag
-        self._allowed = _numpy_globals()
-
-    def find_class(self, module: str, name: str):  # noqa: D102 (pickle API)
-        obj = self._allowed.get((module, name))
-        if obj is None:
-            raise UsageError(f"{self._path} asks to load '{module}.{name}', which is not an array, dtype or plain "
-                             "container; refusing to load it (it could run code)", self._flag)
-        return obj
-
-    def persistent_load(self, pid):  # noqa: D102 (pickle API)
-        raise UsageError(f"{self._path} holds a persistent reference; refusing to load it", self._flag)
-
-
-_MAGIC = b"\x93NUMPY"
-_MAX_HEADER = 1 << 20  # numpy itself refuses headers over 10,000 bytes by default
-
-
-def _read_header(f, path: str, flag: Optional[str]) -> tuple[np.dtype, bool, tuple[int, ...]]:
-    """Parse a .npy header (versions 1-3) as a literal: (dtype, fortran_order, shape)."""
-    magic = f.read(8)
-    if len(magic) < 8 or magic[:6] != _MAGIC:
-        raise UsageError(f"{path} is not a .npy file (bad magic bytes)", flag)
-    major = magic[6]
-    if major == 1:
-        raw = f.read(2)
-        size = int.from_bytes(raw, "little") if len(raw) == 2 else -1
-    elif major in (2, 3):
-        raw = f.read(4)
-        size = int.from_bytes(raw, "little") if len(raw) == 4 else -1
-    else:
-        raise UsageError(f"{path} has an unknown .npy format version {major}", flag)
-    if size > _MAX_HEADER:
-        raise UsageError(f"{path} has a corrupt .npy header ({size} bytes long)", flag)
-    header = f.read(size) if size >= 0 else b""
-    if size < 0 or len(header) != size:
-        raise UsageError(f"{path} is truncated (incomplete .npy header)", flag)
-    try:
-        text = header.decode("utf8" if major == 3 else "latin1")
-        meta = ast.literal_eval(text)
-        dtype = np.lib.format.descr_to_dtype(meta["descr"])
-        fortran = bool(meta["fortran_order"])
-        shape = tuple(int(s) for s in meta["shape"])
-    except Exception:  # noqa: BLE001 (any malformed header is the same user error)
-        raise UsageError(f"{path} has a corrupt .npy header", flag) from None
-    return dtype, fortran, shape
-
-
-def load_npy(path: str | os.PathLike, flag: Optional[str] = None) -> Any:
-    """Read a ``.npy`` file without executing code.
-
-    A numeric array comes back as an ``ndarray``; a pickled object (``np.save`` of a dict) comes back as
-    that object, unpickled by a restricted unpickler. Missing, truncated, corrupt or code-carrying files
-    raise one :class:`UsageError` naming the file (and ``flag``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"no such file: {path}", flag)
-    data = path.read_bytes()
-    f = io.BytesIO(data)
-    dtype, fortran, shape = _read_header(f, str(path), flag)
-    if dtype.hasobject:
-        try:
-            arr = _RestrictedUnpickler(f, str(path), flag).load()
-        except UsageError:
-            raise
-        except Exception as err:  # noqa: BLE001 (EOFError, UnpicklingError, ValueError... all mean corrupt)
-            kind = "truncated" if isinstance(err, EOFError) or "truncated" in str(err).lower() or \
-                "ran out" in str(err).lower() else "corrupt"
-            raise UsageError(f"{path} is {kind} (its pickled payload does not load: {type(err).__name__})",
-                             flag) from None
-        if not isinstance(arr, np.ndarray):
-            raise UsageError(f"{path} does not hold a numpy array", flag)
-        if arr.shape == ():
-            return arr.item()
-        return arr
-    count = int(np.prod(shape)) if shape else 1
-    need = count * dtype.itemsize
-    body = data[f.tell():]
-    if len(body) < need:
-        raise UsageError(f"{path} is truncated ({len(body)} of {need} data bytes)", flag)
-    arr = np.frombuffer(body[:need], dtype=dtype, count=count)
-    return arr.reshape(shape, order="F" if fortran else "C").copy()
-
-
-def load_npy_dict(path: str | os.PathLike, flag: Optional[str] = None) -> dict:
-    """:func:`load_npy` for files that must hold a pickled dict (the seed's strategy/mask/bias files)."""
-    obj = load_npy(path, flag)
-    if not isinstance(obj, dict):
-        what = f"a {obj.dtype} array of shape {obj.shape}" if isinstance(obj, np.ndarray) else type(obj).__name__
-        raise UsageError(f"{path} holds {what}, not a dict", flag)
-    return obj
-
-
-def save_npy(obj: Any, path: str | os.PathLike) -> None:
-    """``np.save`` to ``path`` atomically (a dict is stored pickled, as the seed does)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, obj if isinstance(obj, np.ndarray) else np.array(obj, dtype=object))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +252,7 @@ def _calibration_records(raw: Any, problems: list[str]) -> dict:
     return {k: dict(v) for k, v in raw.items()}
 
 
-def strategy_from_dict(obj: Any, path: str = "<strategy>", flag: Optional[str] = "--shrinking_file") -> Strategy:
+def strategy_from_dict(obj: Any, path: str = "<strategy>", flag: Optional[str] = None) -> Strategy:
     """Build a :class:`Strategy` from a loaded dict (ours or the original code's); report every problem at once."""
     if not isinstance(obj, dict):
         raise UsageError(f"{path} does not hold a strategy dict", flag)
@@ -460,7 +319,7 @@ def strategy_from_dict(obj: Any, path: str = "<strategy>", flag: Optional[str] =
     return strategy
 
 
-def load_strategy(path: str | os.PathLike, flag: Optional[str] = "--shrinking_file") -> Strategy:
+def load_strategy(path: str | os.PathLike, flag: Optional[str] = None) -> Strategy:
     """Load a strategy file (ours or the original AmoebaLLM code's) safely; see the module docstring."""
     return strategy_from_dict(load_npy_dict(path, flag), str(path), flag)
 
@@ -471,7 +330,7 @@ def load_strategy(path: str | os.PathLike, flag: Optional[str] = "--shrinking_fi
 def save_strategy(strategy: Strategy, path: str | os.PathLike, view: bool = True) -> Path:
     """Write ``strategy`` in the seed's layout (atomically) and, with ``view``, ``<stem>.json``/``<stem>.md``."""
     path = Path(path)
-    save_npy(strategy.to_dict(), path)
+    save_npy(path, strategy.to_dict())
     if view:
         summary = describe_strategy(strategy)
         summary["source"] = portable_path(path)  # the file this view describes
@@ -581,7 +440,7 @@ def _requested(width_choice: Iterable[float]) -> list[float]:
 
 
 def validate_strategy(strategy: Strategy, em, width_choice: Sequence[float] = (1.0,),
-                      flag: Optional[str] = "--shrinking_file") -> None:
+                      flag: Optional[str] = None) -> None:
     """Check ``strategy`` against the elastic model ``em``; raise one UsageError listing every mismatch."""
     where = strategy.source or "the strategy"
     problems: list[str] = []
@@ -633,15 +492,14 @@ def _width_units(strategy: Strategy, em, ratio: float, layer: int) -> tuple[np.n
     k_units = k.reshape(groups, hd) > 0.5
     if not np.all(k_units == k_units[:, :1]):
         raise UsageError(f"{where}: width {ratio:g}, layer {layer}: the k_proj mask does not keep whole heads of "
-                         f"{hd} features", "--shrinking_file")
+                         f"{hd} features")
     kept_groups = k_units[:, 0]
     expect_q = np.repeat(kept_groups, rep * hd)
     if not np.array_equal(q > 0.5, expect_q) or not np.array_equal(v > 0.5, np.repeat(kept_groups, hd)):
         raise UsageError(f"{where}: width {ratio:g}, layer {layer}: q/k/v masks do not keep whole KV groups (a KV "
-                         f"head with its {rep} query head(s))", "--shrinking_file")
+                         f"head with its {rep} query head(s))")
     if not np.array_equal(gate > 0.5, up > 0.5):
-        raise UsageError(f"{where}: width {ratio:g}, layer {layer}: gate_proj and up_proj masks differ",
-                         "--shrinking_file")
+        raise UsageError(f"{where}: width {ratio:g}, layer {layer}: gate_proj and up_proj masks differ")
     return kept_groups, gate > 0.5
 
 
@@ -651,15 +509,13 @@ def _importance_order(kept: list[np.ndarray], what: str, where: str) -> np.ndarr
     for wide, narrow in zip(kept, kept[1:]):
         if np.any(narrow & ~wide):
             raise UsageError(f"{where}: {what}: the kept sets are not nested across widths (a narrower width keeps "
-                             "a unit that a wider one drops), so widths cannot be prefixes", "--shrinking_file")
+                             "a unit that a wider one drops), so widths cannot be prefixes")
     count = np.sum(np.stack(kept), axis=0) if kept else np.zeros(0)
     return np.argsort(-count, kind="stable")
 
 
 def _current_positions(order_now, wanted: np.ndarray):
     """Translate an order over original unit indices into positions of the model's current unit order."""
-    import torch
-
     now = torch.as_tensor(order_now, dtype=torch.long)
     inv = torch.empty_like(now)
     inv[now] = torch.arange(len(now))
@@ -689,8 +545,6 @@ def apply_strategy(em, strategy: Strategy, width_choice: Sequence[float], nonuni
     per-layer sizes and FLAP biases as a width plan, otherwise widths stay uniform (round(r * n) per layer, no
     bias). Depth masks are read by callers (``strategy.layer_masks``). Ratio 1.0 is the full model.
     """
-    import torch
-
     validate_strategy(strategy, em, width_choice)
     ratios = sorted((r for r in _requested(width_choice) if r in strategy.widths()), reverse=True)
     if not strategy.has_width:

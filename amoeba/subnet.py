@@ -1,4 +1,5 @@
-"""The value object that names one subnet: which decoder layers run, and how wide they are."""
+"""The value object that names one subnet: which decoder layers run, and how wide they are, and the one
+spelling of a width ratio (:func:`width_key`) that every table of widths is keyed by."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from amoeba.args import width_key
-
 Width = Union[float, tuple[float, ...]]
+
+
+def width_key(ratio: float) -> float:
+    """Canonical key for a width ratio, so 7/8 and 0.875 name the same width everywhere."""
+    return round(float(ratio), 6)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
 """Plain-text corpora for calibration and perplexity: offline files first, the Hugging Face hub otherwise.
 
-Where data comes from (:func:`data_dir`): an explicit directory, else ``$AMOEBA_DATA_DIR``, else the hub.
+Where data comes from (:func:`resolve_data_dir`): an explicit directory, else ``$AMOEBA_DATA_DIR``, else the hub.
 A data directory is laid out like ``shared/data``::
 
     wikitext2/wikitext-2-raw-v1_test.hfrows.jsonl   # the HF wikitext-2-raw-v1 test rows, {"text": ...}
     calib/c4_demo.jsonl                             # C4-style web text, {"text": ...}
     calib/wiki_demo.txt                             # Wikipedia articles, one per line
 
-Local files (``.txt``, ``.json``, ``.jsonl``, ``.jsonl.gz`` with a ``text`` field) work everywhere.
+Local files (``.txt``, ``.json``, ``.jsonl``, ``.jsonl.gz`` with a ``text`` field) work everywhere. Errors say what
+is wrong with a corpus or a file; the caller names the flag it came from (problems with the data directory name
+``--data_dir``, the one setting this module reads from the environment too).
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from amoeba.args import shown
-from amoeba.errors import UsageError
+from amoeba.distributed import gather_from_processes, process_share
+from amoeba.errors import UsageError, shown
+from amoeba.model_state import eval_mode, model_device
 
 logger = logging.getLogger(__name__)
 
-FLAG = "--calib_dataset"
-KNOWN_TEXT_DATASETS = ("wikitext2", "c4", "wiki")
+TEXT_CORPORA = ("wikitext2", "c4", "wiki")  # the named text corpora (calibration, perplexity)
 LOCAL_SUFFIXES = (".txt", ".json", ".jsonl", ".jsonl.gz")
 
 # Offline file of each named corpus (relative to the data directory), per split.
@@ -46,21 +48,10 @@ _ONLY_SPLIT = {"c4": "validation", "wiki": "train"}
 _C4_SHARD = "en/c4-validation.00000-of-00008.json.gz"
 
 
-def data_dir(args_or_path=None) -> Optional[Path]:
-    """The offline data directory, or None for the hub.
-
-    ``args_or_path`` may be an :class:`amoeba.args.Arguments` (its ``data_dir``: ``--data_dir`` or
-    ``$AMOEBA_DATA_DIR``), a path, or None (then ``$AMOEBA_DATA_DIR`` if set).
-    """
-    return _resolve_data_dir(args_or_path)
-
-
-def _resolve_data_dir(args_or_path) -> Optional[Path]:
-    if args_or_path is not None and not isinstance(args_or_path, (str, os.PathLike)):
-        explicit = getattr(args_or_path, "data_dir", None)
-    else:
-        explicit = args_or_path
-    chosen = explicit or os.environ.get("AMOEBA_DATA_DIR") or None
+def resolve_data_dir(path: Union[str, os.PathLike, None] = None) -> Optional[Path]:
+    """The offline data directory: ``path`` when given, else ``$AMOEBA_DATA_DIR`` if set; None for the hub. A
+    directory that does not exist raises UsageError."""
+    chosen = path or os.environ.get("AMOEBA_DATA_DIR") or None
     if chosen is None:
         return None
     path = Path(os.path.expanduser(str(chosen)))
@@ -74,7 +65,7 @@ def is_local_text_file(name: str) -> bool:
     return str(name).lower().endswith(LOCAL_SUFFIXES)
 
 
-def read_text_content(path: Union[str, os.PathLike], flag: str) -> str:
+def read_text_content(path: Union[str, os.PathLike], flag: Optional[str] = None) -> str:
     """The whole text of ``path`` as UTF-8 (decompressed first when it ends in ``.gz``).
 
     A file that cannot be read, a damaged gzip stream and bytes that are not UTF-8 text (a binary file given
@@ -92,7 +83,7 @@ def read_text_content(path: Union[str, os.PathLike], flag: str) -> str:
         raise UsageError(f"cannot read {path}: {err}", flag) from None
 
 
-def read_text_file(path: Union[str, os.PathLike], flag: str = FLAG) -> str:
+def read_text_file(path: Union[str, os.PathLike], flag: Optional[str] = None) -> str:
     """The text of a local ``.txt`` file, or the ``text`` fields of a ``.json``/``.jsonl(.gz)`` file
     joined by blank lines."""
     path = Path(path)
@@ -129,7 +120,7 @@ def read_text_file(path: Union[str, os.PathLike], flag: str = FLAG) -> str:
     return "\n\n".join(texts)
 
 
-def _json_lines(raw: str, path: Path, flag: str) -> list:
+def _json_lines(raw: str, path: Path, flag: Optional[str]) -> list:
     rows = []
     for lineno, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
@@ -154,20 +145,20 @@ def load_text(name_or_path: str, split: str = "test", data_dir: Union[str, os.Pa
     """
     name = str(name_or_path)
     key = name.lower()
-    if key not in KNOWN_TEXT_DATASETS and (is_local_text_file(name) or Path(name).is_file()):
+    if key not in TEXT_CORPORA and (is_local_text_file(name) or Path(name).is_file()):
         if not is_local_text_file(name):
-            raise UsageError(f"{name}: local corpora must be {', '.join(LOCAL_SUFFIXES)} files", FLAG)
+            raise UsageError(f"{name}: local corpora must be {', '.join(LOCAL_SUFFIXES)} files")
         return read_text_file(name)
-    if key not in KNOWN_TEXT_DATASETS:
-        raise UsageError(f"unknown text corpus '{name}'; known: {', '.join(KNOWN_TEXT_DATASETS)}, "
-                         f"or a local {'/'.join(LOCAL_SUFFIXES)} file", FLAG)
+    if key not in TEXT_CORPORA:
+        raise UsageError(f"unknown text corpus '{name}'; known: {', '.join(TEXT_CORPORA)}, "
+                         f"or a local {'/'.join(LOCAL_SUFFIXES)} file")
     split = _ONLY_SPLIT.get(key, split)
-    root = _resolve_data_dir(data_dir)
+    root = resolve_data_dir(data_dir)
     if root is not None:
         rel = _LOCAL_FILES.get((key, split))
         if rel is None:
             have = [s for (k, s) in _LOCAL_FILES if k == key]
-            raise UsageError(f"the offline data directory has no '{split}' split of {key} (it has {have})", FLAG)
+            raise UsageError(f"the offline data directory has no '{split}' split of {key} (it has {have})")
         path = root / rel
         if not path.is_file():
             raise UsageError(f"{key}: expected the offline file {path}", "--data_dir")
@@ -179,7 +170,7 @@ def load_text(name_or_path: str, split: str = "test", data_dir: Union[str, os.Pa
 
 def _load_from_hub(key: str, split: str) -> str:
     """The corpus from the Hugging Face hub (needs network access)."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # deferred: a heavy import that only the hub needs (offline: local files)
 
     if key == "wikitext2":
         rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
@@ -187,7 +178,7 @@ def _load_from_hub(key: str, split: str) -> str:
         rows = load_dataset("allenai/c4", data_files={"validation": _C4_SHARD}, split="validation")["text"]
     else:
         raise UsageError(f"{key} has no hub source; give an offline data directory (--data_dir or "
-                         "$AMOEBA_DATA_DIR) holding calib/wiki_demo.txt", FLAG)
+                         "$AMOEBA_DATA_DIR) holding calib/wiki_demo.txt")
     return "\n\n".join(rows)
 
 
@@ -203,31 +194,28 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_split(args) -> Optional[str]:
-    """The split calibration text comes from: ``train`` where the corpus has one, the only split of a
-    calibration sample (C4: ``validation``), WikiText-2 ``test`` offline (the only split there); None for a
+def calibration_split(dataset: str, data_dir: Union[str, os.PathLike, None] = None) -> Optional[str]:
+    """The split calibration text of ``dataset`` comes from: ``train`` where the corpus has one, the only split of
+    a calibration sample (C4: ``validation``), WikiText-2 ``test`` offline (the only split there); None for a
     local file."""
-    key = str(args.train.calib_dataset).lower()
-    if key not in KNOWN_TEXT_DATASETS:
+    key = str(dataset).lower()
+    if key not in TEXT_CORPORA:
         return None
-    if key == "wikitext2" and data_dir(args) is not None:
+    if key == "wikitext2" and resolve_data_dir(data_dir) is not None:
         return "test"
     return _ONLY_SPLIT.get(key, "train")
 
 
-def calibration_windows(args, tokenizer, purpose: str) -> torch.Tensor:
-    """``--num_calib_sample`` windows of ``--calib_seqlen`` tokens from the ``--calib_dataset`` text (seeded).
-
-    Calibration reads a training split; offline WikiText-2 has only its test split, which is then used with a
-    warning naming ``purpose`` (its WikiText-2 test perplexities become biased)."""
-    t = args.train
-    name = t.calib_dataset
-    split = calibration_split(args)
-    if str(name).lower() == "wikitext2" and split == "test":
+def calibration_text(dataset: str, data_dir: Union[str, os.PathLike, None] = None,
+                     purpose: str = "calibration") -> str:
+    """The text calibration reads from ``dataset``: its training split, the only split of a calibration sample.
+    Offline WikiText-2 has only its test split, which is then used with a warning naming ``purpose`` (its
+    WikiText-2 test perplexities become biased)."""
+    split = calibration_split(dataset, data_dir)
+    if str(dataset).lower() == "wikitext2" and split == "test":
         logger.warning("!!! %s calibrates on the WikiText-2 TEST split (the only one offline): WikiText-2 test "
                        "perplexities of what it selects are then biased; prefer --calib_dataset c4 !!!", purpose)
-    text = load_text(name, split or "train", args.data_dir)
-    return token_windows(tokenizer, text, t.calib_seqlen, n=t.num_calib_sample, seed=t.seed)
+    return load_text(dataset, split or "train", data_dir)
 
 
 def token_windows(tokenizer, text: Union[str, torch.Tensor], seqlen: int, n: Optional[int] = None,
@@ -238,12 +226,12 @@ def token_windows(tokenizer, text: Union[str, torch.Tensor], seqlen: int, n: Opt
     the first ``n``. With a seed (calibration): ``n`` windows at random offsets, reproducible.
     """
     if seqlen < 2:
-        raise UsageError(f"sequence length {seqlen} is too short (at least 2 tokens)", "--calib_seqlen")
+        raise UsageError(f"sequence length {seqlen} is too short (at least 2 tokens)")
     ids = text if isinstance(text, torch.Tensor) else tokenize_text(tokenizer, text)
     ids = ids.reshape(-1).long()
     total = ids.numel()
     if total < seqlen:
-        raise UsageError(f"the text has {total} tokens, fewer than one window of {seqlen}", "--calib_seqlen")
+        raise UsageError(f"the text has {total} tokens, fewer than one window of {seqlen}")
     if seed is None:
         count = total // seqlen if n is None else min(n, total // seqlen)
         return ids[: count * seqlen].view(count, seqlen).clone()
@@ -252,14 +240,6 @@ def token_windows(tokenizer, text: Union[str, torch.Tensor], seqlen: int, n: Opt
     g = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, total - seqlen + 1, (n,), generator=g)
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    """The device of the model's input embeddings (where input ids must go)."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
 
 
 def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
@@ -273,27 +253,6 @@ def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, in
     for row in range(logits.shape[0]):
         nll += F.cross_entropy(logits[row, :-1, :].float(), target[row], reduction="sum")
     return float(nll), int(target.numel())
-
-
-def process_share(group=None) -> tuple[int, int]:
-    """(rank, world size) in ``group`` (default: the running ``torch.distributed`` group), or (0, 1)
-    without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
-    return 0, 1
-
-
-def gather_from_processes(obj, group=None) -> list:
-    """``[obj of rank 0, obj of rank 1, ...]`` on every process (``[obj]`` without a process group).
-
-    Objects travel pickled, so they should be small and on the CPU (numbers, lists, CPU tensors).
-    """
-    rank, world = process_share(group)
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj, group=group)
-    return out
 
 
 @torch.no_grad()
@@ -310,18 +269,14 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
         raise ValueError(f"windows must be a non-empty [n, seqlen] tensor, got {tuple(windows.shape)}")
     rank, world = process_share(group) if group is not None else (0, 1)
     device = model_device(model)
-    was_training = model.training
-    model.eval()
     sums: list[tuple[int, float, int]] = []
-    try:
+    with eval_mode(model):
         starts = list(range(0, windows.shape[0], batch_size))[rank::world]
         for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
             ids = windows[start: start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits
             nll, count = window_nll(logits, ids)
             sums.append((start, nll, count))
-    finally:
-        model.train(was_training)
     if world > 1:
         sums = sorted(s for share in gather_from_processes(sums, group) for s in share)
     total_nll, total_tokens = 0.0, 0

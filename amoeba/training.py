@@ -1,4 +1,4 @@
-"""Stage 2: one-for-all fine-tuning of the elastic model (sandwich sampling + in-place distillation).
+"""One-for-all fine-tuning of the elastic model: which subnets a step trains, their losses, and the trainer.
 
 Per micro-batch, :class:`SandwichTrainer` runs the largest subnet, ``--random_sample_num_layer`` distinct
 random subnets (drawn without replacement; depths from the Stage 1 strategy, or the first layers; widths from
@@ -16,20 +16,14 @@ same loss as the sandwich's distilled subnets.
 Only the adapters (and the MoE router) train. Checkpoints hold the adapters (``adapter_model/``, in the
 base model's original head/channel order), optimizer, scheduler and RNG states; the base weights are
 never written. A checkpoint is complete once its ``trainer_state.json`` exists: it is written last, atomically,
-after every other file of the checkpoint is on disk, and only when the adapters and optimizer state are finite.
-``--resume_training`` continues from the newest checkpoint that validates (:func:`checkpoint_problem`).
+after every other file of the checkpoint is on disk (:mod:`amoeba.run_folder`), and only when the adapters and
+optimizer state are finite. Setting a run up from the flags, its callbacks and its output files are Stage 2's
+entry (:mod:`amoeba.stages.finetuning`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -38,20 +32,16 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from amoeba.adapters import (ADAPTER_DIR, adapter_state_dict, adapters_disabled, add_adapters, get_router,
-                             load_adapters, save_adapters)
-from amoeba.args import parse_ratio, width_key
-from amoeba.elastic import ElasticModel, subnet_for
-from amoeba.errors import Interrupted, UsageError
-from amoeba.files import atomic_path, save_run_record, write_json, write_text
-from amoeba.subnet import Subnet
+from amoeba.adapters import adapter_state_dict, adapters_disabled, get_router, load_adapters, save_adapters
+from amoeba.distributed import mean_over_processes
+from amoeba.elastic import ElasticModel
+from amoeba.errors import UsageError
+from amoeba.run_folder import (ADAPTER_DIR, TRAINER_STATE, checkpoint_dir, first_nonfinite, fsync,
+                               last_complete_checkpoint, remove_marker, write_marker)
+from amoeba.shapes import Shapes
+from amoeba.subnet import Subnet, width_key
 
 logger = logging.getLogger(__name__)
-
-TRAINER_STATE = "trainer_state.json"  # the "checkpoint complete" marker: written last
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-SCALER_FILE = "scaler.pt"
 
 
 class TrainingDiverged(UsageError):
@@ -65,8 +55,9 @@ class SandwichSampler:
     """Draws the subnets of one sandwich step: largest, random ones, smallest.
 
     ``layer_masks`` ({removed: 0/1 mask}) gives the depths of ``calib_dp``; without it the first layers
-    are kept (``first_layers``). ``widths``: the width choices (the largest subnet uses the widest, the
-    smallest the narrowest). ``elastic_depth=False`` keeps every layer.
+    are kept (``first_layers``; :class:`amoeba.shapes.Shapes` is the rule). ``widths``: the width choices (the
+    largest subnet uses the widest, the smallest the narrowest). ``elastic_depth=False`` keeps every layer.
+    ``depth_flag`` names the flag ``min_num_layer`` came from in errors.
 
     The random subnets of a step are drawn without replacement from the candidates (depth, width): depths in
     [``min_num_layer``, layers) from the strategy, widths from ``widths``. As the paper's sampler, their widths
@@ -79,21 +70,16 @@ class SandwichSampler:
     """
 
     def __init__(self, em: ElasticModel, min_num_layer: int, num_random: int, widths: Sequence[float],
-                 layer_masks: Optional[dict] = None, elastic_depth: bool = True):
+                 layer_masks: Optional[dict] = None, elastic_depth: bool = True, depth_flag: Optional[str] = None):
         self.em = em
         n = em.num_layers
-        self.layer_masks = layer_masks
+        self.shapes = Shapes(em, layer_masks)
+        self.depth_flag = depth_flag
         self.min_layers = int(min_num_layer) if elastic_depth else n
         if not 1 <= self.min_layers <= n:
-            raise UsageError(f"{min_num_layer} must lie in [1, {n}] (the model has {n} layers)", "--min_num_layer")
-        if layer_masks is not None:
-            depths = sorted({n - int(k) for k in layer_masks if self.min_layers <= n - int(k) < n})
-            if self.min_layers < n and (n - self.min_layers) not in {int(k) for k in layer_masks}:
-                have = sorted(n - int(k) for k in layer_masks)
-                raise UsageError(f"the strategy has no {self.min_layers}-layer subnet (it has {have})",
-                                 "--min_num_layer")
-        else:
-            depths = list(range(self.min_layers, n))
+            raise UsageError(f"{min_num_layer} must lie in [1, {n}] (the model has {n} layers)", depth_flag)
+        self.shapes.subnet(self.min_layers, 1.0, layer_flag=depth_flag)  # the strategy must have the smallest depth
+        depths = sorted(d for d in self.shapes.depths(self.min_layers) if self.min_layers <= d < n)
         self.random_depths = depths or [n]
         self.num_random = int(num_random)
         self.widths = sorted({width_key(w) for w in widths}, reverse=True)
@@ -106,7 +92,7 @@ class SandwichSampler:
 
     def subnet(self, num_layers: int, width: float) -> Subnet:
         """The subnet of ``num_layers`` layers (strategy or first layers) at ``width``."""
-        return subnet_for(self.em, num_layers, width, self.layer_masks, flag="--min_num_layer")
+        return self.shapes.subnet(num_layers, width, layer_flag=self.depth_flag)
 
     @property
     def largest(self) -> Subnet:
@@ -157,22 +143,6 @@ def router_noise_seed(seed: int, global_step: int, micro: int, index: int) -> in
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
-def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a detached scalar over all processes (itself without ``torch.distributed``).
-
-    The balancing scale and the divergence check use it, so every process scales by the same factor (a
-    data-parallel step then equals one step on the whole global batch) and all stop together on a NaN
-    instead of leaving the others waiting in the gradient all-reduce."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    world = torch.distributed.get_world_size()
-    if world == 1:
-        return value
-    value = value.detach().clone()
-    torch.distributed.all_reduce(value)
-    return value / world
-
-
 def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat indices into the shifted [batch * (seq - 1)] positions that have a target, those targets).
 
@@ -207,15 +177,11 @@ def distill_loss(student: torch.Tensor, target: torch.Tensor, teacher_probs: tor
     return kd_weight * kd + (1.0 - kd_weight) * F.cross_entropy(student, target)
 
 
-def combine_losses(losses: Sequence[torch.Tensor], balancing: bool) -> list[torch.Tensor]:
-    """Scale each non-largest loss to the largest's magnitude (factor detached) when ``balancing``."""
-    if not balancing or not losses:
-        return list(losses)
-    ref = losses[0].detach()
-    out = [losses[0]]
-    for loss in losses[1:]:
-        out.append(loss * (ref / loss.detach().clamp_min(1e-12)))
-    return out
+def balanced(loss: torch.Tensor, magnitude: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``loss`` scaled to the largest subnet's loss magnitude (loss-magnitude balancing): times ``reference /
+    magnitude``, both detached values (the largest's loss and this loss, each averaged over the processes), so
+    the factor carries no gradient."""
+    return loss * (reference / magnitude.clamp_min(1e-12))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +301,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
                 if i == 0:
                     ref = value
                 elif self.balancing:
-                    loss = loss * (ref / value.clamp_min(1e-12))
+                    loss = balanced(loss, value, ref)
                 self.accelerator.backward(loss / ga)
                 del loss
             values = torch.stack([v.float() for _, _, v in checked])
@@ -350,10 +316,11 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
 
     def _diverged_message(self, value: float, role: str, subnet: Subnet) -> str:
         return (f"training loss became {value} at step {self.state.global_step + 1} ({role} subnet "
-                f"{subnet.label}); stopped without applying it, {self._last_good()}. Lower --learning_rate (or "
+                f"{subnet.label}); stopped without applying it, {self.last_good()}. Lower --learning_rate (or "
                 "check the data and --bits), then continue with --resume_training")
 
-    def _last_good(self) -> str:
+    def last_good(self) -> str:
+        """Where training can be continued from, as a message says it: the newest intact checkpoint, or none yet."""
         ckpt = last_complete_checkpoint(self.args.output_dir)
         return f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
 
@@ -370,7 +337,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
                 for slot, value in slots.items():
                     if torch.is_tensor(value) and value.is_floating_point():
                         named.append((f"optimizer {slot} of {index.get(id(param), 'a parameter')}", value.detach()))
-        return _first_nonfinite(named)
+        return first_nonfinite(named)
 
     def _check_finite_before_save(self) -> None:
         # every process checks (the adapters are the same everywhere) and all agree, so none waits alone in a
@@ -381,7 +348,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
             step = self.state.global_step
             raise TrainingDiverged(
                 f"{bad or 'the adapters of another process'} became non-finite at step {step} (the loss was finite: "
-                f"non-finite gradients); stopped without writing checkpoint-{step}, {self._last_good()}. Lower "
+                f"non-finite gradients); stopped without writing checkpoint-{step}, {self.last_good()}. Lower "
                 "--learning_rate (or check the data and --bits), then continue with --resume_training")
 
     # --- evaluation: the largest subnet
@@ -427,17 +394,17 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         temporary file, fsync, rename), so a checkpoint with its marker is whole even after a kill or power loss;
         older checkpoints are rotated away only after that."""
         self._check_finite_before_save()
-        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        folder = checkpoint_dir(self._get_output_dir(trial=trial), self.state.global_step)
         if self.args.should_save:
             # A folder of this step can only be left from a run that was abandoned at an older checkpoint (resume
             # takes the newest valid one): its stale marker must not vouch for the files now being rewritten.
-            _remove_marker(folder)
+            remove_marker(folder)
         state = self.state
 
         def save_to_json(json_path: str, _plain=state.save_to_json) -> None:
             path = Path(json_path)
             if path.name == TRAINER_STATE and path.parent == folder:
-                _write_marker(state, path)
+                write_marker(state, path)
             else:
                 _plain(json_path)
 
@@ -452,574 +419,5 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         if self.args.world_size > 1:
             # each process writes its own RNG file: all must be on disk before the first process writes the marker
             for path in Path(output_dir).glob(f"rng_state_{self.args.process_index}.pth"):
-                _fsync(path)
+                fsync(path)
             torch.distributed.barrier()
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-def _step_of(path: Path) -> int:
-    try:
-        return int(path.name.split("-")[-1])
-    except ValueError:
-        return -1
-
-
-def _first_nonfinite(named: Sequence[tuple[str, torch.Tensor]]) -> Optional[str]:
-    """The name of the first tensor with a NaN/inf, or None; reads back one flag per device."""
-    by_device: dict = {}
-    for i, (_, value) in enumerate(named):
-        by_device.setdefault(value.device, []).append((i, torch.isfinite(value).all()))
-    bad = []
-    for flags in by_device.values():
-        ok = torch.stack([f for _, f in flags])
-        if not bool(ok.all()):
-            bad.extend(i for (i, _), good in zip(flags, ok.tolist()) if not good)
-    return named[min(bad)][0] if bad else None
-
-
-def _fsync(path: Path) -> None:
-    """Flush ``path`` (a file or a folder's entries) to disk; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if path.is_dir() else os.O_RDONLY)
-    except OSError:
-        return  # e.g. folders on Windows
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # a file system without fsync for this kind of file (e.g. some network mounts for folders)
-    finally:
-        os.close(fd)
-
-
-def _sync_tree(folder: Path) -> None:
-    """fsync every file below ``folder``, then the folders themselves (deepest first) and ``folder``'s parent, so
-    the files and their names are on disk."""
-    dirs = []
-    for root, _, files in os.walk(folder):
-        dirs.append(Path(root))
-        for name in files:
-            _fsync(Path(root) / name)
-    for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        _fsync(d)
-    _fsync(folder.parent)
-
-
-def _write_marker(state, path: Path) -> None:
-    """Write the trainer state as ``path`` (the completion marker) last: the rest of the checkpoint folder is
-    synced first, then the marker goes to a temporary file, is fsynced and renamed over ``path``."""
-    _sync_tree(path.parent)
-    text = json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"  # as TrainerState.save_to_json
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-    _fsync(path.parent)
-
-
-def _remove_marker(folder: Path) -> None:
-    """Remove the marker of a checkpoint folder about to be rewritten, and temporary markers a kill left behind."""
-    marker = folder / TRAINER_STATE
-    if marker.is_file():
-        logger.warning("%s is being written again; its earlier marker is removed first", folder)
-        marker.unlink()
-        _fsync(folder)
-    for tmp in folder.glob(f".{TRAINER_STATE}.*"):  # atomic_path's temporary names
-        tmp.unlink(missing_ok=True)
-
-
-def _short(err: BaseException) -> str:
-    """The first line of an exception's message, at most 160 characters (for a one-line reason)."""
-    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _load_state_file(path: Path):
-    """``torch.load`` of a checkpoint's optimizer/scheduler/RNG file the way the Trainer reads it (tensors and
-    plain containers only; numpy RNG state allowed)."""
-    try:
-        from transformers.trainer_pt_utils import safe_globals
-    except ImportError:  # older transformers: nothing extra to allow
-        safe_globals = contextlib.nullcontext
-    with safe_globals():
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def checkpoint_problem(folder, resumable: bool = True) -> Optional[str]:
-    """Why ``checkpoint-N`` cannot be resumed, or None when it validates.
-
-    Valid: the marker (``trainer_state.json``) is present and a JSON object; the adapters' config and
-    safetensors load and hold finite values; with ``resumable`` (what resuming needs, beyond the adapters that
-    evaluation reads) the marker holds the global step, and the optimizer, scheduler and RNG files are present
-    and load, the optimizer state finite."""
-    from amoeba.adapters import read_adapter_config, read_adapter_tensors
-
-    folder = Path(folder)
-    marker = folder / TRAINER_STATE
-    if not marker.is_file():
-        return f"no {TRAINER_STATE} (the checkpoint was not completed)"
-    try:
-        state = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        return f"{TRAINER_STATE} is not readable JSON ({_short(err)})"
-    if not isinstance(state, dict) or (resumable and not isinstance(state.get("global_step"), int)):
-        return f"{TRAINER_STATE} holds no trainer state"
-    if resumable:
-        try:
-            transformers.TrainerState(**state)  # what the Trainer makes of it on resume
-        except (TypeError, ValueError) as err:
-            return f"{TRAINER_STATE} is not a trainer state this transformers can read ({_short(err)})"
-    try:
-        read_adapter_config(folder / ADAPTER_DIR)
-        read_adapter_tensors(folder / ADAPTER_DIR)
-    except UsageError as err:
-        return str(err)
-    if not resumable:
-        return None
-    rng = sorted(folder.glob("rng_state*.pth"))
-    if not rng:
-        return "no rng_state.pth"
-    scaler = [folder / SCALER_FILE] if (folder / SCALER_FILE).is_file() else []  # fp16 on CUDA only
-    for path in [folder / OPTIMIZER_FILE, folder / SCHEDULER_FILE, *scaler, *rng]:
-        if not path.is_file():
-            return f"no {path.name}"
-        try:
-            loaded = _load_state_file(path)
-        except Exception as err:  # noqa: BLE001 -- any failure to read the file makes the checkpoint unusable
-            return f"{path.name} cannot be loaded ({_short(err)})"
-        if path.name == OPTIMIZER_FILE:
-            slots = loaded.get("state", {}) if isinstance(loaded, dict) else {}
-            named = [(f"{path.name} ({slot} of parameter {key})", value)
-                     for key, values in (slots.items() if isinstance(slots, dict) else ())
-                     for slot, value in (values.items() if isinstance(values, dict) else ())
-                     if torch.is_tensor(value) and value.is_floating_point()]
-            bad = _first_nonfinite(named)
-            if bad:
-                return f"{bad} holds non-finite values"
-    return None
-
-
-def last_complete_checkpoint(output_dir, skipped: Optional[list] = None, resumable: bool = True) -> Optional[Path]:
-    """The newest ``checkpoint-N`` in ``output_dir`` that validates (:func:`checkpoint_problem`; ``resumable=False``:
-    its adapters only), or None.
-
-    Newer checkpoints that do not validate (a run killed while saving, a damaged file) are passed over; each is
-    appended to ``skipped`` as ``(path, reason)`` when a list is given."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    candidates = sorted((p for p in output_dir.glob("checkpoint-*") if p.is_dir() and _step_of(p) >= 0),
-                        key=_step_of, reverse=True)
-    for path in candidates:
-        problem = checkpoint_problem(path, resumable)
-        if problem is None:
-            return path
-        if skipped is not None:
-            skipped.append((path, problem))
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation and setup
-# ----------------------------------------------------------------------------------------------
-def layer_masks_of(strategy, em: ElasticModel, flag: str = "--shrinking_file") -> Optional[dict]:
-    """The strategy's {removed: mask} (checked against the model), or None."""
-    if strategy is None:
-        return None
-    masks = getattr(strategy, "layer_masks", None)
-    if masks is None and isinstance(strategy, dict):
-        masks = strategy.get("layer_masks") or strategy.get("strategy")
-    if not masks:
-        raise UsageError("the strategy holds no layer masks", flag)
-    out = {}
-    for k, m in masks.items():
-        m = np.asarray(m).reshape(-1)
-        if m.size != em.num_layers:
-            raise UsageError(f"the strategy belongs to a model with {m.size} layers; this model has "
-                             f"{em.num_layers}", flag)
-        out[int(k)] = m
-    return out
-
-
-def validate_training_setup(args, em: ElasticModel, strategy) -> Optional[dict]:
-    """Check the Stage 2 flags against the model and strategy; return the layer masks to sample from."""
-    t = args.train
-    if t.full_finetune:
-        raise UsageError("Stage 2 trains adapters (LoRA / MoE-LoRA); full fine-tuning is not supported",
-                         "--full_finetune")
-    if getattr(t, "fsdp", None):
-        # Unverified: the layer-skipping hooks inside FSDP units and saving adapters from sharded parameters
-        # have not been run on GPUs (FSDP is not available on CPU processes), so refuse rather than risk a
-        # silently wrong checkpoint.
-        raise UsageError("FSDP is not supported for Stage 2 yet; use DDP (one full model copy per GPU, "
-                         "scripts/launch_multi_gpu.sh) or a 4-bit base (--bits 4) to fit large models", "--fsdp")
-    masks = None
-    if t.enable_shrinking and t.shrinking_method == "calib_dp":
-        if strategy is None:
-            raise UsageError("--shrinking_method calib_dp needs --shrinking_file (the Stage 1 strategy)",
-                             "--shrinking_file")
-        masks = layer_masks_of(strategy, em)
-    elif strategy is not None:
-        layer_masks_of(strategy, em)  # still must belong to this model
-    if t.enable_shrinking and not 1 <= t.min_num_layer <= em.num_layers:
-        raise UsageError(f"{t.min_num_layer} must lie in [1, {em.num_layers}] (the model has {em.num_layers} "
-                         "layers)", "--min_num_layer")
-    if t.shrinkable_width:
-        narrow = [w for w in args.width_choice if width_key(w) < 1.0]
-        if strategy is not None:
-            missing = [w for w in narrow if width_key(w) not in em.width_plans]
-            if missing:
-                have = sorted(em.width_plans, reverse=True)
-                raise UsageError(f"the strategy has no width masks for {', '.join(f'{w:g}' for w in missing)} "
-                                 f"(it has {', '.join(f'{w:g}' for w in have) or 'none'})", "--width_choice")
-        elif narrow:
-            logger.warning("--shrinkable_width without a strategy file: widths keep the first heads/channels "
-                           "(no importance order)")
-    if t.train_num_width is not None and t.train_num_layer is None:
-        raise UsageError("give the depth of the fixed subnet too (--train_num_layer)", "--train_num_width")
-    return masks
-
-
-
-def fixed_training_subnet(args, em: ElasticModel, strategy) -> Optional[Subnet]:
-    """The one subnet ``--train_num_layer``/``--train_num_width`` asks to train, or None (sandwich); a shape the
-    strategy (or the loaded widths) lacks is refused as for export."""
-    from amoeba.export import resolve_subnet
-
-    t = args.train
-    if t.train_num_layer is None:
-        return None
-    width = parse_ratio(t.train_num_width, "--train_num_width") if t.train_num_width else 1.0
-    return resolve_subnet(em, strategy, int(t.train_num_layer), width, t.shrinking_method,
-                          layer_flag="--train_num_layer", width_flag="--train_num_width")
-
-
-def _fallback_optimizer(t) -> None:
-    """Paged / 8-bit optimizers need CUDA and bitsandbytes: use adamw_torch without them (same update
-    rule; only the optimizer state's paging/precision differs)."""
-    import importlib.util
-
-    from transformers.training_args import OptimizerNames
-
-    name = str(getattr(t.optim, "value", t.optim))
-    usable = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
-    if t.adam8bit and usable:
-        t.optim = OptimizerNames("adamw_bnb_8bit")
-    elif ("paged" in name or "bnb" in name or "8bit" in name) and not usable:
-        why = "a CUDA GPU" if not torch.cuda.is_available() else "bitsandbytes, which is not installed"
-        logger.warning("--optim %s needs %s; using adamw_torch", name, why)
-        t.optim = OptimizerNames("adamw_torch")
-
-
-def _enable_checkpointing(model) -> None:
-    """Non-reentrant activation checkpointing (works with the elastic depth swap and frozen inputs)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()
-
-
-def _disable_trainer_checkpointing(t) -> None:
-    # Checkpointing is set up here once; the Trainer must not enable it again with other settings.
-    for name in ("gradient_checkpointing", "activation_checkpointing"):
-        if hasattr(t, name):
-            setattr(t, name, False)
-
-
-@contextlib.contextmanager
-def _adapters_visible_to_trainer(model):
-    """The Trainer refuses a quantized base model unless it sees adapters through transformers' own PEFT
-    integration flag; ours are attached as elastic-projection hooks, so raise the flag while it checks."""
-    if not getattr(model, "is_quantized", False):
-        yield
-        return
-    before = getattr(model, "_hf_peft_config_loaded", False)
-    model._hf_peft_config_loaded = True
-    try:
-        yield
-    finally:
-        model._hf_peft_config_loaded = before
-
-
-def _prepare_output_dir(t) -> Optional[str]:
-    """The checkpoint to resume from (``--resume_training``), refusing to overwrite an earlier run.
-
-    Resuming takes the newest checkpoint that validates; each newer one passed over gets one warning naming it
-    and why. No checkpoint at all, or none that validates: UsageError (a user who asked to resume is told that
-    there was nothing to resume, rather than silently getting a new run)."""
-    out = Path(t.output_dir)
-    existing = [p for p in out.glob("checkpoint-*") if p.is_dir()] if out.is_dir() else []
-    if t.resume_training:
-        if not existing:
-            raise UsageError(f"{out} holds no checkpoint to resume from; leave out --resume_training to start a "
-                             "new run", "--resume_training")
-        skipped: list = []
-        ckpt = last_complete_checkpoint(out, skipped)
-        if ckpt is None:
-            reasons = "; ".join(f"{p.name}: {why}" for p, why in skipped)
-            raise UsageError(f"no checkpoint in {out} can be resumed ({reasons}); remove them or choose another "
-                             "--output_dir to start a new run", "--resume_training")
-        for path, why in skipped:
-            logger.warning("skipping %s, it cannot be resumed: %s; falling back to an older checkpoint", path, why)
-        logger.info("resuming from %s", ckpt)
-        return str(ckpt)
-    if existing:
-        raise UsageError(f"{out} already holds checkpoints of an earlier run ({existing[0].name}, ...); pass "
-                         "--resume_training to continue it, or choose another --output_dir", "--output_dir")
-    return None
-
-
-def results_markdown(history: list[dict], metrics: dict) -> str:
-    """A short markdown summary of a run: last logged loss of each sandwich role, eval loss, speed."""
-    last: dict[str, tuple] = {}
-    for row in history:
-        for key, val in row.items():
-            if key.startswith("loss_") or key == "eval_loss":
-                last[key] = (row.get("step"), val)
-    lines = ["| quantity | step | value |", "| --- | ---: | ---: |"]
-    for key in sorted(last, key=lambda k: (k == "eval_loss", k)):
-        step, val = last[key]
-        lines.append(f"| {key.replace('loss_', 'train loss, ')} | {step} | {float(val):.4f} |")
-    for key in ("train_runtime", "tokens_per_second", "tokens_seen"):
-        if key in metrics:
-            lines.append(f"| {key} | | {metrics[key]} |")
-    note = ("\nThe largest subnet's loss is the label cross entropy; the others' is their training objective "
-            "(soft cross entropy to the largest's predictions, mixed with the label loss by --kd_weight), before "
-            "balancing.\n")
-    if metrics.get("distilled_from_full_model"):
-        note = ("\nOne fixed subnet (logged as 'largest'), distilled from the frozen full model: its loss is soft "
-                "cross entropy to the full model's predictions, mixed with the label loss by --kd_weight.\n")
-    return "# Stage 2 training\n\n" + "\n".join(lines) + "\n" + note
-
-
-def _write_outputs(trainer: SandwichTrainer, out: Path, metrics: dict) -> None:
-    history = trainer.state.log_history
-    write_json(out / "training_log.json", history)
-    write_json(out / "train_results.json", metrics)
-    write_text(out / "train_results.md", results_markdown(history, metrics))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plotting is optional
-        return
-    series: dict[str, list] = {}
-    for row in history:
-        for key, val in row.items():
-            if (key == "loss" or key.startswith("loss_") or key == "eval_loss") and "step" in row:
-                series.setdefault(key, []).append((row["step"], val))
-    if not series:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, pts in sorted(series.items()):
-        if key == "loss":
-            continue  # the same values as loss_largest
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="o" if key == "eval_loss" else None, label=key.replace("loss_", ""))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.set_title("Stage 2 one-for-all fine-tuning")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out / "loss_curve.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
-def prepare_trainer(args, model, tokenizer, em: ElasticModel, strategy, callbacks: Optional[list] = None,
-                    data: Optional[dict] = None):
-    """Validate the flags, attach adapters, load the data and build the :class:`SandwichTrainer`.
-
-    ``data`` (train_dataset, eval_dataset, data_collator) replaces the instruction data when given.
-    Returns ``(trainer, checkpoint to resume from or None)``.
-    """
-    from amoeba.instruct_data import make_data_module
-
-    t = args.train
-    masks = validate_training_setup(args, em, strategy)
-    resume_from = _prepare_output_dir(t)
-    save_run_record(t.output_dir, args)  # only now: a command refused above leaves an earlier run's record as it was
-    _fallback_optimizer(t)
-    t.prediction_loss_only = True
-    t.remove_unused_columns = False
-    if t.enable_shrinking and not t.ddp_find_unused_parameters:
-        # Skipped layers' adapters get no gradient in a sub-depth pass; DDP must be told to expect that.
-        t.ddp_find_unused_parameters = True
-
-    if getattr(model, "is_quantized", False) or t.bits in (4, 8):
-        from peft import prepare_model_for_kbit_training
-
-        # checkpointing is switched on just below through the current transformers API (the helper would call
-        # its deprecated name)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    add_adapters(model, em, args)
-    if t.gradient_checkpointing:
-        _enable_checkpointing(model)
-    _disable_trainer_checkpointing(t)
-
-    sampler = None
-    fixed = fixed_training_subnet(args, em, strategy)
-    if fixed is not None:
-        logger.info("training one fixed subnet: %s (%d parameters)%s", fixed.label, em.param_count(fixed),
-                    f", distilled from the full model (kd_weight {t.kd_weight:g})" if t.train_distill_full else "")
-    elif t.enable_shrinking or t.shrinkable_width:
-        widths = args.width_choice if t.shrinkable_width else (1.0,)
-        sampler = SandwichSampler(em, t.min_num_layer, t.random_sample_num_layer, widths, masks,
-                                  elastic_depth=t.enable_shrinking)
-        logger.info("sandwich: largest %s, %d distinct random (depths %s, widths %s), smallest %s",
-                    sampler.largest.label, sampler.num_drawn, sampler.random_depths,
-                    [f"{w:g}" for w in sampler.widths], sampler.smallest.label)
-    if data is None:
-        data = make_data_module(tokenizer, args)
-    if data.get("eval_dataset") is None and str(getattr(t.eval_strategy, "value", t.eval_strategy)) != "no":
-        from transformers.trainer_utils import IntervalStrategy
-
-        t.eval_strategy = IntervalStrategy.NO
-    with _adapters_visible_to_trainer(model):
-        trainer = SandwichTrainer(
-            model=model, args=t, processing_class=tokenizer, callbacks=callbacks, em=em, sampler=sampler,
-            kd_weight=t.kd_weight, distill_method=t.distill_method, distill_steps=t.distill_steps,
-            balancing=not t.no_balancing, fixed_subnet=fixed, distill_full=t.train_distill_full, **data)
-    return trainer, resume_from
-
-
-class AdapterSnapshots(transformers.TrainerCallback):
-    """Keeps the adapters after chosen optimizer steps in ``<output_dir>/adapter_model-step<N>/``
-    (``--adapter_snapshot_steps``), independent of checkpoint rotation."""
-
-    def __init__(self, steps: Sequence[int], em: ElasticModel, output_dir):
-        self.steps = {int(s) for s in steps}
-        self.em = em
-        self.output_dir = Path(output_dir)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: D102 (TrainerCallback API)
-        if state.global_step in self.steps and state.is_world_process_zero and model is not None:
-            save_adapters(model, self.output_dir / f"{ADAPTER_DIR}-step{state.global_step}", self.em)
-
-
-class StopOnSignal(transformers.TrainerCallback):
-    """SIGTERM or SIGINT while training: finish the current optimizer step, write a checkpoint, stop.
-
-    A scheduler's deadline or a preemption then costs no finished step, and ``--resume_training`` continues
-    from exactly there. With several processes the decision is agreed at every step end (one tiny
-    all-reduce), so all of them save and stop at the same step even if the signal reached them apart.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._previous: dict = {}
-
-    @contextlib.contextmanager
-    def installed(self):
-        """Catch the signals for the duration of the block (main thread only; elsewhere: no-op)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
-        try:
-            yield self
-        finally:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-            self._previous.clear()
-
-    def _on_signal(self, signum, frame) -> None:
-        if self.received is not None:  # a second signal: stop at once, the usual way
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
-            return
-        self.received = signum
-        logger.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
-
-    def _agreed(self, args) -> Optional[int]:
-        if args.world_size <= 1:
-            return self.received
-        import torch.distributed as dist
-
-        flag = torch.tensor([self.received or 0], device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) or None
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102 (TrainerCallback API)
-        signum = self._agreed(args)
-        if signum is not None:
-            self.received = signum
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-
-def _close_progress_bars(trainer) -> None:
-    """End the Trainer's progress bar line; a run that stops with an error never reaches ``on_train_end``, and the
-    error line must not be glued to a half-drawn bar."""
-    for callback in trainer.callback_handler.callbacks:
-        bar = getattr(callback, "training_bar", None)
-        if bar is not None:
-            bar.close()
-            callback.training_bar = None
-
-
-def snapshot_steps(text: Optional[str]) -> list[int]:
-    """Parse ``--adapter_snapshot_steps`` (``400,1000``)."""
-    if not text:
-        return []
-    from amoeba.args import parse_int_list
-
-    return list(parse_int_list(text, "--adapter_snapshot_steps"))
-
-
-def run_training(args, model, tokenizer, em: ElasticModel, strategy, callbacks: Optional[list] = None):
-    """Stage 2: fine-tune adapters on the instruction data with sandwich sampling; return the model
-    (adapters attached, eval mode, full subnet). Writes ``adapter_model/``, checkpoints, the training log
-    and its loss curve into ``--output_dir``."""
-    t = args.train
-    steps = snapshot_steps(t.adapter_snapshot_steps)
-    if steps:
-        callbacks = list(callbacks or []) + [AdapterSnapshots(steps, em, t.output_dir)]
-    stop = StopOnSignal()
-    callbacks = list(callbacks or []) + [stop]
-    trainer, resume_from = prepare_trainer(args, model, tokenizer, em, strategy, callbacks)
-    model = trainer.model
-    start = time.time()
-    with stop.installed():
-        try:
-            result = trainer.train(resume_from_checkpoint=resume_from)
-        finally:
-            _close_progress_bars(trainer)
-    elapsed = time.time() - start
-    out = Path(t.output_dir)
-    if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
-        step = trainer.state.global_step
-        raise Interrupted(f"{signal.Signals(stop.received).name} at step {step} of {trainer.state.max_steps}; "
-                          f"checkpoint {out / f'checkpoint-{step}'} written; continue with --resume_training",
-                          stop.received)
-    # Every process evaluates: the Trainer gathers across processes, so one alone would wait forever.
-    final_eval = trainer.evaluate() if trainer.eval_dataset is not None and t.do_eval else {}
-    bad = trainer.nonfinite_state()
-    if bad is not None:  # the last steps' gradients were not finite: such adapters are no result
-        raise TrainingDiverged(f"{bad} became non-finite by the last step ({trainer.state.global_step}; the loss was "
-                               f"finite: non-finite gradients); no adapters written, {trainer._last_good()}. Lower "
-                               "--learning_rate (or check the data and --bits), then continue with --resume_training")
-    if trainer.args.should_save:
-        save_adapters(model, out / ADAPTER_DIR, em)
-        metrics = dict(result.metrics)
-        metrics.update({"wall_seconds": round(elapsed, 2), "tokens_seen": trainer.tokens_seen,
-                        "tokens_per_second": round(trainer.tokens_seen / max(elapsed, 1e-9), 2),
-                        "sandwich": [r for r, _ in trainer.last_plan]})
-        if trainer.distill_full:
-            metrics["distilled_from_full_model"] = True
-        metrics.update(final_eval)
-        _write_outputs(trainer, out, metrics)
-        logger.info("training done in %.1f s; adapters in %s", elapsed, out / ADAPTER_DIR)
-    em.set_subnet(em.full_subnet())
-    model.eval()
-    return model

@@ -28,8 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from amoeba.args import DEFAULT_MODEL_DIR, width_key  # noqa: E402
+from amoeba.default_model import DEFAULT_MODEL_DIR  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
+from amoeba.subnet import width_key  # noqa: E402
 
 logger = logging.getLogger("bench_eval")
 TASKS = ("arc_easy", "piqa", "hellaswag")
@@ -90,9 +91,10 @@ def main() -> None:
     batch = a.batch_size or (32 if device == "cuda" else 8)
 
     from amoeba.args import parse_ratio_list
-    from amoeba.elastic import make_elastic, subnet_for
-    from amoeba.evaluation import LMEvalRunner
+    from amoeba.elastic import make_elastic
+    from amoeba.lm_eval_runner import LMEvalRunner
     from amoeba.mmlu import load_mmlu, score_mmlu
+    from amoeba.shapes import Shapes
 
     t0 = time.perf_counter()
     model, tok = load(a, device, dtype)
@@ -104,7 +106,7 @@ def main() -> None:
         strategy = load_strategy(a.shrinking_file)
         apply_strategy(em, strategy, parse_ratio_list(a.width_choice), nonuniform=True)
         masks = strategy.layer_masks
-    subnet = subnet_for(em, a.layers, width_key(a.width), masks)
+    subnet = Shapes(em, masks).subnet(a.layers, width_key(a.width))
     load_s = time.perf_counter() - t0
     logger.info("shape %s: %d of %d parameters, on %s (%s)", subnet.label, em.param_count(subnet),
                 em.param_count(em.full_subnet()), device, str(dtype).replace("torch.", ""))

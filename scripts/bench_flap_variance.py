@@ -47,10 +47,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amoeba.args import parse_ratio_list, width_key  # noqa: E402
+from amoeba.args import parse_ratio_list  # noqa: E402
 from amoeba.files import write_json  # noqa: E402
 from amoeba.flap import (RunningStats, compensation_biases, flap_scores, select_widths, unit_costs,  # noqa: E402
                          width_dicts, wifv_scores)
+from amoeba.subnet import width_key  # noqa: E402
 from amoeba.text_data import load_text, perplexity, token_windows  # noqa: E402
 
 logger = logging.getLogger("bench_flap_variance")

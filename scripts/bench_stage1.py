@@ -32,10 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amoeba.args import parse_ratio_list, width_key  # noqa: E402
+from amoeba.args import parse_ratio_list  # noqa: E402
 from amoeba.depth_dp import (LayerDropScorer, PerplexityMetric, block_influence, first_layers_masks,  # noqa: E402
                              select_layers_dp, shortgpt_masks, text_batches)
 from amoeba.files import write_json  # noqa: E402
+from amoeba.subnet import width_key  # noqa: E402
 from amoeba.text_data import load_text, perplexity, token_windows  # noqa: E402
 
 logger = logging.getLogger("bench_stage1")

@@ -34,7 +34,8 @@ from amoeba.args import parse_args  # noqa: E402
 from amoeba.elastic import make_elastic  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
 from amoeba.subnet import Subnet  # noqa: E402
-from amoeba.training import prepare_trainer  # noqa: E402
+from amoeba.pipeline import load_settings  # noqa: E402
+from amoeba.stages.finetuning import prepare_trainer  # noqa: E402
 
 logger = logging.getLogger("bench_stage2")
 
@@ -98,7 +99,7 @@ def build(model_dir: str, out_dir: Path, flags: list[str], model=None, tokenizer
             "--report_to", "none", "--save_strategy", "no", "--group_by_length", "False", *flags]
     args = parse_args(argv)
     if model is None:
-        model, tokenizer = load_model_and_tokenizer(args.model, args.train)
+        model, tokenizer = load_model_and_tokenizer(load_settings(args))
     em = make_elastic(model)
     vocab = int(model.config.vocab_size)
     trainer, _ = prepare_trainer(args, model, tokenizer, em, None, data=_synthetic_data(vocab))

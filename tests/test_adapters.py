@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from amoeba.adapters import (ALL_ROLES, AdapterConfig, ShapeRouter, _structure, adapted_modules, adapter_state_dict,
-                             attach_adapters, get_router, load_adapters, load_trained_adapters, merged_delta,
-                             parse_lora_modules, remove_adapters, save_adapters)
+                             attach_adapters, get_router, load_adapters, remove_adapters, save_adapters)
 from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
+from amoeba.stages.finetuning import load_trained_adapters, parse_lora_modules
 from amoeba.subnet import Subnet
 from tests.conftest import tiny_model
 
@@ -217,9 +217,10 @@ def test_merged_delta_reproduces_the_adapted_subnet(kind, tokens):
         em.set_subnet(sub)
         with torch.no_grad():
             want = model(tokens).logits
-            deltas = {(l, r): merged_delta(m) for l in range(em.num_layers) for r, m in em.projections(l).items()}
+            deltas = {(l, r): m.amoeba_adapter.merged_delta() for l in range(em.num_layers)
+                      for r, m in em.projections(l).items()}
         model.train()  # merging always uses the deterministic gates, never noisy ones
-        torch.testing.assert_close(merged_delta(em.projections(1)["v_proj"]), deltas[(1, "v_proj")])
+        torch.testing.assert_close(em.projections(1)["v_proj"].amoeba_adapter.merged_delta(), deltas[(1, "v_proj")])
         model.eval()
         em2 = make_elastic(merged)
         remove_adapters(merged)
@@ -303,8 +304,9 @@ def test_lora_modules_flag():
 
 
 def test_load_trained_adapters_finds_checkpoints_and_complains(tmp_path):
-    train = types.SimpleNamespace(use_moe_lora=True, moe_num_expert=3, moe_topk=2, shrinkable_width=False)
-    args = types.SimpleNamespace(train=train, width_choice=(1.0,))
+    train = types.SimpleNamespace(use_moe_lora=True, moe_num_expert=3, moe_topk=2)
+    args = types.SimpleNamespace(adapters=train, elastic=types.SimpleNamespace(shrinkable_width=False),
+                                 width_choice=(1.0,))
     model = tiny_model("gqa", layers=2)
     em = make_elastic(model)
     with pytest.raises(UsageError, match="no trained adapters"):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from amoeba.args import parse_args, parse_int_list, parse_ratio_list
+from amoeba.args import flag_values, parse_args, parse_int_list, parse_ratio_list
 from amoeba.errors import UsageError
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seed" / "AmoebaLLM-README.md"
@@ -30,7 +31,7 @@ def test_the_seed_readme_has_five_main_commands():
 def test_seed_command_parses_verbatim(index):
     argv = seed_commands()[index]
     args = parse_args(argv)
-    t = args.train
+    t = SimpleNamespace(**flag_values(args.groups().values()))  # every flag by name, whichever group holds it
     assert args.model.model_name_or_path.startswith("meta-llama/")
     assert args.width_choice == (1.0, 0.875, 0.75, 0.625)
     if "--layer_calib_dp" in argv:
@@ -87,7 +88,7 @@ def test_grids_and_bad_values():
         parse_args(["--export_format", "tight"])
     with pytest.raises(UsageError, match="--width_align: 0"):
         parse_args(["--width_align", "0"])
-    assert parse_args(["--width_align", "8", "--do_train", "False"]).train.width_align == 8
+    assert parse_args(["--width_align", "8", "--do_train", "False"]).calibration.width_align == 8
 
 
 def test_fp16_on_a_cpu_falls_back_to_fp32():

@@ -132,10 +132,11 @@ def _damaged_copy(tiny_folder, tmp_path, damage) -> Path:
 def _load(model: Path, tmp_path):
     from amoeba.args import parse_args
     from amoeba.loading import load_model_and_tokenizer
+    from amoeba.pipeline import load_settings
 
     args = parse_args(["--model_name_or_path", str(model), "--do_train", "False", "--output_dir",
                        str(tmp_path / "out")])
-    return load_model_and_tokenizer(args.model, args.train)
+    return load_model_and_tokenizer(load_settings(args))
 
 
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
@@ -217,12 +218,13 @@ DATA_FILES = {
 
 @pytest.mark.parametrize("case", sorted(DATA_FILES))
 def test_a_bad_calibration_file_is_named_in_one_line(case, tmp_path):
+    from amoeba.errors import for_flag
     from amoeba.text_data import load_text
 
     name, content = DATA_FILES[case]
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(UsageError) as err, for_flag("--calib_dataset"):  # as Stage 1 reads it
         load_text(str(path))
     assert_one_line(err.value, "--calib_dataset", name)
 
@@ -252,21 +254,22 @@ METRICS_FILES = {
 
 @pytest.mark.parametrize("case", sorted(METRICS_FILES))
 def test_a_junk_metrics_file_is_named_in_one_line(case, tmp_path):
-    from amoeba.budget import read_metrics
+    from amoeba.run_folder import read_metrics
 
     path = tmp_path / "metrics.json"
     path.write_bytes(METRICS_FILES[case])
     with pytest.raises(UsageError) as err:
-        read_metrics(path, None)
+        read_metrics(path, "--metrics_file")
     assert_one_line(err.value, "--metrics_file", "metrics.json")
 
 
 def test_metrics_that_are_not_finite_numbers_rank_nothing(tmp_path):
-    from amoeba.budget import read_metrics
+    from amoeba.budget import ranking_metric
+    from amoeba.run_folder import read_metrics
 
     path = tmp_path / "metrics.json"
     path.write_text('{"wikitext2_ppl_l4w1": NaN, "wikitext2_ppl_l3w1": 12.5, "wikitext2_ppl_l2w1": Infinity}')
-    assert read_metrics(path, "wikitext2_ppl") == ("wikitext2_ppl", {"l3w1": 12.5})
+    assert ranking_metric(read_metrics(path), "wikitext2_ppl") == ("wikitext2_ppl", {"l3w1": 12.5})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from amoeba.args import parse_args
-from amoeba.budget import (choose, exported_param_count, lower_is_better, parse_param_budget, rank_candidates,
-                           run_budget, strategy_scores)
+from amoeba.budget import choose, exported_param_count, lower_is_better, parse_param_budget, strategy_scores
 from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
 from amoeba.export import EXPORT_RECORD, slice_subnet
+from amoeba.stages.deployment import budget_candidates, run_budget
 from amoeba.subnet import Subnet
 from tests.conftest import REAL_MODEL_DIR, tiny_model
 
@@ -43,7 +43,7 @@ def test_param_budget_forms():
     assert parse_param_budget("60%", 1000) == 600
     for bad in ("abc", "-3", "0"):
         with pytest.raises(UsageError, match="--budget_params"):
-            parse_param_budget(bad, 1000)
+            parse_param_budget(bad, 1000, "--budget_params")
 
 
 def test_metric_direction():
@@ -61,7 +61,7 @@ def test_ranking_by_evaluation_metric(tmp_path):
                "mmlu_eval_accuracy_l2w1": 0.33, "wikitext2_ppl_l4w1": 9.0}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     args = _args(tmp_path)
-    ranked, info = rank_candidates(em, strategy, args)
+    ranked, info = budget_candidates(args, em, strategy)
     assert info["metric"] == "mmlu_eval_accuracy" and info["higher_is_better"]
     assert [c.label for c in ranked] == ["l4w1", "l3w1", "l4w0.5", "l2w1", "l3w0.5", "l2w0.5"]  # unscored last
     full = em.param_count(em.full_subnet())
@@ -73,13 +73,13 @@ def test_ranking_by_evaluation_metric(tmp_path):
     assert fitting[0].label == "l3w1"  # the best accuracy among those that fit
     # Perplexity ranks lower-first.
     args = _args(tmp_path, "--budget_metric", "wikitext2_ppl")
-    ranked, info = rank_candidates(em, strategy, args)
+    ranked, info = budget_candidates(args, em, strategy)
     assert not info["higher_is_better"] and ranked[0].label == "l4w1" and ranked[0].score == 9.0
 
 
 def test_calibration_scores_without_evaluation(tmp_path):
     model, em, strategy = _setup()
-    ranked, info = rank_candidates(em, strategy, _args(tmp_path))
+    ranked, info = budget_candidates(_args(tmp_path), em, strategy)
     assert info["metric"] == "calibration"
     scored = [c.label for c in ranked if c.score is not None]
     assert scored == ["l3w1", "l2w1"]  # lower calibration perplexity first; the full depth has no score

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from amoeba.training import TRAINER_STATE, checkpoint_problem, last_complete_checkpoint
+from amoeba.run_folder import TRAINER_STATE, checkpoint_problem, last_complete_checkpoint
 from tests.conftest import ROOT
 from tests.test_training import _assert_exit_2, _flags, _main, tiny_dir  # noqa: F401 (tiny_dir: a fixture)
 
@@ -270,7 +270,8 @@ def test_nan_gradients_on_the_last_step_write_no_final_adapters(tiny_dir, tmp_pa
     from transformers import TrainerCallback
 
     from amoeba.adapters import adapted_modules
-    from amoeba.training import TrainingDiverged, run_training
+    from amoeba.stages.finetuning import run_training
+    from amoeba.training import TrainingDiverged
     from tests.test_training import _setup
 
     class Poison(TrainerCallback):
@@ -290,7 +291,7 @@ def test_nan_gradients_on_the_last_step_write_no_final_adapters(tiny_dir, tmp_pa
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="maps file descriptors to paths through /proc")
 def test_every_checkpoint_file_is_synced_before_the_marker_is_renamed_into_place(tiny_dir, tmp_path, monkeypatch):
-    from amoeba.training import run_training
+    from amoeba.stages.finetuning import run_training
     from tests.test_training import _setup
 
     events: list[tuple[str, str]] = []

@@ -78,15 +78,16 @@ def test_bits_without_cuda(tmp_path, tiny_folder):
 
 def test_load_folder_sets_pad_token_and_records_the_run(tmp_path, tiny_folder):
     from amoeba.args import parse_args
-    from amoeba.files import save_run_record
     from amoeba.loading import load_model_and_tokenizer
+    from amoeba.pipeline import load_settings
+    from amoeba.run_folder import save_run_record
 
     args = parse_args(["--model_name_or_path", str(tiny_folder), "--bf16", "--do_train", "False",
                        "--output_dir", str(tmp_path)])
-    model, tok = load_model_and_tokenizer(args.model, args.train)
+    model, tok = load_model_and_tokenizer(load_settings(args))
     assert tok.pad_token == "<unk>" and tok.padding_side == "right"
     assert model.dtype == torch.bfloat16 and not model.training
-    save_run_record(tmp_path, args)
+    save_run_record(tmp_path, *args.record())
     import json
 
     record = json.loads((tmp_path / "run_args.json").read_text())
@@ -102,10 +103,11 @@ def test_real_model_full_subnet_and_gguf(real_model_dir):
     from amoeba.default_model import packaged_gguf
     from amoeba.elastic import make_elastic
     from amoeba.loading import load_model_and_tokenizer
+    from amoeba.pipeline import load_settings
     from amoeba.subnet import Subnet
 
     args = parse_args(["--model_name_or_path", str(real_model_dir), "--do_train", "False"])
-    model, tok = load_model_and_tokenizer(args.model, args.train)
+    model, tok = load_model_and_tokenizer(load_settings(args))
     assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     ref = copy.deepcopy(model)
@@ -117,7 +119,7 @@ def test_real_model_full_subnet_and_gguf(real_model_dir):
     assert torch.isfinite(narrow).all()
     assert em.param_count(Subnet(tuple(range(22)), 0.75)) < 0.8 * em.param_count()
     gguf_args = parse_args(["--model_name_or_path", str(packaged_gguf()), "--do_train", "False"])
-    gmodel, gtok = load_model_and_tokenizer(gguf_args.model, gguf_args.train)
+    gmodel, gtok = load_model_and_tokenizer(load_settings(gguf_args))
     assert gtok("Paris").input_ids == tok("Paris").input_ids
     # The folder stores the same de-quantized weights rounded to bf16: logits agree to bf16 rounding.
     with torch.no_grad():

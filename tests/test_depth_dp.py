@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from amoeba.depth_dp import (LayerDropScorer, MMLUMetric, PerplexityMetric, block_influence, first_layers_masks,
-                             mmlu_batches, run_layer_calibration, select_layers_dp, shortgpt_masks, text_batches)
+                             mmlu_batches, select_layers_dp, shortgpt_masks, text_batches)
 from amoeba.errors import UsageError
+from amoeba.stages.calibration import run_layer_calibration
 from conftest import tiny_model
 
 
@@ -309,7 +310,7 @@ def test_bad_input_leaves_earlier_results_intact(tmp_path):
     with pytest.raises(UsageError, match="--min_num_layer"):
         run_layer_calibration(_args(tmp_path, "--min_num_layer", "4"), model, CharTokenizer(), progress=False)
     args = _args(tmp_path, "--min_num_layer", "2")
-    args.train.calib_dataset = "redpajama"
+    args.calibration.calib_dataset = "redpajama"
     with pytest.raises(UsageError) as err:
         run_layer_calibration(args, model, CharTokenizer(), progress=False)
     assert "--calib_dataset" in str(err.value) and "mmlu" in str(err.value) and "c4" in str(err.value)
@@ -361,7 +362,7 @@ def test_shortgpt_selection_writes_a_strategy_of_lowest_influence_layers(tmp_pat
     final = run_layer_calibration(args, model, CharTokenizer(), progress=False)
     out = tmp_path / "out"
     info = json.loads((out / "block_influence.json").read_text())
-    text = load_text(args.train.calib_dataset, split="train", data_dir=None)
+    text = load_text(args.calibration.calib_dataset, split="train", data_dir=None)
     ids = token_windows(CharTokenizer(), text, 16, n=3, seed=args.train.seed)
     np.testing.assert_allclose(info["block_influence"], block_influence(model, ids, 2), rtol=1e-6, atol=1e-9)
     bi = np.array(info["block_influence"])
@@ -416,7 +417,8 @@ def test_mmlu_layer_dp_records_its_calibration_in_the_strategy_file(tmp_path):
     validation questions with the original code's loss, and final_strategy.npy (read by the restricted
     loader) and dp_table.json/.md say so."""
     from amoeba.mmlu import load_mmlu
-    from amoeba.strategy import load_npy_dict, load_strategy
+    from amoeba.npy import load_npy_dict
+    from amoeba.strategy import load_strategy
 
     model = tiny_model("gqa", layers=4, max_position_embeddings=128)
     args = _args(tmp_path, "--calib_dataset", "mmlu", "--mmlu_dataset", "mmlu-zs", "--num_calib_sample", "2",

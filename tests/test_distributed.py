@@ -59,14 +59,15 @@ def _worker(out: str, flags: list[str]) -> None:
     from amoeba.args import parse_args
     from amoeba.elastic import make_elastic
     from amoeba.loading import load_model_and_tokenizer
+    from amoeba.pipeline import load_settings
+    from amoeba.stages.finetuning import prepare_trainer
     from amoeba.strategy import apply_strategy, load_strategy
-    from amoeba.training import prepare_trainer
 
     args = parse_args(flags)
     set_seed(args.train.seed)
-    model, tok = load_model_and_tokenizer(args.model, args.train)
+    model, tok = load_model_and_tokenizer(load_settings(args))
     em = make_elastic(model)
-    strategy = load_strategy(args.train.shrinking_file)
+    strategy = load_strategy(args.elastic.shrinking_file)
     apply_strategy(em, strategy, args.width_choice)
     trainer, _ = prepare_trainer(args, model, tok, em, strategy)
     plans = []
@@ -148,8 +149,9 @@ def test_every_rank_trains_the_same_subnets_and_ends_with_the_same_adapters(tiny
     (their adapters get no gradient in that pass; DDP is told to expect it, no hang); both ranks end with
     bitwise identical adapters."""
     from amoeba.elastic import make_elastic
+    from amoeba.shapes import layer_masks
     from amoeba.strategy import load_strategy
-    from amoeba.training import SandwichSampler, layer_masks_of, step_rng
+    from amoeba.training import SandwichSampler, step_rng
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "plans"
@@ -162,7 +164,7 @@ def test_every_rank_trains_the_same_subnets_and_ends_with_the_same_adapters(tiny
     assert [(p["step"], p["micro"]) for p in plans[0]] == [(s, m) for s in range(3) for m in range(2)]
 
     em = make_elastic(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
-    masks = layer_masks_of(load_strategy(tiny_dir / "dp_selection_strategy.npy"), em)
+    masks = layer_masks(load_strategy(tiny_dir / "dp_selection_strategy.npy"), em.num_layers)
     sampler = SandwichSampler(em, 3, 2, (1.0, 0.875, 0.75, 0.625), masks)
     for p in plans[0]:
         expected = [[r, list(s.layers), s.width] for r, s in sampler.sample(step_rng(11, p["step"], p["micro"]))]
@@ -216,7 +218,7 @@ def _free_port() -> int:
 def _mean_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from amoeba.training import mean_over_processes
+    from amoeba.distributed import mean_over_processes
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -234,7 +236,7 @@ def test_loss_mean_over_processes_is_shared_and_propagates_a_nan():
 
     import torch.multiprocessing as mp
 
-    from amoeba.training import mean_over_processes
+    from amoeba.distributed import mean_over_processes
 
     assert float(mean_over_processes(torch.tensor(2.5))) == 2.5  # no process group: unchanged
     port = _free_port()

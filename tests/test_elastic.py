@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from amoeba.elastic import get_elastic, make_elastic, subnet_for
+from amoeba.elastic import get_elastic, make_elastic
 from amoeba.errors import UsageError
 from amoeba.subnet import Subnet
 from tests.conftest import tiny_model
@@ -237,8 +237,6 @@ def test_bad_subnets_and_architectures():
     assert get_elastic(model) is em and make_elastic(model) is em
     with pytest.raises(UsageError, match="4 layers"):
         em.set_subnet(Subnet((0, 7)))
-    with pytest.raises(UsageError, match="--eval_num_layer"):
-        subnet_for(em, 9, 1.0)
     with pytest.raises(ValueError):
         Subnet((0, 1), 1.5)
     with pytest.raises(UsageError, match="KV groups"):
@@ -248,18 +246,6 @@ def test_bad_subnets_and_architectures():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=10))
     with pytest.raises(UsageError, match="supported: llama"):
         make_elastic(gpt2)
-
-
-def test_subnet_for_uses_strategy_masks():
-    model = tiny_model("gqa", layers=4)
-    em = make_elastic(model)
-    masks = {1: [1, 0, 1, 1], 2: [1, 0, 0, 1]}
-    assert subnet_for(em, 3, 1.0, masks).layers == (0, 2, 3)
-    assert subnet_for(em, 2, 0.5, masks) == Subnet((0, 3), 0.5)
-    assert subnet_for(em, 4, 1.0, masks).layers == (0, 1, 2, 3)
-    assert subnet_for(em, 2, 1.0).layers == (0, 1)  # first_layers
-    with pytest.raises(UsageError, match="no 1-layer subnet"):
-        subnet_for(em, 1, 1.0, masks)
 
 
 def test_param_count_matches_a_physical_copy():

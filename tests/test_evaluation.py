@@ -17,7 +17,9 @@ import torch
 from amoeba.args import parse_args
 from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
-from amoeba.evaluation import LMEvalRunner, evaluate_shape, evaluation_shapes, lm_eval_keys, run_evaluation
+from amoeba.evaluation import evaluate_shape
+from amoeba.lm_eval_runner import LMEvalRunner, lm_eval_keys
+from amoeba.stages.evaluation import evaluation_shapes, run_evaluation
 from amoeba.subnet import Subnet
 from conftest import ROOT, tiny_model
 
@@ -51,13 +53,13 @@ class _Strategy:
 
 
 def test_wikitext2_perplexity_equals_plain_transformers(tokenizer, tmp_path):
-    from amoeba.evaluation import _wikitext2_windows
+    from amoeba.evaluation import wikitext2_windows
 
     plain = _model()
     model = copy.deepcopy(plain)
     em = make_elastic(model)
     args = _args(tmp_path, "--do_eval_wikitext2", "True")
-    windows = _wikitext2_windows(args, model, tokenizer)
+    windows = wikitext2_windows(model, tokenizer, args.data_dir)
     assert windows.shape[1] == 128  # the model's maximum (128) is below the seed's 2048
     windows = windows[:12]
     res = evaluate_shape(model, tokenizer, em, em.full_subnet(), wikitext_windows=windows, batch_size=5)
@@ -147,7 +149,7 @@ def test_grid_keys_determinism_report_and_merge(tokenizer, tmp_path):
 
 
 def test_resume_measures_only_what_metrics_json_lacks(tokenizer, tmp_path, monkeypatch):
-    import amoeba.mmlu
+    import amoeba.evaluation
 
     model = _model()
     em = make_elastic(model)
@@ -174,13 +176,13 @@ def test_resume_measures_only_what_metrics_json_lacks(tokenizer, tmp_path, monke
     # the resumed run measures only l2w1's lm-eval (and, its record removed, l4w1's MMLU)
     del saved["mmlu_test_accuracy_l4w1"]
     (out / "metrics.json").write_text(json.dumps(saved))
-    scored, real_score = [], amoeba.mmlu.score_mmlu
+    scored, real_score = [], amoeba.evaluation.score_mmlu
 
     def counting_score(*a, **k):
         scored.append(1)
         return real_score(*a, **k)
 
-    monkeypatch.setattr(amoeba.mmlu, "score_mmlu", counting_score)
+    monkeypatch.setattr(amoeba.evaluation, "score_mmlu", counting_score)
     calls.clear()
     monkeypatch.setattr(LMEvalRunner, "run", lambda self: (calls.append(1), real_run(self))[1])
     resumed = run_evaluation(args, model, tokenizer, em, _Strategy(masks))
@@ -213,9 +215,9 @@ def test_mmlu_reports_the_test_split_by_default_and_records_the_strategy_calibra
     strategy = Strategy({0: np.ones(LAYERS, dtype=np.float32)}, calibration={"layers": record},
                         source=str(tmp_path / "dp_selection_strategy.npy"))
     flags = ["--do_mmlu_eval", "True", "--mmlu_dataset", "mmlu-zs", "--max_mmlu_samples", "2"]
-    assert parse_args(["--do_train", "True"]).train.mmlu_split == "eval"  # a run that trains: validation
+    assert parse_args(["--do_train", "True"]).evaluation.mmlu_split == "eval"  # a run that trains: validation
     args = _args(tmp_path / "default", *flags)
-    assert args.train.mmlu_split == "test"
+    assert args.evaluation.mmlu_split == "test"
     with caplog.at_level(logging.WARNING, logger="amoeba.evaluation"):
         got = run_evaluation(args, model, tokenizer, em, strategy)
     assert "mmlu_test_accuracy_l4w1" in got and not any(k.startswith("mmlu_eval") for k in got)

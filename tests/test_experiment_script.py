@@ -127,7 +127,7 @@ def test_distilled_per_shape_row(tmp_path):
         twin = plain[job.name.replace("pershape_kd", "pershape")]
         argv = [a.replace("pershape_kd", "pershape") for a in job.argv]
         assert argv == twin + ["--train_distill_full", "True", "--distill_method", "sp", "--kd_weight", "1"]
-        t = parse_args(job.argv).train  # main.py accepts the command
+        t = parse_args(job.argv).one_for_all  # main.py accepts the command
         assert t.train_distill_full and t.train_num_layer is not None and t.kd_weight == 1.0
     evals = plan.eval_jobs()
     assert [plan.row_of(j.name) for j in evals] == ["pershape_kd"] * 4

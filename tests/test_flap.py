@@ -12,9 +12,10 @@ import torch
 
 from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
-from amoeba.flap import (collect_input_stats, compensation_biases, flap_scores, run_width_calibration,
-                         select_widths, unit_costs, width_dicts)
-from amoeba.strategy import apply_strategy, load_npy_dict, load_strategy, module_name, save_strategy, Strategy
+from amoeba.flap import collect_input_stats, compensation_biases, flap_scores, select_widths, unit_costs, width_dicts
+from amoeba.npy import load_npy_dict
+from amoeba.stages.calibration import run_width_calibration
+from amoeba.strategy import Strategy, apply_strategy, load_strategy, module_name, save_strategy
 from amoeba.subnet import Subnet
 from tests.conftest import SHARED_DATA, tiny_model
 from tests.test_strategy import masked_reference_logits
@@ -60,11 +61,12 @@ class _CharTokenizer:
         return {"input_ids": [ord(ch) % 128 for ch in text]}
 
 
-def _args(tmp_path, corpus, **train):
-    t = dict(calib_dataset=str(corpus), calib_seqlen=16, num_calib_sample=6, seed=0, calib_batch_size=4,
-             prune_width_method="flap", width_mode="global", output_dir=str(tmp_path / "width_calib"))
-    t.update(train)
-    return SimpleNamespace(train=SimpleNamespace(**t), width_choice=RATIOS, data_dir=None)
+def _args(tmp_path, corpus, output_dir=None, **calibration):
+    c = dict(calib_dataset=str(corpus), calib_seqlen=16, num_calib_sample=6, calib_batch_size=4,
+             prune_width_method="flap", width_mode="global", width_align=1)
+    c.update(calibration)
+    train = SimpleNamespace(seed=0, output_dir=output_dir or str(tmp_path / "width_calib"))
+    return SimpleNamespace(calibration=SimpleNamespace(**c), train=train, width_choice=RATIOS, data_dir=None)
 
 
 @pytest.fixture

@@ -331,7 +331,7 @@ def test_lm_eval_in_memory_model_warnings_are_dropped_and_nothing_else(caplog):
     warnings stay."""
     import logging
 
-    from amoeba.evaluation import _quiet_in_memory_model_warnings
+    from amoeba.lm_eval_runner import _quiet_in_memory_model_warnings
 
     _quiet_in_memory_model_warnings()
     _quiet_in_memory_model_warnings()  # idempotent: one filter

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
-import types
 
 import pytest
 
 from amoeba.errors import UsageError
-from amoeba.instruct_data import (IGNORE_INDEX, InstructionCollator, alpaca_prompt, load_examples, make_data_module,
-                                  read_records, split_examples)
+from amoeba.instruct_data import (IGNORE_INDEX, InstructionCollator, InstructionData, alpaca_prompt, load_examples,
+                                  make_data_module, read_records, split_examples)
 from tests.conftest import SHARED_DATA
 
 
@@ -23,14 +22,11 @@ class CharTokenizer:
         return {"input_ids": [3 + (ord(c) % 100) for c in text]}
 
 
-def _args(**over):
-    data = dict(dataset="alpaca-gpt4", dataset_format=None, eval_dataset_size=16, max_train_samples=None,
-                max_eval_samples=None, source_max_len=64, target_max_len=32)
-    train = dict(do_eval=True, seed=0, data_seed=42, group_by_length=True, cache_dir=None, train_on_source=False)
-    for k, v in over.items():
-        (data if k in data else train)[k] = v
-    return types.SimpleNamespace(data=types.SimpleNamespace(**data), train=types.SimpleNamespace(**train),
-                                 data_dir=str(SHARED_DATA))
+def _data(**over):
+    settings = dict(dataset="alpaca-gpt4", data_dir=str(SHARED_DATA), eval_size=16, split_seed=42, source_max_len=64,
+                    target_max_len=32)
+    settings.update(over)
+    return InstructionData(**settings)
 
 
 def test_collator_masks_source_and_padding_even_when_pad_is_eos():
@@ -63,19 +59,19 @@ def test_alpaca_template_and_offline_alpaca_gpt4():
 
 
 def test_split_sizes_seeded_and_capped():
-    data = make_data_module(CharTokenizer(), _args(max_eval_samples=10, max_train_samples=100))
+    data = make_data_module(CharTokenizer(), _data(max_eval=10, max_train=100))
     assert len(data["eval_dataset"]) == 10 and len(data["train_dataset"]) == 100
     assert "length" in data["train_dataset"].column_names
-    again = make_data_module(CharTokenizer(), _args(max_eval_samples=10, max_train_samples=100))
+    again = make_data_module(CharTokenizer(), _data(max_eval=10, max_train=100))
     assert data["eval_dataset"]["input"] == again["eval_dataset"]["input"]
-    other = make_data_module(CharTokenizer(), _args(max_eval_samples=10, max_train_samples=100, data_seed=7))
+    other = make_data_module(CharTokenizer(), _data(max_eval=10, max_train=100, split_seed=7))
     assert data["eval_dataset"]["input"] != other["eval_dataset"]["input"]
-    full = make_data_module(CharTokenizer(), _args())
+    full = make_data_module(CharTokenizer(), _data())
     assert len(full["train_dataset"]) + len(full["eval_dataset"]) == 999
     # The seed command's 1024 held-out examples exceed the 999 offline ones: capped, training data kept.
     train, ev = split_examples(load_examples("alpaca-gpt4", data_dir=str(SHARED_DATA)), 1024, 42)
     assert len(ev) == 99 and len(train) == 900
-    no_eval = make_data_module(CharTokenizer(), _args(do_eval=False))
+    no_eval = make_data_module(CharTokenizer(), _data(eval_size=None))
     assert no_eval["eval_dataset"] is None and len(no_eval["train_dataset"]) == 999
 
 

@@ -198,7 +198,7 @@ def test_own_task_configs_run_offline_through_the_evaluation(tiny_folder, own_ta
 
 
 def test_own_task_configs_take_precedence_and_broken_ones_are_one_line(own_tasks):
-    from amoeba.evaluation import LMEvalTasks
+    from amoeba.lm_eval_runner import LMEvalTasks
 
     tasks = LMEvalTasks(["arc_easy", "tiny_mc", "piqa"], str(SAMPLE), str(own_tasks))
     try:

@@ -18,6 +18,7 @@ from amoeba.args import parse_args
 from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
 from amoeba.loading import load_model_and_tokenizer
+from amoeba.pipeline import load_settings
 from amoeba.strategy import apply_strategy, load_strategy
 from amoeba.subnet import Subnet
 from tests.test_training import _assert_exit_2, _main, tiny_dir  # noqa: F401  (shared fixture)
@@ -42,7 +43,7 @@ def _map_file(tmp_path, device="cpu") -> str:
 def _load(tiny_dir, out, *extra):
     args = parse_args(["--model_name_or_path", str(tiny_dir / "model"), "--output_dir", str(out),
                        "--do_train", "False", "--report_to", "none", *extra])
-    model, tok = load_model_and_tokenizer(args.model, args.train)
+    model, tok = load_model_and_tokenizer(load_settings(args))
     em = make_elastic(model)
     apply_strategy(em, load_strategy(tiny_dir / "dp_selection_strategy.npy"), (1.0, 0.875, 0.75, 0.625),
                    nonuniform=True)
@@ -85,9 +86,9 @@ def test_mmlu_wikitext_flap_and_layer_dp_equal_the_plain_load(pair):
     from amoeba.evaluation import evaluate_shape
     from amoeba.flap import flap_scores
     from amoeba.mmlu import load_mmlu
-    from amoeba.text_data import data_dir
+    from amoeba.text_data import resolve_data_dir
 
-    examples = load_mmlu("eval", 0, data_dir(), 5)
+    examples = load_mmlu("eval", 0, resolve_data_dir(), 5)
     windows = torch.randint(0, 120, (3, 32), generator=torch.Generator().manual_seed(4))
     got = []
     for model, tok, em in pair:
@@ -105,12 +106,12 @@ def test_mmlu_wikitext_flap_and_layer_dp_equal_the_plain_load(pair):
 
 
 def test_lm_eval_equals_the_plain_load(pair):
-    from amoeba.evaluation import LMEvalRunner
-    from amoeba.text_data import data_dir
+    from amoeba.lm_eval_runner import LMEvalRunner
+    from amoeba.text_data import resolve_data_dir
 
     flat = []
     for model, tok, em in pair:
-        runner = LMEvalRunner(model, tok, ["piqa"], str(data_dir()), batch_size=2, limit=2)
+        runner = LMEvalRunner(model, tok, ["piqa"], str(resolve_data_dir()), batch_size=2, limit=2)
         try:
             with em.use(SUBNETS[2]):
                 flat.append(runner.run()[0])
@@ -154,7 +155,6 @@ def test_bad_device_maps_exit_2_with_one_line(tiny_dir, tmp_path, monkeypatch):
                    "4-bit")
     from amoeba.loading import resolve_device_map
 
-    train = parse_args(["--do_train", "False"]).train
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun
     with pytest.raises(UsageError, match="--device_map: .*torchrun"):
-        resolve_device_map("auto", train)
+        resolve_device_map("auto")

@@ -144,7 +144,7 @@ def test_split_names_and_the_reported_split_by_run_kind():
 
     assert [split_name(s) for s in ("eval", "val", "validation", "test", "dev", "train", None)] == \
         ["validation", "validation", "validation", "test", "dev", None, None]
-    assert parse_args(["--do_train", "False"]).train.mmlu_split == "test"  # evaluation: what papers report
-    assert parse_args(["--do_train", "True"]).train.mmlu_split == "eval"  # measured at the end of training
-    assert parse_args(["--do_train", "False", "--mmlu_split", "eval"]).train.mmlu_split == "eval"
-    assert parse_args([]).train.calib_mmlu_split == "eval"  # calibration: validation, by default
+    assert parse_args(["--do_train", "False"]).evaluation.mmlu_split == "test"  # evaluation: what papers report
+    assert parse_args(["--do_train", "True"]).evaluation.mmlu_split == "eval"  # measured at the end of training
+    assert parse_args(["--do_train", "False", "--mmlu_split", "eval"]).evaluation.mmlu_split == "eval"
+    assert parse_args([]).calibration.calib_mmlu_split == "eval"  # calibration: validation, by default

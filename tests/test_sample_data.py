@@ -7,12 +7,11 @@ import gzip
 import importlib.util
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 
-from amoeba.instruct_data import IGNORE_INDEX, load_examples, make_data_module
+from amoeba.instruct_data import IGNORE_INDEX, InstructionData, load_examples, make_data_module
 from amoeba.lm_eval_tasks import LOCAL_TASKS, missing_files, render_tasks
 from amoeba.mmlu import load_mmlu
 from amoeba.text_data import load_text, token_windows
@@ -108,14 +107,9 @@ def test_instruction_data_loads_and_collates(tokenizer):
         assert all(y.strip() for y in ds["output"])
     assert any("### Input:" in x for x in gpt4["input"]) and any("### Input:" not in x for x in gpt4["input"])
 
-    args = types.SimpleNamespace(
-        data=types.SimpleNamespace(dataset="alpaca-gpt4", dataset_format=None, eval_dataset_size=16,
-                                   max_train_samples=None, max_eval_samples=None, source_max_len=128,
-                                   target_max_len=64),
-        train=types.SimpleNamespace(do_eval=True, seed=0, data_seed=42, group_by_length=True, cache_dir=None,
-                                    train_on_source=False),
-        data_dir=str(SAMPLE))
-    module = make_data_module(tokenizer, args)
+    data = InstructionData("alpaca-gpt4", data_dir=str(SAMPLE), eval_size=16, split_seed=42, source_max_len=128,
+                           target_max_len=64)
+    module = make_data_module(tokenizer, data)
     assert len(module["train_dataset"]) + len(module["eval_dataset"]) == len(gpt4)
     batch = module["data_collator"]([module["train_dataset"][i] for i in range(4)])
     assert ((batch["labels"] != IGNORE_INDEX).sum(1) > 1).all()
@@ -168,7 +162,7 @@ def test_offline_lm_eval_tasks_build_from_the_sample(tmp_path):
 
 
 def test_lm_eval_runner_scores_a_tiny_model_on_the_sample(tokenizer):
-    from amoeba.evaluation import LMEvalRunner
+    from amoeba.lm_eval_runner import LMEvalRunner
 
     model = tiny_model("gqa", layers=2, vocab_size=49152, max_position_embeddings=128)
     runner = LMEvalRunner(model, tokenizer, ["arc_easy", "piqa", "hellaswag"], str(SAMPLE), batch_size=4, limit=4)

@@ -15,8 +15,8 @@ import torch
 
 from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
-from amoeba.strategy import (Strategy, apply_strategy, load_npy, load_npy_dict, load_strategy, module_name,
-                             save_strategy, validate_strategy)
+from amoeba.npy import load_npy, load_npy_dict
+from amoeba.strategy import Strategy, apply_strategy, load_strategy, module_name, save_strategy, validate_strategy
 from amoeba.subnet import Subnet
 from tests.conftest import ROOT, tiny_model
 
@@ -103,7 +103,7 @@ def test_restricted_loader_refuses_code(tmp_path):
     path = tmp_path / "evil.npy"
     np.save(path, {"strategy": {1: np.ones(3)}, "x": evil})
     with pytest.raises(UsageError) as err:
-        load_strategy(path)
+        load_strategy(path, "--shrinking_file")
     msg = str(err.value)
     assert "evil.npy" in msg and "system" in msg and "refusing" in msg and msg.startswith("--shrinking_file")
     assert not marker.exists()

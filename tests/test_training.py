@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from amoeba.adapters import adapted_modules, adapter_state_dict, load_adapters
+from amoeba.adapters import get_router
 from amoeba.args import parse_args
 from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
+from amoeba.run_folder import last_complete_checkpoint
+from amoeba.stages.finetuning import prepare_trainer, run_training, validate_training_setup
 from amoeba.subnet import Subnet
-from amoeba.adapters import get_router
-from amoeba.training import (SandwichSampler, TrainingDiverged, combine_losses, last_complete_checkpoint,
-                             prepare_trainer, router_noise_seed, run_training, step_rng, validate_training_setup)
+from amoeba.training import SandwichSampler, TrainingDiverged, balanced, router_noise_seed, step_rng
 from tests.conftest import ROOT, tiny_model
 
 torch.set_num_threads(1)  # tiny models: threads only add contention
@@ -79,15 +80,16 @@ def _flags(tiny_dir, out, *extra):
 
 def _setup(tiny_dir, out, *extra, strategy=True):
     from amoeba.loading import load_model_and_tokenizer
+    from amoeba.pipeline import load_settings
     from amoeba.strategy import apply_strategy, load_strategy
 
     args = parse_args(_flags(tiny_dir, out, *extra))
-    model, tok = load_model_and_tokenizer(args.model, args.train)
+    model, tok = load_model_and_tokenizer(load_settings(args))
     em = make_elastic(model)
     s = None
     if strategy:
         s = load_strategy(tiny_dir / "dp_selection_strategy.npy")
-        apply_strategy(em, s, args.width_choice if args.train.shrinkable_width else (1.0,))
+        apply_strategy(em, s, args.width_choice if args.elastic.shrinkable_width else (1.0,))
     return args, model, tok, em, s
 
 
@@ -117,7 +119,7 @@ def test_sandwich_sampler_order_range_and_determinism():
     first = SandwichSampler(em, 4, 1, (1.0,), None)  # --shrinking_method first_layers
     assert first.smallest == Subnet((0, 1, 2, 3), 1.0)
     with pytest.raises(UsageError, match="--min_num_layer"):
-        SandwichSampler(em, 2, 1, (1.0,), masks)  # the strategy has no 2-layer mask
+        SandwichSampler(em, 2, 1, (1.0,), masks, depth_flag="--min_num_layer")  # the strategy has no 2 layers
 
 
 @pytest.mark.parametrize("widths, num_random, depth", [
@@ -184,12 +186,13 @@ def test_sandwich_draw_depends_only_on_seed_and_step():
 def test_balancing_scales_each_loss_to_the_largest():
     losses = [torch.tensor(2.0, requires_grad=True), torch.tensor(4.0, requires_grad=True),
               torch.tensor(1.0, requires_grad=True)]
-    out = combine_losses(losses, balancing=True)
+    reference = losses[0].detach()
+    out = [losses[0]] + [balanced(loss, loss.detach(), reference) for loss in losses[1:]]
     assert [float(v.detach()) for v in out] == [2.0, 2.0, 2.0]
     sum(out).backward()
     assert [float(x.grad) for x in losses] == [1.0, 0.5, 2.0]  # factor 2/l, detached
-    plain = [torch.tensor(3.0, requires_grad=True), torch.tensor(5.0, requires_grad=True)]
-    assert [float(v.detach()) for v in combine_losses(plain, balancing=False)] == [3.0, 5.0]
+    zero = torch.tensor(0.0, requires_grad=True)  # a zero loss stays zero: the factor is bounded, not inf
+    assert float(balanced(zero, zero.detach(), reference).detach()) == 0.0
 
 
 @pytest.mark.parametrize("checkpointing", ["False", "True"])
@@ -252,8 +255,9 @@ def test_short_sandwich_run_lowers_the_loss_of_largest_and_smallest(tiny_dir, tm
                                      "--warmup_ratio", "0", "--use_moe_lora", "--moe_num_expert", "3",
                                      "--moe_topk", "2")
     from amoeba.instruct_data import make_data_module
+    from amoeba.stages.finetuning import instruction_data
 
-    data = make_data_module(tok, args)
+    data = make_data_module(tok, instruction_data(args))
     batch = data["data_collator"]([data["train_dataset"][i] for i in range(16)])
     sampler = SandwichSampler(em, 3, 0, args.width_choice, s.layer_masks)
 

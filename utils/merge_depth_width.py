@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from amoeba.errors import UsageError  # noqa: E402
 from amoeba.files import writable_file  # noqa: E402
-from amoeba.strategy import (Strategy, is_plain_record, load_npy_dict, load_strategy,  # noqa: E402
+from amoeba.npy import load_npy_dict  # noqa: E402
+from amoeba.strategy import (Strategy, is_plain_record, load_strategy,  # noqa: E402
                              normalise_width_dict, save_strategy)
 
 DEFAULT_DEPTH = "output/calib_dp/final_strategy.npy"
