@@ -20,6 +20,7 @@ How it works, on the installed transformers:
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -29,11 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from amoeba.errors import UsageError
+from amoeba.families import family_of
 from amoeba.subnet import Subnet, width_key
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")
 ATTN_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_ROLES = ("gate_proj", "up_proj", "down_proj")
 OUT_SLICED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -195,10 +196,7 @@ class ElasticModel:
 
     def __init__(self, model: nn.Module):
         config = model.config
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UsageError(
-                f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        self.family = family_of(getattr(config, "model_type", None))
         self.model = model
         self.config = config
         self.decoder = find_decoder(model)
@@ -222,7 +220,7 @@ class ElasticModel:
         self._kept: Optional[nn.ModuleList] = None
         self._orig_layer_types = list(getattr(config, "layer_types", None) or []) or None
         self._wrap_projections()
-        self.decoder.register_forward_pre_hook(self._enter_depth)
+        self.decoder.register_forward_pre_hook(self._enter_depth, with_kwargs=True)
         self.decoder.register_forward_hook(self._leave_depth, always_call=True)
 
     # ------------------------------------------------------------------ structure
@@ -247,19 +245,33 @@ class ElasticModel:
                     self.intermediate_size, "sliced" if sliceable else "masked")
 
     @property
+    def width_supported(self) -> bool:
+        """False for families whose width cannot be sliced exactly (see :mod:`amoeba.families`)."""
+        return self.family.width
+
+    def _refuse_width(self, what: str) -> None:
+        raise UsageError(f"{what}: width is not supported for {self.config.model_type} "
+                         f"({self.family.limits}); use width 1 (depth only)")
+
+    @property
     def sliceable(self) -> bool:
         """True when width is taken by slicing weights (dense), False when by masks (4/8-bit)."""
         return self.state.sliceable
 
     # ------------------------------------------------------------------ depth hooks
-    def _enter_depth(self, module, args):
+    def _enter_depth(self, module, args, kwargs):
         if self._kept is None:
-            return
+            return None
         module.layers = self._kept
         for pos, blk in enumerate(self._kept):
             _set_layer_idx(blk, pos)
         if self._orig_layer_types is not None:
             self.config.layer_types = [self._orig_layer_types[i] for i in self._subnet.layers]
+            # transformers 5.17 passes ``past_key_values``, later versions ``cache``
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is not None:
+                _align_cache(cache, self._orig_layer_types, self._subnet.layers)
+        return None
 
     def _leave_depth(self, module, args, output):
         if self._kept is None:
@@ -302,6 +314,9 @@ class ElasticModel:
     def set_subnet(self, subnet: Subnet) -> None:
         """Make the model run ``subnet`` from now on."""
         self.check(subnet)
+        if not self.width_supported and subnet.width != 1.0 and any(
+                g < self.num_kv_groups or c < self.intermediate_size for g, c in self.layer_sizes(subnet)):
+            self._refuse_width(f"subnet {subnet.label}")
         st = self.state
         plan = None if isinstance(subnet.width, tuple) else self.width_plans.get(subnet.width)
         st.dims = [None] * self.num_layers
@@ -334,6 +349,8 @@ class ElasticModel:
                        bias: Optional[dict[tuple[int, str], torch.Tensor]] = None) -> None:
         """Register per-layer kept sizes (and FLAP biases) under the width key ``ratio``."""
         groups, channels = tuple(int(g) for g in groups), tuple(int(c) for c in channels)
+        if not self.width_supported:
+            self._refuse_width(f"width plan {ratio:g}")
         if len(groups) != self.num_layers or len(channels) != self.num_layers:
             raise UsageError(f"width plan {ratio:g} covers {len(groups)} layers, the model has {self.num_layers}")
         if min(groups) < 1 or max(groups) > self.num_kv_groups:
@@ -438,6 +455,25 @@ def expand_units(units: torch.Tensor, size: int) -> torch.Tensor:
     """The feature indices of whole units, in the units' order: unit ``u`` of ``size`` features covers features
     ``u * size`` to ``u * size + size - 1``."""
     return (units[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
+
+
+def _align_cache(cache, original_types: Sequence[str], kept: Sequence[int]) -> None:
+    """Give an empty KV cache built for every layer one slot per kept layer, of that layer's type.
+
+    ``generate`` builds its cache from the full config before the first forward, so slot ``p`` has the type
+    of layer ``p``; a depth subnet runs its kept layers at positions 0..n-1, and where sliding-window and
+    full-attention layers alternate (Gemma 2/3), slot ``p`` must have the type of the ``p``-th kept layer.
+    The cache's own (still empty) slots are reused, by deep copy, so their class and settings stay the
+    installed version's own.
+    """
+    slots = getattr(cache, "layers", None)
+    if not isinstance(slots, list) or len(slots) != len(original_types):
+        return  # not a per-layer cache, or already built for the kept layers
+    if all(original_types[i] == original_types[p] for p, i in enumerate(kept)):
+        return  # the types already line up
+    if cache.get_seq_length() != 0:
+        raise UsageError("a KV cache that already holds tokens was filled by another depth; start a new cache")
+    cache.layers = [copy.deepcopy(slots[i]) for i in kept]
 
 
 def _set_layer_idx(block: nn.Module, idx: int) -> None:

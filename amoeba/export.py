@@ -73,6 +73,9 @@ _BIAS_SUPPORT = {
               "mlp_bias": ("gate_proj", "up_proj", "down_proj")},
     "qwen3": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
     "gemma": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
+    "gemma2": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
+    "gemma3_text": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
+    "olmo2": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
     "qwen2": {"fixed": ("q_proj", "k_proj", "v_proj")},
     "mistral": {},
 }

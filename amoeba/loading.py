@@ -30,8 +30,8 @@ from accelerate import dispatch_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from amoeba.default_model import DEFAULT_MODEL_DIR, load_gguf
-from amoeba.elastic import SUPPORTED_MODEL_TYPES
 from amoeba.errors import UsageError, shown
+from amoeba.families import FAMILIES, SUPPORTED_MODEL_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,9 @@ def _bad(path, problem: str) -> UsageError:
 
 def _check_architecture(model_type: str, name: str) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UsageError(f"architecture '{model_type}' of {name} is not supported; supported: "
+        family = FAMILIES.get(model_type)
+        why = f" ({family.limits})" if family is not None else ""
+        raise UsageError(f"architecture '{model_type}' of {name} is not supported{why}; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}", FLAG)
 
 

@@ -1,4 +1,4 @@
-"""Per-layer widths for the stock transformers decoder families (Llama, Qwen2, Qwen3, Mistral, Gemma).
+"""Per-layer widths for the stock transformers decoder families (Llama, Qwen2, Qwen3, Mistral, Gemma 1/2/3).
 
 An exported AmoebaLLM subnet whose layers keep different numbers of heads, KV groups and MLP channels
 (FLAP's global threshold gives every layer its own width) cannot be described by a stock config, which
@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.gemma.modeling_gemma import GemmaForCausalLM
+from transformers.models.gemma2.modeling_gemma2 import Gemma2ForCausalLM
+from transformers.models.gemma3.modeling_gemma3 import Gemma3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.mistral.modeling_mistral import MistralForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
@@ -315,10 +317,20 @@ class AmoebaGemmaForCausalLM(PerLayerShapesMixin, GemmaForCausalLM):
     """Gemma with per-layer widths."""
 
 
+class AmoebaGemma2ForCausalLM(PerLayerShapesMixin, Gemma2ForCausalLM):
+    """Gemma 2 with per-layer widths."""
+
+
+class AmoebaGemma3ForCausalLM(PerLayerShapesMixin, Gemma3ForCausalLM):
+    """Gemma 3 (text) with per-layer widths."""
+
+
 CLASS_FOR_MODEL_TYPE = {
     "llama": AmoebaLlamaForCausalLM,
     "mistral": AmoebaMistralForCausalLM,
     "qwen2": AmoebaQwen2ForCausalLM,
     "qwen3": AmoebaQwen3ForCausalLM,
     "gemma": AmoebaGemmaForCausalLM,
+    "gemma2": AmoebaGemma2ForCausalLM,
+    "gemma3_text": AmoebaGemma3ForCausalLM,
 }

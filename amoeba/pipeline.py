@@ -20,6 +20,7 @@ from amoeba.default_model import materialize_default_model
 from amoeba.elastic import ElasticModel, make_elastic
 from amoeba.errors import UsageError, for_flag
 from amoeba.export import check_export_target
+from amoeba.families import check_width_support
 from amoeba.files import writable_dir
 from amoeba.loading import LoadSettings, load_model_and_tokenizer
 from amoeba.run_folder import find_adapters, save_run_record
@@ -40,6 +41,7 @@ def run(args: Arguments) -> None:
     check_command(args)
     out = prepare_output_folders(args)
     model, tokenizer = load_model_and_tokenizer(load_settings(args))
+    check_width_flags(args, model.config.model_type)
     set_seed(args.train.seed)
     if not args.train.do_train or args.calibration.width_calib:
         # A training run writes its record once it knows the folder is its own (not an earlier run's, which a
@@ -119,6 +121,15 @@ def prepare_output_folders(args: Arguments) -> Path:
         writable_dir(output_dir, "--output_dir", create=False)  # its problems first: it is named first
         check_export_target(export_dir, args.export.overwrite, protected_paths(args))
     return writable_dir(output_dir, "--output_dir")
+
+
+def check_width_flags(args: Arguments, model_type: str) -> None:
+    """Refuse width flags for a family whose width cannot be sliced exactly, before anything is written."""
+    for flag, asked in (("--width_calib", args.calibration.width_calib),
+                        ("--shrinkable_width", args.elastic.shrinkable_width)):
+        if asked:
+            with for_flag(flag):
+                check_width_support(model_type)
 
 
 def check_shapes(args: Arguments, num_layers: int) -> None:

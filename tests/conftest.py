@@ -17,8 +17,10 @@ os.environ.setdefault("AMOEBA_DATA_DIR", str(SHARED_DATA))
 
 
 def tiny_config(kind: str = "gqa", layers: int = 4, **overrides):
-    """A tiny random config. kind: gqa (Llama-3 style), mha (Llama-2 style), qwen2, qwen3, mistral."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    """A tiny random config. kind: gqa (Llama-3 style), mha (Llama-2 style), qwen2, qwen3, mistral, gemma,
+    gemma2 and gemma3_text (sliding window 4, sliding and full-attention layers alternating), olmo2."""
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config,
+                              Qwen2Config, Qwen3Config)
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
@@ -35,6 +37,16 @@ def tiny_config(kind: str = "gqa", layers: int = 4, **overrides):
         return Qwen3Config(head_dim=8, **common)
     if kind == "mistral":
         return MistralConfig(**common)
+    if kind == "gemma":
+        return GemmaConfig(head_dim=8, **common)
+    # eager attention: the implementation the Gemma 2/3 authors recommend (soft-capping), and what CPUs run
+    gemma_common = dict(head_dim=8, sliding_window=4, query_pre_attn_scalar=16, attn_implementation="eager")
+    if kind == "gemma2":
+        return Gemma2Config(**gemma_common, **common)
+    if kind == "gemma3_text":
+        return Gemma3TextConfig(sliding_window_pattern=2, **gemma_common, **common)
+    if kind == "olmo2":
+        return Olmo2Config(**common)
     raise ValueError(kind)
 
 

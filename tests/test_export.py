@@ -131,6 +131,11 @@ CASES = {
     "gqa_nonuniform_bias_adapters_padded": ("gqa", "nonuniform", True, True, Subnet((0, 1, 3), 0.5), "padded"),
     "qwen2_nonuniform_bias_padded": ("qwen2", "nonuniform", True, False, Subnet((1, 2, 3), 0.5), "padded"),
 }
+# the families of tests/test_families.py: sliding/full layers (Gemma 2/3), depth only (OLMo-2)
+CASES["gemma_uniform_bias"] = ("gemma", "uniform", True, False, Subnet((0, 1, 3), 0.5))
+CASES["gemma2_uniform_bias"] = ("gemma2", "uniform", True, False, Subnet((0, 2, 3), 0.5))
+CASES["gemma3_mixed_bias_adapters"] = ("gemma3_text", "mixed", True, True, Subnet((0, 1, 3), 0.5))
+CASES["olmo2_depth"] = ("olmo2", None, False, False, Subnet((0, 2, 3), 1.0))
 # Llama's config refuses a head count that does not divide hidden_size (6 of 64 here).
 CASES["gqa_6_heads"] = ("gqa", None, False, False, Subnet((0, 1, 3), 0.75))
 CASES["gqa_6_heads_bias"] = ("gqa", "three", True, False, Subnet((0, 2, 3), 0.5))
@@ -138,6 +143,7 @@ if importlib.util.find_spec("amoeba.adapters") is not None:
     CASES["gqa_nonuniform_bias_moe_lora"] = ("gqa", "nonuniform", True, "moe", Subnet((1, 2, 3), 0.5))
     CASES["mha_mixed_bias_moe_lora"] = ("mha", "mixed", True, "moe", Subnet((0, 1, 2, 3), 0.5))
     CASES["qwen2_uniform_moe_lora"] = ("qwen2", "uniform", False, "moe", Subnet((0, 1, 2, 3), 0.5))
+    CASES["gemma3_uniform_moe_lora"] = ("gemma3_text", "uniform", False, "moe", Subnet((0, 2, 3), 0.5))
 
 LOADER = textwrap.dedent("""
     import json, os, sys, torch

@@ -27,6 +27,9 @@ MODELS = {
     "qwen2": dict(kind="qwen2"),
     # layers with different attention masks (full, then sliding window): each layer gets its own kwargs
     "qwen2-sliding": dict(kind="qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1),
+    # sliding-window and full-attention layers alternating, norms after attention and MLP, per-head q/k norms
+    "gemma2": dict(kind="gemma2"),
+    "gemma3_text": dict(kind="gemma3_text"),
 }
 
 
@@ -126,7 +129,7 @@ def test_scores_ignore_an_earlier_reordering():
 # ----------------------------------------------------------------------------------------------
 # Scores and selection
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["mha", "gqa"])
+@pytest.mark.parametrize("name", ["mha", "gqa", "gemma3_text"])
 def test_attention_is_scored_by_whole_kv_groups(name):
     model = _model(name)
     s = flap_scores(model, _ids(), batch_size=5, progress=False)
@@ -320,7 +323,7 @@ def test_bias_equals_mean_input_of_removed_features_times_their_columns():
                 assert not biases[r][i][0].any() and not biases[r][i][1].any()
 
 
-@pytest.mark.parametrize("name", ["gqa", "qwen2"])
+@pytest.mark.parametrize("name", ["gqa", "qwen2", "gemma2", "gemma3_text"])
 def test_width_calibration_end_to_end(name, corpus, tmp_path, tokens):
     """--width_calib files -> merge -> load -> elastic model at each width == masked copy plus biases."""
     model = _model(name)
