@@ -31,6 +31,7 @@ from torch import nn
 
 from amoeba.errors import UsageError
 from amoeba.families import family_of
+from amoeba.modeling_amoeba import LayerConfigView
 from amoeba.subnet import Subnet, width_key
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,83 @@ def _is_dense_linear(module: nn.Module) -> bool:
     return type(w) is nn.Parameter and w.dim() == 2
 
 
+class PackedProjection(nn.Module):
+    """A packed projection (Phi-3's ``qkv_proj``, ``gate_up_proj``) held as its parts.
+
+    The family's forward still calls it once and splits its output; each part (``q_proj``, ``k_proj``, ...) is
+    a linear module of its own, so it slices, reorders, takes adapters and exports like Llama's. ``state_dict``
+    and ``load_state_dict`` use the packed key (``...qkv_proj.weight``), as the checkpoint does.
+    """
+
+    def __init__(self, packed: nn.Linear, names: Sequence[str], sizes: Sequence[int]):
+        super().__init__()
+        weight, bias = packed.weight.detach(), packed.bias
+        start = 0
+        for name, size in zip(names, sizes):
+            part = nn.Linear(packed.in_features, size, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+            part.weight = nn.Parameter(weight[start:start + size].clone(), requires_grad=packed.weight.requires_grad)
+            if bias is not None:
+                part.bias = nn.Parameter(bias.detach()[start:start + size].clone(), requires_grad=bias.requires_grad)
+            self.add_module(name, part)
+            start += size
+        self.names = tuple(names)
+        self.register_state_dict_post_hook(PackedProjection._pack_state)
+        self.register_load_state_dict_pre_hook(PackedProjection._unpack_state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 (see class)
+        return torch.cat([getattr(self, name)(x) for name in self.names], dim=-1)
+
+    @staticmethod
+    def _pack_state(module: "PackedProjection", state_dict, prefix: str, local_metadata) -> None:
+        for kind in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{kind}" for name in module.names]
+            if all(k in state_dict for k in keys):
+                state_dict[prefix + kind] = torch.cat([state_dict.pop(k) for k in keys])
+
+    @staticmethod
+    def _unpack_state(module: "PackedProjection", state_dict, prefix: str, local_metadata, strict, missing_keys,
+                      unexpected_keys, error_msgs) -> None:
+        for kind in ("weight", "bias"):
+            packed = state_dict.pop(prefix + kind, None)
+            if packed is None:
+                continue
+            start = 0
+            for name in module.names:
+                size = getattr(module, name).out_features
+                state_dict[f"{prefix}{name}.{kind}"] = packed[start:start + size]
+                start += size
+
+
+def _unpack_projections(model: nn.Module, layers: nn.ModuleList, family) -> None:
+    """Hold each packed projection of the family as its parts (see :class:`PackedProjection`)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads) * head_dim
+    sizes = {"q_proj": config.num_attention_heads * head_dim, "k_proj": kv, "v_proj": kv,
+             "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size}
+    for layer in layers:
+        for block_name, packed_name, names in family.packed:
+            block = getattr(layer, block_name)
+            packed = getattr(block, packed_name)
+            if isinstance(packed, PackedProjection):
+                continue
+            if not _is_dense_linear(packed):
+                raise UsageError(f"{config.model_type}: the packed {packed_name} of a quantized model cannot be "
+                                 "split into its parts; load it in 16 or 32 bits (without --bits)")
+            setattr(block, packed_name, PackedProjection(packed, names, [sizes[n] for n in names]))
+
+
+def _role_module(block: nn.Module, role: str) -> nn.Module:
+    """The projection ``role`` of an attention or MLP block, also when it is a part of a packed projection."""
+    module = getattr(block, role, None)
+    if module is not None:
+        return module
+    for child in block.children():
+        if isinstance(child, PackedProjection) and role in child.names:
+            return getattr(child, role)
+    raise UsageError(f"{type(block).__name__} has no {role}")
+
+
 def find_decoder(model: nn.Module) -> nn.Module:
     """The decoder (the module holding ``layers``) of a causal LM, through PEFT wrappers too."""
     m = model
@@ -202,6 +280,8 @@ class ElasticModel:
         self.decoder = find_decoder(model)
         self.all_layers: nn.ModuleList = self.decoder.layers
         self.num_layers = len(self.all_layers)
+        if self.family.packed:
+            _unpack_projections(model, self.all_layers, self.family)
         attn0 = self.all_layers[0].self_attn
         self.head_dim = int(getattr(attn0, "head_dim", config.hidden_size // config.num_attention_heads))
         self.num_heads = int(config.num_attention_heads)
@@ -209,7 +289,7 @@ class ElasticModel:
         if self.num_heads % self.num_kv_groups:
             raise UsageError(f"{self.num_heads} query heads do not split into {self.num_kv_groups} KV groups")
         self.queries_per_group = self.num_heads // self.num_kv_groups
-        self.intermediate_size = int(self.all_layers[0].mlp.gate_proj.out_features)
+        self.intermediate_size = int(_role_module(self.all_layers[0].mlp, "gate_proj").out_features)
         self.state = ElasticState(self.num_layers)
         self.state.head_dim = self.head_dim
         self.state.queries_per_group = self.queries_per_group
@@ -220,6 +300,8 @@ class ElasticModel:
         self._kept: Optional[nn.ModuleList] = None
         self._orig_layer_types = list(getattr(config, "layer_types", None) or []) or None
         self._wrap_projections()
+        if self.family.packed:
+            self._follow_head_counts()
         self.decoder.register_forward_pre_hook(self._enter_depth, with_kwargs=True)
         self.decoder.register_forward_hook(self._leave_depth, always_call=True)
 
@@ -227,8 +309,8 @@ class ElasticModel:
     def projections(self, layer: int) -> dict[str, nn.Module]:
         """The seven projections of one decoder layer, by role."""
         blk = self.all_layers[layer]
-        mods = {r: getattr(blk.self_attn, r) for r in ATTN_ROLES}
-        mods.update({r: getattr(blk.mlp, r) for r in MLP_ROLES})
+        mods = {r: _role_module(blk.self_attn, r) for r in ATTN_ROLES}
+        mods.update({r: _role_module(blk.mlp, r) for r in MLP_ROLES})
         return mods
 
     def _wrap_projections(self) -> None:
@@ -243,6 +325,21 @@ class ElasticModel:
         logger.info("elastic model: %d layers, %d KV groups x %d queries, head dim %d, MLP %d, %s width",
                     self.num_layers, self.num_kv_groups, self.queries_per_group, self.head_dim,
                     self.intermediate_size, "sliced" if sliceable else "masked")
+
+    def _follow_head_counts(self) -> None:
+        """Attention that splits a packed q/k/v output by its config's head counts (Phi-3) reads, per layer, a
+        view of the config whose counts follow the current subnet (set by a pre-hook before each call)."""
+        for i, layer in enumerate(self.all_layers):
+            attn = layer.self_attn
+            attn.config = LayerConfigView(self.config, num_attention_heads=self.num_heads)
+            attn.register_forward_pre_hook(lambda module, args, i=i: self._set_head_counts(module, i))
+
+    def _set_head_counts(self, attn: nn.Module, layer: int) -> None:
+        dims = self.state.dims[layer] if self.state.sliceable else None
+        q_out, kv_out = (dims[0], dims[1]) if dims is not None else (self.num_heads * self.head_dim,
+                                                                     self.num_kv_groups * self.head_dim)
+        object.__setattr__(attn.config, "num_attention_heads", q_out // self.head_dim)
+        attn.num_key_value_heads = kv_out // self.head_dim
 
     @property
     def width_supported(self) -> bool:

@@ -76,6 +76,7 @@ _BIAS_SUPPORT = {
     "gemma2": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
     "gemma3_text": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
     "olmo2": {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj")},
+    "phi3": {},
     "qwen2": {"fixed": ("q_proj", "k_proj", "v_proj")},
     "mistral": {},
 }
@@ -361,6 +362,12 @@ def _state_dict_for(em: ElasticModel, subnet: Subnet, stored: list[tuple[int, in
                 projected[f"{key}.bias"] = b
             elif b is not None:
                 raise ValueError(f"{key}: the exported architecture has no bias slot for a nonzero bias")
+        for block, packed, names in em.family.packed:  # e.g. Phi-3: q/k/v written as one qkv_proj, in order
+            key = f"{prefix}{pos}.{block}"
+            for kind in ("weight", "bias"):
+                parts = [projected.pop(f"{key}.{name}.{kind}", None) for name in names]
+                if any(t is not None for t in parts):
+                    projected[f"{key}.{packed}.{kind}"] = torch.cat(parts)
     out = {}
     for key, shape in target_keys.items():
         if key in projected:

@@ -4,8 +4,8 @@ One table, keyed by ``config.model_type``. The README's family table says the sa
 ``tests/test_families.py`` (and the Llama/Qwen/Mistral tests elsewhere) back every supported row.
 
 What the elastic model needs from a family: decoder layers in ``model.layers`` with ``self_attn.{q,k,v,o}_proj``
-and ``mlp.{gate,up,down}_proj`` as separate linear modules, and nothing that reads a statistic over all heads
-(or all channels) of one projection. Depth works for every supported family; width where ``width`` is true.
+and ``mlp.{gate,up,down}_proj`` as linear modules (or packed ones, which it holds as their parts), and nothing
+that reads a statistic over all heads (or all channels) of one projection. Depth works for every supported family; width where ``width`` is true.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ class Family:
     supported: bool = True
     width: bool = True
     limits: str = ""
+    # packed projections: (block, packed module, its parts in output order), e.g. Phi-3's qkv_proj
+    packed: tuple = ()
 
 
 FAMILIES: dict[str, Family] = {
@@ -42,9 +44,11 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family("OLMo-2", width=False,
                     limits="depth only: q and k are normalised over the whole projection (one RMS over all heads), "
                            "so dropping heads changes the kept heads' values; width is refused"),
-    "phi3": Family("Phi-3, Phi-3.5, Phi-4-mini", supported=False,
-                   limits="not yet: q/k/v and gate/up are packed into one projection each, and slicing them by "
-                          "their parts (with the adapters, FLAP and the export) is not implemented"),
+    "phi3": Family("Phi-3, Phi-3.5, Phi-4-mini",
+                   limits="q/k/v and gate/up are packed into one projection each: the elastic model holds them as "
+                          "their parts (each sliced like Llama's) and the export packs them again; dense weights only",
+                   packed=(("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                           ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))),
 }
 
 SUPPORTED_MODEL_TYPES = tuple(t for t, f in FAMILIES.items() if f.supported)

@@ -1,4 +1,4 @@
-"""Per-layer widths for the stock transformers decoder families (Llama, Qwen2, Qwen3, Mistral, Gemma 1/2/3).
+"""Per-layer widths for the stock transformers decoder families (Llama, Qwen2, Qwen3, Mistral, Gemma 1/2/3, Phi-3).
 
 An exported AmoebaLLM subnet whose layers keep different numbers of heads, KV groups and MLP channels
 (FLAP's global threshold gives every layer its own width) cannot be described by a stock config, which
@@ -46,6 +46,7 @@ from transformers.models.gemma2.modeling_gemma2 import Gemma2ForCausalLM
 from transformers.models.gemma3.modeling_gemma3 import Gemma3ForCausalLM
 from transformers.models.llama.modeling_llama import LlamaForCausalLM
 from transformers.models.mistral.modeling_mistral import MistralForCausalLM
+from transformers.models.phi3.modeling_phi3 import Phi3ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 from transformers.models.qwen3.modeling_qwen3 import Qwen3ForCausalLM
 
@@ -76,6 +77,25 @@ def layer_shapes(config) -> list:
         if shape["num_attention_heads"] % shape["num_key_value_heads"]:
             raise ValueError(f"config.{SHAPES_KEY}[{i}]: query heads are not a multiple of KV heads")
     return list(shapes)
+
+
+class LayerConfigView:
+    """The model's config as one layer sees it: its own head, KV-head and MLP sizes, every other setting read
+    from the model's config at the time (so a later change, e.g. of the attention implementation, reaches it).
+
+    Some attention classes read their head count from their config in ``forward`` (Phi-3 splits its packed q/k/v
+    output at ``config.num_attention_heads * head_dim``); with this view each layer reads its own.
+    """
+
+    def __init__(self, config, **sizes):
+        object.__setattr__(self, "_base", config)
+        for key, value in sizes.items():
+            object.__setattr__(self, key, value)
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name == "_base":  # copy/pickle protocols: not the base config's
+            raise AttributeError(name)
+        return getattr(self._base, name)
 
 
 def layer_config(config, shape: dict):
@@ -258,9 +278,9 @@ class PerLayerShapesMixin:
         rebuilt = []
         for i, shape in enumerate(layer_shapes(config)):
             layer = layer_class(layer_config(config, shape), i)
-            # The attention reads settings such as the attention implementation from its config at run
-            # time: point it at the model's own config so later changes reach every layer.
-            layer.self_attn.config = config
+            # The attention reads settings such as the attention implementation (and, in some families, its
+            # head count) from its config at run time: a view of the model's config with this layer's sizes.
+            layer.self_attn.config = LayerConfigView(config, **{k: int(shape[k]) for k in SIZE_KEYS})
             for flag, (block, role) in BIAS_KEYS.items():
                 parent = getattr(layer, block)
                 old = getattr(parent, role)
@@ -313,6 +333,10 @@ class AmoebaQwen3ForCausalLM(PerLayerShapesMixin, Qwen3ForCausalLM):
     """Qwen3 with per-layer widths."""
 
 
+class AmoebaPhi3ForCausalLM(PerLayerShapesMixin, Phi3ForCausalLM):
+    """Phi-3 (Phi-3.5, Phi-4-mini) with per-layer widths."""
+
+
 class AmoebaGemmaForCausalLM(PerLayerShapesMixin, GemmaForCausalLM):
     """Gemma with per-layer widths."""
 
@@ -333,4 +357,5 @@ CLASS_FOR_MODEL_TYPE = {
     "gemma": AmoebaGemmaForCausalLM,
     "gemma2": AmoebaGemma2ForCausalLM,
     "gemma3_text": AmoebaGemma3ForCausalLM,
+    "phi3": AmoebaPhi3ForCausalLM,
 }

@@ -18,9 +18,9 @@ os.environ.setdefault("AMOEBA_DATA_DIR", str(SHARED_DATA))
 
 def tiny_config(kind: str = "gqa", layers: int = 4, **overrides):
     """A tiny random config. kind: gqa (Llama-3 style), mha (Llama-2 style), qwen2, qwen3, mistral, gemma,
-    gemma2 and gemma3_text (sliding window 4, sliding and full-attention layers alternating), olmo2."""
+    gemma2 and gemma3_text (sliding window 4, sliding and full-attention layers alternating), olmo2, phi3."""
     from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Olmo2Config,
-                              Qwen2Config, Qwen3Config)
+                              Phi3Config, Qwen2Config, Qwen3Config)
 
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128,
@@ -38,15 +38,17 @@ def tiny_config(kind: str = "gqa", layers: int = 4, **overrides):
     if kind == "mistral":
         return MistralConfig(**common)
     if kind == "gemma":
-        return GemmaConfig(head_dim=8, **common)
+        return GemmaConfig(**{"head_dim": 8, **common})
     # eager attention: the implementation the Gemma 2/3 authors recommend (soft-capping), and what CPUs run
     gemma_common = dict(head_dim=8, sliding_window=4, query_pre_attn_scalar=16, attn_implementation="eager")
     if kind == "gemma2":
-        return Gemma2Config(**gemma_common, **common)
+        return Gemma2Config(**{**gemma_common, **common})
     if kind == "gemma3_text":
-        return Gemma3TextConfig(sliding_window_pattern=2, **gemma_common, **common)
+        return Gemma3TextConfig(sliding_window_pattern=2, **{**gemma_common, **common})
     if kind == "olmo2":
         return Olmo2Config(**common)
+    if kind == "phi3":  # q/k/v and gate/up packed; a partial rotary (Phi-4-mini's layout)
+        return Phi3Config(partial_rotary_factor=0.75, pad_token_id=0, **common)  # no head_dim, as Phi-3 configs
     raise ValueError(kind)
 
 

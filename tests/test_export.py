@@ -136,6 +136,8 @@ CASES["gemma_uniform_bias"] = ("gemma", "uniform", True, False, Subnet((0, 1, 3)
 CASES["gemma2_uniform_bias"] = ("gemma2", "uniform", True, False, Subnet((0, 2, 3), 0.5))
 CASES["gemma3_mixed_bias_adapters"] = ("gemma3_text", "mixed", True, True, Subnet((0, 1, 3), 0.5))
 CASES["olmo2_depth"] = ("olmo2", None, False, False, Subnet((0, 2, 3), 1.0))
+CASES["phi3_uniform"] = ("phi3", "uniform", False, False, Subnet((0, 1, 3), 0.5))
+CASES["phi3_mixed_bias_adapters"] = ("phi3", "mixed", True, True, Subnet((0, 2, 3), 0.5))
 # Llama's config refuses a head count that does not divide hidden_size (6 of 64 here).
 CASES["gqa_6_heads"] = ("gqa", None, False, False, Subnet((0, 1, 3), 0.75))
 CASES["gqa_6_heads_bias"] = ("gqa", "three", True, False, Subnet((0, 2, 3), 0.5))

@@ -59,7 +59,7 @@ def _generate(model, **kwargs):
         return model.generate(PROMPT, max_new_tokens=NEW, do_sample=False, pad_token_id=0, **kwargs)[0].tolist()
 
 
-WIDTH_FAMILIES = ["gemma", "gemma2", "gemma3_text"]
+WIDTH_FAMILIES = ["gemma", "gemma2", "gemma3_text", "phi3"]
 ALL = WIDTH_FAMILIES + ["olmo2"]
 
 
@@ -96,17 +96,27 @@ def _hand_sliced(model, kind, groups: int, channels: int):
 
     cfg = family_config(kind)
     rep = cfg.num_attention_heads // cfg.num_key_value_heads
-    hd = cfg.head_dim
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     narrow = family_config(kind, num_attention_heads=groups * rep, num_key_value_heads=groups,
-                           intermediate_size=channels)
+                           intermediate_size=channels, head_dim=hd)  # explicit: fewer heads, same head size
     small = AutoModelForCausalLM.from_config(narrow, dtype=torch.float32).eval()
     q, kv = groups * rep * hd, groups * hd
     rows = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": channels, "up_proj": channels}
     cols = {"o_proj": q, "down_proj": channels}
+    full = {"q_proj": cfg.num_attention_heads * hd, "k_proj": cfg.num_key_value_heads * hd,
+            "v_proj": cfg.num_key_value_heads * hd, "gate_proj": cfg.intermediate_size,
+            "up_proj": cfg.intermediate_size}
+    packed = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
     state = {}
     for name, tensor in model.state_dict().items():
         role = name.split(".")[-2]
-        if name.endswith(".weight") and role in rows:
+        if role in packed:  # Phi-3: each part of the packed rows keeps its own prefix
+            parts, start = [], 0
+            for part in packed[role]:
+                parts.append(tensor[start:start + rows[part]])
+                start += full[part]
+            tensor = torch.cat(parts)
+        elif name.endswith(".weight") and role in rows:
             tensor = tensor[: rows[role]]
         elif name.endswith(".bias") and role in rows:
             tensor = tensor[: rows[role]]
@@ -149,7 +159,7 @@ def test_the_family_table_names_every_supported_family():
     assert set(SUPPORTED_MODEL_TYPES) == {t for t, f in FAMILIES.items() if f.supported}
     assert family_of("gemma3_text").name.startswith("Gemma 3")
     assert not FAMILIES["olmo2"].width and FAMILIES["olmo2"].supported
-    assert not FAMILIES["phi3"].supported and FAMILIES["phi3"].limits
+    assert FAMILIES["phi3"].supported and FAMILIES["phi3"].packed
 
 
 def test_an_unsupported_family_gets_one_line_listing_the_supported_ones():
@@ -163,7 +173,7 @@ def test_an_unsupported_family_gets_one_line_listing_the_supported_ones():
     assert "gpt_neox" in msg and "gemma3_text" in msg and "olmo2" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "olmo2"])
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "olmo2", "phi3"])
 def test_the_layer_dp_runs_and_its_cached_scores_equal_the_naive_ones(kind, tmp_path):
     from amoeba.stages.calibration import run_layer_calibration
     from tests.test_depth_dp import CharTokenizer, _args
@@ -179,7 +189,7 @@ def test_the_layer_dp_runs_and_its_cached_scores_equal_the_naive_ones(kind, tmp_
         assert naive.final["metric"][removed] == pytest.approx(cached.final["metric"][removed], rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "olmo2"])
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text", "olmo2", "phi3"])
 def test_moe_lora_one_for_all_training_lowers_the_loss(kind, tmp_path):
     """A short sandwich run with MoE-LoRA (widths too where the family has them) on a tiny folder."""
     from amoeba.stages.finetuning import run_training
@@ -210,17 +220,10 @@ def test_moe_lora_one_for_all_training_lowers_the_loss(kind, tmp_path):
     assert (tmp_path / "o" / "adapter_model" / "adapter_model.safetensors").is_file()
 
 
-def test_the_command_line_refuses_phi3_and_olmo2_width_in_one_line(tmp_path):
-    from transformers import Phi3Config, Phi3ForCausalLM
-
+def test_the_command_line_refuses_olmo2_width_in_one_line(tmp_path):
     from tests.test_cli import assert_usage_error, run_main
     from tests.test_training import _tokenizer
 
-    phi = tmp_path / "phi3"
-    Phi3ForCausalLM(Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).save_pretrained(phi)
-    proc = run_main("--model_name_or_path", str(phi), "--output_dir", str(tmp_path / "o"), "--do_train", "False")
-    assert_usage_error(proc, "--model_name_or_path", "'phi3'", "packed", "supported: llama", "gemma3_text")
     olmo = tmp_path / "olmo2"
     family_model("olmo2").save_pretrained(olmo)
     _tokenizer().save_pretrained(olmo)

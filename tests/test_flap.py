@@ -30,6 +30,7 @@ MODELS = {
     # sliding-window and full-attention layers alternating, norms after attention and MLP, per-head q/k norms
     "gemma2": dict(kind="gemma2"),
     "gemma3_text": dict(kind="gemma3_text"),
+    "phi3": dict(kind="phi3"),  # q/k/v and gate/up packed
 }
 
 
@@ -323,7 +324,7 @@ def test_bias_equals_mean_input_of_removed_features_times_their_columns():
                 assert not biases[r][i][0].any() and not biases[r][i][1].any()
 
 
-@pytest.mark.parametrize("name", ["gqa", "qwen2", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("name", ["gqa", "qwen2", "gemma2", "gemma3_text", "phi3"])
 def test_width_calibration_end_to_end(name, corpus, tmp_path, tokens):
     """--width_calib files -> merge -> load -> elastic model at each width == masked copy plus biases."""
     model = _model(name)
