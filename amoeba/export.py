@@ -433,18 +433,24 @@ def stored_param_count(em: ElasticModel, subnet: Subnet, export_format: str = "e
     return int(total)
 
 
+# Families whose config refuses a head count that does not divide hidden_size, even with head_dim explicit
+HEAD_COUNT_DIVIDES_HIDDEN = ("llama", "gemma", "gemma2", "gemma3_text")
+
+
 def _fit_head_count(em: ElasticModel, model_type: str, flags: dict[str, bool], groups: int) -> tuple[str, int]:
     """(model_type, KV groups) that the config validators accept.
 
     Llama's config insists that ``hidden_size`` is a multiple of ``num_attention_heads`` even when
     ``head_dim`` is explicit (e.g. 28 heads of 128 in a 4096 model). Without biases the same network is
     written as Mistral with no sliding window, which has no such check; with biases the head count is
-    padded with zero heads up to the next count that passes (exact, but no attention saving there).
+    padded with zero heads up to the next count that passes (exact, but no attention saving there). Gemma 1/2/3
+    check the same and have no such sibling: their heads are padded the same way (the exact format then writes
+    every layer at its own size instead, see :func:`plan_export`).
     """
     hidden = int(em.config.hidden_size)
-    if model_type != "llama" or hidden % (groups * em.queries_per_group) == 0:
+    if model_type not in HEAD_COUNT_DIVIDES_HIDDEN or hidden % (groups * em.queries_per_group) == 0:
         return model_type, groups
-    if not any(flags.values()):
+    if model_type == "llama" and not any(flags.values()):
         logger.info("%d heads do not divide hidden size %d, which Llama's config refuses: writing the same "
                     "network as mistral (no sliding window)", groups * em.queries_per_group, hidden)
         return "mistral", groups

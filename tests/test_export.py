@@ -141,6 +141,9 @@ CASES["phi3_mixed_bias_adapters"] = ("phi3", "mixed", True, True, Subnet((0, 2, 
 # Llama's config refuses a head count that does not divide hidden_size (6 of 64 here).
 CASES["gqa_6_heads"] = ("gqa", None, False, False, Subnet((0, 1, 3), 0.75))
 CASES["gqa_6_heads_bias"] = ("gqa", "three", True, False, Subnet((0, 2, 3), 0.5))
+# Gemma's config refuses it too, with no sibling family: per-layer code (exact) or zero-filled heads (padded)
+CASES["gemma2_6_heads"] = ("gemma2", "three", False, False, Subnet((0, 2, 3), 0.5))
+CASES["gemma2_6_heads_padded"] = ("gemma2", "three", False, False, Subnet((0, 2, 3), 0.5), "padded")
 if importlib.util.find_spec("amoeba.adapters") is not None:
     CASES["gqa_nonuniform_bias_moe_lora"] = ("gqa", "nonuniform", True, "moe", Subnet((1, 2, 3), 0.5))
     CASES["mha_mixed_bias_moe_lora"] = ("mha", "mixed", True, "moe", Subnet((0, 1, 2, 3), 0.5))

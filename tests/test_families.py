@@ -233,3 +233,40 @@ def test_the_command_line_refuses_olmo2_width_in_one_line(tmp_path):
         assert_usage_error(proc, flags[0] if flags[0] == "--width_calib" else "--shrinkable_width", "olmo2",
                            "depth only")
         assert not any(out.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("kind", ["gemma3_text", "phi3"])
+def test_a_width_in_bf16_equals_the_hand_sliced_copy_in_bf16(kind):
+    """Slicing is the same arithmetic on the same bf16 weights as a hand-sliced bf16 copy."""
+    model = family_model(kind)
+    em = make_elastic(model)
+    g = torch.Generator().manual_seed(2)
+    em.reorder([torch.randperm(em.num_kv_groups, generator=g) for _ in range(em.num_layers)],
+               [torch.randperm(em.intermediate_size, generator=g) for _ in range(em.num_layers)])
+    small = _hand_sliced(model, kind, groups=2, channels=56).to(torch.bfloat16)
+    model.to(torch.bfloat16)
+    em.add_width_plan(0.75, [2] * em.num_layers, [56] * em.num_layers)
+    with em.use(Subnet(tuple(range(6)), 0.75)), torch.no_grad():
+        got, want = model(IDS).logits.float(), small(IDS).logits.float()
+    assert torch.equal(got, want) or (got - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+
+
+def test_gemma3_with_tied_embeddings_exports_and_loads_with_the_same_logits(tmp_path):
+    """Gemma checkpoints tie the (large) embedding to the output: the export keeps the tie and counts it once."""
+    from transformers import AutoModelForCausalLM
+
+    from amoeba.export import export_subnet
+
+    model = family_model("gemma3_text", tie_word_embeddings=True)
+    em = make_elastic(model)
+    em.add_width_plan(0.5, [2] * 6, [48] * 6)
+    subnet = Subnet(KEEP, 0.5)
+    with em.use(subnet), torch.no_grad():
+        ref = model(IDS).logits
+    folder = export_subnet(model, None, em, subnet, tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert sum(p.numel() for p in loaded.parameters()) == em.param_count(subnet)
+    assert loaded.config.layer_types == [family_config("gemma3_text").layer_types[i] for i in KEEP]
+    with torch.no_grad():
+        assert (loaded(IDS).logits - ref).abs().max().item() < 1e-5
