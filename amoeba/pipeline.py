@@ -16,7 +16,7 @@ from typing import Optional
 from transformers import set_seed
 
 from amoeba.args import Arguments
-from amoeba.default_model import materialize_default_model
+from amoeba.default_model import materialize_default_model, materialize_model
 from amoeba.elastic import ElasticModel, make_elastic
 from amoeba.errors import UsageError, for_flag
 from amoeba.export import check_export_target
@@ -37,6 +37,10 @@ def run(args: Arguments) -> None:
     """Run every stage ``args`` asks for."""
     if args.model.materialize_default_model:
         print(f"default model ready at {materialize_default_model()}")
+        return
+    if args.model.materialize_model:
+        with for_flag("--materialize_model"):
+            print(f"model ready at {materialize_model(args.model.materialize_model)}")
         return
     check_command(args)
     out = prepare_output_folders(args)
