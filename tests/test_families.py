@@ -127,15 +127,20 @@ def _hand_sliced(model, kind, groups: int, channels: int):
     return small
 
 
-@pytest.mark.parametrize("kind", WIDTH_FAMILIES)
-def test_a_width_equals_a_hand_sliced_copy(kind):
+def _reordered_with_a_slice(kind: str, seed: int, ratio: float, groups: int, channels: int):
+    """(elastic model with random unit orders and a width plan ``ratio`` of these sizes, hand-sliced copy)."""
     model = family_model(kind)
     em = make_elastic(model)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     em.reorder([torch.randperm(em.num_kv_groups, generator=g) for _ in range(em.num_layers)],
                [torch.randperm(em.intermediate_size, generator=g) for _ in range(em.num_layers)])
-    small = _hand_sliced(model, kind, groups=2, channels=40)
-    em.add_width_plan(0.5, [2] * em.num_layers, [40] * em.num_layers)
+    em.add_width_plan(ratio, [groups] * em.num_layers, [channels] * em.num_layers)
+    return model, em, _hand_sliced(model, kind, groups=groups, channels=channels)
+
+
+@pytest.mark.parametrize("kind", WIDTH_FAMILIES)
+def test_a_width_equals_a_hand_sliced_copy(kind):
+    model, em, small = _reordered_with_a_slice(kind, 1, 0.5, groups=2, channels=40)
     with em.use(Subnet(tuple(range(6)), 0.5)), torch.no_grad():
         err = (model(IDS).logits - small(IDS).logits).abs().max().item()
     assert err < 1e-5
@@ -238,14 +243,9 @@ def test_the_command_line_refuses_olmo2_width_in_one_line(tmp_path):
 @pytest.mark.parametrize("kind", ["gemma3_text", "phi3"])
 def test_a_width_in_bf16_equals_the_hand_sliced_copy_in_bf16(kind):
     """Slicing is the same arithmetic on the same bf16 weights as a hand-sliced bf16 copy."""
-    model = family_model(kind)
-    em = make_elastic(model)
-    g = torch.Generator().manual_seed(2)
-    em.reorder([torch.randperm(em.num_kv_groups, generator=g) for _ in range(em.num_layers)],
-               [torch.randperm(em.intermediate_size, generator=g) for _ in range(em.num_layers)])
-    small = _hand_sliced(model, kind, groups=2, channels=56).to(torch.bfloat16)
+    model, em, small = _reordered_with_a_slice(kind, 2, 0.75, groups=2, channels=56)
+    small.to(torch.bfloat16)
     model.to(torch.bfloat16)
-    em.add_width_plan(0.75, [2] * em.num_layers, [56] * em.num_layers)
     with em.use(Subnet(tuple(range(6)), 0.75)), torch.no_grad():
         got, want = model(IDS).logits.float(), small(IDS).logits.float()
     assert torch.equal(got, want) or (got - want).abs().max().item() <= 1e-2 * want.abs().max().item()
