@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from amoeba.errors import UsageError
-from amoeba.families import family_of
+from amoeba.families import check_width_support, family_of
 from amoeba.modeling_amoeba import LayerConfigView
 from amoeba.subnet import Subnet, width_key
 
@@ -338,17 +338,13 @@ class ElasticModel:
         dims = self.state.dims[layer] if self.state.sliceable else None
         q_out, kv_out = (dims[0], dims[1]) if dims is not None else (self.num_heads * self.head_dim,
                                                                      self.num_kv_groups * self.head_dim)
-        object.__setattr__(attn.config, "num_attention_heads", q_out // self.head_dim)
+        attn.config.num_attention_heads = q_out // self.head_dim
         attn.num_key_value_heads = kv_out // self.head_dim
 
     @property
     def width_supported(self) -> bool:
         """False for families whose width cannot be sliced exactly (see :mod:`amoeba.families`)."""
         return self.family.width
-
-    def _refuse_width(self, what: str) -> None:
-        raise UsageError(f"{what}: width is not supported for {self.config.model_type} "
-                         f"({self.family.limits}); use width 1 (depth only)")
 
     @property
     def sliceable(self) -> bool:
@@ -413,7 +409,7 @@ class ElasticModel:
         self.check(subnet)
         if not self.width_supported and subnet.width != 1.0 and any(
                 g < self.num_kv_groups or c < self.intermediate_size for g, c in self.layer_sizes(subnet)):
-            self._refuse_width(f"subnet {subnet.label}")
+            check_width_support(self.config.model_type, f"subnet {subnet.label}")
         st = self.state
         plan = None if isinstance(subnet.width, tuple) else self.width_plans.get(subnet.width)
         st.dims = [None] * self.num_layers
@@ -446,8 +442,7 @@ class ElasticModel:
                        bias: Optional[dict[tuple[int, str], torch.Tensor]] = None) -> None:
         """Register per-layer kept sizes (and FLAP biases) under the width key ``ratio``."""
         groups, channels = tuple(int(g) for g in groups), tuple(int(c) for c in channels)
-        if not self.width_supported:
-            self._refuse_width(f"width plan {ratio:g}")
+        check_width_support(self.config.model_type, f"width plan {ratio:g}")
         if len(groups) != self.num_layers or len(channels) != self.num_layers:
             raise UsageError(f"width plan {ratio:g} covers {len(groups)} layers, the model has {self.num_layers}")
         if min(groups) < 1 or max(groups) > self.num_kv_groups:

@@ -5,25 +5,22 @@ One table, keyed by ``config.model_type``. The README's family table says the sa
 
 What the elastic model needs from a family: decoder layers in ``model.layers`` with ``self_attn.{q,k,v,o}_proj``
 and ``mlp.{gate,up,down}_proj`` as linear modules (or packed ones, which it holds as their parts), and nothing
-that reads a statistic over all heads (or all channels) of one projection. Depth works for every supported family; width where ``width`` is true.
+that reads a statistic over all heads (or all channels) of one projection. Depth works for every family here;
+width where ``width`` is true.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 from amoeba.errors import UsageError
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Family:
-    """One model family: its name, whether it runs, whether width can be sliced exactly, and its limits."""
+    """One model family: its name, whether width can be sliced exactly, and its limits."""
 
     name: str
-    supported: bool = True
     width: bool = True
     limits: str = ""
     # packed projections: (block, packed module, its parts in output order), e.g. Phi-3's qkv_proj
@@ -51,21 +48,20 @@ FAMILIES: dict[str, Family] = {
                            ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))),
 }
 
-SUPPORTED_MODEL_TYPES = tuple(t for t, f in FAMILIES.items() if f.supported)
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 def family_of(model_type: str | None) -> Family:
-    """The supported family of ``model_type``; a UsageError naming the supported ones otherwise."""
+    """The family of ``model_type``; a UsageError naming the supported ones when there is none."""
     family = FAMILIES.get(model_type or "")
-    if family is None or not family.supported:
-        why = f" ({family.limits})" if family is not None else ""
-        raise UsageError(f"architecture '{model_type}' is not supported{why}; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if family is None:
+        raise UsageError(f"architecture '{model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     return family
 
 
-def check_width_support(model_type: str | None) -> None:
-    """Raise a UsageError when ``model_type`` is a depth-only family (its width cannot be sliced exactly)."""
+def check_width_support(model_type: str | None, what: str = "") -> None:
+    """Raise a UsageError when ``model_type`` is a depth-only family (its width cannot be sliced exactly);
+    ``what`` (e.g. the subnet asked for) opens the message."""
     family = FAMILIES.get(model_type or "")
     if family is not None and not family.width:
-        raise UsageError(f"width is not supported for {model_type}: {family.limits}")
+        raise UsageError(f"{what + ': ' if what else ''}width is not supported for {model_type}: {family.limits}")

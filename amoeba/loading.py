@@ -30,8 +30,8 @@ from accelerate import dispatch_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from amoeba.default_model import DEFAULT_MODEL_DIR, load_gguf
-from amoeba.errors import UsageError, shown
-from amoeba.families import FAMILIES, SUPPORTED_MODEL_TYPES
+from amoeba.errors import UsageError, for_flag, shown
+from amoeba.families import family_of
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def check_model_source(name: str) -> ModelSource:
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
         raise _bad(folder / "config.json", "names no model_type (the architecture, e.g. llama)")
-    _check_architecture(model_type, name)
+    _check_architecture(model_type)
     weights = _weight_files(folder)
     for file in weights:
         if file.name.endswith(".safetensors"):
@@ -171,12 +171,9 @@ def _bad(path, problem: str) -> UsageError:
     return UsageError(f"{path} {problem}", FLAG)
 
 
-def _check_architecture(model_type: str, name: str) -> None:
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        family = FAMILIES.get(model_type)
-        why = f" ({family.limits})" if family is not None else ""
-        raise UsageError(f"architecture '{model_type}' of {name} is not supported{why}; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}", FLAG)
+def _check_architecture(model_type: str) -> None:
+    with for_flag(FLAG):
+        family_of(model_type)
 
 
 def _read_json(path: Path):
@@ -301,7 +298,7 @@ def _load_config(source: ModelSource, trust_remote_code: bool, token):
     with _reading("the config", where):
         config = AutoConfig.from_pretrained(source.where, gguf_file=source.gguf, trust_remote_code=trust_remote_code,
                                             token=token)
-    _check_architecture(config.model_type, source.name)
+    _check_architecture(config.model_type)
     _check_config_sizes(config, where)
     return config
 
