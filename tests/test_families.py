@@ -270,3 +270,13 @@ def test_gemma3_with_tied_embeddings_exports_and_loads_with_the_same_logits(tmp_
     assert loaded.config.layer_types == [family_config("gemma3_text").layer_types[i] for i in KEEP]
     with torch.no_grad():
         assert (loaded(IDS).logits - ref).abs().max().item() < 1e-5
+
+
+def test_a_quantized_packed_projection_is_refused_in_one_line():
+    """Packed 4/8-bit weights (a flat byte layout) cannot be split into parts: Phi-3 needs 16 or 32 bits."""
+    model = family_model("phi3")
+    attn = model.model.layers[0].self_attn
+    attn.qkv_proj.weight = nn.Parameter(attn.qkv_proj.weight.detach().flatten(), requires_grad=False)  # packed
+    with pytest.raises(UsageError) as err:
+        make_elastic(model)
+    assert "qkv_proj" in str(err.value) and "--bits" in str(err.value) and "\n" not in str(err.value)
