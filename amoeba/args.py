@@ -31,6 +31,7 @@ from amoeba.default_model import DEFAULT_MODEL_DIR
 from amoeba.depth_dp import CALIB_DATASETS, CALIB_METRICS
 from amoeba.errors import UsageError, shown
 from amoeba.mmlu import SPLITS as MMLU_SPLITS
+from amoeba.sharding import parse_fsdp
 from amoeba.subnet import width_key  # noqa: F401 (scripts/bench_latency.py takes it from here)
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
     trains, saves and resumes."""
 
     fp16_requested = False  # set when --fp16 was given on a machine without CUDA
+    shard_settings = None  # --fsdp, parsed (amoeba.sharding.ShardSettings); a class attribute, not a flag
 
     train_on_source: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
     full_finetune: bool = field(default=False, metadata={"help": "Fine-tune every weight instead of adapters."})
@@ -223,12 +225,24 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                                                                    "--output_dir (damaged or half-written ones are "
                                                                    "skipped with a warning). With no checkpoint to "
                                                                    "resume: an error (exit 2), not a new run."})
+    fsdp: Optional[str] = field(
+        default=None,
+        metadata={"help": "Stage 2 on several GPUs with the frozen base weights sharded over the processes (FSDP2; "
+                          "the adapters stay whole on each): full_shard (also a bare --fsdp) or shard_grad_op. "
+                          "Launch with torchrun; see the README's multi-GPU section.",
+                  "nargs": "?", "const": "full_shard"})
     adapter_snapshot_steps: Optional[str] = field(
         default=None,
         metadata={"help": "Also keep the adapters as they are after these optimizer steps (e.g. 400,1000) in "
                           "<output_dir>/adapter_model-step<N>/ (checkpoints may be rotated away)."})
 
     def __post_init__(self):
+        # --fsdp is this project's sharding (amoeba.sharding), not the Trainer's: the Trainer must not see it.
+        self.shard_settings = parse_fsdp(self.fsdp)
+        if self.fsdp_config:
+            raise UsageError("this project's FSDP takes its settings from --fsdp alone (full_shard or "
+                             "shard_grad_op)", "--fsdp_config")
+        self.fsdp = transformers.Seq2SeqTrainingArguments.__dataclass_fields__["fsdp"].default
         if self.evaluation_strategy is not None:
             self.eval_strategy = self.evaluation_strategy
         if not _cuda_available():

@@ -9,13 +9,42 @@ pickled, so they should be small and on the CPU (numbers, lists, CPU tensors).
 from __future__ import annotations
 
 import datetime
+import logging
+import os
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from amoeba.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
 # A rank may wait at a gather while the others run long lm-eval shapes: longer than the default group's timeout.
 RESULT_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def process_count() -> int:
+    """Processes of this launch (``WORLD_SIZE``, set by torchrun and accelerate launch); 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def check_launch(cpu: bool = False) -> None:
+    """Refuse a launch that starts more processes on this machine than it has visible GPUs (UsageError): two
+    processes would share a GPU, which NCCL refuses deep inside the first collective. Fewer processes than GPUs
+    runs, with one warning that the rest stay idle. CPU runs (``cpu``, or no CUDA) are not checked."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0)
+    if local < 2 or cpu or not torch.cuda.is_available():
+        return
+    gpus = torch.cuda.device_count()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+    if local > gpus:
+        raise UsageError(f"{local} processes were started on this machine but {gpus} GPU(s) are visible{where}; "
+                         f"start one process per GPU (--nproc_per_node {gpus}) or make more GPUs visible")
+    if local < gpus and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0:
+        logger.warning("%d processes on this machine, %d GPUs visible%s: %d GPU(s) stay idle", local, gpus, where,
+                       gpus - local)
 
 
 def _running() -> bool:

@@ -56,7 +56,8 @@ class LoadSettings:
     may run (``trust_remote_code``) and the machine's hub token be used (``use_auth_token``); precision (``bf16``,
     ``fp16``: CUDA only; else fp32) or bitsandbytes quantization (``bits`` 4 or 8 with ``double_quant`` and
     ``quant_type``); ``device_map`` (a strategy name or a JSON file) to spread it over the GPUs of one process,
-    which ``training`` refuses; the hub's ``cache_dir``."""
+    which ``training`` refuses; the hub's ``cache_dir``; ``sharded``: the weights stay on the CPU, to be sharded over the
+    processes' GPUs (``--fsdp``, :mod:`amoeba.sharding`)."""
 
     model: str
     trust_remote_code: bool = False
@@ -69,6 +70,7 @@ class LoadSettings:
     device_map: Optional[str] = None
     training: bool = False
     cache_dir: Optional[str] = None
+    sharded: bool = False
 
 
 def compute_dtype(settings: LoadSettings) -> torch.dtype:
@@ -524,7 +526,7 @@ def load_model_and_tokenizer(settings: LoadSettings):
         tok = _load_tokenizer(source, settings.trust_remote_code, token, settings.cache_dir)
     else:
         _set_pad_token(tok)
-    if qconfig is None and device_map is None and torch.cuda.is_available():
+    if qconfig is None and device_map is None and torch.cuda.is_available() and not settings.sharded:
         model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
     model.config.use_cache = False
     model.eval()

@@ -17,6 +17,7 @@ from transformers import set_seed
 
 from amoeba.args import Arguments
 from amoeba.default_model import materialize_default_model, materialize_model
+from amoeba.distributed import check_launch, process_count
 from amoeba.elastic import ElasticModel, make_elastic
 from amoeba.errors import UsageError, for_flag
 from amoeba.export import check_export_target
@@ -24,6 +25,7 @@ from amoeba.families import check_width_support
 from amoeba.files import writable_dir
 from amoeba.loading import LoadSettings, load_model_and_tokenizer
 from amoeba.run_folder import find_adapters, save_run_record
+from amoeba.sharding import check_fsdp_command
 from amoeba.stages.calibration import run_layer_calibration, run_width_calibration
 from amoeba.stages.deployment import export_from_args, protected_paths, run_budget
 from amoeba.stages.evaluation import check_lm_eval_tasks, run_evaluation
@@ -92,7 +94,8 @@ def load_settings(args: Arguments) -> LoadSettings:
                         use_auth_token=m.use_auth_token, bf16=bool(getattr(t, "bf16", False)),
                         fp16=bool(getattr(t, "fp16", False)), bits=m.bits, double_quant=m.double_quant,
                         quant_type=m.quant_type, device_map=m.device_map,
-                        training=bool(t.do_train and not args.calibration.width_calib), cache_dir=m.cache_dir)
+                        training=bool(t.do_train and not args.calibration.width_calib), cache_dir=m.cache_dir,
+                        sharded=t.shard_settings is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,6 +104,11 @@ def load_settings(args: Arguments) -> LoadSettings:
 def check_command(args: Arguments) -> None:
     """Refuse, before the model loads, files that do not exist, flags that do not go together and lm-eval tasks
     that cannot be had."""
+    check_launch(cpu=bool(args.train.use_cpu))
+    c = args.calibration
+    check_fsdp_command(args.train.shard_settings, do_train=bool(args.train.do_train), bits=args.model.bits,
+                       device_map=args.model.device_map, calibrating=bool(c.layer_calib_dp or c.width_calib),
+                       exporting=bool(args.export.export_dir or wants_budget(args)), world_size=process_count())
     e = args.elastic
     if e.shrinking_file and not Path(e.shrinking_file).is_file():
         raise UsageError(f"no such file: {e.shrinking_file}", "--shrinking_file")

@@ -39,6 +39,7 @@ from amoeba.errors import UsageError
 from amoeba.run_folder import (ADAPTER_DIR, TRAINER_STATE, checkpoint_dir, first_nonfinite, fsync,
                                last_complete_checkpoint, remove_marker, write_marker)
 from amoeba.shapes import Shapes
+from amoeba.sharding import is_sharded, wrap_replicated
 from amoeba.subnet import Subnet, width_key
 
 logger = logging.getLogger(__name__)
@@ -350,6 +351,13 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
                 f"{bad or 'the adapters of another process'} became non-finite at step {step} (the loss was finite: "
                 f"non-finite gradients); stopped without writing checkpoint-{step}, {self.last_good()}. Lower "
                 "--learning_rate (or check the data and --bits), then continue with --resume_training")
+
+    # --- a sharded base (--fsdp): DDP over the adapters only
+    def _wrap_model(self, model, training=True, dataloader=None):
+        if not (training and is_sharded(self.em.model)) or self.accelerator.unwrap_model(model) is not model:
+            return super()._wrap_model(model, training, dataloader)
+        return wrap_replicated(model, self.accelerator, self.args.ddp_find_unused_parameters,
+                               self.args.ddp_bucket_cap_mb, self.args.ddp_broadcast_buffers)
 
     # --- evaluation: the largest subnet
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -516,7 +516,7 @@ def test_bad_inputs_exit_2(tiny_dir, tmp_path):
     _assert_exit_2(_main(*bad), "broken.jsonl", "line 2")
     if not torch.cuda.is_available():
         _assert_exit_2(_main(*base, "--bits", "4"), "--bits", "CUDA")
-    _assert_exit_2(_main(*base, *SANDWICH, *strat, "--fsdp", "full_shard auto_wrap"), "--fsdp", "DDP")
+    _assert_exit_2(_main(*base, *SANDWICH, *strat, "--fsdp", "full_shard auto_wrap"), "--fsdp", "torchrun")
 
 
 def test_killed_or_stopped_run_resumes_to_the_same_adapters(tiny_dir, tmp_path):

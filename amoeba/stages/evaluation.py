@@ -30,6 +30,7 @@ from amoeba.model_state import eval_mode
 from amoeba.report import row_from_result, rows_from_metrics, sort_rows, write_report
 from amoeba.run_folder import METRICS_FILE
 from amoeba.shapes import Shapes
+from amoeba.sharding import is_sharded
 from amoeba.subnet import Subnet, width_key
 
 logger = logging.getLogger(__name__)
@@ -125,11 +126,12 @@ class Processes:
     group: Optional[object] = None
     rank: int = 0
     world: int = 1
+    lead: bool = True  # False on the other processes of a lockstep evaluation (each measures everything)
 
     @property
     def writer(self) -> bool:
         """True on the process that writes the files (rank 0)."""
-        return self.rank == 0
+        return self.rank == 0 and self.lead
 
 
 def plan_evaluation(args: Arguments, shapes: list[Subnet], strategy, metrics: MetricsFile,
@@ -239,8 +241,13 @@ def run_evaluation(args: Arguments, model, tokenizer, em: ElasticModel, strategy
         logger.info("no evaluation metric requested (--do_mmlu_eval, --do_eval_wikitext2, --do_lm_eval); the "
                     "held-out loss of --do_eval belongs to training runs")
         return {}
-    group = results_group()
-    procs = Processes(group, *process_share(group))
+    if is_sharded(model):
+        # A sharded layer runs only when every process runs it: each process measures everything, in step with
+        # the others, and the first one writes.
+        procs = Processes(None, 0, 1, lead=process_share()[0] == 0)
+    else:
+        group = results_group()
+        procs = Processes(group, *process_share(group))
     metrics.writer = procs.writer
     if procs.world > 1:
         logger.info("evaluating %d shapes on %d processes (rank %d): MMLU/WikiText-2 split within each shape, "

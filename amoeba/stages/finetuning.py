@@ -36,6 +36,7 @@ from amoeba.instruct_data import InstructionData, make_data_module
 from amoeba.run_folder import (ADAPTER_DIR, checkpoint_dir, checkpoint_folders, find_adapters,
                                last_complete_checkpoint, save_run_record, snapshot_dir)
 from amoeba.shapes import Shapes, layer_masks
+from amoeba.sharding import shard_frozen_base
 from amoeba.subnet import Subnet, width_key
 from amoeba.training import SandwichSampler, SandwichTrainer, TrainingDiverged
 
@@ -85,12 +86,6 @@ def validate_training_setup(args: Arguments, em: ElasticModel, strategy) -> Opti
     if t.full_finetune:
         raise UsageError("Stage 2 trains adapters (LoRA / MoE-LoRA); full fine-tuning is not supported",
                          "--full_finetune")
-    if getattr(t, "fsdp", None):
-        # Unverified: the layer-skipping hooks inside FSDP units and saving adapters from sharded parameters
-        # have not been run on GPUs (FSDP is not available on CPU processes), so refuse rather than risk a
-        # silently wrong checkpoint.
-        raise UsageError("FSDP is not supported for Stage 2 yet; use DDP (one full model copy per GPU, "
-                         "scripts/launch_multi_gpu.sh) or a 4-bit base (--bits 4) to fit large models", "--fsdp")
     masks = None
     if e.enable_shrinking and e.shrinking_method == "calib_dp":
         if strategy is None:
@@ -258,6 +253,8 @@ def prepare_trainer(args: Arguments, model, tokenizer, em: ElasticModel, strateg
     if t.gradient_checkpointing:
         _enable_checkpointing(model)
     _disable_trainer_checkpointing(t)
+    if t.shard_settings is not None:
+        shard_frozen_base(model, em.all_layers, t.shard_settings)
 
     sampler = None
     fixed = fixed_training_subnet(args, em, strategy)
