@@ -24,6 +24,14 @@ logger = logging.getLogger(__name__)
 RESULT_TIMEOUT = datetime.timedelta(hours=24)
 
 
+def is_first_process() -> bool:
+    """True on the process that writes a run's files: rank 0 of all processes on all machines (``RANK`` before
+    the process group exists), and in a run without a launcher."""
+    if _running():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def process_count() -> int:
     """Processes of this launch (``WORLD_SIZE``, set by torchrun and accelerate launch); 1 without a launcher."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)

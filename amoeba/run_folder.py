@@ -33,6 +33,7 @@ import torch
 import transformers
 
 from amoeba.adapters import CONFIG_FILE, WEIGHTS_FILE, read_adapter_config, read_adapter_tensors
+from amoeba.distributed import is_first_process
 from amoeba.errors import UsageError, shown
 from amoeba.files import atomic_path, library_versions, write_json
 
@@ -54,7 +55,10 @@ _METRIC_KEY = re.compile(r"^(?P<metric>.+)_(?P<label>l\d+w[0-9.]+)$")
 # ----------------------------------------------------------------------------------------------
 def save_run_record(output_dir: str | os.PathLike, arguments: dict, parsed: dict) -> None:
     """Write ``run_args.json`` into ``output_dir``: the resolved ``arguments`` (by group), the ``parsed`` list
-    values, the command line and the library versions."""
+    values, the command line and the library versions. Only the first process writes it (several machines may
+    not share a folder, and with a shared one a second writer adds nothing)."""
+    if not is_first_process():
+        return
     record = {"command": sys.argv, "arguments": arguments, "parsed": parsed, "versions": library_versions()}
     write_json(Path(output_dir) / RUN_RECORD, record)
 

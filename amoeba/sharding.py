@@ -87,17 +87,17 @@ def check_fsdp_command(settings: Optional[ShardSettings], *, do_train: bool, bit
         raise UsageError("shards the base for Stage 2 training (--do_train True); calibration and evaluation of a "
                          "large base spread it over the GPUs with --device_map auto instead", FLAG)
     if bits in (4, 8):
-        raise UsageError(f"--fsdp with --bits {bits}: a {bits}-bit base is not sharded; train it with DDP "
-                         "(scripts/launch_multi_gpu.sh) or shard the 16-bit base (leave out --bits)", FLAG)
+        raise UsageError(f"cannot shard a {bits}-bit base (--bits {bits}); train it with DDP "
+                         "(scripts/launch_multi_gpu.sh), or leave out --bits to shard the 16-bit base", FLAG)
     if device_map:
-        raise UsageError("--fsdp with --device_map: FSDP spreads the base over the processes itself; leave out "
-                         "--device_map", FLAG)
+        raise UsageError("cannot be combined with --device_map: FSDP spreads the base over the processes itself",
+                         FLAG)
     if calibrating:
-        raise UsageError("--fsdp with Stage 1 calibration (--layer_calib_dp / --width_calib): calibrate in a "
-                         "separate run with --device_map auto", FLAG)
+        raise UsageError("cannot be combined with Stage 1 calibration (--layer_calib_dp, --width_calib): calibrate "
+                         "in a separate run with --device_map auto", FLAG)
     if exporting:
-        raise UsageError("--fsdp with --export_dir or a budget: export in a separate run from the saved adapters "
-                         "(with --device_map auto for a large base)", FLAG)
+        raise UsageError("cannot be combined with --export_dir or a budget: export in a separate run from the saved "
+                         "adapters (with --device_map auto for a large base)", FLAG)
     if world_size < 2:
         raise UsageError("shards the base over several processes, and this run is one; start it with torchrun "
                          "--nproc_per_node N (or scripts/launch_multi_gpu.sh)", FLAG)

@@ -16,10 +16,10 @@ Four measurements, each printing a markdown table and writing its numbers to ``-
   the layer DP on a few candidates, FLAP for widths 7/8 and 3/4, and WikiText-2 perplexity, with time and
   peak memory per GPU.
 
-    python scripts/bench_multi_gpu.py ddp --shape 7b --batch 16 --steps 30 --equal_length --out results/multi_gpu/ddp_bf16.json
-    python scripts/bench_multi_gpu.py ddp --shape 7b --bits 4 --batch 4 --steps 20 --out results/multi_gpu/ddp_4bit.json
-    python scripts/bench_multi_gpu.py equality --shape 7b --batch 8 --steps 5 --out results/multi_gpu/equality.json
-    python scripts/bench_multi_gpu.py fsdp --shape 70b --steps 20 --out results/multi_gpu/fsdp_70b.json
+    python scripts/bench_multi_gpu.py ddp --equal_length --shape 7b --batch 8 --steps 20 --out results/multi_gpu/ddp_bf16_equal512.json
+    python scripts/bench_multi_gpu.py ddp --shape 7b --bits 4 --batch 4 --steps 15 --out results/multi_gpu/ddp_4bit_alpaca.json
+    python scripts/bench_multi_gpu.py equality --fp32 --shape 7b --batch 8 --steps 5 --out results/multi_gpu/equality_fp32.json
+    python scripts/bench_multi_gpu.py fsdp --shape 70b --steps 20 --batch 1 --lora_r 16 --out results/multi_gpu/fsdp_70b.json
     python scripts/bench_multi_gpu.py device_map --shape 70b --out results/multi_gpu/device_map_70b.json
     python scripts/bench_multi_gpu.py fsdp --shape tiny --cpu --out /tmp/fsdp.json      # a smoke run, 2 CPU processes
 

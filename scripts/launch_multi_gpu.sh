@@ -6,6 +6,7 @@
 #   NGPU=8 scripts/launch_multi_gpu.sh                            # 8 GPUs
 #   NGPU=8 LAUNCHER=accelerate scripts/launch_multi_gpu.sh        # the same through accelerate launch
 #   NGPU=2 GRAD_ACC=2 scripts/launch_multi_gpu.sh                 # the 1-GPU global batch (4 x 1) on 2 GPUs
+#   NGPU=8 scripts/launch_multi_gpu.sh --fsdp                     # the frozen base sharded over the 8 GPUs
 #   NGPU=2 MAX_STEPS=2 SOURCE_LEN=64 TARGET_LEN=32 EVAL_SIZE=16 \
 #     scripts/launch_multi_gpu.sh --use_cpu True --ddp_backend gloo   # a smoke run as 2 CPU processes
 #
