@@ -188,6 +188,16 @@ def balanced(loss: torch.Tensor, magnitude: torch.Tensor, reference: torch.Tenso
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------
+class _TokensAtResume(transformers.TrainerCallback):
+    """Reads the token count of the checkpoint a run resumes from, once the Trainer has loaded its state."""
+
+    def __init__(self, trainer: "SandwichTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D102 (TrainerCallback API)
+        self.trainer._tokens_before = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+
 class SandwichTrainer(transformers.Seq2SeqTrainer):
     """A ``Seq2SeqTrainer`` whose training step is the sandwich rule; saves only the adapters."""
 
@@ -208,15 +218,23 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         self._micro_step = (-1, 0)
         self._role_sums: dict[str, list] = {}
         self._tokens = 0  # a device tensor once training runs: counting must not wait for the GPU
+        self._tokens_before = 0  # what the checkpoint this run resumed from had seen
+        self.add_callback(_TokensAtResume(self))
         self.last_plan: list[tuple[str, Subnet]] = []
         # set to train always the same subnets (one fixed subnet: per-shape fine-tuning)
         self.fixed_plan: Optional[list[tuple[str, Subnet]]] = (
             [("largest", fixed_subnet)] if fixed_subnet is not None else None)
 
     @property
-    def tokens_seen(self) -> int:
-        """Input tokens (attention-mask ones) this process has trained on."""
+    def tokens_this_run(self) -> int:
+        """Input tokens (attention-mask ones) this process has trained on since this run started."""
         return int(self._tokens)
+
+    @property
+    def tokens_seen(self) -> int:
+        """Input tokens this process has trained on, those before a resume included (the checkpoint keeps the
+        count in ``trainer_state.json``, as ``num_input_tokens_seen``)."""
+        return self._tokens_before + int(self._tokens)
 
     # --- sampling
     def plan_for_step(self) -> list[tuple[str, Subnet]]:
@@ -402,6 +420,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         temporary file, fsync, rename), so a checkpoint with its marker is whole even after a kill or power loss;
         older checkpoints are rotated away only after that."""
         self._check_finite_before_save()
+        self.state.num_input_tokens_seen = self.tokens_seen
         folder = checkpoint_dir(self._get_output_dir(trial=trial), self.state.global_step)
         if self.args.should_save:
             # A folder of this step can only be left from a run that was abandoned at an older checkpoint (resume

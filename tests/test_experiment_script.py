@@ -1,4 +1,5 @@
-"""scripts/experiment_smollm2.py: the plan of jobs, and the report built from evaluation folders."""
+"""scripts/experiment.py (and scripts/experiment_smollm2.py, its SmolLM2 preset): the plan of jobs, and the report
+built from evaluation folders."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from tests.conftest import ROOT
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("experiment_smollm2", ROOT / "scripts" / "experiment_smollm2.py")
+    spec = importlib.util.spec_from_file_location("experiment", ROOT / "scripts" / "experiment.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # its dataclasses look their module up
     spec.loader.exec_module(mod)
@@ -161,3 +162,70 @@ def test_resume_only_from_a_complete_checkpoint(tmp_path):
     (out / "checkpoint-6").mkdir()
     exp.resume_argv(out, argv)
     assert argv[-1] == "--resume_training" and (out / "checkpoint-6").exists()  # resume decides what to skip
+
+
+def test_qwen_preset_plan_rows_shapes_and_metrics(tmp_path):
+    """The second model's experiment: rows (a), (b), (d) at the single shapes only; (c') at (d)'s tokens per shape
+    and (c'') at (d)'s total; (d) again with another seed on the smallest shape; five-shot MMLU and full lm-eval
+    sets; with no strategy file yet, Stage 1 as the seed's Steps 1 and 2 comes first."""
+    exp = _module()
+    strategy = tmp_path / "strategies" / "qwen.npy"
+    plan = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--strategy",
+                               str(strategy)]))
+    assert plan.grid == plan.single == [(28, 1.0), (26, 0.875), (24, 0.75), (18, 0.75)]
+    train = {j.name: j.argv for j in plan.train_jobs()}
+    assert "train_pershape_l28w1" not in train and "train_pershape_kd_l28w1" in train  # no plain-LoRA (c)
+    steps = {n: int(a[a.index("--max_steps") + 1]) for n, a in train.items()}
+    assert steps["train_amoeba"] == steps["train_pershape_kd_l18w0.75"] == 1000
+    assert steps["train_pershape_kd_total_l18w0.75"] == 250  # 4 shapes x 250 = (d)'s 1000 steps of batches
+    seed = train["train_amoeba_seed1"]
+    assert seed[len(seed) - 1 - seed[::-1].index("--seed") + 1] == "1"  # the last --seed wins
+    evals = {j.name: j for j in plan.eval_jobs()}
+    assert evals["eval_amoeba_seed1"].argv[evals["eval_amoeba_seed1"].argv.index("--eval_shapes") + 1] == "18x0.75"
+    argv = evals["eval_stage1_w0.75"].argv
+    assert argv[argv.index("--eval_shapes") + 1] == "24x0.75,18x0.75"
+    assert argv[argv.index("--mmlu_dataset") + 1] == "mmlu-fs" and "--lm_eval_limit" not in argv
+    assert not any(j.ready() for j in evals.values())  # all wait for the strategy file
+
+    layers, widths = plan.calibrate_jobs()
+    flag = lambda a, f: a[a.index(f) + 1]  # noqa: E731
+    assert (flag(layers.argv, "--calib_dataset"), flag(layers.argv, "--calib_mmlu_split"),
+            flag(layers.argv, "--num_calib_sample"), flag(layers.argv, "--calib_metric"),
+            flag(layers.argv, "--min_num_layer"), flag(layers.argv, "--dp_keep_last_layer")) == \
+        ("mmlu", "eval", "40", "acc", "18", "1")
+    assert "--layer_calib_dp" in layers.argv and "--width_calib" in widths.argv
+    assert (flag(widths.argv, "--prune_width_method"), flag(widths.argv, "--width_choice")) == ("flap",
+                                                                                                "[1,7/8,3/4,5/8]")
+    code = exp.main(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--strategy", str(strategy),
+                     "--phase", "train"])
+    assert code == 2  # no strategy and no calibrate phase: said, nothing started
+    assert not (tmp_path / "train").exists()
+
+
+def test_calibrate_phase_makes_the_strategy_file_and_its_view(tmp_path):
+    """The calibrate phase on a tiny model: the layer DP on MMLU validation questions and FLAP widths run as
+    main.py jobs, then merge into the strategy file with its readable view; a second run finds it and does
+    nothing."""
+    from tests.conftest import tiny_model
+    from tests.test_training import _tokenizer
+
+    model_dir = tmp_path / "model"
+    tiny_model("gqa", layers=6).save_pretrained(model_dir)
+    _tokenizer().save_pretrained(model_dir)
+    exp = _module()
+    strategy = tmp_path / "strategies" / "tiny.npy"
+    argv = ["--preset", "qwen2.5-coder-1.5b", "--smoke", "--out", str(tmp_path / "run"), "--model", str(model_dir),
+            "--strategy", str(strategy), "--depths", "6,4", "--single_shapes", "6x1,4x3/4", "--phase", "calibrate"]
+    assert exp.main(argv) == 0
+    from amoeba.strategy import load_strategy
+
+    merged = load_strategy(strategy)
+    assert merged.num_layers == 6 and merged.widths() == [0.625, 0.75, 0.875, 1.0]
+    assert {1, 2} <= set(merged.layer_masks) and merged.layer_masks[2].sum() == 4  # down to 4 layers
+    assert merged.calibration["layers"]["dataset"] == "mmlu" and merged.calibration["layers"]["split"] == "validation"
+    assert strategy.with_suffix(".md").is_file()
+    commands = (tmp_path / "run" / "commands.sh").read_text()
+    assert commands.count("--layer_calib_dp") == 1 and commands.count("--width_calib") == 1
+    before = strategy.stat().st_mtime_ns
+    assert exp.main(argv) == 0
+    assert strategy.stat().st_mtime_ns == before and (tmp_path / "run" / "commands.sh").read_text() == commands

@@ -566,6 +566,9 @@ def test_killed_or_stopped_run_resumes_to_the_same_adapters(tiny_dir, tmp_path):
 
         b = load_file(str(out / "adapter_model" / "adapter_model.safetensors"))
         assert reference.keys() == b.keys()
+        # the token count goes on from the checkpoint's: the whole run's, as without the interruption
+        tokens = [json.loads((o / "train_results.json").read_text())["tokens_seen"] for o in (tmp_path / "full", out)]
+        assert tokens[0] == tokens[1] > 0, tokens
         moved = max(float((reference[k] - b[k]).abs().max()) for k in reference)
         assert moved <= 1e-6, (sig.name, moved)
 

@@ -462,7 +462,7 @@ def run_training(args: Arguments, model, tokenizer, em: ElasticModel, strategy, 
         save_adapters(model, out / ADAPTER_DIR, em)
         metrics = dict(result.metrics)
         metrics.update({"wall_seconds": round(elapsed, 2), "tokens_seen": trainer.tokens_seen,
-                        "tokens_per_second": round(trainer.tokens_seen / max(elapsed, 1e-9), 2),
+                        "tokens_per_second": round(trainer.tokens_this_run / max(elapsed, 1e-9), 2),
                         "sandwich": [r for r, _ in trainer.last_plan]})
         if trainer.distill_full:
             metrics["distilled_from_full_model"] = True
