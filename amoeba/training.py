@@ -23,7 +23,10 @@ entry (:mod:`amoeba.stages.finetuning`).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -154,6 +157,50 @@ def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, shift_labels.index_select(0, index)
 
 
+@dataclass
+class Targets:
+    """The targets of a micro-batch and where their logits are.
+
+    ``keep``: the sequence positions whose logits the model computes, passed as its ``logits_to_keep`` (None:
+    every position). Only the answer tokens have targets (384 prompt + 128 answer tokens: a quarter of the
+    positions), so the output matrix runs on those rows only, forward and backward, and no [batch, sequence,
+    vocabulary] tensor is made: the same numbers for the targets, far less work and memory on a large vocabulary.
+    ``index``: the rows of the flattened [batch x kept positions] logits that have a target; ``target``: those
+    targets, in the order of :func:`target_positions`."""
+
+    keep: Optional[torch.Tensor]
+    index: torch.Tensor
+    target: torch.Tensor
+
+    @classmethod
+    def of(cls, labels: torch.Tensor, only_needed: bool = True) -> "Targets":
+        """The targets of ``labels`` (next-token shift, -100 = none); ``only_needed=False``: logits everywhere."""
+        if not only_needed:
+            return cls(None, *target_positions(labels))
+        shifted = labels[:, 1:]
+        rows, cols = (shifted != -100).nonzero(as_tuple=True)  # waits for the device once: the count is data's
+        keep, rank = torch.unique(cols, sorted=True, return_inverse=True)
+        return cls(keep, rows * keep.numel() + rank, shifted[rows, cols])
+
+    def model_kwargs(self) -> dict:
+        """What the model's forward takes to compute only the needed logits."""
+        return {} if self.keep is None else {"logits_to_keep": self.keep}
+
+    def logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits [n, V] (fp32) of the targets, from the model's output."""
+        flat = (logits[:, :-1] if self.keep is None else logits).reshape(-1, logits.shape[-1])
+        return flat.index_select(0, self.index).float()
+
+
+def computes_chosen_logits(model) -> bool:
+    """True when the model's forward takes ``logits_to_keep`` (transformers' causal LMs do) with positions."""
+    forward = getattr(type(model), "forward", None)
+    try:
+        return "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def target_logits(logits: torch.Tensor, labels: torch.Tensor,
                   positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [n, V] in fp32, labels [n]) at the target positions (next-token shift, labels != -100);
@@ -216,6 +263,8 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         if self.distill_full and fixed_subnet is None:
             raise ValueError("distillation from the full model needs a fixed subnet")
         self._micro_step = (-1, 0)
+        # the output matrix only where a target is (Targets); False: every position, as before
+        self.logits_at_targets = computes_chosen_logits(em.model)
         self._role_sums: dict[str, list] = {}
         self._tokens = 0  # a device tensor once training runs: counting must not wait for the GPU
         self._tokens_before = 0  # what the checkpoint this run resumed from had seen
@@ -254,15 +303,14 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
             return False
         return self.distill_steps < 0 or self.state.global_step <= self.distill_steps
 
-    def full_model_teacher(self, feed: dict, labels: torch.Tensor,
-                           positions: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def full_model_teacher(self, feed: dict, targets: Targets) -> torch.Tensor:
         """Target-token probabilities [n, V] of the frozen full model: every layer, full width, adapters off,
         no gradient (the teacher of ``--train_distill_full``)."""
         model = self.model  # unwrapped: the teacher has nothing for DDP to synchronise
         with torch.no_grad(), adapters_disabled(model), self.em.use(self.em.full_subnet()), \
                 self.compute_loss_context_manager():
-            logits = model(**feed).logits
-            teacher, _ = target_logits(logits, labels, positions)
+            logits = model(**feed, **targets.model_kwargs()).logits
+            teacher = targets.logits(logits)
             del logits
             return torch.softmax(teacher, dim=-1)
 
@@ -291,38 +339,41 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         # Losses are checked for NaN/inf once, after the last subnet: a check per subnet would make the host wait
         # for the GPU before each next forward, and the optimizer step comes later anyway.
         checked: list[tuple[str, Subnet, torch.Tensor]] = []
-        positions = target_positions(labels)
+        targets = Targets.of(labels, self.logits_at_targets)
         try:
             if distill and self.distill_full:
-                teacher = self.full_model_teacher(feed, labels, positions)
+                teacher = self.full_model_teacher(feed, targets)
             for i, (role, subnet) in enumerate(plan):
-                self.em.set_subnet(subnet)
-                if router is not None:
-                    router.noise_seed = router_noise_seed(self.args.seed, step, micro, i)
-                with self.compute_loss_context_manager():
-                    logits = model(**feed).logits
-                    student, target = target_logits(logits, labels, positions)
-                    del logits
-                    if target.numel() == 0:  # every target truncated away: nothing to learn here
-                        loss = student.sum() * 0.0
-                    elif teacher is not None:  # a random/smallest subnet, or the fixed one of --train_distill_full
-                        loss = distill_loss(student, target, teacher, self.kd_weight)
-                    else:
-                        loss = F.cross_entropy(student, target)
-                    if i == 0 and teacher is None and distill and len(plan) > 1:
-                        teacher = torch.softmax(student.detach(), dim=-1)  # in-place distillation
-                    del student
-                if self.args.n_gpu > 1:
-                    loss = loss.mean()
-                value = mean_over_processes(loss.detach())
-                checked.append((role, subnet, value))
-                self._role_sums.setdefault(role, []).append(value)
-                if i == 0:
-                    ref = value
-                elif self.balancing:
-                    loss = balanced(loss, value, ref)
-                self.accelerator.backward(loss / ga)
-                del loss
+                # DDP averages the gradients once per micro-batch, after the last subnet's backward: the sum of
+                # the subnets' gradients is what it averages either way, with a quarter of the communication.
+                with self._gradients_synced(model, last=i == len(plan) - 1):
+                    self.em.set_subnet(subnet)
+                    if router is not None:
+                        router.noise_seed = router_noise_seed(self.args.seed, step, micro, i)
+                    with self.compute_loss_context_manager():
+                        logits = model(**feed, **targets.model_kwargs()).logits
+                        student, target = targets.logits(logits), targets.target
+                        del logits
+                        if target.numel() == 0:  # every target truncated away: nothing to learn here
+                            loss = student.sum() * 0.0
+                        elif teacher is not None:  # a random/smallest subnet, or the fixed one of --train_distill_full
+                            loss = distill_loss(student, target, teacher, self.kd_weight)
+                        else:
+                            loss = F.cross_entropy(student, target)
+                        if i == 0 and teacher is None and distill and len(plan) > 1:
+                            teacher = torch.softmax(student.detach(), dim=-1)  # in-place distillation
+                        del student
+                    if self.args.n_gpu > 1:
+                        loss = loss.mean()
+                    value = mean_over_processes(loss.detach())
+                    checked.append((role, subnet, value))
+                    self._role_sums.setdefault(role, []).append(value)
+                    if i == 0:
+                        ref = value
+                    elif self.balancing:
+                        loss = balanced(loss, value, ref)
+                    self.accelerator.backward(loss / ga)
+                    del loss
             values = torch.stack([v.float() for _, _, v in checked])
             if not bool(torch.isfinite(values).all()):  # the one host-device sync of the micro-batch
                 role, subnet, value = next(c for c in checked if not bool(torch.isfinite(c[2])))
@@ -332,6 +383,12 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
                 router.noise_seed = None
             self.em.set_subnet(self.em.full_subnet())
         return ref / ga
+
+    def _gradients_synced(self, model, last: bool):
+        """Inside: DDP keeps this pass's gradients local (``no_sync``) unless it is the micro-batch's ``last``."""
+        if last or self.args.world_size <= 1 or not hasattr(model, "no_sync"):
+            return contextlib.nullcontext()
+        return model.no_sync()
 
     def _diverged_message(self, value: float, role: str, subnet: Subnet) -> str:
         return (f"training loss became {value} at step {self.state.global_step + 1} ({role} subnet "

@@ -14,6 +14,23 @@ Llama-2-7B-shaped model loaded in 4-bit NF4 with double quantization, batch 2 x 
     python scripts/bench_stage2.py --out results/bench_stage2.json                   # speed
     python scripts/bench_stage2.py --memory --out results/bench_stage2_memory.json   # 7B 4-bit memory (CUDA)
     python scripts/bench_stage2.py --smoke --out /tmp/s2.json                        # tiny, CPU
+    python scripts/bench_stage2.py --compare 7b-bf16-4x512,7b-bf16-8x512,7b-4bit,smollm2-bf16-8x512 \
+        --out results/bench_stage2_compare.json                                       # against the peer (CUDA)
+
+**Against the peer** (``--compare``): on one batch per case, the step of a plain peft LoRA model (r=64 on all
+seven projections, alpha 16, the full model, the label loss, bf16 autocast; fp16 and gradient checkpointing for
+the 4-bit case, as QLoRA does) against this project's full-model step and its sandwich step (the seed's Llama-2
+Stage 2 subnets), each before and after the step's optimisations (today's code path and the current one,
+switched in the same process), as s/step, tokens/s and model FLOPs utilisation:
+
+    MFU = sum over the step's subnets of 4 * N_sub * T  /  (seconds * peak FLOP/s)
+
+with T the tokens of the batch (batch x 512) and N_sub the parameters of the subnet's matrix products (its
+decoder layers as kept, and the output matrix; not the input embedding, a lookup). 4N per token: the forward
+(2N) and the backward to the activations (2N); a frozen base needs no weight gradients, and the adapters' own
+products, attention's score products and recomputation under checkpointing are not counted. Peak: ``--peak_tflops``
+(the H200's dense bf16, 989). Cases: ``7b-bf16-4x512``, ``7b-bf16-8x512`` (random Llama-2-7B shape, bf16),
+``7b-4bit`` (4-bit NF4, the seed's settings: fp16, 2 x 512, checkpointing), ``smollm2-bf16-8x512``.
 
 Prints a markdown table at the end and writes every number to ``--out`` (json).
 """
@@ -65,6 +82,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--count_ops", action="store_true",
                    help="count the operations one training step of the second --subnets entry dispatches (under "
                         "bf16 autocast), instead of timing: what a launch-bound step's time follows")
+    p.add_argument("--compare", default=None, help="comma list of cases to measure against the peer (see above)")
+    p.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s, for MFU")
     p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, a few steps")
     return p.parse_args(argv)
 
@@ -291,9 +310,150 @@ def memory(opts, out_dir: Path) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Against the peer
+# ----------------------------------------------------------------------------------------------
+CASES = {
+    "7b-bf16-4x512": dict(model="7b", bits=16, batch=4, checkpointing=False),
+    "7b-bf16-8x512": dict(model="7b", bits=16, batch=8, checkpointing=False),
+    "7b-4bit": dict(model="7b", bits=4, batch=2, checkpointing=True),
+    "smollm2-bf16-8x512": dict(model="smollm2", bits=16, batch=8, checkpointing=False),
+    "tiny": dict(model="tiny", bits=16, batch=2, checkpointing=False),  # --smoke: CPU, fp32
+}
+SANDWICHES = {"7b": "32:1,24:0.75,22:0.875,20:0.625", "smollm2": "30:1,24:0.75,22:0.875,18:0.625",
+              "tiny": "6:1,5:0.75,4:0.875,3:0.625"}
+LORA_ROLES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def matmul_params(em, subnet: Subnet) -> int:
+    """Parameters of ``subnet``'s matrix products: its kept decoder layers and the output matrix."""
+    outside = sum(p.numel() for n, p in em.model.named_parameters()
+                  if ".layers." not in n and "amoeba_adapter" not in n and "lora_" not in n)
+    return em.param_count(subnet) - outside + em.model.get_output_embeddings().weight.numel()
+
+
+def _case_model(case: dict, path: Path):
+    """(model folder, in-memory model or None): the random 7B (bf16 built on the GPU; 4-bit from a written
+    fp16 folder), SmolLM2-135M-Instruct, or the tiny test model."""
+    if case["model"] == "tiny":
+        from tests.conftest import tiny_model
+
+        return str(ROOT / "models" / "smollm2-135m-instruct"), tiny_model("gqa", layers=6)
+    if case["model"] == "smollm2":
+        return str(ROOT / "models" / "smollm2-135m-instruct"), None
+    _random_7b(path)
+    if case["bits"] == 4:
+        return str(path), None
+    from transformers import AutoModelForCausalLM
+
+    return str(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+
+
+def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> float:
+    """Seconds of one forward + backward of the plain peft LoRA model (the label loss of the full model)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    if case["bits"] == 4:
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float16)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.float16,
+                                                    device_map={"": 0})
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=True,
+                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif model is not None:
+        base = model
+    else:
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if cuda else torch.float32)
+        base = base.cuda() if cuda else base
+    peer = get_peft_model(base, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_ROLES,
+                                           task_type="CAUSAL_LM"))
+    peer.train()
+    dtype = torch.float16 if case["bits"] == 4 else torch.bfloat16
+    device = "cuda" if cuda else "cpu"
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=cuda):
+            loss = peer(**batch).loss
+        loss.backward()
+        peer.zero_grad(set_to_none=True)
+
+    for _ in range(opts.warmup):
+        step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(opts.steps):
+        step()
+        _sync()
+    seconds = (time.perf_counter() - start) / opts.steps
+    peer.unload() if case["bits"] != 4 else None  # the in-memory base goes back to its plain self
+    del peer, base
+    if cuda:
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def compare_case(opts, name: str, work: Path) -> dict:
+    """The peer, our full-model step and our sandwich step (before / after) on one batch of ``name``."""
+    case = CASES[name]
+    model_dir, model = _case_model(case, Path(opts.memory_model_dir))
+    vocab = int((model.config if model is not None else __import__("transformers").AutoConfig.from_pretrained(
+        model_dir)).vocab_size)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    source, target = (384, 128) if not opts.smoke else (24, 8)
+    batch = synthetic_batch(case["batch"], source, target, vocab, device)
+    tokens = case["batch"] * (source + target)
+    rows = [{"step": "peer: peft LoRA, full model", "seconds": time_peer(opts, case, model_dir, model, batch)}]
+    flags = list(SEED_LLAMA2_FLAGS) + ["--gradient_checkpointing", str(case["checkpointing"])]
+    flags[flags.index("--min_num_layer") + 1] = "1"
+    if case["bits"] == 4:
+        flags += ["--fp16", "--bits", "4", "--quant_type", "nf4", "--double_quant", "True", "--lora_alpha", "16"]
+    elif cuda:
+        flags += ["--bf16"]
+    args, model, em, trainer = build(model_dir, work / name, flags, model, None)
+    full = [("largest", em.full_subnet())]
+    sandwich = []
+    pairs = [p.split(":") for p in SANDWICHES[case["model"]].split(",")]
+    for i, (layers, width) in enumerate(pairs):
+        role = "largest" if i == 0 else "smallest" if i == len(pairs) - 1 else f"random{i}"
+        sandwich.append((role, Subnet(tuple(range(int(layers))), float(width))))
+    current = trainer.logits_at_targets
+    for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
+        for when, setting in (("before", False), ("after", current)):
+            trainer.logits_at_targets = setting
+            rows.append({"step": f"{label} ({when})", "seconds": time_plan(trainer, model, batch, plan, opts.warmup,
+                                                                             opts.steps),
+                         "subnets": [s.label for _, s in plan]})
+    trainer.logits_at_targets = current
+    peak = opts.peak_tflops * 1e12 if cuda else None
+    n_full = matmul_params(em, em.full_subnet())
+    for r in rows:
+        plan_subnets = [s for _, s in (sandwich if "sandwich" in r["step"] else full)]
+        flops = sum(4.0 * (n_full if "peer" in r["step"] else matmul_params(em, s)) * tokens for s in plan_subnets)
+        r.update({"tokens_per_second": tokens / r["seconds"], "model_flops": flops,
+                  "mfu": flops / (r["seconds"] * peak) if peak else None})
+    del trainer, model
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"case": name, **case, "tokens": tokens, "rows": rows,
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def markdown(results: dict) -> str:
     """The results as markdown tables."""
     lines = []
+    for c in results.get("compare", []):
+        lines += [f"{c['case']} ({c['device']}; {c['tokens']} tokens per step)", "",
+                  "| step | s/step | tokens/s | MFU |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['step']} | {r['seconds']:.4f} | {r['tokens_per_second']:.0f} | {_percent(r['mfu'])} |"
+                  for r in c["rows"]]
+        lines.append("")
     s = results.get("speed")
     if s:
         lines += [f"Stage 2 step, {s['model']} on {s['device']} ({s['dtype']}, "
@@ -335,6 +495,15 @@ def main(argv=None) -> int:
     out = Path(opts.out)
     work = out.parent / (out.stem + "_run")
     results = {"versions": library_versions(), "smoke": opts.smoke}
+    if opts.compare:
+        names = [n.strip() for n in opts.compare.split(",") if n.strip()]
+        unknown = [n for n in names if n not in CASES]
+        if unknown:
+            raise SystemExit(f"error: --compare: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+        results["compare"] = [compare_case(opts, n, work / "compare") for n in names]
+        write_json(out, results)
+        print(markdown(results))
+        return 0
     if opts.count_ops:
         results["ops"] = count_ops(opts, work / "ops")
         write_json(out, results)

@@ -196,6 +196,41 @@ def test_balancing_scales_each_loss_to_the_largest():
     assert float(balanced(zero, zero.detach(), reference).detach()) == 0.0
 
 
+@pytest.mark.parametrize("distill_full", [False, True])
+def test_output_matrix_runs_only_where_targets_are_with_the_same_gradients(tiny_dir, tmp_path, distill_full):
+    """The training step asks the model for the logits of the answer positions only (``logits_to_keep``): the
+    output matrix sees fewer rows than the sequence has, and every adapter gradient is bitwise the one of logits
+    at every position (fp32), for a sandwich and for a fixed shape distilled from the full model."""
+    extra = (("--train_num_layer", "4", "--train_num_width", "0.75", "--train_distill_full", "True")
+             if distill_full else ())
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, "--kd_weight", "0.5", "--use_moe_lora",
+                                     "--moe_num_expert", "3", "--moe_topk", "2", *extra)
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    assert trainer.logits_at_targets
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, _, ad in adapted_modules(model):
+            ad.lora_B.normal_(0, 0.05, generator=g)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, out: rows.append(a[0].shape[1]))
+    model.train()
+    grads, losses = [], []
+    for only_needed in (True, False):
+        trainer.logits_at_targets = only_needed
+        trainer._micro_step = (-1, 0)
+        losses.append(float(trainer.training_step(model, dict(batch))))
+        grads.append({k: v.grad.clone() for k, v in adapter_state_dict(model).items() if v.grad is not None})
+        model.zero_grad()
+    hook.remove()
+    seq = batch["input_ids"].shape[1]
+    passes = len(rows) // 2
+    assert all(r < seq - 1 for r in rows[:passes]) and all(r == seq for r in rows[passes:])
+    assert losses[0] == losses[1]
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+
+
 @pytest.mark.parametrize("checkpointing", ["False", "True"])
 def test_training_step_order_distillation_and_balancing(tiny_dir, tmp_path, checkpointing):
     """One micro-batch: forward/backward alternate per subnet, in sandwich order, and the gradients equal
