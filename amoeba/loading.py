@@ -493,7 +493,7 @@ def load_model_and_tokenizer(settings: LoadSettings):
     name = settings.model
     token = True if settings.use_auth_token else None
     source = check_model_source(name)  # fails fast on a bad path, file or architecture
-    _load_config(source, settings.trust_remote_code, token)
+    config = _load_config(source, settings.trust_remote_code, token)
     where, gguf = source.where, source.gguf
     dtype = compute_dtype(settings)
     device_map = resolve_device_map(settings.device_map, settings.training, settings.bits)
@@ -510,7 +510,15 @@ def load_model_and_tokenizer(settings: LoadSettings):
         kwargs["device_map"] = device_map
     logger.info("loading %s (%s%s)", name, str(dtype).replace("torch.", ""),
                 f", {settings.bits}-bit" if qconfig else "")
-    if gguf is not None:
+    if settings.sharded and gguf is None and int(os.environ.get("RANK", "0") or 0) != 0:
+        # --fsdp: only the first process reads the weights; the others build the model without memory and receive
+        # their shards from it (amoeba.sharding), so a machine holds one copy of the base, not one per process.
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=settings.trust_remote_code)
+        tok = None
+        logger.info("process %s builds the model without its weights: the first process sends its shards",
+                    os.environ.get("RANK"))
+    elif gguf is not None:
         if qconfig is not None:
             raise UsageError("a .gguf model cannot be re-quantized with --bits; convert it to a folder first", "--bits")
         with _reading("the model", source.file(gguf)):

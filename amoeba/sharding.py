@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
@@ -108,6 +109,13 @@ def is_sharded(model: nn.Module) -> bool:
     return bool(getattr(model, _SHARDED_ATTR, False))
 
 
+def _count(flag: bool, device: torch.device) -> int:
+    """How many processes have ``flag``."""
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value)
+    return int(value.item())
+
+
 def _mesh(device_type: str):
     """A one-dimensional mesh over every process on a process group of its own, so the weight gathers never
     interleave with DDP's all-reduce of the adapters on the default group."""
@@ -130,9 +138,16 @@ def shard_frozen_base(model: nn.Module, layers: nn.ModuleList, settings: ShardSe
         device = torch.device("cpu")
     trainable = {p for p in model.parameters() if p.requires_grad}
     frozen_names = [n for n, p in model.named_parameters() if not p.requires_grad]
-    # A base built on the meta device (a benchmark's random one, too large to build whole) is allocated empty below,
-    # each process holding its shard only; the caller fills it.
+    # A base built on the meta device is allocated empty below, each process holding its shard only. When the first
+    # process read the weights (the others built theirs without memory: amoeba.loading), it sends each process
+    # its shards; when every process built on the meta device (a benchmark's random base), the caller fills them.
     empty = any(p.is_meta for p in model.parameters())
+    readers = _count(not empty, device)
+    if readers not in (0, 1, dist.get_world_size()) or (readers == 1 and empty == (dist.get_rank() == 0)):
+        raise RuntimeError("sharding expects the weights on every process, on the first only, or on none")
+    send = readers == 1 and dist.get_world_size() > 1
+    full = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad} \
+        if send and not empty else {}
     # the replicated part (adapters, router, buffers such as rotary tables) lives on this process's device
     for p in trainable:
         if not p.is_meta:
@@ -144,6 +159,10 @@ def shard_frozen_base(model: nn.Module, layers: nn.ModuleList, settings: ShardSe
     fully_shard(model, mesh=mesh, reshard_after_forward=settings.reshard_after_forward, ignored_params=trainable)
     if empty:
         model.to_empty(device=device)
+    if send:
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                   strict=False))
+        del full  # the first process's whole copy goes; adapters, router and buffers follow from DDP (rank 0's)
     for module in model.modules():
         for name, buf in list(module._buffers.items()):
             if buf is not None and buf.device != device:

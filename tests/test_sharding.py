@@ -35,7 +35,7 @@ def _fsdp_flags(tiny_dir, out, batch: int, *extra) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 def test_fsdp_equals_one_process_resumes_exactly_and_evaluates_in_lockstep(tiny_dir, tmp_path):
     """Two processes with the frozen base sharded (``--fsdp``), 2 examples each, against one unsharded process
-    with 4: after 4 sandwich steps with elastic depth and width (skipped layers' units gather nothing on either
+    with 4 (only the first process reads the weights; it sends the other its shards): after 4 sandwich steps with elastic depth and width (skipped layers' units gather nothing on either
     process) the adapters agree to 1e-5 (fp32; measured about 1e-6). The MMLU evaluation after training, where
     every process runs every question in step (a sharded layer runs only when all run it), gives the one-process
     numbers. Resuming the sharded run from its step-2 checkpoint ends with the uninterrupted run's adapters, and
@@ -46,6 +46,7 @@ def test_fsdp_equals_one_process_resumes_exactly_and_evaluates_in_lockstep(tiny_
     two = _torchrun("main.py", *_fsdp_flags(tiny_dir, tmp_path / "two", 2, *FSDP, *mmlu))
     assert two.returncode == 0, two.stderr[-4000:]
     assert "sharded over 2 processes" in two.stderr and "DDP over the" in two.stderr
+    assert "process 1 builds the model without its weights" in two.stderr  # one copy of the base is read
 
     a, b = _adapters(tmp_path / "one"), _adapters(tmp_path / "two")
     assert max(float(a[k].abs().max()) for k in a if k.endswith("lora_B")) > 1e-3  # training moved them
