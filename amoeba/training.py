@@ -147,16 +147,6 @@ def router_noise_seed(seed: int, global_step: int, micro: int, index: int) -> in
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
-def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat indices into the shifted [batch * (seq - 1)] positions that have a target, those targets).
-
-    Computed once per micro-batch: finding them waits for the device (the count is data-dependent), indexing
-    with them afterwards does not."""
-    shift_labels = labels[:, 1:].reshape(-1)
-    index = (shift_labels != -100).nonzero().squeeze(1)
-    return index, shift_labels.index_select(0, index)
-
-
 @dataclass
 class Targets:
     """The targets of a micro-batch and where their logits are.
@@ -166,7 +156,7 @@ class Targets:
     positions), so the output matrix runs on those rows only, forward and backward, and no [batch, sequence,
     vocabulary] tensor is made: the same numbers for the targets, far less work and memory on a large vocabulary.
     ``index``: the rows of the flattened [batch x kept positions] logits that have a target; ``target``: those
-    targets, in the order of :func:`target_positions`."""
+    targets, batch row by batch row."""
 
     keep: Optional[torch.Tensor]
     index: torch.Tensor
@@ -175,9 +165,11 @@ class Targets:
     @classmethod
     def of(cls, labels: torch.Tensor, only_needed: bool = True) -> "Targets":
         """The targets of ``labels`` (next-token shift, -100 = none); ``only_needed=False``: logits everywhere."""
-        if not only_needed:
-            return cls(None, *target_positions(labels))
         shifted = labels[:, 1:]
+        if not only_needed:
+            flat = shifted.reshape(-1)
+            index = (flat != -100).nonzero().squeeze(1)  # waits for the device once: the count is data's
+            return cls(None, index, flat.index_select(0, index))
         rows, cols = (shifted != -100).nonzero(as_tuple=True)  # waits for the device once: the count is data's
         keep, rank = torch.unique(cols, sorted=True, return_inverse=True)
         return cls(keep, rows * keep.numel() + rank, shifted[rows, cols])
@@ -199,15 +191,6 @@ def computes_chosen_logits(model) -> bool:
         return "logits_to_keep" in inspect.signature(forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def target_logits(logits: torch.Tensor, labels: torch.Tensor,
-                  positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [n, V] in fp32, labels [n]) at the target positions (next-token shift, labels != -100);
-    ``positions`` from :func:`target_positions` when already known."""
-    index, target = positions if positions is not None else target_positions(labels)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1])
-    return flat.index_select(0, index).float(), target
 
 
 def soft_cross_entropy(student: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -443,9 +426,10 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
             largest = self.sampler.largest if self.sampler is not None else self.em.full_subnet()
         labels = inputs["labels"]
         feed = {k: v for k, v in inputs.items() if k != "labels"}
+        targets = Targets.of(labels, self.logits_at_targets)
         with self.em.use(largest):
-            outputs = model(**feed)
-            student, target = target_logits(outputs.logits, labels)
+            outputs = model(**feed, **targets.model_kwargs())
+            student, target = targets.logits(outputs.logits), targets.target
             loss = F.cross_entropy(student, target) if target.numel() else student.sum() * 0.0
         return (loss, outputs) if return_outputs else loss
 
