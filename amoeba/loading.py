@@ -30,6 +30,7 @@ from accelerate import dispatch_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from amoeba.default_model import DEFAULT_MODEL_DIR, load_gguf
+from amoeba.distributed import is_first_process
 from amoeba.errors import UsageError, for_flag, shown
 from amoeba.families import family_of
 
@@ -510,7 +511,7 @@ def load_model_and_tokenizer(settings: LoadSettings):
         kwargs["device_map"] = device_map
     logger.info("loading %s (%s%s)", name, str(dtype).replace("torch.", ""),
                 f", {settings.bits}-bit" if qconfig else "")
-    if settings.sharded and gguf is None and int(os.environ.get("RANK", "0") or 0) != 0:
+    if settings.sharded and gguf is None and not is_first_process():
         # --fsdp: only the first process reads the weights; the others build the model without memory and receive
         # their shards from it (amoeba.sharding), so a machine holds one copy of the base, not one per process.
         with torch.device("meta"):

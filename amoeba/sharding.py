@@ -145,9 +145,8 @@ def shard_frozen_base(model: nn.Module, layers: nn.ModuleList, settings: ShardSe
     readers = _count(not empty, device)
     if readers not in (0, 1, dist.get_world_size()) or (readers == 1 and empty == (dist.get_rank() == 0)):
         raise RuntimeError("sharding expects the weights on every process, on the first only, or on none")
-    send = readers == 1 and dist.get_world_size() > 1
-    full = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad} \
-        if send and not empty else {}
+    send = readers == 1  # the first process sends, the others receive
+    full = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad} if send and not empty else {}
     # the replicated part (adapters, router, buffers such as rotary tables) lives on this process's device
     for p in trainable:
         if not p.is_meta:
@@ -171,7 +170,7 @@ def shard_frozen_base(model: nn.Module, layers: nn.ModuleList, settings: ShardSe
     model._ddp_params_and_buffers_to_ignore = frozen_names
     setattr(model, _SHARDED_ATTR, True)
     world = dist.get_world_size()
-    total = sum(p.numel() for n, p in model.named_parameters() if n in set(frozen_names))
+    total = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     logger.info("FSDP (%s): %d frozen base parameters sharded over %d processes (%d each), %d decoder-layer units; "
                 "%d trainable parameters replicated", settings.mode, total, world, -(-total // world), len(layers),
                 sum(p.numel() for p in trainable))

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from amoeba.args import Arguments
-from amoeba.distributed import process_share, results_group
+from amoeba.distributed import is_first_process, process_share, results_group
 from amoeba.elastic import ElasticModel
 from amoeba.errors import UsageError
 from amoeba.evaluation import (METRIC_GROUPS, MetricsFile, ShapeResult, evaluate_shape, finished_groups,
@@ -244,7 +244,7 @@ def run_evaluation(args: Arguments, model, tokenizer, em: ElasticModel, strategy
     if is_sharded(model):
         # A sharded layer runs only when every process runs it: each process measures everything, in step with
         # the others, and the first one writes.
-        procs = Processes(None, 0, 1, lead=process_share()[0] == 0)
+        procs = Processes(None, 0, 1, lead=is_first_process())
     else:
         group = results_group()
         procs = Processes(group, *process_share(group))
