@@ -126,20 +126,28 @@ def build(model_dir: str, out_dir: Path, flags: list[str], model=None, tokenizer
     return args, trainer.model, em, trainer
 
 
+def mean_seconds(step, warmup: int, steps: int) -> float:
+    """Mean seconds of ``step()`` over ``steps`` calls, after ``warmup`` untimed ones (the device waited for)."""
+    for _ in range(warmup):
+        step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+        _sync()
+    return (time.perf_counter() - start) / steps
+
+
 def time_plan(trainer, model, batch, plan, warmup: int, steps: int) -> float:
     """Mean seconds of ``training_step`` (forward + backward of every subnet in ``plan``)."""
     trainer.fixed_plan = plan
     model.train()
-    for _ in range(warmup):
+
+    def step():
         trainer.training_step(model, dict(batch))
         model.zero_grad(set_to_none=True)
-    _sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.training_step(model, dict(batch))
-        _sync()
-        model.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / steps
+
+    return mean_seconds(step, warmup, steps)
 
 
 def time_optimizer(trainer, model, batch, plan, steps: int) -> float:
@@ -379,15 +387,9 @@ def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> float:
         loss.backward()
         peer.zero_grad(set_to_none=True)
 
-    for _ in range(opts.warmup):
-        step()
-    _sync()
-    start = time.perf_counter()
-    for _ in range(opts.steps):
-        step()
-        _sync()
-    seconds = (time.perf_counter() - start) / opts.steps
-    peer.unload() if case["bits"] != 4 else None  # the in-memory base goes back to its plain self
+    seconds = mean_seconds(step, opts.warmup, opts.steps)
+    if case["bits"] != 4:
+        peer.unload()  # the in-memory base goes back to its plain self, for our steps
     del peer, base
     if cuda:
         torch.cuda.empty_cache()
@@ -396,16 +398,17 @@ def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> float:
 
 def compare_case(opts, name: str, work: Path) -> dict:
     """The peer, our full-model step and our sandwich step (before / after) on one batch of ``name``."""
+    from transformers import AutoConfig
+
     case = CASES[name]
     model_dir, model = _case_model(case, Path(opts.memory_model_dir))
-    vocab = int((model.config if model is not None else __import__("transformers").AutoConfig.from_pretrained(
-        model_dir)).vocab_size)
+    vocab = int((model.config if model is not None else AutoConfig.from_pretrained(model_dir)).vocab_size)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     source, target = (384, 128) if not opts.smoke else (24, 8)
     batch = synthetic_batch(case["batch"], source, target, vocab, device)
     tokens = case["batch"] * (source + target)
-    rows = [{"step": "peer: peft LoRA, full model", "seconds": time_peer(opts, case, model_dir, model, batch)}]
+    peer_seconds = time_peer(opts, case, model_dir, model, batch)
     flags = list(SEED_LLAMA2_FLAGS) + ["--gradient_checkpointing", str(case["checkpointing"])]
     flags[flags.index("--min_num_layer") + 1] = "1"
     if case["bits"] == 4:
@@ -419,21 +422,20 @@ def compare_case(opts, name: str, work: Path) -> dict:
     for i, (layers, width) in enumerate(pairs):
         role = "largest" if i == 0 else "smallest" if i == len(pairs) - 1 else f"random{i}"
         sandwich.append((role, Subnet(tuple(range(int(layers))), float(width))))
+    timed = [("peer: peft LoRA, full model", full, peer_seconds)]
     current = trainer.logits_at_targets
     for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
         for when, setting in (("before", False), ("after", current)):
             trainer.logits_at_targets = setting
-            rows.append({"step": f"{label} ({when})", "seconds": time_plan(trainer, model, batch, plan, opts.warmup,
-                                                                             opts.steps),
-                         "subnets": [s.label for _, s in plan]})
+            timed.append((f"{label} ({when})", plan, time_plan(trainer, model, batch, plan, opts.warmup, opts.steps)))
     trainer.logits_at_targets = current
     peak = opts.peak_tflops * 1e12 if cuda else None
-    n_full = matmul_params(em, em.full_subnet())
-    for r in rows:
-        plan_subnets = [s for _, s in (sandwich if "sandwich" in r["step"] else full)]
-        flops = sum(4.0 * (n_full if "peer" in r["step"] else matmul_params(em, s)) * tokens for s in plan_subnets)
-        r.update({"tokens_per_second": tokens / r["seconds"], "model_flops": flops,
-                  "mfu": flops / (r["seconds"] * peak) if peak else None})
+    rows = []
+    for step, plan, seconds in timed:
+        flops = sum(4.0 * matmul_params(em, s) * tokens for _, s in plan)
+        rows.append({"step": step, "subnets": [s.label for _, s in plan], "seconds": seconds,
+                     "tokens_per_second": tokens / seconds, "model_flops": flops,
+                     "mfu": flops / (seconds * peak) if peak else None})
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
