@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -228,6 +229,14 @@ def cmd_equality(opts, work: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 # FSDP on a base built on the GPUs
 # ----------------------------------------------------------------------------------------------
+def random_weight_(name: str, tensor: torch.Tensor, generator=None) -> None:
+    """A random base weight in place, as a fresh Llama starts: norms 1, every other matrix N(0, 0.02)."""
+    if name.endswith("norm.weight"):
+        tensor.fill_(1.0)
+    else:
+        tensor.normal_(0.0, 0.02, generator=generator)
+
+
 def _fill_random(model, em, seed: int) -> None:
     """Random values for a model built on the meta device and allocated empty: base weights N(0, 0.02) (each
     process its own shard), norms 1, adapters and router as they start, rotary tables recomputed."""
@@ -241,11 +250,7 @@ def _fill_random(model, em, seed: int) -> None:
         for name, p in model.named_parameters():
             if p.requires_grad:
                 continue
-            local = p.to_local() if isinstance(p, DTensor) else p
-            if name.endswith("norm.weight"):
-                local.fill_(1.0)
-            else:
-                local.normal_(0.0, 0.02, generator=gen)
+            random_weight_(name, p.to_local() if isinstance(p, DTensor) else p, gen)
         for module in model.modules():
             if isinstance(module, MoELoRA):
                 for e in range(module.num_experts):
@@ -278,27 +283,22 @@ def _synthetic_instructions(n: int, seq_len: int, vocab: int):
     return {"train_dataset": Dataset.from_list(rows), "eval_dataset": None, "data_collator": collate}
 
 
-class _StepClock:
-    """Times every optimizer step and keeps each process's peak GPU memory."""
+class StepClock(transformers.TrainerCallback):
+    """The seconds of every optimizer step (the GPU waited for at both ends)."""
 
     def __init__(self):
-        import transformers
+        self.times: list[float] = []
+        self.start = 0.0
 
-        class Callback(transformers.TrainerCallback):
-            def __init__(cb):
-                cb.times, cb.start = [], None
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: D102 (TrainerCallback API)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
 
-            def on_step_begin(cb, args, state, control, **kw):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                cb.start = time.perf_counter()
-
-            def on_step_end(cb, args, state, control, **kw):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                cb.times.append(time.perf_counter() - cb.start)
-
-        self.callback = Callback()
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D102 (TrainerCallback API)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.start)
 
 
 def fsdp_worker(opts, work: Path) -> None:
@@ -329,8 +329,8 @@ def fsdp_worker(opts, work: Path) -> None:
              "--moe_num_expert", str(opts.experts)]
     flags += ["--use_cpu", "True", "--ddp_backend", "gloo"] if opts.cpu else ["--bf16", "True"]
     args = parse_args(flags)
-    clock = _StepClock()
-    trainer, _ = prepare_trainer(args, model, None, em, None, callbacks=[clock.callback],
+    clock = StepClock()
+    trainer, _ = prepare_trainer(args, model, None, em, None, callbacks=[clock],
                                  data=_synthetic_instructions(opts.steps * opts.batch * 2, opts.seq_len, vocab))
     _fill_random(model, em, seed=rank)
     built = time.time() - started
@@ -339,7 +339,7 @@ def fsdp_worker(opts, work: Path) -> None:
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() and not opts.cpu else None
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    mine = {"rank": rank, "peak_gib": peak, "step_seconds": clock.callback.times}
+    mine = {"rank": rank, "peak_gib": peak, "step_seconds": clock.times}
     everyone = gather_from_processes(mine)
     if rank == 0:
         shard = sum(p.to_local().numel() if hasattr(p, "to_local") else 0 for p in model.parameters())
@@ -397,10 +397,7 @@ def _dispatch_random(model, config, dtype) -> dict:
                      if m == "" or name == m or name.startswith(m + "."))
         device = torch.device("cuda", where) if isinstance(where, int) else torch.device(where)
         value = torch.empty(p.shape, dtype=dtype, device=device)
-        if name.endswith("norm.weight"):
-            value.fill_(1.0)
-        else:
-            value.normal_(0.0, 0.02, generator=gen if device.type == "cpu" else None)
+        random_weight_(name, value, gen if device.type == "cpu" else None)
         set_module_tensor_to_device(model, name, device, value=value)
     rotary = model.model.rotary_emb
     with torch.device(next(model.model.layers[0].parameters()).device):
