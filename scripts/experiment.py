@@ -443,7 +443,7 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float, gpus: O
             log = open(logs / f"{job.name}.log", "a", encoding="utf-8")
             job_env = env
             if gpus:
-                busy = [getattr(j, "gpu", None) for j, _, _ in running]
+                busy = [j.gpu for j, _, _ in running]
                 job.gpu = min(gpus, key=busy.count)
                 job_env = dict(env, CUDA_VISIBLE_DEVICES=job.gpu)
             logger.info("start %s%s", job.name, f" on GPU {job.gpu}" if gpus else "")
@@ -595,13 +595,13 @@ def training_tokens(plan: Plan) -> list[str]:
         except (OSError, ValueError):
             continue
         if "tokens_seen" in res:
-            found.append((path.parent.name, res.get("global_step", res.get("step")), int(res["tokens_seen"])))
+            found.append((path.parent.name, int(res["tokens_seen"])))
     if not found:
         return []
     lines = ["## Training tokens", "", "Input tokens (prompt and answer) each training run saw. A one-for-all run "
              "trains every subnet of its sandwich on each batch, so each of its shapes saw all of them.", "",
              "| run | tokens |", "| --- | ---: |"]
-    lines += [f"| {name} | {tokens:,} |" for name, _, tokens in found]
+    lines += [f"| {name} | {tokens:,} |" for name, tokens in found]
     return lines + [""]
 
 
