@@ -367,7 +367,13 @@ class Plan:
 
         snapshot = train / "amoeba" / f"adapter_model-step{c.steps}"
         by_width("stage1", self.strategy)
-        by_width("shortgpt", self.shortgpt_strategy)
+        # the whole model (all layers, width 1) is the same network in (a) and (b): measured once, under (a)
+        full = (max(self.depths), 1.0)
+        shared = [full] if self.wanted("stage1") and full in self.grid else []
+        for w in sorted({w for _, w in self.grid}, reverse=True):
+            shapes = [(d, v) for d, v in self.grid if v == w and (d, v) not in shared]
+            if shapes:
+                jobs.append(self._eval_job("shortgpt", f"w{w:g}", self.shortgpt_strategy, shapes))
         by_width("amoeba", self.strategy, self.moe(), snapshot)
         for row in ("pershape", "pershape_kd", "pershape_kd_total"):
             for layers, width in self.single:
@@ -388,6 +394,19 @@ class Plan:
                                        self.moe(), train / "amoeba" / "adapter_model"))
         # A job whose adapters come from training starts once they exist (Job.needs): from this run or an earlier one.
         return [j for j in jobs if self.wanted(self.row_of(j.name))]
+
+    @staticmethod
+    def needed_training(train: list[Job], evals: list[Job]) -> list[Job]:
+        """``train`` without the jobs whose every evaluation is already done: their adapters were only an input to
+        those, and a run continued elsewhere (``--pack``) has its metrics but not its weights."""
+        kept = []
+        for job in train:
+            readers = [e for e in evals if any(job.out in Path(n).parents for n in e.needs)]
+            if readers and all(e.done() for e in readers):
+                logger.info("%s: not needed (every evaluation of its adapters is done)", job.name)
+                continue
+            kept.append(job)
+        return kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,6 +537,10 @@ def collect(plan: Plan) -> dict:
                     if f"{m}_{lab}" in metrics}
             if vals:
                 rows.setdefault(row, {})[lab] = vals
+    # (b)'s whole-model cell is (a)'s (Plan.eval_jobs measures that network once)
+    full = label(max(plan.depths), 1.0)
+    if full in rows.get("stage1", {}) and "shortgpt" in rows and full not in rows["shortgpt"]:
+        rows["shortgpt"][full] = dict(rows["stage1"][full])
     for shapes in rows.values():
         for vals in shapes.values():
             accs = [vals[m] for m in ACC_METRICS if m in vals]
@@ -739,6 +762,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--deadline_s", type=float, default=None,
                    help="stop after this many seconds (resumable; exit status 3 when something is left to do)")
     p.add_argument("--docs", default=None, help="also write the report here (e.g. docs/results_tables.md)")
+    p.add_argument("--pack", default=None,
+                   help="at the end, write --out without weights or checkpoints to this .tar.gz, to continue the "
+                        "run elsewhere (unpack it into --out there)")
     p.add_argument("--dataset", default="alpaca-clean")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--long_steps", type=int, default=1000)
@@ -779,10 +805,37 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+# Weights and checkpoints stay behind: a packed run is its metrics, logs, strategies and training curves.
+HEAVY_DIRS = ("checkpoint-*", "adapter_model*")
+HEAVY_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def pack(out: Path, target: Path) -> Path:
+    """Write ``out`` without its weights as a gzipped tar at ``target`` (through a temporary file), to carry a run
+    to another machine; unpacked into ``--out`` there, the driver counts what it holds as done. The adapter
+    folders are left out whole, so no evaluation there can start from adapters without weights."""
+    import tarfile
+
+    def keep(info: tarfile.TarInfo):
+        parts = Path(info.name).parts
+        heavy_dir = any(Path(p).match(pattern) for p in parts[:-1] for pattern in HEAVY_DIRS)
+        heavy = any(Path(parts[-1]).match(pattern) for pattern in HEAVY_DIRS + HEAVY_FILES) if parts else False
+        return None if heavy_dir or heavy else info
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for child in sorted(out.iterdir()):
+            tar.add(child, arcname=child.name, filter=keep)
+    os.replace(tmp, target)
+    logger.info("packed %s into %s (%.1f MB)", out, target, target.stat().st_size / 1e6)
+    return target
+
+
 def regenerate_command(argv: list[str], script: str = PRESETS["smollm2"]["script"]) -> str:
     """The command that reruns everything from scratch: ``script`` (with its preset) and ``argv`` without the
     scheduling flags."""
-    drop_with_value = {"--phase", "--deadline_s", "--jobs", "--out", "--gpus", "--preset"}
+    drop_with_value = {"--phase", "--deadline_s", "--jobs", "--out", "--gpus", "--preset", "--pack"}
     out, skip = [], False
     for a in argv:
         if skip:
@@ -818,7 +871,9 @@ def main(argv=None) -> int:
         if not failed and not stopped:
             plan.merge_shortgpt()
     # Training and evaluation share the job slots: an evaluation starts once its inputs exist.
-    jobs = (plan.train_jobs() if "train" in phases else []) + (plan.eval_jobs() if "eval" in phases else [])
+    evals = plan.eval_jobs()
+    jobs = (plan.needed_training(plan.train_jobs(), evals) if "train" in phases else []) + \
+        (evals if "eval" in phases else [])
     if jobs:
         outcome = run_jobs(jobs, plan.out, cfg.jobs, deadline, gpus)
         failed += outcome["failed"]
@@ -827,6 +882,8 @@ def main(argv=None) -> int:
         cmd = regenerate_command(argv if argv is not None else sys.argv[1:], cfg.script)
         path = report(plan, cfg.docs, cmd)
         print(path.read_text())
+    if cfg.pack:
+        pack(plan.out, Path(cfg.pack))
     if stopped:
         print(f"stopped at the deadline (run the same command again to continue): {', '.join(stopped)}",
               file=sys.stderr)

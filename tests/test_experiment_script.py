@@ -229,3 +229,64 @@ def test_calibrate_phase_makes_the_strategy_file_and_its_view(tmp_path):
     before = strategy.stat().st_mtime_ns
     assert exp.main(argv) == 0
     assert strategy.stat().st_mtime_ns == before and (tmp_path / "run" / "commands.sh").read_text() == commands
+
+
+def test_a_packed_run_continues_elsewhere_without_retraining(tmp_path):
+    """--pack keeps metrics, logs and curves but no weights; unpacked into --out on another machine, training whose
+    every evaluation is done is not run again, and no evaluation becomes ready from adapters without weights."""
+    import tarfile
+
+    exp = _module()
+    out = tmp_path / "run"
+    strategy = tmp_path / "s.npy"
+    strategy.write_bytes(b"x")
+    argv = ["--preset", "qwen2.5-coder-1.5b", "--out", str(out), "--strategy", str(strategy), "--rows", "amoeba"]
+    plan = exp.Plan(exp.parse(argv))
+    snapshot = out / "train" / "amoeba" / "adapter_model-step1000"
+    snapshot.mkdir(parents=True)
+    (snapshot / "adapter_config.json").write_text("{}")
+    (snapshot / "adapter_model.safetensors").write_bytes(b"w" * 1000)
+    ckpt = out / "train" / "amoeba" / "checkpoint-50"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{}")
+    (out / "train" / "amoeba" / "train_results.json").write_text("{}")
+    evals = plan.eval_jobs()
+    assert all(j.ready() for j in evals)
+    for job in evals:  # every evaluation of (d) finished
+        shapes = job.argv[job.argv.index("--eval_shapes") + 1].split(",")
+        _write_metrics(job.out, [exp.label(int(s.split("x")[0]), float(s.split("x")[1])) for s in shapes],
+                       {"ppl": 10.0, "acc": 0.5})
+    assert all(j.done() for j in evals)
+    archive = exp.pack(out, tmp_path / "carry" / "run.tgz")
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+    assert "train/amoeba/train_results.json" in names and "eval/amoeba_w1/metrics.json" in names
+    assert not any("adapter_model" in n or "checkpoint-" in n or n.endswith(".safetensors") for n in names)
+
+    elsewhere = tmp_path / "elsewhere"
+    with tarfile.open(archive) as tar:
+        tar.extractall(elsewhere, filter="data")
+    moved = exp.Plan(exp.parse([*argv[:2], "--out", str(elsewhere), *argv[4:]]))
+    moved_evals = moved.eval_jobs()
+    assert all(j.done() for j in moved_evals)
+    assert [j.name for j in moved.needed_training(moved.train_jobs(), moved_evals)] == []
+    # with one evaluation still to do, its training runs again (its weights did not travel)
+    (elsewhere / "eval" / "amoeba_w1" / "metrics.json").unlink()
+    again = moved.needed_training(moved.train_jobs(), moved.eval_jobs())
+    assert [j.name for j in again] == ["train_amoeba"]
+    assert not any(j.ready() for j in moved.eval_jobs() if not j.done())
+
+
+def test_the_whole_model_is_measured_once_for_stage1_and_shortgpt(tmp_path):
+    exp = _module()
+    plan = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--rows",
+                               "stage1,shortgpt"]))
+    shapes = {j.name: j.argv[j.argv.index("--eval_shapes") + 1] for j in plan.eval_jobs()}
+    assert shapes["eval_stage1_w1"] == "28x1" and "eval_shortgpt_w1" not in shapes
+    assert shapes["eval_shortgpt_w0.75"] == "24x0.75,18x0.75"
+    _write_metrics(tmp_path / "eval" / "stage1_w1", ["l28w1"], {"ppl": 9.0, "acc": 0.6})
+    _write_metrics(tmp_path / "eval" / "shortgpt_w0.875", ["l26w0.875"], {"ppl": 12.0, "acc": 0.5})
+    rows = exp.collect(plan)
+    assert rows["shortgpt"]["l28w1"] == rows["stage1"]["l28w1"] and rows["shortgpt"]["l26w0.875"]["piqa_acc"] == 0.6
+    only_b = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--rows", "shortgpt"]))
+    assert "28x1" in [j.argv[j.argv.index("--eval_shapes") + 1] for j in only_b.eval_jobs()]
