@@ -231,6 +231,12 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                           "the adapters stay whole on each): full_shard (also a bare --fsdp) or shard_grad_op. "
                           "Launch with torchrun; see the README's multi-GPU section.",
                   "nargs": "?", "const": "full_shard"})
+    max_skipped_steps: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps whose loss or gradients are not finite (NaN/inf) that may be skipped "
+                          "over the whole run (each is logged with the tensors it hit and listed in "
+                          "train_results.json); 0: the first one stops the run (exit 2) at the last good "
+                          "checkpoint."})
     adapter_snapshot_steps: Optional[str] = field(
         default=None,
         metadata={"help": "Also keep the adapters as they are after these optimizer steps (e.g. 400,1000) in "
@@ -602,7 +608,7 @@ _INT_RANGES = {
                      "ddp_bucket_cap_mb", "ddp_timeout"), (1, None)),
     "calib_seqlen": (2, None),  # a window predicts each of its tokens from the ones before it
     **dict.fromkeys(("random_sample_num_layer", "dataloader_num_workers", "top_k", "no_repeat_ngram_size",
-                     "min_new_tokens"), (0, None)),
+                     "min_new_tokens", "max_skipped_steps"), (0, None)),
     **dict.fromkeys(("dp_keep_last_layer", "distill_steps", "max_steps"), (-1, None)),  # -1: off / by epochs
     **dict.fromkeys(("seed", "data_seed"), (0, 2**32 - 1)),  # the seeds numpy accepts
 }

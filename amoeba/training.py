@@ -228,12 +228,40 @@ class _TokensAtResume(transformers.TrainerCallback):
         self.trainer._tokens_before = int(getattr(state, "num_input_tokens_seen", 0) or 0)
 
 
+def nonfinite_gradients(named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the parameters whose gradient holds a NaN/inf: one multi-tensor norm and one read-back per device
+    and dtype (a per-tensor check would launch two kernels per adapter tensor, every step)."""
+    groups: dict = {}
+    for name, param in named:
+        if param.grad is not None:
+            groups.setdefault((param.grad.device, param.grad.dtype), []).append((name, param.grad))
+    bad = []
+    for items in groups.values():
+        finite = torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in items])))
+        if not bool(finite.all()):
+            bad.extend(name for (name, _), ok in zip(items, finite.tolist()) if not ok)
+    return bad
+
+
+class _FiniteGradients(transformers.TrainerCallback):
+    """Before every optimizer step: gradients holding NaN/inf are never applied (see
+    :meth:`SandwichTrainer.guard_gradients`). Clipping would not stop them: an infinite norm scales every gradient
+    by zero, and 0 x inf is NaN, so one such step makes every adapter NaN."""
+
+    def __init__(self, trainer: "SandwichTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: D102 (TrainerCallback API)
+        self.trainer.guard_gradients()
+
+
 class SandwichTrainer(transformers.Seq2SeqTrainer):
     """A ``Seq2SeqTrainer`` whose training step is the sandwich rule; saves only the adapters."""
 
     def __init__(self, *args, em: ElasticModel, sampler: Optional[SandwichSampler], kd_weight: float = 1.0,
                  distill_method: str = "sp", distill_steps: int = -1, balancing: bool = True,
-                 fixed_subnet: Optional[Subnet] = None, distill_full: bool = False, **kwargs):
+                 fixed_subnet: Optional[Subnet] = None, distill_full: bool = False, max_skipped_steps: int = 0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.em = em
         self.sampler = sampler
@@ -252,6 +280,11 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         self._tokens = 0  # a device tensor once training runs: counting must not wait for the GPU
         self._tokens_before = 0  # what the checkpoint this run resumed from had seen
         self.add_callback(_TokensAtResume(self))
+        # steps whose loss or gradients are not finite: skipped, up to this many over the run, instead of stopping
+        self.max_skipped_steps = int(max_skipped_steps)
+        self._nonfinite_loss: Optional[str] = None  # the current step's non-finite loss, when it may be skipped
+        self._trainable: Optional[list[tuple[str, torch.Tensor]]] = None
+        self.add_callback(_FiniteGradients(self))
         self.last_plan: list[tuple[str, Subnet]] = []
         # set to train always the same subnets (one fixed subnet: per-shape fine-tuning)
         self.fixed_plan: Optional[list[tuple[str, Subnet]]] = (
@@ -360,12 +393,50 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
             values = torch.stack([v.float() for _, _, v in checked])
             if not bool(torch.isfinite(values).all()):  # the one host-device sync of the micro-batch
                 role, subnet, value = next(c for c in checked if not bool(torch.isfinite(c[2])))
-                raise TrainingDiverged(self._diverged_message(float(value), role, subnet))
+                if len(self.skipped_steps()) >= self.max_skipped_steps:
+                    raise TrainingDiverged(self._diverged_message(float(value), role, subnet))
+                # its gradients are not applied: guard_gradients skips the step
+                self._nonfinite_loss = f"loss {float(value)} ({role} subnet {subnet.label})"
         finally:
             if router is not None:
                 router.noise_seed = None
             self.em.set_subnet(self.em.full_subnet())
         return ref / ga
+
+    # --- non-finite steps
+    def skipped_steps(self) -> list[int]:
+        """The optimizer steps skipped for a non-finite loss or gradients, those before a resume included (each is
+        an entry of the log history, which checkpoints keep)."""
+        return [int(h["skipped_step"]) for h in self.state.log_history if "skipped_step" in h]
+
+    def guard_gradients(self) -> None:
+        """Called before each optimizer step: when the step's loss or gradients are not finite, drop its
+        gradients (the optimizer then leaves every adapter and its moments as they were) while
+        ``--max_skipped_steps`` allows, else stop with the tensors named. One read-back per step."""
+        if self._trainable is None:
+            self._trainable = [(n, p) for n, p in self.em.model.named_parameters() if p.requires_grad]
+        loss, self._nonfinite_loss = self._nonfinite_loss, None
+        bad = nonfinite_gradients(self._trainable)
+        if not bad and loss is None:
+            return
+        step = self.state.global_step + 1
+        what = [loss] if loss else []
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            what.append(f"non-finite gradients in {', '.join(bad[:3])}{more}")
+        subnets = ", ".join(s.label for _, s in self.last_plan)
+        skipped = self.skipped_steps()
+        if len(skipped) >= self.max_skipped_steps:
+            raise TrainingDiverged(
+                f"{'; '.join(what)} at step {step} (subnets {subnets}); stopped without applying them, "
+                f"{self.last_good()}. Lower --learning_rate (or check the data and --bits), or allow a few such "
+                f"steps to be skipped with --max_skipped_steps (now {self.max_skipped_steps}), then continue with "
+                "--resume_training")
+        for _, param in self._trainable:
+            param.grad = None
+        logger.warning("step %d skipped (%d of --max_skipped_steps %d): %s (subnets %s)", step, len(skipped) + 1,
+                       self.max_skipped_steps, "; ".join(what), subnets)
+        self.log({"skipped_step": step})
 
     def _gradients_synced(self, model, last: bool):
         """Inside: DDP keeps this pass's gradients local (``no_sync``) unless it is the micro-batch's ``last``."""

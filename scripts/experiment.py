@@ -101,7 +101,9 @@ PRESETS = {
         model=str(ROOT / "models" / "qwen2.5-coder-1.5b-instruct"),
         strategy=str(ROOT / "strategies" / "qwen2.5-coder-1.5b-instruct.npy"),
         depths="28,26,24,18", widths="1,7/8,3/4", single_shapes="28x1,26x7/8,24x3/4,18x3/4", grid="singles",
-        steps=1000, long_steps=1000, lm_eval_limit=0, mmlu_shots=5,
+        # max_skipped_steps: bf16 Qwen2.5 met a step of non-finite gradients (step 309 of the first run); the report
+        # lists every skipped step
+        steps=1000, long_steps=1000, lm_eval_limit=0, mmlu_shots=5, max_skipped_steps=20,
         default_rows="stage1,shortgpt,pershape_kd,pershape_kd_total,amoeba,amoeba_seed1,abl_lora,abl_nobal,abl_nokd"),
 }
 PPL = "wikitext2_ppl"
@@ -224,7 +226,7 @@ class Plan:
                 "--lora_alpha", "16", "--logging_steps", "10", "--save_strategy", "steps",
                 "--save_steps", str(c.save_steps), "--save_total_limit", "1", "--optim", "adamw_torch",
                 "--gradient_checkpointing", "False", "--group_by_length", "False",
-                "--dataloader_num_workers", "0"]
+                "--dataloader_num_workers", "0", "--max_skipped_steps", str(c.max_skipped_steps)]
 
     def moe(self) -> list[str]:
         return ["--use_moe_lora", "--moe_num_expert", "5", "--moe_topk", "2"]
@@ -618,13 +620,15 @@ def training_tokens(plan: Plan) -> list[str]:
         except (OSError, ValueError):
             continue
         if "tokens_seen" in res:
-            found.append((path.parent.name, int(res["tokens_seen"])))
+            skipped = ", ".join(str(s) for s in res.get("skipped_steps", [])) or "none"
+            found.append((path.parent.name, int(res["tokens_seen"]), skipped))
     if not found:
         return []
     lines = ["## Training tokens", "", "Input tokens (prompt and answer) each training run saw. A one-for-all run "
-             "trains every subnet of its sandwich on each batch, so each of its shapes saw all of them.", "",
-             "| run | tokens |", "| --- | ---: |"]
-    lines += [f"| {name} | {tokens:,} |" for name, tokens in found]
+             "trains every subnet of its sandwich on each batch, so each of its shapes saw all of them. Skipped "
+             "steps: optimizer steps whose loss or gradients were not finite and were not applied "
+             "(`--max_skipped_steps`).", "", "| run | tokens | skipped steps |", "| --- | ---: | --- |"]
+    lines += [f"| {name} | {tokens:,} | {skipped} |" for name, tokens, skipped in found]
     return lines + [""]
 
 
@@ -722,6 +726,13 @@ def plot(plan: Plan, rows: dict, path: Path) -> Optional[Path]:
     return path
 
 
+def docs_figure_name(tables: Path) -> str:
+    """The plot's file name beside the tables written by ``--docs``: ``results_tables.md`` ->
+    ``results_frontier.png``, ``results_qwen_tables.md`` -> ``results_qwen_frontier.png``, else ``<stem>_frontier.png``."""
+    stem = tables.stem
+    return (stem.replace("tables", "frontier") if "tables" in stem else f"{stem}_frontier") + ".png"
+
+
 def report(plan: Plan, docs: Optional[str], driver_cmd: str) -> Path:
     rows = collect(plan)
     timings_path = plan.out / "timings.json"
@@ -734,11 +745,10 @@ def report(plan: Plan, docs: Optional[str], driver_cmd: str) -> Path:
     write_text(plan.out / "RESULTS.md", text)
     if docs:
         target = Path(docs)
-        write_text(target, text.replace("](frontier.png)", "](results_frontier.png)"))
+        figure = docs_figure_name(target)
+        write_text(target, text.replace("](frontier.png)", f"]({figure})"))
         if png:
-            import shutil
-
-            shutil.copyfile(png, target.with_name("results_frontier.png"))
+            shutil.copyfile(png, target.with_name(figure))
     return plan.out / "RESULTS.md"
 
 
@@ -774,6 +784,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--source_len", type=int, default=384)
     p.add_argument("--target_len", type=int, default=128)
     p.add_argument("--lora_r", type=int, default=64)
+    p.add_argument("--max_skipped_steps", type=int, default=0,
+                   help="each training run's --max_skipped_steps (non-finite steps skipped, listed in the report)")
     p.add_argument("--depths", default="30,26,22,18")
     p.add_argument("--widths", default="1,3/4,5/8")
     p.add_argument("--single_shapes", default="30x1,26x3/4,22x5/8,18x5/8")

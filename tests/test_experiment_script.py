@@ -290,3 +290,26 @@ def test_the_whole_model_is_measured_once_for_stage1_and_shortgpt(tmp_path):
     assert rows["shortgpt"]["l28w1"] == rows["stage1"]["l28w1"] and rows["shortgpt"]["l26w0.875"]["piqa_acc"] == 0.6
     only_b = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--rows", "shortgpt"]))
     assert "28x1" in [j.argv[j.argv.index("--eval_shapes") + 1] for j in only_b.eval_jobs()]
+
+
+def test_each_report_in_docs_keeps_its_own_plot(tmp_path):
+    """--docs: the plot goes beside the tables under a name of their own, so two models' reports in docs/ do not
+    overwrite each other's figure."""
+    from pathlib import Path
+
+    exp = _module()
+    assert exp.docs_figure_name(Path("docs/results_tables.md")) == "results_frontier.png"
+    assert exp.docs_figure_name(Path("docs/results_qwen_tables.md")) == "results_qwen_frontier.png"
+    assert exp.docs_figure_name(Path("x/summary.md")) == "summary_frontier.png"
+    plan = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path / "run"), "--rows",
+                               "stage1"]))
+    _write_metrics(tmp_path / "run" / "eval" / "stage1_w1", ["l28w1"], {"ppl": 9.0, "acc": 0.6})
+    _write_metrics(tmp_path / "run" / "eval" / "stage1_w0.75", ["l24w0.75", "l18w0.75"], {"ppl": 30.0, "acc": 0.4})
+    docs = tmp_path / "docs" / "results_qwen_tables.md"
+    exp.report(plan, str(docs), "python scripts/experiment.py --preset qwen2.5-coder-1.5b")
+    text = docs.read_text()
+    pytest.importorskip("matplotlib")
+    assert "](results_qwen_frontier.png)" in text and (docs.parent / "results_qwen_frontier.png").is_file()
+    assert not (docs.parent / "results_frontier.png").exists()
+    # ARC-E, PIQA, HellaSwag, MMLU: 60, 70, 50, 25 (average 51.2) and 40, 50, 30, 25 (36.25)
+    assert "| (a) Stage 1 only (DP + FLAP) | 51.2 | - | 36.3 | 36.3 |" in text

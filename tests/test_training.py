@@ -466,6 +466,91 @@ def test_fixed_shape_distillation_run_and_bad_flags(tiny_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Faults: NaN, bad input, SIGKILL + resume
 # ----------------------------------------------------------------------------------------------
+class _Poison:
+    """Callbacks that make chosen optimizer steps non-finite: NaN gradients, or a NaN loss (a forward hook that
+    turns the first decoder layer's output into NaN while the step runs)."""
+
+    @staticmethod
+    def gradients(steps):
+        from transformers import TrainerCallback
+
+        class Gradients(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                if state.global_step + 1 in steps:
+                    adapted_modules(model)[0][2].lora_A.grad.fill_(float("nan"))
+
+        return Gradients()
+
+    @staticmethod
+    def loss(steps, model):
+        from transformers import TrainerCallback
+
+        from amoeba.elastic import find_decoder
+
+        layer = find_decoder(model).layers[0]
+        on = {"now": False}
+
+        def hook(module, args, output):
+            if on["now"]:
+                return (output[0] * float("nan"), *output[1:]) if isinstance(output, tuple) else output * float("nan")
+            return output
+
+        layer.register_forward_hook(hook)
+
+        class Loss(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                on["now"] = state.global_step + 1 in steps
+
+            def on_step_end(self, args, state, control, **kwargs):
+                on["now"] = False
+
+        return Loss()
+
+
+def _snapshot(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["gradients", "loss"])
+def test_a_non_finite_step_is_skipped_when_allowed_and_changes_nothing(tiny_dir, tmp_path, kind, caplog):
+    """--max_skipped_steps 1: step 2's NaN gradients (or NaN loss) are not applied: the adapters after step 2 are
+    bitwise those after step 1, step 3 trains on, the run ends finite and lists the skipped step."""
+    out = tmp_path / "o"
+    args, model, tok, em, s = _setup(tiny_dir, out, *SANDWICH, "--max_steps", "3", "--max_skipped_steps", "1",
+                                     "--adapter_snapshot_steps", "1,2,3")
+    poison = _Poison.gradients({2}) if kind == "gradients" else _Poison.loss({2}, model)
+    with caplog.at_level("WARNING", logger="amoeba.training"):
+        run_training(args, model, tok, em, s, callbacks=[poison])
+    one, two, three = (_snapshot(out / f"adapter_model-step{n}") for n in (1, 2, 3))
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert any(not torch.equal(two[k], three[k]) for k in two)
+    assert all(torch.isfinite(v).all() for v in three.values())
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["skipped_steps"] == [2]
+    said = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(said) == 1 and "step 2 skipped (1 of --max_skipped_steps 1)" in said[0] and "subnets l6w1" in said[0]
+    assert ("lora_A" in said[0]) if kind == "gradients" else ("loss nan (largest subnet l6w1)" in said[0])
+
+
+def test_non_finite_steps_beyond_the_allowance_stop_and_name_the_tensor(tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    args, model, tok, em, s = _setup(tiny_dir, out, *SANDWICH, "--max_steps", "4", "--max_skipped_steps", "1",
+                                     "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1")
+    with pytest.raises(TrainingDiverged) as err:
+        run_training(args, model, tok, em, s, callbacks=[_Poison.gradients({2, 3})])
+    msg = str(err.value)
+    assert "non-finite gradients in" in msg and "lora_A" in msg and "at step 3" in msg
+    assert "--max_skipped_steps (now 1)" in msg and "checkpoint-2" in msg and "--resume_training" in msg
+    assert not (out / "checkpoint-3").exists()
+
+
+def test_a_negative_skip_allowance_is_a_usage_error(tiny_dir, tmp_path):
+    with pytest.raises(UsageError, match="--max_skipped_steps: -1 must be at least 0"):
+        parse_args(_flags(tiny_dir, tmp_path, "--max_skipped_steps", "-1"))
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_dir, tmp_path):
     from transformers import TrainerCallback
 

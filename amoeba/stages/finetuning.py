@@ -271,7 +271,8 @@ def prepare_trainer(args: Arguments, model, tokenizer, em: ElasticModel, strateg
         trainer = SandwichTrainer(
             model=model, args=t, processing_class=tokenizer, callbacks=callbacks, em=em, sampler=sampler,
             kd_weight=o.kd_weight, distill_method=o.distill_method, distill_steps=o.distill_steps,
-            balancing=not o.no_balancing, fixed_subnet=fixed, distill_full=o.train_distill_full, **data)
+            balancing=not o.no_balancing, fixed_subnet=fixed, distill_full=o.train_distill_full,
+            max_skipped_steps=t.max_skipped_steps, **data)
     return trainer, resume_from
 
 
@@ -463,7 +464,7 @@ def run_training(args: Arguments, model, tokenizer, em: ElasticModel, strategy, 
         metrics = dict(result.metrics)
         metrics.update({"wall_seconds": round(elapsed, 2), "tokens_seen": trainer.tokens_seen,
                         "tokens_per_second": round(trainer.tokens_this_run / max(elapsed, 1e-9), 2),
-                        "sandwich": [r for r, _ in trainer.last_plan]})
+                        "sandwich": [r for r, _ in trainer.last_plan], "skipped_steps": trainer.skipped_steps()})
         if trainer.distill_full:
             metrics["distilled_from_full_model"] = True
         metrics.update(final_eval)
