@@ -544,3 +544,44 @@ def test_shipped_strategy_names_no_machine_path_and_says_how_it_was_calibrated()
     summary["source"] = view["source"]
     assert view == summary
     assert "## Calibration" in (ROOT / "dp_selection_strategy.md").read_text()
+
+
+def test_shipped_qwen_strategy_fits_qwen2_5_coder_1_5b_and_says_how_it_was_calibrated():
+    """strategies/qwen2.5-coder-1.5b-instruct.npy: the seed's Stage 1 on that model (layer DP by five-shot MMLU
+    accuracy on 320 validation questions, FLAP widths on C4), for its 28 layers, 12 query / 2 KV heads and 8,960
+    MLP channels; it validates against a model of that shape and its views are the project's rendering of it."""
+    import json
+
+    from amoeba.strategy import describe_strategy, validate_strategy
+
+    path = ROOT / "strategies" / "qwen2.5-coder-1.5b-instruct.npy"
+    shipped = load_strategy(path)
+    assert shipped.num_layers == 28 and shipped.widths() == [0.625, 0.75, 0.875, 1.0]
+    assert sorted(shipped.layer_masks) == list(range(11))  # 28 (none removed) down to 18 layers
+    assert all(int(np.asarray(m).sum()) == 28 - k and np.asarray(m)[-1] == 1 for k, m in shipped.layer_masks.items())
+    layers = shipped.calibration["layers"]
+    assert (layers["dataset"], layers["split"], layers["metric"], layers["questions"], layers["shots"]) == \
+        ("mmlu", "validation", "acc", 320, 5)
+    assert shipped.calibration["widths"]["method"] == "flap"
+    info = shipped.info
+    assert (info["model_type"], info["num_heads"], info["num_kv_groups"], info["head_dim"],
+            info["intermediate_size"]) == ("qwen2", 12, 2, 128, 8960)
+    view = json.loads(path.with_suffix(".json").read_text())
+    summary = json.loads(json.dumps(describe_strategy(shipped)))
+    summary["source"] = view["source"]
+    assert view == summary and view["source"] == path.name
+    # it fits a model of that shape (built without weights), and refuses SmolLM2's
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from amoeba.elastic import make_elastic
+    from tests.conftest import tiny_config
+
+    with torch.device("meta"):
+        shaped = AutoModelForCausalLM.from_config(tiny_config("qwen2", 28, hidden_size=1536, intermediate_size=8960,
+                                                              num_attention_heads=12, num_key_value_heads=2))
+        smol = AutoModelForCausalLM.from_config(tiny_config("gqa", 30, hidden_size=576, intermediate_size=1536,
+                                                            num_attention_heads=9, num_key_value_heads=3))
+    validate_strategy(shipped, make_elastic(shaped), (1.0, 0.875, 0.75, 0.625))
+    with pytest.raises(UsageError, match="layers"):
+        validate_strategy(shipped, make_elastic(smol), (1.0, 0.75))
