@@ -42,6 +42,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -84,6 +85,9 @@ def parse(argv=None) -> argparse.Namespace:
                         "bf16 autocast), instead of timing: what a launch-bound step's time follows")
     p.add_argument("--compare", default=None, help="comma list of cases to measure against the peer (see above)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s, for MFU")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
+                        "time, top operators)")
     p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, a few steps")
     return p.parse_args(argv)
 
@@ -138,8 +142,37 @@ def mean_seconds(step, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def time_plan(trainer, model, batch, plan, warmup: int, steps: int) -> float:
-    """Mean seconds of ``training_step`` (forward + backward of every subnet in ``plan``)."""
+def profile_step(step, steps: int, top: int = 12) -> dict:
+    """What ``steps`` calls of ``step()`` spend, per call, from torch.profiler: device kernels launched and the
+    device's busy time (CUDA; far below the wall time means the step is bound by launching, not computing), and
+    the operators with the most self time (device time on CUDA, CPU time on a CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            step()
+        _sync()
+    averages = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, key) for e in averages) or 1.0
+    ranked = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:top]
+    out = {"steps": steps, "time": "device" if cuda else "cpu",
+           "operators_per_step": sum(e.count for e in averages if e.key.startswith("aten::")) / steps,
+           "top": [{"name": e.key, "calls_per_step": e.count / steps,
+                    "self_ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total}
+                   for e in ranked]}
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        out["kernels_per_step"] = len(kernels) / steps
+        out["device_busy_ms_per_step"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps
+    return out
+
+
+def plan_step(trainer, model, batch, plan):
+    """``training_step`` of every subnet in ``plan`` (forward + backward), gradients cleared, as a callable."""
     trainer.fixed_plan = plan
     model.train()
 
@@ -147,7 +180,12 @@ def time_plan(trainer, model, batch, plan, warmup: int, steps: int) -> float:
         trainer.training_step(model, dict(batch))
         model.zero_grad(set_to_none=True)
 
-    return mean_seconds(step, warmup, steps)
+    return step
+
+
+def time_plan(trainer, model, batch, plan, warmup: int, steps: int) -> float:
+    """Mean seconds of ``training_step`` (forward + backward of every subnet in ``plan``)."""
+    return mean_seconds(plan_step(trainer, model, batch, plan), warmup, steps)
 
 
 def time_optimizer(trainer, model, batch, plan, steps: int) -> float:
@@ -357,8 +395,9 @@ def _case_model(case: dict, path: Path):
     return str(path), AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
 
 
-def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> float:
-    """Seconds of one forward + backward of the plain peft LoRA model (the label loss of the full model)."""
+def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> tuple[float, Optional[dict]]:
+    """Seconds of one forward + backward of the plain peft LoRA model (the label loss of the full model), and its
+    profile with ``--profile``."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -388,12 +427,13 @@ def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> float:
         peer.zero_grad(set_to_none=True)
 
     seconds = mean_seconds(step, opts.warmup, opts.steps)
+    profiled = profile_step(step, opts.profile) if opts.profile else None
     if case["bits"] != 4:
         peer.unload()  # the in-memory base goes back to its plain self, for our steps
     del peer, base
     if cuda:
         torch.cuda.empty_cache()
-    return seconds
+    return seconds, profiled
 
 
 def compare_case(opts, name: str, work: Path) -> dict:
@@ -408,7 +448,7 @@ def compare_case(opts, name: str, work: Path) -> dict:
     source, target = (384, 128) if not opts.smoke else (24, 8)
     batch = synthetic_batch(case["batch"], source, target, vocab, device)
     tokens = case["batch"] * (source + target)
-    peer_seconds = time_peer(opts, case, model_dir, model, batch)
+    peer_seconds, peer_profile = time_peer(opts, case, model_dir, model, batch)
     flags = list(SEED_LLAMA2_FLAGS) + ["--gradient_checkpointing", str(case["checkpointing"])]
     flags[flags.index("--min_num_layer") + 1] = "1"
     if case["bits"] == 4:
@@ -422,20 +462,23 @@ def compare_case(opts, name: str, work: Path) -> dict:
     for i, (layers, width) in enumerate(pairs):
         role = "largest" if i == 0 else "smallest" if i == len(pairs) - 1 else f"random{i}"
         sandwich.append((role, Subnet(tuple(range(int(layers))), float(width))))
-    timed = [("peer: peft LoRA, full model", full, peer_seconds)]
+    timed = [("peer: peft LoRA, full model", full, peer_seconds, peer_profile)]
     current = trainer.logits_at_targets
     for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
         for when, setting in (("before", False), ("after", current)):
             trainer.logits_at_targets = setting
-            timed.append((f"{label} ({when})", plan, time_plan(trainer, model, batch, plan, opts.warmup, opts.steps)))
+            step = plan_step(trainer, model, batch, plan)
+            timed.append((f"{label} ({when})", plan, mean_seconds(step, opts.warmup, opts.steps),
+                          profile_step(step, opts.profile) if opts.profile else None))
     trainer.logits_at_targets = current
     peak = opts.peak_tflops * 1e12 if cuda else None
     rows = []
-    for step, plan, seconds in timed:
+    for step, plan, seconds, profiled in timed:
         flops = sum(4.0 * matmul_params(em, s) * tokens for _, s in plan)
         rows.append({"step": step, "subnets": [s.label for _, s in plan], "seconds": seconds,
                      "tokens_per_second": tokens / seconds, "model_flops": flops,
-                     "mfu": flops / (seconds * peak) if peak else None})
+                     "mfu": flops / (seconds * peak) if peak else None,
+                     **({"profile": profiled} if profiled else {})})
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
@@ -447,6 +490,31 @@ def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def profile_lines(rows: list[dict]) -> list[str]:
+    """The ``--profile`` part of a case: launches and busy time per step, then each step's top operators."""
+    profiled = [r for r in rows if r.get("profile")]
+    if not profiled:
+        return []
+    device = profiled[0]["profile"]["time"] == "device"
+    lines = ["| step | operators/step | kernels/step | device busy ms/step | wall ms/step |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for r in profiled:
+        p = r["profile"]
+        kernels = f"{p['kernels_per_step']:.0f}" if device else "-"
+        busy = f"{p['device_busy_ms_per_step']:.1f}" if device else "-"
+        lines.append(f"| {r['step']} | {p['operators_per_step']:.0f} | {kernels} | {busy} | "
+                     f"{1e3 * r['seconds']:.1f} |")
+    lines.append("")
+    for r in profiled:
+        p = r["profile"]
+        lines += [f"Top operators by self {p['time']} time, {r['step']}:", "",
+                  "| operator | calls/step | ms/step | share |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| `{t['name']}` | {t['calls_per_step']:.0f} | {t['self_ms_per_step']:.2f} | "
+                  f"{100 * t['share']:.1f}% |" for t in p["top"]]
+        lines.append("")
+    return lines
+
+
 def markdown(results: dict) -> str:
     """The results as markdown tables."""
     lines = []
@@ -456,6 +524,7 @@ def markdown(results: dict) -> str:
         lines += [f"| {r['step']} | {r['seconds']:.4f} | {r['tokens_per_second']:.0f} | {_percent(r['mfu'])} |"
                   for r in c["rows"]]
         lines.append("")
+        lines += profile_lines(c["rows"])
     s = results.get("speed")
     if s:
         lines += [f"Stage 2 step, {s['model']} on {s['device']} ({s['dtype']}, "
