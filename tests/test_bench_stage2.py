@@ -1,0 +1,46 @@
+"""scripts/bench_stage2.py --compare: the rows it measures, their FLOP accounting and the --profile summary."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_stage2", ROOT / "scripts" / "bench_stage2.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_compare_rows_flops_and_profile_on_the_tiny_case(tmp_path):
+    """The peer, our full-model step and our sandwich (before/after) on one batch: the sandwich's model FLOPs are
+    the sum of its subnets' (4 N_sub T each), the full-model rows count the peer's, and --profile attributes each
+    step's time to operators whose shares add up to at most the whole."""
+    pytest.importorskip("peft")
+    bench = _bench()
+    out = tmp_path / "cmp.json"
+    assert bench.main(["--smoke", "--compare", "tiny", "--profile", "1", "--out", str(out)]) == 0
+    case = json.loads(out.read_text())["compare"][0]
+    rows = {r["step"]: r for r in case["rows"]}
+    assert list(rows) == ["peer: peft LoRA, full model", "ours: full model (before)", "ours: full model (after)",
+                          "ours: sandwich (before)", "ours: sandwich (after)"]
+    peer = rows["peer: peft LoRA, full model"]
+    assert rows["ours: full model (after)"]["model_flops"] == peer["model_flops"]
+    sandwich = rows["ours: sandwich (after)"]
+    assert sandwich["subnets"] == ["l6w1", "l5w0.75", "l4w0.875", "l3w0.625"]
+    assert peer["model_flops"] < sandwich["model_flops"] < 4 * peer["model_flops"]
+    for r in rows.values():
+        assert r["seconds"] > 0 and r["tokens_per_second"] == pytest.approx(case["tokens"] / r["seconds"])
+        p = r["profile"]
+        assert p["time"] == "cpu" and p["operators_per_step"] > 100
+        assert 0 < sum(t["share"] for t in p["top"]) <= 1.0 + 1e-9
+        assert p["top"] == sorted(p["top"], key=lambda t: t["self_ms_per_step"], reverse=True)
+    # the sandwich runs four subnets: more operators than one full-model step
+    assert sandwich["profile"]["operators_per_step"] > rows["ours: full model (after)"]["profile"]["operators_per_step"]
