@@ -806,6 +806,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny settings to check the plumbing on a CPU")
     p.set_defaults(**{k: v for k, v in PRESETS[preset].items() if k not in ("title", "script", "default_rows")})
     args = p.parse_args(argv)
+    if args.max_skipped_steps < 0:
+        p.error(f"--max_skipped_steps: {args.max_skipped_steps} must be at least 0")
     for key in ("title", "script", "default_rows"):
         setattr(args, key, PRESETS[preset][key])
     if args.smoke:

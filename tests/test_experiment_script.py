@@ -178,6 +178,10 @@ def test_qwen_preset_plan_rows_shapes_and_metrics(tmp_path):
     steps = {n: int(a[a.index("--max_steps") + 1]) for n, a in train.items()}
     assert steps["train_amoeba"] == steps["train_pershape_kd_l18w0.75"] == 1000
     assert steps["train_pershape_kd_total_l18w0.75"] == 250  # 4 shapes x 250 = (d)'s 1000 steps of batches
+    assert all(a[a.index("--max_skipped_steps") + 1] == "20" for a in train.values())
+    with pytest.raises(SystemExit) as refused:
+        exp.parse(["--preset", "qwen2.5-coder-1.5b", "--max_skipped_steps", "-1"])
+    assert refused.value.code == 2
     seed = train["train_amoeba_seed1"]
     assert seed[len(seed) - 1 - seed[::-1].index("--seed") + 1] == "1"  # the last --seed wins
     evals = {j.name: j for j in plan.eval_jobs()}
