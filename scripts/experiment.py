@@ -103,7 +103,8 @@ PRESETS = {
         depths="28,26,24,18", widths="1,7/8,3/4", single_shapes="28x1,26x7/8,24x3/4,18x3/4", grid="singles",
         # max_skipped_steps: bf16 Qwen2.5 met a step of non-finite gradients (step 309 of the first run); the report
         # lists every skipped step
-        steps=1000, long_steps=1000, lm_eval_limit=0, mmlu_shots=5, max_skipped_steps=20,
+        # repeat_eval 0: the evaluation's reproducibility was shown on SmolLM2; here its GPU time goes to rows
+        steps=1000, long_steps=1000, lm_eval_limit=0, mmlu_shots=5, max_skipped_steps=20, repeat_eval=0,
         default_rows="stage1,shortgpt,pershape_kd,pershape_kd_total,amoeba,amoeba_seed1,abl_lora,abl_nobal,abl_nokd"),
 }
 PPL = "wikitext2_ppl"
@@ -388,8 +389,9 @@ class Plan:
         jobs.append(self._eval_job("amoeba_seed1", "", self.strategy, [self.single[-1]], self.moe(),
                                    train / "amoeba_seed1" / "adapter_model"))
         # Reproducibility: (d)'s evaluation again, in another process, on the largest and smallest shapes.
-        ends = [self.single[0], self.single[-1]]
-        jobs.append(self._eval_job(REPEAT, "", self.strategy, ends, self.moe(), snapshot))
+        if c.repeat_eval:
+            ends = [self.single[0], self.single[-1]]
+            jobs.append(self._eval_job(REPEAT, "", self.strategy, ends, self.moe(), snapshot))
         # one job per shape: they start together when the long run ends, so its tail is one shape long
         for layers, width in self.single:
             jobs.append(self._eval_job("amoeba_long", label(layers, width), self.strategy, [(layers, width)],
@@ -802,6 +804,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--flap_samples", type=int, default=512, help="calibrate phase: C4 sequences for FLAP")
     p.add_argument("--dp_batches", type=int, default=40,
                    help="calibrate phase: MMLU validation batches of 8 questions for the layer DP (the seed's 40)")
+    p.add_argument("--repeat_eval", type=int, choices=(0, 1), default=1,
+                   help="1: evaluate (d) a second time in another process, on the largest and smallest shapes "
+                        "(reproducibility; the qwen preset: 0)")
     p.add_argument("--gpus", default=None, help="comma list of GPU indices to spread the jobs over (e.g. 0,1)")
     p.add_argument("--smoke", action="store_true", help="tiny settings to check the plumbing on a CPU")
     p.set_defaults(**{k: v for k, v in PRESETS[preset].items() if k not in ("title", "script", "default_rows")})

@@ -185,6 +185,7 @@ def test_qwen_preset_plan_rows_shapes_and_metrics(tmp_path):
     seed = train["train_amoeba_seed1"]
     assert seed[len(seed) - 1 - seed[::-1].index("--seed") + 1] == "1"  # the last --seed wins
     evals = {j.name: j for j in plan.eval_jobs()}
+    assert "eval_amoeba_repeat" not in evals  # the reproducibility check was made on SmolLM2
     assert evals["eval_amoeba_seed1"].argv[evals["eval_amoeba_seed1"].argv.index("--eval_shapes") + 1] == "18x0.75"
     argv = evals["eval_stage1_w0.75"].argv
     assert argv[argv.index("--eval_shapes") + 1] == "24x0.75,18x0.75"
