@@ -447,7 +447,8 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
     def _diverged_message(self, value: float, role: str, subnet: Subnet) -> str:
         return (f"training loss became {value} at step {self.state.global_step + 1} ({role} subnet "
                 f"{subnet.label}); stopped without applying it, {self.last_good()}. Lower --learning_rate (or "
-                "check the data and --bits), then continue with --resume_training")
+                "check the data and --bits), or allow a few such steps to be skipped with --max_skipped_steps, then "
+                "continue with --resume_training")
 
     def last_good(self) -> str:
         """Where training can be continued from, as a message says it: the newest intact checkpoint, or none yet."""
