@@ -237,6 +237,10 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                           "over the whole run (each is logged with the tensors it hit and listed in "
                           "train_results.json); 0: the first one stops the run (exit 2) at the last good "
                           "checkpoint."})
+    compile_layers: bool = field(
+        default=False,
+        metadata={"help": "Train with each decoder layer compiled (torch.compile, symbolic shapes; the first steps "
+                          "compile). The same computation; needs Triton on CUDA or a C++ compiler on a CPU."})
     adapter_snapshot_steps: Optional[str] = field(
         default=None,
         metadata={"help": "Also keep the adapters as they are after these optimizer steps (e.g. 400,1000) in "

@@ -128,8 +128,12 @@ class ElasticLinearMixin:
     amoeba_state: ElasticState
     amoeba_layer: int
     amoeba_role: str
+    amoeba_prepared: Optional[tuple] = None  # set by ElasticModel.prepare_projections (compiled layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102 (documented on the class)
+        prepared = self.amoeba_prepared
+        if prepared is not None:
+            return self._prepared_forward(x, prepared)
         st = self.amoeba_state
         out_k, in_k = st.out_in(self.amoeba_layer, self.amoeba_role)
         if out_k is None and in_k is None:
@@ -154,6 +158,20 @@ class ElasticLinearMixin:
         extra = st.output_bias(self.amoeba_layer, self.amoeba_role, y)
         if extra is not None:
             y = y + extra
+        return y
+
+
+    def _prepared_forward(self, x: torch.Tensor, prepared: tuple) -> torch.Tensor:
+        """The same computation from tensors taken before the layer ran (:meth:`ElasticModel.prepare_projections`):
+        no read of per-layer Python state, so a compiled layer serves every layer and width."""
+        weight, bias, a, b, extra = prepared
+        y = F.linear(x, weight, bias)
+        if a is not None:
+            h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
+            delta = F.linear(F.linear(self._modules["amoeba_adapter"].dropout(h), a), b)
+            y = y + delta.to(x.dtype)
+        if extra is not None:
+            y = y + extra.to(device=y.device, dtype=y.dtype)
         return y
 
 
@@ -374,6 +392,37 @@ class ElasticModel:
             _set_layer_idx(self.all_layers[idx], idx)
         if self._orig_layer_types is not None:
             self.config.layer_types = list(self._orig_layer_types)
+
+    # ------------------------------------------------------------------ compiled layers
+    def prepare_projections(self) -> None:
+        """Give each projection of the current subnet's layers its operands as tensors: the kept weight rows and
+        columns, bias, mixed and cut adapter matrices and FLAP bias (the sliced path of
+        :class:`ElasticLinearMixin`, computed once per forward outside the layers). Run before every decoder
+        forward by :mod:`amoeba.compiled`; the numbers are the same as without it."""
+        if not self.state.sliceable:
+            raise ValueError("prepared projections need sliced widths (a dense base model)")
+        for i in self._subnet.layers:
+            for role, mod in self.projections(i).items():
+                out_k, in_k = self.state.out_in(i, role)
+                weight, bias = mod.weight, mod.bias
+                if out_k is not None:
+                    weight = weight[:out_k]
+                    bias = bias[:out_k] if bias is not None else None
+                if in_k is not None:
+                    weight = weight[:, :in_k]
+                a = b = None
+                adapter = mod._modules.get("amoeba_adapter")
+                if adapter is not None:
+                    a, b = adapter.combined()
+                    a = a[:, :in_k] if in_k is not None else a
+                    b = b[:out_k] if out_k is not None else b
+                mod.amoeba_prepared = (weight, bias, a, b, self.state.bias[i].get(role))
+
+    def drop_prepared_projections(self) -> None:
+        """Back to reading the subnet at each call (see :meth:`prepare_projections`)."""
+        for i in range(self.num_layers):
+            for mod in self.projections(i).values():
+                mod.amoeba_prepared = None
 
     # ------------------------------------------------------------------ subnets
     @property

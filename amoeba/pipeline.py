@@ -13,9 +13,11 @@ import logging
 from pathlib import Path
 from typing import Optional
 
+import torch
 from transformers import set_seed
 
 from amoeba.args import Arguments
+from amoeba.compiled import check_compile_command
 from amoeba.default_model import materialize_default_model, materialize_model
 from amoeba.distributed import check_launch, process_count
 from amoeba.elastic import ElasticModel, make_elastic
@@ -109,6 +111,9 @@ def check_command(args: Arguments) -> None:
     check_fsdp_command(args.train.shard_settings, do_train=bool(args.train.do_train), bits=args.model.bits,
                        device_map=args.model.device_map, calibrating=bool(c.layer_calib_dp or c.width_calib),
                        exporting=bool(args.export.export_dir or wants_budget(args)), world_size=process_count())
+    check_compile_command(bool(args.train.compile_layers), do_train=bool(args.train.do_train), bits=args.model.bits,
+                          device_map=args.model.device_map, sharded=args.train.shard_settings is not None,
+                          cuda=torch.cuda.is_available() and not args.train.use_cpu)
     e = args.elastic
     if e.shrinking_file and not Path(e.shrinking_file).is_file():
         raise UsageError(f"no such file: {e.shrinking_file}", "--shrinking_file")

@@ -30,7 +30,8 @@ decoder layers as kept, and the output matrix; not the input embedding, a lookup
 (2N) and the backward to the activations (2N); a frozen base needs no weight gradients, and the adapters' own
 products, attention's score products and recomputation under checkpointing are not counted. Peak: ``--peak_tflops``
 (the H200's dense bf16, 989). Cases: ``7b-bf16-4x512``, ``7b-bf16-8x512`` (random Llama-2-7B shape, bf16),
-``7b-4bit`` (4-bit NF4, the seed's settings: fp16, 2 x 512, checkpointing), ``smollm2-bf16-8x512``.
+``7b-4bit`` (4-bit NF4, the seed's settings: fp16, 2 x 512, checkpointing), ``smollm2-bf16-8x512``. ``--compile``
+adds our two steps with every decoder layer compiled (``--compile_layers``; the warm-up steps compile).
 
 Prints a markdown table at the end and writes every number to ``--out`` (json).
 """
@@ -49,6 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amoeba.args import parse_args  # noqa: E402
+from amoeba.compiled import compile_layers  # noqa: E402
 from amoeba.elastic import make_elastic  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
 from amoeba.subnet import Subnet  # noqa: E402
@@ -85,6 +87,8 @@ def parse(argv=None) -> argparse.Namespace:
                         "bf16 autocast), instead of timing: what a launch-bound step's time follows")
     p.add_argument("--compare", default=None, help="comma list of cases to measure against the peer (see above)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s, for MFU")
+    p.add_argument("--compile", action="store_true",
+                   help="with --compare: also time our steps with every decoder layer compiled (--compile_layers)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
                         "time, top operators)")
@@ -471,6 +475,19 @@ def compare_case(opts, name: str, work: Path) -> dict:
             timed.append((f"{label} ({when})", plan, mean_seconds(step, opts.warmup, opts.steps),
                           profile_step(step, opts.profile) if opts.profile else None))
     trainer.logits_at_targets = current
+    compile_error = None
+    if opts.compile:  # the same steps with every decoder layer compiled (--compile_layers); warm-up compiles
+        undo = compile_layers(em)
+        try:
+            for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
+                step = plan_step(trainer, model, batch, plan)
+                timed.append((f"{label} (compiled)", plan, mean_seconds(step, max(opts.warmup, 2), opts.steps),
+                              profile_step(step, opts.profile) if opts.profile else None))
+        except Exception as err:  # noqa: BLE001 - a compiler failure is a result to report, not the end of the run
+            compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            logger.warning("%s: compiled steps failed: %s", name, compile_error)
+        finally:
+            undo()
     peak = opts.peak_tflops * 1e12 if cuda else None
     rows = []
     for step, plan, seconds, profiled in timed:
@@ -483,7 +500,8 @@ def compare_case(opts, name: str, work: Path) -> dict:
     if cuda:
         torch.cuda.empty_cache()
     return {"case": name, **case, "tokens": tokens, "rows": rows,
-            "device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+            **({"compile_error": compile_error} if compile_error else {})}
 
 
 def _percent(value) -> str:

@@ -29,6 +29,7 @@ from transformers.training_args import OptimizerNames
 from amoeba.adapters import (ALL_ROLES, AdapterConfig, attach_adapters, load_adapters, read_adapter_config,
                              save_adapters, structure_of)
 from amoeba.args import Arguments, parse_int_list, parse_ratio
+from amoeba.compiled import compile_layers
 from amoeba.elastic import ElasticModel
 from amoeba.errors import Interrupted, UsageError
 from amoeba.files import atomic_path, write_json, write_text
@@ -250,6 +251,8 @@ def prepare_trainer(args: Arguments, model, tokenizer, em: ElasticModel, strateg
         # its deprecated name)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     attach_adapters(model, em, adapter_config(args, em))
+    if t.compile_layers:  # after the adapters: its hook must run after the router's (the mixed adapters)
+        model._amoeba_uncompile = compile_layers(em)
     if t.gradient_checkpointing:
         _enable_checkpointing(model)
     _disable_trainer_checkpointing(t)
@@ -445,6 +448,10 @@ def run_training(args: Arguments, model, tokenizer, em: ElasticModel, strategy, 
             result = trainer.train(resume_from_checkpoint=resume_from)
         finally:
             _close_progress_bars(trainer)
+            uncompile = getattr(em.model, "_amoeba_uncompile", None)
+            if uncompile is not None:  # evaluation after training runs the layers eager
+                uncompile()
+                del em.model._amoeba_uncompile
     elapsed = time.time() - start
     out = Path(t.output_dir)
     if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:

@@ -1,0 +1,82 @@
+"""Stage 2 with compiled decoder layers (``--compile_layers``): ``torch.compile`` of each layer, for training.
+
+A layer reads which rows and columns of its weights the current subnet keeps from Python state; compiled as it is,
+every layer and width would be a graph of its own (the recompile limit is reached within a few sandwich steps).
+So the elastic model first hands each projection its operands as tensors, before every decoder forward
+(:meth:`amoeba.elastic.ElasticModel.prepare_projections`); inside, a layer then depends only on tensor shapes, and
+a few graphs with symbolic shapes serve every layer, width and sequence length once warmed up. The numbers are the
+same computation (equal to the eager step up to the compiler's rounding; tested on the CPU).
+
+Off by default. Where the compiler cannot run (no Triton with CUDA, no C++ compiler on a CPU), asking for it is a
+usage error (exit 2), as are the combinations not covered (4/8-bit bases, FSDP, ``--device_map``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from typing import Callable, Optional
+
+import torch
+
+from amoeba.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+FLAG = "--compile_layers"
+# graphs a compiled layer may collect before the compiler gives up on it (largest + random + smallest subnets,
+# full-width and sliced layers, a few sequence-length specialisations): well above what a sandwich needs
+RECOMPILE_LIMIT = 64
+
+
+def compiler_missing(cuda: Optional[bool] = None) -> Optional[str]:
+    """Why ``torch.compile`` cannot build kernels here, or None when it can."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda:
+        return None if importlib.util.find_spec("triton") is not None else "Triton is not installed"
+    if any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return None
+    return "no C++ compiler (g++, c++ or clang++) on the PATH for the CPU backend"
+
+
+def check_compile_command(compile_layers: bool, do_train: bool, bits: int, device_map: Optional[str],
+                          sharded: bool, cuda: Optional[bool] = None) -> None:
+    """Refuse ``--compile_layers`` where it cannot run, before the model loads."""
+    if not compile_layers:
+        return
+    if not do_train:
+        raise UsageError("compiles the layers for training; add --do_train True", FLAG)
+    if bits in (4, 8):
+        raise UsageError(f"is not supported with a {bits}-bit base (--bits {bits})", FLAG)
+    if device_map:
+        raise UsageError("is not supported with --device_map (layers on several devices)", FLAG)
+    if sharded:
+        raise UsageError("is not supported with --fsdp", FLAG)
+    why = compiler_missing(cuda)
+    if why is not None:
+        raise UsageError(f"torch.compile cannot run here: {why}", FLAG)
+
+
+def compile_layers(em) -> Callable[[], None]:
+    """Compile every decoder layer of ``em`` (symbolic shapes) and prepare its projections before each decoder
+    forward; return the function that undoes both (evaluation after training runs eager)."""
+    if not em.sliceable:
+        raise UsageError("needs sliced widths (a dense base model)", FLAG)
+    config = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, limit_name) < RECOMPILE_LIMIT:
+        setattr(config, limit_name, RECOMPILE_LIMIT)
+    hook = em.decoder.register_forward_pre_hook(lambda module, args: em.prepare_projections())
+    for layer in em.all_layers:
+        layer.compile(dynamic=True)
+    logger.info("%s: %d decoder layers compiled (the first steps compile, later ones reuse)", FLAG,
+                len(em.all_layers))
+
+    def undo() -> None:
+        hook.remove()
+        em.drop_prepared_projections()
+        for layer in em.all_layers:
+            layer._compiled_call_impl = None
+
+    return undo

@@ -1,0 +1,100 @@
+"""--compile_layers (amoeba/compiled.py): the prepared projections compute the same step bitwise, the compiled
+layers train like eager ones, and the flag is refused where it cannot run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from amoeba.adapters import adapted_modules, adapter_state_dict
+from amoeba.compiled import RECOMPILE_LIMIT, check_compile_command, compiler_missing
+from amoeba.errors import UsageError
+from amoeba.stages.finetuning import prepare_trainer, run_training
+from tests.test_training import SANDWICH, _setup, tiny_dir  # noqa: F401 (tiny_dir: a fixture)
+
+MOE = ("--use_moe_lora", "--moe_num_expert", "3", "--moe_topk", "2", "--kd_weight", "0.5")
+
+
+def _step(trainer, model, batch) -> tuple[float, dict]:
+    trainer._micro_step = (-1, 0)  # the same router noise for each call
+    loss = float(trainer.training_step(model, dict(batch)))
+    grads = {k: v.grad.clone() for k, v in adapter_state_dict(model).items() if v.grad is not None}
+    model.zero_grad()
+    return loss, grads
+
+
+def test_prepared_projections_give_the_same_sandwich_step_bitwise(tiny_dir, tmp_path):  # noqa: F811
+    """Operands handed to the projections before the decoder runs (sliced weights, mixed and cut MoE adapters,
+    per-layer FLAP widths and biases): the loss and every adapter gradient of a sandwich step are bitwise those
+    of the projections reading the subnet themselves (fp32)."""
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, *MOE)
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, _, ad in adapted_modules(model):
+            ad.lora_B.normal_(0, 0.05, generator=g)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model.train()
+    plain = _step(trainer, model, batch)
+    hook = em.decoder.register_forward_pre_hook(lambda module, a: em.prepare_projections())
+    prepared = _step(trainer, model, batch)
+    hook.remove()
+    em.drop_prepared_projections()
+    assert {s.width for _, s in trainer.last_plan} > {1.0}  # sliced widths were part of it
+    assert plain[0] == prepared[0]
+    assert plain[1].keys() == prepared[1].keys() and plain[1]
+    assert all(torch.equal(plain[1][k], prepared[1][k]) for k in plain[1])
+
+
+@pytest.mark.skipif(compiler_missing(cuda=False) is not None, reason="no C++ compiler for torch.compile on a CPU")
+def test_compiled_layers_train_like_eager_ones_and_are_undone_after(tiny_dir, tmp_path):  # noqa: F811
+    """Two sandwich steps with every decoder layer compiled: the losses and adapters of eager training to 1e-5,
+    within the recompile limit; after training the layers run eager again."""
+    from torch._dynamo.utils import counters
+    from transformers import set_seed
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {}
+    for name, extra in (("eager", ()), ("compiled", ("--compile_layers",))):
+        out = tmp_path / name
+        set_seed(0)  # the same adapter initialisation in both runs
+        args, model, tok, em, s = _setup(tiny_dir, out, *SANDWICH, *MOE, "--max_steps", "2", *extra)
+        run_training(args, model, tok, em, s)
+        losses = [h["loss"] for h in json.loads((out / "training_log.json").read_text()) if "loss" in h]
+        runs[name] = (em, {k: v.detach().clone() for k, v in adapter_state_dict(model).items()}, losses)
+    (_, eager, eager_loss), (em, compiled, compiled_loss) = runs["eager"], runs["compiled"]
+    assert len(eager_loss) == 2
+    assert counters["stats"]["unique_graphs"] <= RECOMPILE_LIMIT
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled run compiled
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-6)
+    assert eager.keys() == compiled.keys()
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
+    assert float((flat(eager) - flat(compiled)).norm()) <= 1e-6 * float(flat(eager).norm())  # measured 2e-8
+    assert all(layer._compiled_call_impl is None for layer in em.all_layers)
+    assert all(mod.amoeba_prepared is None for i in range(em.num_layers) for mod in em.projections(i).values())
+
+
+def test_compile_layers_is_refused_where_it_cannot_run(monkeypatch):
+    for kwargs, needle in ((dict(do_train=False), "--do_train True"), (dict(bits=4), "4-bit"),
+                           (dict(device_map="auto"), "--device_map"), (dict(sharded=True), "--fsdp")):
+        call = dict(do_train=True, bits=16, device_map=None, sharded=False, cuda=False)
+        call.update(kwargs)
+        with pytest.raises(UsageError, match=needle) as err:
+            check_compile_command(True, **call)
+        assert err.value.flag == "--compile_layers"
+    monkeypatch.setattr("amoeba.compiled.shutil.which", lambda name: None)
+    with pytest.raises(UsageError, match="no C\\+\\+ compiler"):
+        check_compile_command(True, do_train=True, bits=16, device_map=None, sharded=False, cuda=False)
+    check_compile_command(False, do_train=False, bits=4, device_map="auto", sharded=True, cuda=False)  # off: nothing
+
+
+def test_compile_layers_without_training_exits_2_in_one_line(tmp_path, capsys):
+    from main import main
+
+    code = main(["--model_name_or_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o"),
+                 "--do_train", "False", "--compile_layers"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--compile_layers" in err[0] and "--do_train True" in err[0]
