@@ -139,13 +139,7 @@ class ElasticLinearMixin:
         if out_k is None and in_k is None:
             y = super().forward(x)
         elif st.sliceable:
-            weight, bias = self.weight, self.bias
-            if out_k is not None:
-                weight = weight[:out_k]
-                bias = bias[:out_k] if bias is not None else None
-            if in_k is not None:
-                weight = weight[:, :in_k]
-            y = F.linear(x, weight, bias)
+            y = F.linear(x, *self.kept_weight(out_k, in_k))
         else:
             if in_k is not None:
                 x = x * st.unit_mask(self.amoeba_layer, self.amoeba_role, x.shape[-1], in_k, x.device, x.dtype)
@@ -160,6 +154,16 @@ class ElasticLinearMixin:
             y = y + extra
         return y
 
+
+    def kept_weight(self, out_k: Optional[int], in_k: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(weight, bias) cut to the kept ``out_k`` rows and ``in_k`` columns (None: all), as views."""
+        weight, bias = self.weight, self.bias
+        if out_k is not None:
+            weight = weight[:out_k]
+            bias = bias[:out_k] if bias is not None else None
+        if in_k is not None:
+            weight = weight[:, :in_k]
+        return weight, bias
 
     def _prepared_forward(self, x: torch.Tensor, prepared: tuple) -> torch.Tensor:
         """The same computation from tensors taken before the layer ran (:meth:`ElasticModel.prepare_projections`):
@@ -404,12 +408,7 @@ class ElasticModel:
         for i in self._subnet.layers:
             for role, mod in self.projections(i).items():
                 out_k, in_k = self.state.out_in(i, role)
-                weight, bias = mod.weight, mod.bias
-                if out_k is not None:
-                    weight = weight[:out_k]
-                    bias = bias[:out_k] if bias is not None else None
-                if in_k is not None:
-                    weight = weight[:, :in_k]
+                weight, bias = mod.kept_weight(out_k, in_k)
                 a = b = None
                 adapter = mod._modules.get("amoeba_adapter")
                 if adapter is not None:
