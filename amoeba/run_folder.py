@@ -116,17 +116,25 @@ def _step_of(path: Path) -> int:
         return -1
 
 
-def first_nonfinite(named: Sequence[tuple[str, torch.Tensor]]) -> Optional[str]:
-    """The name of the first tensor with a NaN/inf, or None; reads back one flag per device."""
-    by_device: dict = {}
+def nonfinite_names(named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the tensors holding a NaN/inf, in order: one multi-tensor max-abs norm (NaN and inf
+    propagate, nothing overflows) and one read-back per device and dtype, not two kernels per tensor."""
+    groups: dict = {}
     for i, (_, value) in enumerate(named):
-        by_device.setdefault(value.device, []).append((i, torch.isfinite(value).all()))
+        groups.setdefault((value.device, value.dtype), []).append(i)
     bad = []
-    for flags in by_device.values():
-        ok = torch.stack([f for _, f in flags])
-        if not bool(ok.all()):
-            bad.extend(i for (i, _), good in zip(flags, ok.tolist()) if not good)
-    return named[min(bad)][0] if bad else None
+    for indices in groups.values():
+        norms = torch._foreach_norm([named[i][1] for i in indices], float("inf"))
+        finite = torch.isfinite(torch.stack(norms))
+        if not bool(finite.all()):
+            bad.extend(i for i, ok in zip(indices, finite.tolist()) if not ok)
+    return [named[i][0] for i in sorted(bad)]
+
+
+def first_nonfinite(named: Sequence[tuple[str, torch.Tensor]]) -> Optional[str]:
+    """The name of the first tensor with a NaN/inf, or None."""
+    bad = nonfinite_names(named)
+    return bad[0] if bad else None
 
 
 def _short(err: BaseException) -> str:

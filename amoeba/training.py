@@ -40,7 +40,7 @@ from amoeba.distributed import mean_over_processes
 from amoeba.elastic import ElasticModel
 from amoeba.errors import UsageError
 from amoeba.run_folder import (ADAPTER_DIR, TRAINER_STATE, checkpoint_dir, first_nonfinite, fsync,
-                               last_complete_checkpoint, remove_marker, write_marker)
+                               last_complete_checkpoint, nonfinite_names, remove_marker, write_marker)
 from amoeba.shapes import Shapes
 from amoeba.sharding import is_sharded, wrap_replicated
 from amoeba.subnet import Subnet, width_key
@@ -228,21 +228,6 @@ class _TokensAtResume(transformers.TrainerCallback):
         self.trainer._tokens_before = int(getattr(state, "num_input_tokens_seen", 0) or 0)
 
 
-def nonfinite_gradients(named: Sequence[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the parameters whose gradient holds a NaN/inf: one multi-tensor norm and one read-back per device
-    and dtype (a per-tensor check would launch two kernels per adapter tensor, every step)."""
-    groups: dict = {}
-    for name, param in named:
-        if param.grad is not None:
-            groups.setdefault((param.grad.device, param.grad.dtype), []).append((name, param.grad))
-    bad = []
-    for items in groups.values():
-        finite = torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in items])))
-        if not bool(finite.all()):
-            bad.extend(name for (name, _), ok in zip(items, finite.tolist()) if not ok)
-    return bad
-
-
 class _FiniteGradients(transformers.TrainerCallback):
     """Before every optimizer step: gradients holding NaN/inf are never applied (see
     :meth:`SandwichTrainer.guard_gradients`). Clipping would not stop them: an infinite norm scales every gradient
@@ -416,7 +401,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         if self._trainable is None:
             self._trainable = [(n, p) for n, p in self.em.model.named_parameters() if p.requires_grad]
         loss, self._nonfinite_loss = self._nonfinite_loss, None
-        bad = nonfinite_gradients(self._trainable)
+        bad = nonfinite_names([(n, p.grad) for n, p in self._trainable if p.grad is not None])
         if not bad and loss is None:
             return
         step = self.state.global_step + 1
