@@ -251,8 +251,8 @@ def prepare_trainer(args: Arguments, model, tokenizer, em: ElasticModel, strateg
         # its deprecated name)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     attach_adapters(model, em, adapter_config(args, em))
-    if t.compile_layers:  # after the adapters: its hook must run after the router's (the mixed adapters)
-        model._amoeba_uncompile = compile_layers(em)
+    # after the adapters: its hook must run after the router's (the mixed adapters)
+    uncompile = compile_layers(em) if t.compile_layers else None
     if t.gradient_checkpointing:
         _enable_checkpointing(model)
     _disable_trainer_checkpointing(t)
@@ -276,6 +276,7 @@ def prepare_trainer(args: Arguments, model, tokenizer, em: ElasticModel, strateg
             kd_weight=o.kd_weight, distill_method=o.distill_method, distill_steps=o.distill_steps,
             balancing=not o.no_balancing, fixed_subnet=fixed, distill_full=o.train_distill_full,
             max_skipped_steps=t.max_skipped_steps, **data)
+    trainer.uncompile = uncompile  # evaluation after training runs the layers eager
     return trainer, resume_from
 
 
@@ -448,10 +449,8 @@ def run_training(args: Arguments, model, tokenizer, em: ElasticModel, strategy, 
             result = trainer.train(resume_from_checkpoint=resume_from)
         finally:
             _close_progress_bars(trainer)
-            uncompile = getattr(em.model, "_amoeba_uncompile", None)
-            if uncompile is not None:  # evaluation after training runs the layers eager
-                uncompile()
-                del em.model._amoeba_uncompile
+            if trainer.uncompile is not None:
+                trainer.uncompile()
     elapsed = time.time() - start
     out = Path(t.output_dir)
     if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
