@@ -16,6 +16,19 @@ REAL_MODEL_DIR = ROOT / "models" / "smollm2-135m-instruct"
 os.environ.setdefault("AMOEBA_DATA_DIR", str(SHARED_DATA))
 
 
+def load_script(path: Path):
+    """A script (not a package module) imported as a module named after its file; registered in ``sys.modules``,
+    where dataclasses and pickling look their module up."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_config(kind: str = "gqa", layers: int = 4, **overrides):
     """A tiny random config. kind: gqa (Llama-3 style), mha (Llama-2 style), qwen2, qwen3, mistral, gemma,
     gemma2 and gemma3_text (sliding window 4, sliding and full-attention layers alternating), olmo2, phi3."""

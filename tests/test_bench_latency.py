@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, tiny_model
+from tests.conftest import load_script, ROOT, tiny_model
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_latency", ROOT / "scripts" / "bench_latency.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "scripts" / "bench_latency.py")
 
 
 def test_step_decoder_tokens_equal_generate_and_survive_reuse():

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_script, ROOT
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_stage2", ROOT / "scripts" / "bench_stage2.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "scripts" / "bench_stage2.py")
 
 
 def test_compare_rows_flops_and_profile_on_the_tiny_case(tmp_path):

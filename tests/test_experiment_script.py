@@ -3,21 +3,15 @@ built from evaluation folders."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_script, ROOT
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("experiment", ROOT / "scripts" / "experiment.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "scripts" / "experiment.py")
 
 
 def _write_metrics(folder, shapes, base, params=100e6):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from amoeba.errors import UsageError
-from tests.conftest import ROOT, tiny_model
+from tests.conftest import load_script, ROOT, tiny_model
 from tests.test_cli import assert_usage_error, run_main
 
 
@@ -230,12 +230,7 @@ def test_empty_output_dir_is_one_line_and_writes_nothing(tmp_path, tiny):
 
 
 def _merge_script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("merge_depth_width", ROOT / "utils" / "merge_depth_width.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "utils" / "merge_depth_width.py")
 
 
 @pytest.mark.parametrize("case", ["a folder", "under a file", "empty"])

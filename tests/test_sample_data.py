@@ -4,7 +4,6 @@ offline loader reads it (calibration text, WikiText-2, instructions, MMLU, the o
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import subprocess
 import sys
 
@@ -15,17 +14,14 @@ from amoeba.instruct_data import IGNORE_INDEX, InstructionData, load_examples, m
 from amoeba.lm_eval_tasks import LOCAL_TASKS, missing_files, render_tasks
 from amoeba.mmlu import load_mmlu
 from amoeba.text_data import load_text, token_windows
-from conftest import ROOT, tiny_model
+from conftest import ROOT, load_script, tiny_model
 
 SAMPLE = ROOT / "amoeba" / "sample_data"
 GENERATOR = ROOT / "utils" / "write_sample_data.py"
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("write_sample_data", GENERATOR)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(GENERATOR)
 
 
 def _files(folder):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from amoeba.errors import UsageError
 from amoeba.npy import load_npy, load_npy_dict
 from amoeba.strategy import Strategy, apply_strategy, load_strategy, module_name, save_strategy, validate_strategy
 from amoeba.subnet import Subnet
-from tests.conftest import ROOT, tiny_model
+from tests.conftest import load_script, ROOT, tiny_model
 
 KINDS = ["mha", "gqa", "qwen2"]
 
@@ -372,10 +371,7 @@ def _run_merge(*args, cwd=ROOT):
 
 
 def _merge_module():
-    spec = importlib.util.spec_from_file_location("merge_depth_width", ROOT / "utils" / "merge_depth_width.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(ROOT / "utils" / "merge_depth_width.py")
 
 
 def test_merge_script(tmp_path, capsys):
