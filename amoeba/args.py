@@ -241,6 +241,12 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
         default=False,
         metadata={"help": "Train with each decoder layer compiled (torch.compile, symbolic shapes; the first steps "
                           "compile). The same computation; needs Triton on CUDA or a C++ compiler on a CPU."})
+    cudnn_attention: bool = field(
+        default=False,
+        metadata={"help": "Let training use cuDNN's fused attention kernel (SDPA's cuDNN backend). Off by default: "
+                          "on H100/H200 its backward can return NaN gradients with a padding mask for some sequence "
+                          "lengths (pytorch/pytorch#196678); measured here on Qwen2.5-Coder-1.5B, every batch padded "
+                          "to 193 tokens. Training then uses the flash, memory-efficient or math kernels."})
     adapter_snapshot_steps: Optional[str] = field(
         default=None,
         metadata={"help": "Also keep the adapters as they are after these optimizer steps (e.g. 400,1000) in "

@@ -215,6 +215,23 @@ def balanced(loss: torch.Tensor, magnitude: torch.Tensor, reference: torch.Tenso
     return loss * (reference / magnitude.clamp_min(1e-12))
 
 
+def training_attention(allow_cudnn: bool):
+    """A context in which training's attention (``F.scaled_dot_product_attention``) may use the flash,
+    memory-efficient and math kernels, and cuDNN's only when ``allow_cudnn`` (``--cudnn_attention``).
+
+    On H100/H200 cuDNN's backward can return NaN query gradients, with a finite loss, when a padding mask is
+    passed and a row's log-sum-exp is very negative (pytorch/pytorch#196678): Qwen2.5's attention sinks make
+    that happen; here every batch padded to 193 tokens of Qwen2.5-Coder-1.5B gave NaN gradients in every
+    adapter. The kernel is chosen at the forward, so the backward follows it."""
+    if allow_cudnn:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # deferred: only training enters it
+
+    if torch.cuda.is_available():
+        logger.info("training attention: cuDNN's kernel not used (--cudnn_attention allows it)")
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 # ----------------------------------------------------------------------------------------------
 # The trainer
 # ----------------------------------------------------------------------------------------------

@@ -101,8 +101,9 @@ PRESETS = {
         model=str(ROOT / "models" / "qwen2.5-coder-1.5b-instruct"),
         strategy=str(ROOT / "strategies" / "qwen2.5-coder-1.5b-instruct.npy"),
         depths="28,26,24,18", widths="1,7/8,3/4", single_shapes="28x1,26x7/8,24x3/4,18x3/4", grid="singles",
-        # max_skipped_steps: bf16 Qwen2.5 met a step of non-finite gradients (step 309 of the first run); the report
-        # lists every skipped step
+        # max_skipped_steps: a safety margin. The first runs' non-finite gradients (every batch padded to 193 tokens)
+        # were cuDNN attention's backward, which training no longer uses (--cudnn_attention); the report lists
+        # every skipped step
         # repeat_eval 0: the evaluation's reproducibility was shown on SmolLM2; here its GPU time goes to rows
         steps=1000, long_steps=1000, lm_eval_limit=0, mmlu_shots=5, max_skipped_steps=20, repeat_eval=0,
         default_rows="stage1,shortgpt,pershape_kd,pershape_kd_total,amoeba,amoeba_seed1,abl_lora,abl_nobal,abl_nokd"),

@@ -546,6 +546,30 @@ def test_non_finite_steps_beyond_the_allowance_stop_and_name_the_tensor(tiny_dir
     assert not (out / "checkpoint-3").exists()
 
 
+@pytest.mark.parametrize("allow", [False, True])
+def test_training_attention_leaves_out_cudnn_unless_allowed(tiny_dir, tmp_path, allow):
+    """Every training forward sees SDPA's cuDNN backend off (its backward's NaN gradients with a padding mask),
+    the other kernels on; --cudnn_attention leaves it on; either way the setting is as before afterwards."""
+    extra = ["--cudnn_attention"] if allow else []
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, "--max_steps", "2", *extra)
+    seen = []
+
+    def record(module, inputs):
+        cuda = torch.backends.cuda
+        seen.append((cuda.cudnn_sdp_enabled(), cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(),
+                     cuda.math_sdp_enabled()))
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    handle = model.register_forward_pre_hook(record)
+    try:
+        run_training(args, model, tok, em, s)
+    finally:
+        handle.remove()
+    assert len(seen) >= 2 * 4  # two steps of four subnets
+    assert set(seen) == {(allow and before, True, True, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
 def test_a_negative_skip_allowance_is_a_usage_error(tiny_dir, tmp_path):
     with pytest.raises(UsageError, match="--max_skipped_steps: -1 must be at least 0"):
         parse_args(_flags(tiny_dir, tmp_path, "--max_skipped_steps", "-1"))

@@ -39,7 +39,7 @@ from amoeba.run_folder import (ADAPTER_DIR, checkpoint_dir, checkpoint_folders, 
 from amoeba.shapes import Shapes, layer_masks
 from amoeba.sharding import shard_frozen_base
 from amoeba.subnet import Subnet, width_key
-from amoeba.training import SandwichSampler, SandwichTrainer, TrainingDiverged
+from amoeba.training import SandwichSampler, SandwichTrainer, TrainingDiverged, training_attention
 
 logger = logging.getLogger(__name__)
 
@@ -444,7 +444,7 @@ def run_training(args: Arguments, model, tokenizer, em: ElasticModel, strategy, 
     trainer, resume_from = prepare_trainer(args, model, tokenizer, em, strategy, callbacks)
     model = trainer.model
     start = time.time()
-    with stop.installed():
+    with stop.installed(), training_attention(t.cudnn_attention):
         try:
             result = trainer.train(resume_from_checkpoint=resume_from)
         finally:
