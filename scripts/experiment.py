@@ -105,7 +105,9 @@ PRESETS = {
         # were cuDNN attention's backward, which training no longer uses (--cudnn_attention); the report lists
         # every skipped step
         # repeat_eval 0: the evaluation's reproducibility was shown on SmolLM2; here its GPU time goes to rows
+        # eval_per_shape: a shape's full evaluation is about 12 minutes; the adapters exist only for one GPU session
         steps=1000, long_steps=1000, lm_eval_limit=0, mmlu_shots=5, max_skipped_steps=20, repeat_eval=0,
+        eval_per_shape=1,
         default_rows="stage1,shortgpt,pershape_kd,pershape_kd_total,amoeba,amoeba_seed1,abl_lora,abl_nobal,abl_nokd"),
 }
 PPL = "wikitext2_ppl"
@@ -378,14 +380,27 @@ class Plan:
             shapes = [(d, v) for d, v in self.grid if v == w and (d, v) not in shared]
             if shapes:
                 jobs.append(self._eval_job("shortgpt", f"w{w:g}", self.shortgpt_strategy, shapes))
-        by_width("amoeba", self.strategy, self.moe(), snapshot)
+        def trained(row, shapes, extra, adapters):
+            """A trained row's evaluation: one job for its shapes, or with --eval_per_shape one job per shape, so
+            that they run side by side while the row's adapters exist (they do not outlive a GPU session)."""
+            if c.eval_per_shape:
+                for layers, width in shapes:
+                    jobs.append(self._eval_job(row, label(layers, width), self.strategy, [(layers, width)], extra,
+                                               adapters))
+            else:
+                jobs.append(self._eval_job(row, "", self.strategy, shapes, extra, adapters))
+
+        if c.eval_per_shape:
+            trained("amoeba", self.grid, self.moe(), snapshot)
+        else:
+            by_width("amoeba", self.strategy, self.moe(), snapshot)
         for row in ("pershape", "pershape_kd", "pershape_kd_total"):
             for layers, width in self.single:
                 name = f"{row}_{label(layers, width)}"
                 jobs.append(self._eval_job(row, label(layers, width), self.strategy, [(layers, width)],
                                            adapters=train / name / "adapter_model"))
         for name, extra in (("abl_lora", []), ("abl_nobal", self.moe()), ("abl_nokd", self.moe())):
-            jobs.append(self._eval_job(name, "", self.strategy, self.single, extra, train / name / "adapter_model"))
+            trained(name, self.single, extra, train / name / "adapter_model")
         # The noise floor: (d) trained with another seed, on the smallest shape.
         jobs.append(self._eval_job("amoeba_seed1", "", self.strategy, [self.single[-1]], self.moe(),
                                    train / "amoeba_seed1" / "adapter_model"))
@@ -808,6 +823,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat_eval", type=int, choices=(0, 1), default=1,
                    help="1: evaluate (d) a second time in another process, on the largest and smallest shapes "
                         "(reproducibility; the qwen preset: 0)")
+    p.add_argument("--eval_per_shape", type=int, choices=(0, 1), default=0,
+                   help="1: evaluate each shape of rows (d) and (e) in a job of its own, side by side (the qwen "
+                        "preset: 1); 0: one job per width for (d), one per ablation")
     p.add_argument("--gpus", default=None, help="comma list of GPU indices to spread the jobs over (e.g. 0,1)")
     p.add_argument("--smoke", action="store_true", help="tiny settings to check the plumbing on a CPU")
     p.set_defaults(**{k: v for k, v in PRESETS[preset].items() if k not in ("title", "script", "default_rows")})

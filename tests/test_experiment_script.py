@@ -183,6 +183,14 @@ def test_qwen_preset_plan_rows_shapes_and_metrics(tmp_path):
     assert evals["eval_amoeba_seed1"].argv[evals["eval_amoeba_seed1"].argv.index("--eval_shapes") + 1] == "18x0.75"
     argv = evals["eval_stage1_w0.75"].argv
     assert argv[argv.index("--eval_shapes") + 1] == "24x0.75,18x0.75"
+    # trained rows: one job per shape (their adapters last one GPU session), each reading those adapters
+    shapes_of = lambda prefix: sorted(  # noqa: E731
+        j.argv[j.argv.index("--eval_shapes") + 1] for n, j in evals.items() if n.startswith(prefix))
+    every = ["18x0.75", "24x0.75", "26x0.875", "28x1"]
+    assert shapes_of("eval_amoeba_l") == shapes_of("eval_abl_nokd_") == every
+    assert "eval_amoeba_w0.75" not in evals and "eval_abl_lora" not in evals
+    assert str(tmp_path / "train" / "abl_nobal" / "adapter_model") in evals["eval_abl_nobal_l24w0.75"].argv
+    assert exp.row_of_folder("abl_nobal_l24w0.75") == "abl_nobal" and exp.row_of_folder("amoeba_l28w1") == "amoeba"
     assert argv[argv.index("--mmlu_dataset") + 1] == "mmlu-fs" and "--lm_eval_limit" not in argv
     assert not any(j.ready() for j in evals.values())  # all wait for the strategy file
 
@@ -259,7 +267,7 @@ def test_a_packed_run_continues_elsewhere_without_retraining(tmp_path):
     archive = exp.pack(out, tmp_path / "carry" / "run.tgz")
     with tarfile.open(archive) as tar:
         names = tar.getnames()
-    assert "train/amoeba/train_results.json" in names and "eval/amoeba_w1/metrics.json" in names
+    assert "train/amoeba/train_results.json" in names and "eval/amoeba_l28w1/metrics.json" in names
     assert not any("adapter_model" in n or "checkpoint-" in n or n.endswith(".safetensors") for n in names)
 
     elsewhere = tmp_path / "elsewhere"
@@ -270,7 +278,7 @@ def test_a_packed_run_continues_elsewhere_without_retraining(tmp_path):
     assert all(j.done() for j in moved_evals)
     assert [j.name for j in moved.needed_training(moved.train_jobs(), moved_evals)] == []
     # with one evaluation still to do, its training runs again (its weights did not travel)
-    (elsewhere / "eval" / "amoeba_w1" / "metrics.json").unlink()
+    (elsewhere / "eval" / "amoeba_l28w1" / "metrics.json").unlink()
     again = moved.needed_training(moved.train_jobs(), moved.eval_jobs())
     assert [j.name for j in again] == ["train_amoeba"]
     assert not any(j.ready() for j in moved.eval_jobs() if not j.done())
