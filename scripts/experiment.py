@@ -37,7 +37,8 @@ layer DP by MMLU accuracy on 320 validation questions, FLAP widths 1, 7/8, 3/4, 
     python scripts/experiment.py --out /tmp/x --smoke --model <tiny> --strategy <its strategy>
 
 Jobs of a phase run ``--jobs`` at a time (one process of the small model leaves a GPU mostly idle, so several
-share it; 9 kept an H200 99% busy), spread over ``--gpus`` (each job sees one of them). ``--deadline_s`` stops
+share it; 9 kept an H200 99% busy), spread over ``--gpus`` (each job sees one of them); with ``--ddp 1`` (the qwen
+preset) the one-for-all trainings instead run one at a time over all of them (torchrun). ``--deadline_s`` stops
 starting jobs, and stops running ones, after that many seconds; training resumes from its last checkpoint and
 evaluation measures only what its ``metrics.json`` lacks when run again (exit status 3 says something was left
 for that). Every command, its wall time and its log are kept under ``--out``.
@@ -107,7 +108,7 @@ PRESETS = {
         # repeat_eval 0: the evaluation's reproducibility was shown on SmolLM2; here its GPU time goes to rows
         # eval_per_shape: a shape's full evaluation is about 12 minutes; the adapters exist only for one GPU session
         steps=1000, long_steps=1000, lm_eval_limit=0, mmlu_shots=5, max_skipped_steps=20, repeat_eval=0,
-        eval_per_shape=1,
+        eval_per_shape=1, ddp=1,
         default_rows="stage1,shortgpt,pershape_kd,pershape_kd_total,amoeba,amoeba_seed1,abl_lora,abl_nobal,abl_nokd"),
 }
 PPL = "wikitext2_ppl"
@@ -140,6 +141,7 @@ class Job:
     gpu: Optional[str] = None  # the GPU it runs on (--gpus)
     expected_s: float = 0.0  # rough duration; a job that is not resumable starts only if it fits the deadline
     first_s: float = 0.0  # time to its first kept result, for a job that keeps partial results (0: keeps none)
+    all_gpus: bool = False  # runs alone, over every --gpus GPU (torchrun, DDP)
 
     def ready(self) -> bool:
         return all(Path(p).exists() for p in self.needs)
@@ -202,6 +204,8 @@ class Plan:
         # the shapes rows (a), (b) and (d) are measured at: every depth x width, or the single shapes only
         self.grid = ([(d, w) for d in self.depths for w in self.widths] if cfg.grid == "full" else list(self.single))
         self.min_layers = min(self.depths)
+        # --ddp: the one-for-all trainings run over every --gpus GPU, one at a time
+        self.ddp = len(gpu_list(cfg.gpus)) if cfg.ddp and len(gpu_list(cfg.gpus)) > 1 else 1
         self.strategy = str(Path(cfg.strategy).resolve())
         self.shortgpt_strategy = str(self.out / "shortgpt" / "shortgpt_strategy.npy")
         self.rows = [r.strip() for r in (cfg.rows or cfg.default_rows or "").split(",") if r.strip()]
@@ -220,11 +224,13 @@ class Plan:
                 "--shrinking_file", strategy, "--shrinkable_width", "--width_choice", widths,
                 "--prune_width_method", "flap"]
 
-    def train_flags(self, steps: int) -> list[str]:
+    def train_flags(self, steps: int, processes: int = 1) -> list[str]:
+        """Training flags; over ``processes`` GPUs (DDP) each takes its share of the batch: the same examples per
+        step as on one GPU."""
         c = self.cfg
         return ["--do_train", "True", "--do_eval", "False", "--no_eval_orig", "--dataset", c.dataset,
                 "--data_seed", "42", "--source_max_len", str(c.source_len), "--target_max_len", str(c.target_len),
-                "--per_device_train_batch_size", str(c.batch_size), "--gradient_accumulation_steps", "1",
+                "--per_device_train_batch_size", str(c.batch_size // processes), "--gradient_accumulation_steps", "1",
                 "--max_steps", str(steps), "--learning_rate", "2e-4", "--lr_scheduler_type", "constant",
                 "--warmup_steps", str(c.warmup_steps), "--lora_modules", "all", "--lora_r", str(c.lora_r),
                 "--lora_alpha", "16", "--logging_steps", "10", "--save_strategy", "steps",
@@ -312,22 +318,24 @@ class Plan:
         all_widths = "[1,7/8,3/4,5/8]"
         jobs = []
         d = self.out / "train" / "amoeba"
-        jobs.append(Job("train_amoeba", [*self.base(d), *self.train_flags(c.long_steps),
+        ddp, n = self.ddp > 1, self.ddp  # the sandwich trainings: (d), its second seed, the ablations
+        jobs.append(Job("train_amoeba", [*self.base(d), *self.train_flags(c.long_steps, n),
                                          *self.elastic(self.strategy, all_widths), *self.sandwich(), *self.moe(),
                                          "--adapter_snapshot_steps", str(c.steps)],
-                        d, done_file="train_results.json", resumable=True))
+                        d, done_file="train_results.json", resumable=True, all_gpus=ddp))
         o = self.out / "train" / "amoeba_seed1"
-        jobs.append(Job("train_amoeba_seed1", [*self.base(o), *self.train_flags(c.steps),
+        jobs.append(Job("train_amoeba_seed1", [*self.base(o), *self.train_flags(c.steps, n),
                                                *self.elastic(self.strategy, all_widths), *self.sandwich(), *self.moe(),
-                                               "--seed", "1"], o, done_file="train_results.json", resumable=True))
+                                               "--seed", "1"], o, done_file="train_results.json", resumable=True,
+                        all_gpus=ddp))
         ablations = {"abl_lora": [*self.sandwich()],
                      "abl_nobal": [*self.sandwich(), *self.moe(), "--no_balancing"],
                      "abl_nokd": ["--random_sample_num_layer", "2", "--distill_method", "none", *self.moe()]}
         for name, extra in ablations.items():
             o = self.out / "train" / name
-            jobs.append(Job(f"train_{name}", [*self.base(o), *self.train_flags(c.steps),
+            jobs.append(Job(f"train_{name}", [*self.base(o), *self.train_flags(c.steps, n),
                                               *self.elastic(self.strategy, all_widths), *extra],
-                            o, done_file="train_results.json", resumable=True))
+                            o, done_file="train_results.json", resumable=True, all_gpus=ddp))
         total = max(1, c.steps // len(self.single))  # (c''): all single shapes together see (d)'s tokens
         for row, extra, steps in (("pershape", [], c.steps), ("pershape_kd", self.distill_full(), c.steps),
                                   ("pershape_kd_total", self.distill_full(), total)):
@@ -447,6 +455,35 @@ def resume_argv(out: Path, argv: list) -> None:
         shutil.rmtree(p)
 
 
+def gpu_list(text: Optional[str]) -> list[str]:
+    """``--gpus`` as a list of GPU indices (empty: none given)."""
+    return [g.strip() for g in text.split(",") if g.strip()] if text else []
+
+
+def pick_job(pending: list[Job], running: list[Job], now: float, deadline: float) -> Optional[Job]:
+    """The next job to start: the first whose inputs exist and that can pay off before the deadline. A job that
+    takes every GPU starts only once nothing runs (the jobs after it wait too), and while it runs nothing starts."""
+    if any(j.all_gpus for j in running):
+        return None
+    job = next((j for j in pending if j.ready() and j.fits(now, deadline)), None)
+    if job is not None and job.all_gpus and running:
+        return None
+    return job
+
+
+def job_command(job: Job, argv: list[str], gpus: Optional[list[str]]) -> tuple[list[str], dict]:
+    """The command that runs ``job`` and the environment it adds: ``main.py`` on one GPU (the caller chooses it),
+    or for a job taking every GPU, ``torchrun`` with one process per GPU (NVLink multicast off, as NCCL needs it
+    on these machines)."""
+    main = str(ROOT / "main.py")
+    if job.all_gpus and gpus and len(gpus) > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(len(gpus)),
+               main, *argv]
+        nvls = os.environ.get("NCCL_NVLS_ENABLE", "0")
+        return cmd, {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "NCCL_NVLS_ENABLE": nvls}
+    return [sys.executable, main, *argv], {}
+
+
 def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float, gpus: Optional[list[str]] = None) -> dict:
     """Run unfinished ``jobs``, ``parallel`` at a time, until done or ``deadline`` (time.time()); with ``gpus``,
     each job sees one of them (``CUDA_VISIBLE_DEVICES``), the one running the fewest jobs."""
@@ -469,22 +506,25 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float, gpus: O
         now = time.time()
         while len(running) < parallel and now < deadline:
             # the first whose inputs exist and that can finish before the deadline
-            job = next((j for j in pending if j.ready() and j.fits(now, deadline)), None)
+            job = pick_job(pending, [j for j, _, _ in running], now, deadline)
             if job is None:
                 break
             pending.remove(job)
             argv = list(job.argv)
             if job.resumable:
                 resume_argv(job.out, argv)
-            cmd = [sys.executable, str(ROOT / "main.py"), *argv]
+            cmd, extra_env = job_command(job, argv, gpus)
             with open(commands, "a", encoding="utf-8") as f:
-                f.write(shlex.join(["python", "main.py", *argv]) + "\n")
+                shown = ["torchrun", *cmd[3:-len(argv) - 1]] if extra_env else ["python"]
+                f.write(shlex.join([*shown, "main.py", *argv]) + "\n")
             log = open(logs / f"{job.name}.log", "a", encoding="utf-8")
-            job_env = env
-            if gpus:
+            job_env = dict(env, **extra_env)
+            if gpus and not extra_env:
                 busy = [j.gpu for j, _, _ in running]
                 job.gpu = min(gpus, key=busy.count)
                 job_env = dict(env, CUDA_VISIBLE_DEVICES=job.gpu)
+            elif extra_env:
+                job.gpu = extra_env["CUDA_VISIBLE_DEVICES"]
             logger.info("start %s%s", job.name, f" on GPU {job.gpu}" if gpus else "")
             proc = subprocess.Popen(cmd, cwd=ROOT, env=job_env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
@@ -823,6 +863,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--repeat_eval", type=int, choices=(0, 1), default=1,
                    help="1: evaluate (d) a second time in another process, on the largest and smallest shapes "
                         "(reproducibility; the qwen preset: 0)")
+    p.add_argument("--ddp", type=int, choices=(0, 1), default=0,
+                   help="1: with several --gpus, the one-for-all trainings ((d), its second seed, the ablations) "
+                        "run one at a time over all of them (torchrun, DDP; each GPU takes --batch_size / GPUs "
+                        "examples: the same batches); 0: each training on one GPU, beside other jobs (the qwen "
+                        "preset: 1)")
     p.add_argument("--eval_per_shape", type=int, choices=(0, 1), default=0,
                    help="1: evaluate each shape of rows (d) and (e) in a job of its own, side by side (the qwen "
                         "preset: 1); 0: one job per width for (d), one per ablation")
@@ -832,6 +877,9 @@ def parse(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.max_skipped_steps < 0:
         p.error(f"--max_skipped_steps: {args.max_skipped_steps} must be at least 0")
+    n = len(gpu_list(args.gpus))
+    if args.ddp and n > 1 and args.batch_size % n:
+        p.error(f"--ddp: --batch_size {args.batch_size} does not split over the {n} GPUs of --gpus")
     for key in ("title", "script", "default_rows"):
         setattr(args, key, PRESETS[preset][key])
     if args.smoke:
@@ -893,7 +941,7 @@ def main(argv=None) -> int:
     plan.out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + cfg.deadline_s if cfg.deadline_s else float("inf")
     phases = [x.strip() for x in cfg.phase.split(",") if x.strip()]
-    gpus = [g.strip() for g in cfg.gpus.split(",") if g.strip()] if cfg.gpus else None
+    gpus = gpu_list(cfg.gpus) or None
     failed, stopped = [], []
     if "calibrate" in phases:
         outcome = run_jobs(plan.calibrate_jobs(), plan.out, cfg.jobs, deadline, gpus)

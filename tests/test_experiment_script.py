@@ -4,6 +4,7 @@ built from evaluation folders."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -320,3 +321,38 @@ def test_each_report_in_docs_keeps_its_own_plot(tmp_path):
     assert not (docs.parent / "results_frontier.png").exists()
     # ARC-E, PIQA, HellaSwag, MMLU: 60, 70, 50, 25 (average 51.2) and 40, 50, 30, 25 (36.25)
     assert "| (a) Stage 1 only (DP + FLAP) | 51.2 | - | 36.3 | 36.3 |" in text
+
+
+def test_ddp_runs_the_sandwich_trainings_alone_over_every_gpu(tmp_path):
+    """--ddp 1 with two GPUs (the qwen preset): (d), its second seed and the ablations train over both GPUs with
+    torchrun, half the batch each (the same examples per step), one at a time and with nothing beside them;
+    per-shape trainings and evaluations keep one GPU each. One GPU, or --ddp 0: no DDP."""
+    exp = _module()
+    argv = ["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--strategy", str(tmp_path / "s.npy")]
+    plan = exp.Plan(exp.parse([*argv, "--gpus", "0,1"]))
+    train = {j.name: j for j in plan.train_jobs()}
+    batch = lambda j: int(j.argv[j.argv.index("--per_device_train_batch_size") + 1])  # noqa: E731
+    sandwich = ["train_amoeba", "train_amoeba_seed1", "train_abl_lora", "train_abl_nobal", "train_abl_nokd"]
+    assert all(train[n].all_gpus and batch(train[n]) == 4 for n in sandwich)
+    assert not train["train_pershape_kd_l18w0.75"].all_gpus and batch(train["train_pershape_kd_l18w0.75"]) == 8
+    assert not any(j.all_gpus for j in plan.eval_jobs())
+    for one_gpu in (["--gpus", "0"], ["--gpus", "0,1", "--ddp", "0"], []):
+        single = {j.name: j for j in exp.Plan(exp.parse([*argv, *one_gpu])).train_jobs()}
+        assert not single["train_amoeba"].all_gpus and batch(single["train_amoeba"]) == 8
+
+    cmd, env = exp.job_command(train["train_amoeba"], ["--x"], ["0", "1"])
+    assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(exp.ROOT / "main.py")]
+    assert cmd[-1] == "--x" and env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["NCCL_NVLS_ENABLE"] == "0"
+    per_shape = train["train_pershape_kd_l18w0.75"]
+    assert exp.job_command(per_shape, ["--x"], ["0", "1"]) == ([sys.executable, str(exp.ROOT / "main.py"), "--x"], {})
+
+    # scheduling: the DDP job waits for the GPUs to empty, and nothing starts beside it
+    ready = [exp.Job(n, [], tmp_path / n, done_file="d", all_gpus=n.startswith("ddp")) for n in ("ddp", "one", "two")]
+    ddp, one, two = ready
+    assert exp.pick_job([ddp, one], [], 0.0, float("inf")) is ddp
+    assert exp.pick_job([ddp, one], [two], 0.0, float("inf")) is None  # does not let "one" jump ahead
+    assert exp.pick_job([one, two], [ddp], 0.0, float("inf")) is None
+    assert exp.pick_job([one, ddp], [two], 0.0, float("inf")) is one
+    with pytest.raises(SystemExit) as bad:
+        exp.parse([*argv, "--gpus", "0,1,2", "--batch_size", "8"])
+    assert bad.value.code == 2
