@@ -91,6 +91,17 @@ def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     return value / world
 
 
+def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """The sum of a detached tensor over all processes (itself without ``torch.distributed``): counts such as the
+    training tokens, which each process sees only its share of."""
+    _, world = process_share()
+    if world == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value
+
+
 def results_group() -> Optional[object]:
     """A gloo group over all processes for small, pickled results (evaluation metrics), or None in a
     single-process run. Its own long timeout (:data:`RESULT_TIMEOUT`): a rank with nothing left to do waits for

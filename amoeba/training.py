@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import transformers
 
 from amoeba.adapters import adapter_state_dict, adapters_disabled, get_router, load_adapters, save_adapters
-from amoeba.distributed import mean_over_processes
+from amoeba.distributed import mean_over_processes, sum_over_processes
 from amoeba.elastic import ElasticModel
 from amoeba.errors import UsageError
 from amoeba.run_folder import (ADAPTER_DIR, TRAINER_STATE, checkpoint_dir, first_nonfinite, fsync,
@@ -294,13 +294,13 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
 
     @property
     def tokens_this_run(self) -> int:
-        """Input tokens (attention-mask ones) this process has trained on since this run started."""
+        """Input tokens (attention-mask ones) the run has trained on since it started, all processes'."""
         return int(self._tokens)
 
     @property
     def tokens_seen(self) -> int:
-        """Input tokens this process has trained on, those before a resume included (the checkpoint keeps the
-        count in ``trainer_state.json``, as ``num_input_tokens_seen``)."""
+        """Input tokens the run has trained on (all processes'), those before a resume included (the checkpoint
+        keeps the count in ``trainer_state.json``, as ``num_input_tokens_seen``)."""
         return self._tokens_before + int(self._tokens)
 
     # --- sampling
@@ -352,8 +352,10 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         teacher = None
         ref = None
         step, micro = self._micro_step
-        self._tokens = self._tokens + (inputs["attention_mask"].sum() if "attention_mask" in inputs
-                                       else labels.numel())
+        # every process's share: the count is the run's, as on one process (one small all-reduce per micro-batch)
+        self._tokens = self._tokens + sum_over_processes(
+            inputs["attention_mask"].sum() if "attention_mask" in inputs
+            else torch.tensor(labels.numel(), device=labels.device))
         # Losses are checked for NaN/inf once, after the last subnet: a check per subnet would make the host wait
         # for the GPU before each next forward, and the optimizer step comes later anyway.
         checked: list[tuple[str, Subnet, torch.Tensor]] = []

@@ -65,6 +65,8 @@ def test_fsdp_equals_one_process_resumes_exactly_and_evaluates_in_lockstep(tiny_
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resuming from" in again.stderr and "checkpoint-2" in again.stderr
     assert _max_diff(b, _adapters(resumed)) <= 1e-6
+    tokens = lambda run: json.loads((tmp_path / run / "train_results.json").read_text())["tokens_seen"]  # noqa: E731
+    assert tokens("two") == tokens("one") == tokens("resumed") > 0  # all processes' tokens, across the resume
 
     evaluated = _main(*_fsdp_flags(tiny_dir, tmp_path / "eval", 4, *mmlu), "--do_train", "False", "--adapter_dir",
                       str(tmp_path / "two" / "checkpoint-2"))
@@ -112,6 +114,8 @@ def test_two_nodes_of_one_process_equal_one_process_and_only_the_first_writes(ti
         _, err = p.communicate(timeout=TIMEOUT)
         assert p.returncode == 0, err[-4000:]
     assert _max_diff(_adapters(tmp_path / "one"), _adapters(tmp_path / "node0")) <= 1e-5
+    tokens = lambda run: json.loads((tmp_path / run / "train_results.json").read_text())["tokens_seen"]  # noqa: E731
+    assert tokens("node0") == tokens("one") > 0  # the run's tokens, both processes' shares
     second = sorted(str(p.relative_to(tmp_path / "node1")) for p in (tmp_path / "node1").rglob("*") if p.is_file())
     assert second == ["checkpoint-2/rng_state_1.pth", "checkpoint-4/rng_state_1.pth"], second
     assert (tmp_path / "node0" / "run_args.json").is_file()
