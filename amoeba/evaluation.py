@@ -167,7 +167,7 @@ def mmlu_shots(dataset: str) -> int:
 
 def evaluate_shape(model, tokenizer, em: ElasticModel, subnet: Subnet, *, mmlu_examples=None,
                    mmlu_split: str = "eval", wikitext_windows=None, lm_runner: Optional[LMEvalRunner] = None,
-                   batch_size: int = 8, mmlu_max_len: int = 2048, group=None,
+                   batch_size: int = 8, mmlu_max_len: int = 2048, mmlu_prefix_cache: bool = False, group=None,
                    progress: bool = True) -> ShapeResult:
     """Measure one shape with whatever is given (MMLU examples, WikiText-2 windows, an lm-eval runner).
 
@@ -179,7 +179,7 @@ def evaluate_shape(model, tokenizer, em: ElasticModel, subnet: Subnet, *, mmlu_e
         if mmlu_examples is not None:
             start = time.perf_counter()
             s = score_mmlu(model, tokenizer, mmlu_examples, batch_size=batch_size, max_len=mmlu_max_len,
-                           progress=progress, group=group)
+                           progress=progress, group=group, prefix_cache=mmlu_prefix_cache)
             acc_key = f"mmlu_{mmlu_split}_accuracy"
             result.metrics.update({acc_key: s["accuracy"], "mmlu_loss": s["loss"],
                                    f"mmlu_{mmlu_split}_micro_accuracy": s["accuracy_micro"]})

@@ -52,6 +52,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--mmlu_samples", type=int, default=None, help="MMLU questions (default: all)")
     p.add_argument("--lm_eval_limit", type=int, default=None, help="examples per lm-eval task (default: all)")
     p.add_argument("--tasks", default=",".join(TASKS), help="lm-eval tasks")
+    p.add_argument("--prefix_cache", action="store_true",
+                   help="also time MMLU with --mmlu_prefix_cache (the exemplars once per batch, as a KV cache) and "
+                        "report how many predictions differ from the plain run")
     p.add_argument("--batch_size", type=int, default=None, help="default: 32 on CUDA, 8 on CPU")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -123,6 +126,16 @@ def main() -> None:
         run = time.perf_counter() - start
         rows.append({"task": f"mmlu ({a.mmlu_dataset}, {a.mmlu_split})", "examples": len(examples),
                      "setup_s": prep, "eval_s": run, "metric": "accuracy", "value": s["accuracy"]})
+        if a.prefix_cache:
+            _sync(device)
+            start = time.perf_counter()
+            cached = score_mmlu(model, tok, examples, batch_size=batch, prefix_cache=True)
+            _sync(device)
+            run = time.perf_counter() - start
+            changed = sum(x != y for x, y in zip(s["predictions"], cached["predictions"]))
+            rows.append({"task": f"mmlu ({a.mmlu_dataset}, {a.mmlu_split}), prefix cache", "examples": len(examples),
+                         "setup_s": 0.0, "eval_s": run, "metric": "accuracy", "value": cached["accuracy"],
+                         "predictions_changed": changed})
         for task in [t for t in a.tasks.split(",") if t]:
             start = time.perf_counter()
             runner = LMEvalRunner(model, tok, [task], a.data_dir, batch_size=batch, limit=a.lm_eval_limit)
@@ -156,7 +169,9 @@ def main() -> None:
     for r in rows:
         rate = r["examples"] / r["eval_s"] if r["eval_s"] > 0 else float("nan")
         print(f"| {r['task']} | {r['examples']} | {r['setup_s']:.1f} | {r['eval_s']:.1f} | {rate:.2f} | "
-              f"{r['metric']} {r['value']:.4f} |")
+              f"{r['metric']} {r['value']:.4f}"
+              + (f" ({r['predictions_changed']} predictions differ from the plain run)" if "predictions_changed" in r
+                 else "") + " |")
     print(f"| total | | | {total:.1f} | | |")
     print(f"\nwritten to {a.out}")
 

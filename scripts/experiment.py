@@ -260,6 +260,8 @@ class Plan:
                  "--eval_skip_existing"]
         if c.wikitext_windows:
             flags += ["--max_wikitext2_windows", str(c.wikitext_windows)]
+        if c.mmlu_prefix_cache:
+            flags += ["--mmlu_prefix_cache", "True"]
         return flags
 
     # --- phases
@@ -857,6 +859,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", choices=("full", "singles"), default="full",
                    help="shapes of rows (a), (b), (d): every depth x width, or the single shapes only")
     p.add_argument("--mmlu_shots", type=int, choices=(0, 5), default=0, help="MMLU test: zero- or five-shot")
+    p.add_argument("--mmlu_prefix_cache", type=int, choices=(0, 1), default=0,
+                   help="1: evaluate MMLU with main.py's --mmlu_prefix_cache (each batch's shared exemplars run "
+                        "once, as a KV cache); 0: every prompt in full")
     p.add_argument("--flap_samples", type=int, default=512, help="calibrate phase: C4 sequences for FLAP")
     p.add_argument("--dp_batches", type=int, default=40,
                    help="calibrate phase: MMLU validation batches of 8 questions for the layer DP (the seed's 40)")

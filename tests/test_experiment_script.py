@@ -193,6 +193,11 @@ def test_qwen_preset_plan_rows_shapes_and_metrics(tmp_path):
     assert str(tmp_path / "train" / "abl_nobal" / "adapter_model") in evals["eval_abl_nobal_l24w0.75"].argv
     assert exp.row_of_folder("abl_nobal_l24w0.75") == "abl_nobal" and exp.row_of_folder("amoeba_l28w1") == "amoeba"
     assert argv[argv.index("--mmlu_dataset") + 1] == "mmlu-fs" and "--lm_eval_limit" not in argv
+    assert "--mmlu_prefix_cache" not in argv  # off unless asked: rows (a) and (b) were measured without it
+    cached = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--strategy",
+                                 str(strategy), "--mmlu_prefix_cache", "1"]))
+    argv = {j.name: j for j in cached.eval_jobs()}["eval_amoeba_l28w1"].argv
+    assert argv[argv.index("--mmlu_prefix_cache") + 1] == "True"
     assert not any(j.ready() for j in evals.values())  # all wait for the strategy file
 
     layers, widths = plan.calibrate_jobs()

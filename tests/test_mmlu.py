@@ -148,3 +148,63 @@ def test_split_names_and_the_reported_split_by_run_kind():
     assert parse_args(["--do_train", "True"]).evaluation.mmlu_split == "eval"  # measured at the end of training
     assert parse_args(["--do_train", "False", "--mmlu_split", "eval"]).evaluation.mmlu_split == "eval"
     assert parse_args([]).calibration.calib_mmlu_split == "eval"  # calibration: validation, by default
+
+
+def _three_subjects(n: int = 4):
+    """Five-shot test prompts: ``n`` questions of each of three subjects."""
+    picked, count = [], {}
+    for e in load_mmlu("test", 5, DATA):
+        if count.get(e.subject, 0) < n and (e.subject in count or len(count) < 3):
+            count[e.subject] = count.get(e.subject, 0) + 1
+            picked.append(e)
+        if len(count) == 3 and all(v == n for v in count.values()):
+            return picked
+    raise AssertionError("fewer than three subjects")
+
+
+def test_shared_prefix_batches_keep_one_subject_and_the_tokens_they_all_share(tokenizer):
+    from amoeba.mmlu import encode_prompts, shared_prefix_batches
+
+    examples = _three_subjects()
+    encoded = encode_prompts(tokenizer, [e.prompt for e in examples], 2048)
+    planned = shared_prefix_batches(encoded, [e.subject for e in examples], 3)
+    assert sorted(i for _, b in planned for i in b) == list(range(len(examples)))
+    for shared, batch in planned:
+        assert len({examples[i].subject for i in batch}) == 1
+        assert all(encoded[i][:shared] == encoded[batch[0]][:shared] for i in batch)
+        assert all(len(encoded[i]) > shared for i in batch)  # the last token, whose logits are read, is left
+        if len(batch) > 1:  # maximal: one more token would differ somewhere (or leave a prompt empty)
+            assert (len({tuple(encoded[i][:shared + 1]) for i in batch}) > 1
+                    or min(len(encoded[i]) for i in batch) == shared + 1)
+        assert shared > 0.6 * min(len(encoded[i]) for i in batch)  # the header and five exemplars
+
+
+@pytest.mark.parametrize("kind, subnet", [("gqa", None), ("gqa", ((0, 2), 0.5)), ("qwen2", ((1, 2), 0.75))])
+def test_prefix_cache_gives_the_uncached_letter_logits(tokenizer, kind, subnet):
+    """--mmlu_prefix_cache: the exemplars' tokens run once per batch as a KV cache; the letter logits equal the
+    plain batched computation (fp32, 1e-5), on the whole model and on elastic subnets (skipped layers, sliced
+    heads and channels), so predictions and accuracy are the same."""
+    from amoeba.elastic import make_elastic
+    from amoeba.mmlu import letter_logits
+    from amoeba.subnet import Subnet
+
+    model = tiny_model(kind, layers=3, vocab_size=49152, max_position_embeddings=4096)
+    em = make_elastic(model)
+    examples = _three_subjects()
+    shape = Subnet(*subnet) if subnet else em.full_subnet()
+    tokens = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: tokens.append(kw["input_ids"].numel()), with_kwargs=True)
+    with em.use(shape):
+        plain = letter_logits(model, tokenizer, examples, batch_size=3, progress=False)
+        plain_tokens, tokens[:] = sum(tokens), []
+        cached = letter_logits(model, tokenizer, examples, batch_size=3, progress=False, prefix_cache=True)
+        hook.remove()
+        assert sum(tokens) < 0.6 * plain_tokens  # the exemplars ran once per batch of 3, not once per question
+        other_batching = letter_logits(model, tokenizer, examples, batch_size=5, progress=False, prefix_cache=True)
+    assert torch.allclose(cached, plain, atol=1e-5, rtol=1e-5), (cached - plain).abs().max()
+    assert torch.allclose(other_batching, plain, atol=1e-5, rtol=1e-5)
+    assert cached.argmax(-1).tolist() == plain.argmax(-1).tolist()
+    if subnet:  # the subnet is really another network here
+        with em.use(em.full_subnet()):
+            full = letter_logits(model, tokenizer, examples[:3], batch_size=3, progress=False)
+        assert not torch.allclose(full, plain[:3], atol=1e-3)

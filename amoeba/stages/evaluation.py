@@ -187,7 +187,8 @@ def measure_shared(args: Arguments, model, tokenizer, em: ElasticModel, plan: Ev
                              mmlu_split=plan.mmlu_split,
                              wikitext_windows=None if "wikitext2" in done else inputs.windows,
                              batch_size=plan.batch_size, mmlu_max_len=args.evaluation.mmlu_source_max_len,
-                             group=procs.group, progress=procs.writer)
+                             mmlu_prefix_cache=args.evaluation.mmlu_prefix_cache, group=procs.group,
+                             progress=procs.writer)
         reuse_recorded(res, metrics.now, done, plan.mmlu_split, plan.tasks)
         results.append(res)
         if inputs.runner is None or "lm_eval" in done:
