@@ -321,7 +321,7 @@ def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size:
             picked = logits[torch.arange(len(batch), device=logits.device), col.to(logits.device)]
             out[torch.tensor(batch)] = picked[:, letters.to(picked.device)].float().cpu()
     if world > 1:
-        rows = [i for batch in batches for i in batch]
+        rows = [i for _, batch in batches for i in batch]
         for got, values in gather_from_processes((rows, out[rows].clone()), group):
             if got:
                 out[torch.tensor(got)] = values

@@ -418,6 +418,25 @@ def test_evaluation_split_over_two_processes_equals_one_process(tiny_dir, tmp_pa
     assert "| l5w0.875 |" in (tmp_path / "two" / "results.md").read_text()
 
 
+def test_prefix_cached_mmlu_split_over_two_processes_equals_one_plain_process(tiny_dir, tmp_path):
+    """Five-shot MMLU with --mmlu_prefix_cache on two processes (each runs its share of the one-subject batches,
+    the rows are gathered) gives one plain process's metrics, on two shapes (to 1e-5: the cache is the same
+    computation in another order)."""
+    shapes = "6x1,4x3/4"
+    extra = ["--max_mmlu_samples", "9", "--mmlu_dataset", "mmlu-fs", "--do_eval_wikitext2", "False",
+             "--do_lm_eval", "False"]
+    one = _main(*_eval_flags(tiny_dir, tmp_path / "one", shapes, *extra))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun("main.py", *_eval_flags(tiny_dir, tmp_path / "two", shapes, *extra, "--ddp_backend", "gloo",
+                                            "--mmlu_prefix_cache", "True"))
+    assert two.returncode == 0, two.stderr[-4000:]
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert list(a) == list(b) and "mmlu_loss_l4w0.75" in a
+    for key, value in a.items():
+        assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (key, value, b[key])
+
+
 def test_evaluation_with_a_rank_without_shapes_or_windows_does_not_hang(tiny_dir, tmp_path):
     """One shape on two processes: rank 1 has no lm-eval shape and no WikiText-2 window (1 window), and
     one of the two MMLU batches; the run ends (no hang) with one process's metrics."""
