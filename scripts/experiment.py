@@ -681,14 +681,15 @@ def training_tokens(plan: Plan) -> list[str]:
             continue
         if "tokens_seen" in res:
             skipped = ", ".join(str(s) for s in res.get("skipped_steps", [])) or "none"
-            found.append((path.parent.name, int(res["tokens_seen"]), skipped))
+            found.append((path.parent.name, int(res["tokens_seen"]), int(res.get("processes", 1)), skipped))
     if not found:
         return []
     lines = ["## Training tokens", "", "Input tokens (prompt and answer) each training run saw. A one-for-all run "
              "trains every subnet of its sandwich on each batch, so each of its shapes saw all of them. Skipped "
              "steps: optimizer steps whose loss or gradients were not finite and were not applied "
-             "(`--max_skipped_steps`).", "", "| run | tokens | skipped steps |", "| --- | ---: | --- |"]
-    lines += [f"| {name} | {tokens:,} | {skipped} |" for name, tokens, skipped in found]
+             "(`--max_skipped_steps`). Processes: GPUs the run was spread over (`--ddp`; each took its share of "
+             "every batch).", "", "| run | tokens | processes | skipped steps |", "| --- | ---: | ---: | --- |"]
+    lines += [f"| {name} | {tokens:,} | {procs} | {skipped} |" for name, tokens, procs, skipped in found]
     return lines + [""]
 
 

@@ -361,3 +361,17 @@ def test_ddp_runs_the_sandwich_trainings_alone_over_every_gpu(tmp_path):
     with pytest.raises(SystemExit) as bad:
         exp.parse([*argv, "--gpus", "0,1,2", "--batch_size", "8"])
     assert bad.value.code == 2
+
+
+def test_the_report_lists_each_runs_tokens_processes_and_skipped_steps(tmp_path):
+    exp = _module()
+    plan = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path)]))
+    for name, res in (("amoeba", {"tokens_seen": 794545, "processes": 2, "skipped_steps": [308, 404]}),
+                      ("pershape_kd_l18w0.75", {"tokens_seen": 1234}),  # a run from before --ddp: one process
+                      ("broken", {})):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        (tmp_path / "train" / name / "train_results.json").write_text(json.dumps(res))
+    lines = exp.training_tokens(plan)
+    assert "| amoeba | 794,545 | 2 | 308, 404 |" in lines
+    assert "| pershape_kd_l18w0.75 | 1,234 | 1 | none |" in lines
+    assert not any("broken" in line for line in lines)

@@ -116,6 +116,8 @@ def test_two_nodes_of_one_process_equal_one_process_and_only_the_first_writes(ti
     assert _max_diff(_adapters(tmp_path / "one"), _adapters(tmp_path / "node0")) <= 1e-5
     tokens = lambda run: json.loads((tmp_path / run / "train_results.json").read_text())["tokens_seen"]  # noqa: E731
     assert tokens("node0") == tokens("one") > 0  # the run's tokens, both processes' shares
+    processes = lambda run: json.loads((tmp_path / run / "train_results.json").read_text())["processes"]  # noqa: E731
+    assert (processes("one"), processes("node0")) == (1, 2)
     second = sorted(str(p.relative_to(tmp_path / "node1")) for p in (tmp_path / "node1").rglob("*") if p.is_file())
     assert second == ["checkpoint-2/rng_state_1.pth", "checkpoint-4/rng_state_1.pth"], second
     assert (tmp_path / "node0" / "run_args.json").is_file()

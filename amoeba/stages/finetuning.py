@@ -470,7 +470,8 @@ def run_training(args: Arguments, model, tokenizer, em: ElasticModel, strategy, 
         metrics = dict(result.metrics)
         metrics.update({"wall_seconds": round(elapsed, 2), "tokens_seen": trainer.tokens_seen,
                         "tokens_per_second": round(trainer.tokens_this_run / max(elapsed, 1e-9), 2),
-                        "sandwich": [r for r, _ in trainer.last_plan], "skipped_steps": trainer.skipped_steps()})
+                        "sandwich": [r for r, _ in trainer.last_plan], "skipped_steps": trainer.skipped_steps(),
+                        "processes": trainer.args.world_size})
         if trainer.distill_full:
             metrics["distilled_from_full_model"] = True
         metrics.update(final_eval)
