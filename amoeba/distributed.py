@@ -84,11 +84,7 @@ def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     data-parallel step then equals one step on the whole global batch) and all stop together on a NaN
     instead of leaving the others waiting in the gradient all-reduce."""
     _, world = process_share()
-    if world == 1:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value)
-    return value / world
+    return value if world == 1 else sum_over_processes(value) / world
 
 
 def sum_over_processes(value: torch.Tensor) -> torch.Tensor:
