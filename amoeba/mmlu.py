@@ -15,6 +15,7 @@ the end-of-sequence token, :func:`answer_target_ids`); the layer DP calibrates o
 
 from __future__ import annotations
 
+import copy
 import csv
 import logging
 import math
@@ -257,12 +258,23 @@ def shared_prefix_batches(encoded: Sequence[Sequence[int]], subjects: Sequence[s
     return out
 
 
-def _prefix_cache(model, prefix: list[int], rows: int, device):
-    """The KV cache of ``prefix`` (one forward of one sequence), repeated for ``rows`` sequences."""
-    out = model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(rows)
-    return cache
+class _PrefixCaches:
+    """KV caches of shared prompt prefixes: each prefix runs once (one sequence), and every batch that shares it
+    gets its own copy, repeated for its rows (the model extends the cache it is given)."""
+
+    def __init__(self, model, device):
+        self.model, self.device = model, device
+        self.tokens: Optional[tuple[int, ...]] = None
+        self.cache = None
+
+    def for_batch(self, prefix: Sequence[int], rows: int):
+        if self.tokens != tuple(prefix):  # batches come subject by subject: keep the last prefix only
+            out = self.model(input_ids=torch.tensor([list(prefix)], device=self.device), use_cache=True,
+                             logits_to_keep=1)
+            self.tokens, self.cache = tuple(prefix), out.past_key_values
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(rows)
+        return cache
 
 
 @torch.no_grad()
@@ -277,8 +289,8 @@ def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size:
     the logits one process computes, batch for batch.
 
     ``prefix_cache`` (``--mmlu_prefix_cache``): batches hold one subject each, and the tokens their prompts
-    share (a five-shot prompt's header and exemplars, about four fifths of it) run once per batch, as one
-    sequence whose KV cache the rest of each prompt then attends to. The same computation with about a fifth of
+    share (a five-shot prompt's header and exemplars, about four fifths of it) run once, as one sequence whose
+    KV cache (copied for each batch that shares it) the rest of each prompt then attends to. The same computation with about a fifth of
     the tokens for five-shot prompts; the numbers differ only by rounding (fp32: 1e-5, tested), bf16's included.
     """
     if batch_size < 1:
@@ -295,6 +307,7 @@ def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size:
     else:
         order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
         planned = [(0, order[i: i + batch_size]) for i in range(0, len(order), batch_size)]
+    prefixes = _PrefixCaches(model, device)
     with eval_mode(model):
         batches = planned[rank::world]
         for shared, batch in tqdm(batches, desc="MMLU", disable=not progress, leave=False):
@@ -313,7 +326,7 @@ def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size:
             keep = torch.unique(last)  # only the positions whose logits are read: keeps memory small
             extra = {}
             if shared:
-                extra["past_key_values"] = _prefix_cache(model, encoded[batch[0]][:shared], len(batch), device)
+                extra["past_key_values"] = prefixes.for_batch(encoded[batch[0]][:shared], len(batch))
                 mask = torch.cat([torch.ones(len(batch), shared, dtype=torch.long), mask], dim=1)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=positions.to(device), logits_to_keep=keep.to(device), **extra).logits
