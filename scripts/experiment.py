@@ -205,7 +205,7 @@ class Plan:
         self.grid = ([(d, w) for d in self.depths for w in self.widths] if cfg.grid == "full" else list(self.single))
         self.min_layers = min(self.depths)
         # --ddp: the one-for-all trainings run over every --gpus GPU, one at a time
-        self.ddp = len(gpu_list(cfg.gpus)) if cfg.ddp and len(gpu_list(cfg.gpus)) > 1 else 1
+        self.ddp = max(1, len(gpu_list(cfg.gpus))) if cfg.ddp else 1
         self.strategy = str(Path(cfg.strategy).resolve())
         self.shortgpt_strategy = str(self.out / "shortgpt" / "shortgpt_strategy.npy")
         self.rows = [r.strip() for r in (cfg.rows or cfg.default_rows or "").split(",") if r.strip()]
@@ -473,17 +473,15 @@ def pick_job(pending: list[Job], running: list[Job], now: float, deadline: float
     return job
 
 
-def job_command(job: Job, argv: list[str], gpus: Optional[list[str]]) -> tuple[list[str], dict]:
-    """The command that runs ``job`` and the environment it adds: ``main.py`` on one GPU (the caller chooses it),
-    or for a job taking every GPU, ``torchrun`` with one process per GPU (NVLink multicast off, as NCCL needs it
-    on these machines)."""
-    main = str(ROOT / "main.py")
+def job_launcher(job: Job, gpus: Optional[list[str]]) -> tuple[list[str], dict]:
+    """torchrun's options and the environment it adds for a job taking every GPU (one process per GPU, NVLink
+    multicast off, as NCCL needs it on these machines); ``([], {})`` for ``main.py`` on one GPU (the caller
+    chooses it)."""
     if job.all_gpus and gpus and len(gpus) > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(len(gpus)),
-               main, *argv]
         nvls = os.environ.get("NCCL_NVLS_ENABLE", "0")
-        return cmd, {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "NCCL_NVLS_ENABLE": nvls}
-    return [sys.executable, main, *argv], {}
+        return (["--standalone", "--nproc_per_node", str(len(gpus))],
+                {"CUDA_VISIBLE_DEVICES": ",".join(gpus), "NCCL_NVLS_ENABLE": nvls})
+    return [], {}
 
 
 def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float, gpus: Optional[list[str]] = None) -> dict:
@@ -515,9 +513,11 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float, gpus: O
             argv = list(job.argv)
             if job.resumable:
                 resume_argv(job.out, argv)
-            cmd, extra_env = job_command(job, argv, gpus)
+            torchrun, extra_env = job_launcher(job, gpus)
+            launch = [sys.executable, *(["-m", "torch.distributed.run", *torchrun] if torchrun else [])]
+            cmd = [*launch, str(ROOT / "main.py"), *argv]
             with open(commands, "a", encoding="utf-8") as f:
-                shown = ["torchrun", *cmd[3:-len(argv) - 1]] if extra_env else ["python"]
+                shown = ["torchrun", *torchrun] if torchrun else ["python"]
                 f.write(shlex.join([*shown, "main.py", *argv]) + "\n")
             log = open(logs / f"{job.name}.log", "a", encoding="utf-8")
             job_env = dict(env, **extra_env)

@@ -4,7 +4,6 @@ built from evaluation folders."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
@@ -345,11 +344,10 @@ def test_ddp_runs_the_sandwich_trainings_alone_over_every_gpu(tmp_path):
         single = {j.name: j for j in exp.Plan(exp.parse([*argv, *one_gpu])).train_jobs()}
         assert not single["train_amoeba"].all_gpus and batch(single["train_amoeba"]) == 8
 
-    cmd, env = exp.job_command(train["train_amoeba"], ["--x"], ["0", "1"])
-    assert cmd[1:7] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(exp.ROOT / "main.py")]
-    assert cmd[-1] == "--x" and env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["NCCL_NVLS_ENABLE"] == "0"
-    per_shape = train["train_pershape_kd_l18w0.75"]
-    assert exp.job_command(per_shape, ["--x"], ["0", "1"]) == ([sys.executable, str(exp.ROOT / "main.py"), "--x"], {})
+    torchrun, env = exp.job_launcher(train["train_amoeba"], ["0", "1"])
+    assert torchrun == ["--standalone", "--nproc_per_node", "2"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "0,1" and env["NCCL_NVLS_ENABLE"] == "0"
+    assert exp.job_launcher(train["train_pershape_kd_l18w0.75"], ["0", "1"]) == ([], {})
 
     # scheduling: the DDP job waits for the GPUs to empty, and nothing starts beside it
     ready = [exp.Job(n, [], tmp_path / n, done_file="d", all_gpus=n.startswith("ddp")) for n in ("ddp", "one", "two")]
