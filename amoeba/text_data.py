@@ -242,6 +242,21 @@ def token_windows(tokenizer, text: Union[str, torch.Tensor], seqlen: int, n: Opt
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])
 
 
+# Logits kept at once by perplexity(): a batch of 32 windows of 2048 tokens over Qwen2.5's 151,936-token vocabulary
+# is 19.9 GB of bf16 logits, which ran out of memory with four evaluations sharing an H200.
+LOGITS_BUDGET_BYTES = 4 * 2**30
+
+
+def rows_per_forward(model: torch.nn.Module, seqlen: int, budget_bytes: Optional[int] = None) -> int:
+    """How many windows of ``seqlen`` tokens one forward may take so that its logits (vocabulary x tokens, in
+    the model's dtype) stay within ``budget_bytes`` (default :data:`LOGITS_BUDGET_BYTES`); at least 1."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = head.weight.shape[0] if head is not None else int(model.config.vocab_size)
+    itemsize = next(model.parameters()).element_size()
+    budget = LOGITS_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    return max(1, budget // (seqlen * vocab * itemsize))
+
+
 def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
     """(sum of next-token NLL, number of predicted tokens) of full windows, computed in float32.
 
@@ -260,7 +275,8 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
                progress: bool = False, group=None) -> float:
     """exp(mean next-token NLL) over every predicted token of ``windows`` ``[n, seqlen]``.
 
-    Batched, without gradients, on the model's device; logits are scored in float32. With ``group`` (a
+    Batched, without gradients, on the model's device; logits are scored in float32. A batch whose logits would
+    pass :data:`LOGITS_BUDGET_BYTES` runs as several forwards of fewer windows (the sum is the same). With ``group`` (a
     ``torch.distributed`` group every member calls this with the same windows), each process scores the
     batches ``rank, rank + world, ...`` and the per-batch sums are gathered and added in batch order, so
     every process returns the one-process number (the batches are the same, so are their sums).
@@ -270,12 +286,15 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     rank, world = process_share(group) if group is not None else (0, 1)
     device = model_device(model)
     sums: list[tuple[int, float, int]] = []
+    rows = min(batch_size, rows_per_forward(model, windows.shape[1]))
     with eval_mode(model):
         starts = list(range(0, windows.shape[0], batch_size))[rank::world]
         for start in tqdm(starts, desc="perplexity", disable=not progress, leave=False):
-            ids = windows[start: start + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
-            nll, count = window_nll(logits, ids)
+            batch = windows[start: start + batch_size].to(device)
+            nll, count = 0.0, 0
+            for part in batch.split(rows):
+                part_nll, part_count = window_nll(model(input_ids=part, use_cache=False).logits, part)
+                nll, count = nll + part_nll, count + part_count
             sums.append((start, nll, count))
     if world > 1:
         sums = sorted(s for share in gather_from_processes(sums, group) for s in share)

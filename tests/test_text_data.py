@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from amoeba.errors import UsageError
-from amoeba.text_data import load_text, perplexity, read_text_file, resolve_data_dir, token_windows, window_nll
+from amoeba.text_data import (load_text, perplexity, read_text_file, resolve_data_dir, rows_per_forward, token_windows,
+                               window_nll)
 from conftest import SHARED_DATA, tiny_model
 
 needs_data = pytest.mark.skipif(not (SHARED_DATA / "wikitext2").is_dir(), reason="offline data not present")
@@ -113,3 +114,23 @@ def test_perplexity_equals_transformers_loss():
     nll, count = window_nll(model(input_ids=windows).logits.detach(), windows)
     assert count == 5 * 23
     assert nll / count == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_perplexity_keeps_each_forwards_logits_within_the_budget(monkeypatch):
+    """A batch whose logits would pass the budget runs as forwards of fewer windows (a 32 x 2048 batch over
+    Qwen2.5's vocabulary is 19.9 GB of logits); the perplexity is the same as in whole batches."""
+    import amoeba.text_data as text_data
+
+    model = tiny_model("gqa", layers=2)
+    windows = torch.randint(0, 128, (7, 24), generator=torch.Generator().manual_seed(1))
+    whole = perplexity(model, windows, batch_size=4)
+    one_row = 24 * model.config.vocab_size * 4  # float32 logits of one window
+    assert rows_per_forward(model, 24, budget_bytes=2 * one_row + 1) == 2
+    assert rows_per_forward(model, 24, budget_bytes=1) == 1  # never zero
+    monkeypatch.setattr(text_data, "LOGITS_BUDGET_BYTES", 2 * one_row)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    split = perplexity(model, windows, batch_size=4)
+    hook.remove()
+    assert seen == [2, 2, 2, 1]  # batches of 4 + 3 windows, two at a time
+    assert split == pytest.approx(whole, rel=1e-6)
