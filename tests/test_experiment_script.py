@@ -192,7 +192,10 @@ def test_qwen_preset_plan_rows_shapes_and_metrics(tmp_path):
     assert str(tmp_path / "train" / "abl_nobal" / "adapter_model") in evals["eval_abl_nobal_l24w0.75"].argv
     assert exp.row_of_folder("abl_nobal_l24w0.75") == "abl_nobal" and exp.row_of_folder("amoeba_l28w1") == "amoeba"
     assert argv[argv.index("--mmlu_dataset") + 1] == "mmlu-fs" and "--lm_eval_limit" not in argv
-    assert "--mmlu_prefix_cache" not in argv  # off unless asked: rows (a) and (b) were measured without it
+    assert argv[argv.index("--mmlu_prefix_cache") + 1] == "True"  # the preset's: from row (d) on
+    plain = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--strategy",
+                                str(strategy), "--mmlu_prefix_cache", "0"]))
+    assert not any("--mmlu_prefix_cache" in j.argv for j in plain.eval_jobs())  # how rows (a) and (b) were measured
     cached = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--strategy",
                                  str(strategy), "--mmlu_prefix_cache", "1"]))
     argv = {j.name: j for j in cached.eval_jobs()}["eval_amoeba_l28w1"].argv
@@ -373,3 +376,22 @@ def test_the_report_lists_each_runs_tokens_processes_and_skipped_steps(tmp_path)
     assert "| amoeba | 794,545 | 2 | 308, 404 |" in lines
     assert "| pershape_kd_l18w0.75 | 1,234 | 1 | none |" in lines
     assert not any("broken" in line for line in lines)
+
+
+def test_the_report_names_the_rows_whose_mmlu_used_the_prefix_cache(tmp_path):
+    """Rows measured with --mmlu_prefix_cache and rows measured without it sit in one table; the report says
+    which are which, from each evaluation's run_args.json (an evaluation without metrics does not count)."""
+    exp = _module()
+    plan = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path)]))
+    for folder, cached, done in (("stage1_w1", False, True), ("amoeba_l28w1", True, True),
+                                 ("abl_lora_l28w1", True, False)):
+        if done:
+            _write_metrics(tmp_path / "eval" / folder, ["l28w1"], {"ppl": 14.0, "acc": 0.5})
+        else:
+            (tmp_path / "eval" / folder).mkdir(parents=True)
+        record = {"arguments": {"evaluation": {"mmlu_prefix_cache": cached}}}
+        (tmp_path / "eval" / folder / "run_args.json").write_text(json.dumps(record))
+    assert exp.prefix_cached_rows(plan) == ["amoeba"]
+    text = exp.render(plan, exp.collect(plan), {}, "python x")
+    assert "MMLU with the prefix cache (`--mmlu_prefix_cache`: each batch's shared exemplars run once): " \
+           "(d) AmoebaLLM one-for-all; the other rows without it." in text
