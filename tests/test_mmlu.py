@@ -179,17 +179,30 @@ def test_shared_prefix_batches_keep_one_subject_and_the_tokens_they_all_share(to
         assert shared > 0.6 * min(len(encoded[i]) for i in batch)  # the header and five exemplars
 
 
-@pytest.mark.parametrize("kind, subnet", [("gqa", None), ("gqa", ((0, 2), 0.5)), ("qwen2", ((1, 2), 0.75))])
-def test_prefix_cache_gives_the_uncached_letter_logits(tokenizer, kind, subnet):
+@pytest.mark.parametrize("kind, subnet, moe", [("gqa", None, False), ("gqa", ((0, 2), 0.5), False),
+                                              ("qwen2", ((1, 2), 0.75), False), ("qwen2", ((0, 2), 0.75), True)])
+def test_prefix_cache_gives_the_uncached_letter_logits(tokenizer, kind, subnet, moe):
     """--mmlu_prefix_cache: the exemplars' tokens run once per batch as a KV cache; the letter logits equal the
     plain batched computation (fp32, 1e-5), on the whole model and on elastic subnets (skipped layers, sliced
-    heads and channels), so predictions and accuracy are the same."""
+    heads and channels), also with trained MoE-LoRA adapters and their shape router (how row (d) of the Qwen
+    experiment is evaluated), so predictions and accuracy are the same."""
     from amoeba.elastic import make_elastic
     from amoeba.mmlu import letter_logits
     from amoeba.subnet import Subnet
 
     model = tiny_model(kind, layers=3, vocab_size=49152, max_position_embeddings=4096)
     em = make_elastic(model)
+    if moe:
+        from amoeba.adapters import AdapterConfig, attach_adapters, structure_of
+
+        attach_adapters(model, em, AdapterConfig(r=4, alpha=8, num_experts=3, topk=2, use_router=True,
+                                                 widths=[1.0, 0.75], **structure_of(em)))
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # "trained": every adapter changes the output
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        model.eval()
     examples = _three_subjects()
     shape = Subnet(*subnet) if subnet else em.full_subnet()
     tokens = []
