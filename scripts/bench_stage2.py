@@ -134,16 +134,25 @@ def build(model_dir: str, out_dir: Path, flags: list[str], model=None, tokenizer
     return args, trainer.model, em, trainer
 
 
-def mean_seconds(step, warmup: int, steps: int) -> float:
-    """Mean seconds of ``step()`` over ``steps`` calls, after ``warmup`` untimed ones (the device waited for)."""
-    for _ in range(warmup):
+def mean_seconds(step, warmup: int, steps: int, label: Optional[str] = None) -> float:
+    """Mean seconds of ``step()`` over ``steps`` calls, after ``warmup`` untimed ones (the device waited for).
+    With ``label``, each warm-up call's seconds (a compiled step's first ones include compiling) and the mean are
+    logged as they come, so a run stopped by a time limit still tells how far it got."""
+    for i in range(warmup):
+        start = time.perf_counter()
         step()
+        _sync()
+        if label:
+            logger.info("%s: warm-up step %d/%d took %.3f s", label, i + 1, warmup, time.perf_counter() - start)
     _sync()
     start = time.perf_counter()
     for _ in range(steps):
         step()
         _sync()
-    return (time.perf_counter() - start) / steps
+    seconds = (time.perf_counter() - start) / steps
+    if label:
+        logger.info("%s: %.4f s/step over %d steps", label, seconds, steps)
+    return seconds
 
 
 def profile_step(step, steps: int, top: int = 12) -> dict:
@@ -430,7 +439,7 @@ def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> tuple[flo
         loss.backward()
         peer.zero_grad(set_to_none=True)
 
-    seconds = mean_seconds(step, opts.warmup, opts.steps)
+    seconds = mean_seconds(step, opts.warmup, opts.steps, label="peer: peft LoRA, full model")
     profiled = profile_step(step, opts.profile) if opts.profile else None
     if case["bits"] != 4:
         peer.unload()  # the in-memory base goes back to its plain self, for our steps
@@ -472,7 +481,8 @@ def compare_case(opts, name: str, work: Path) -> dict:
         for when, setting in (("before", False), ("after", current)):
             trainer.logits_at_targets = setting
             step = plan_step(trainer, model, batch, plan)
-            timed.append((f"{label} ({when})", plan, mean_seconds(step, opts.warmup, opts.steps),
+            row = f"{label} ({when})"
+            timed.append((row, plan, mean_seconds(step, opts.warmup, opts.steps, row),
                           profile_step(step, opts.profile) if opts.profile else None))
     trainer.logits_at_targets = current
     compile_error = None
@@ -481,7 +491,8 @@ def compare_case(opts, name: str, work: Path) -> dict:
         try:
             for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
                 step = plan_step(trainer, model, batch, plan)
-                timed.append((f"{label} (compiled)", plan, mean_seconds(step, max(opts.warmup, 2), opts.steps),
+                timed.append((f"{label} (compiled)", plan,
+                              mean_seconds(step, max(opts.warmup, 2), opts.steps, f"{label} (compiled)"),
                               profile_step(step, opts.profile) if opts.profile else None))
         except Exception as err:  # noqa: BLE001 - a compiler failure is a result to report, not the end of the run
             compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]

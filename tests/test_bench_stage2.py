@@ -13,16 +13,21 @@ def _bench():
     return load_script(ROOT / "scripts" / "bench_stage2.py")
 
 
-def test_compare_rows_flops_and_profile_on_the_tiny_case(tmp_path):
+def test_compare_rows_flops_and_profile_on_the_tiny_case(tmp_path, caplog):
     """The peer, our full-model step and our sandwich (before/after) on one batch: the sandwich's model FLOPs are
     the sum of its subnets' (4 N_sub T each), the full-model rows count the peer's, and --profile attributes each
     step's time to operators whose shares add up to at most the whole."""
     pytest.importorskip("peft")
     bench = _bench()
     out = tmp_path / "cmp.json"
-    assert bench.main(["--smoke", "--compare", "tiny", "--profile", "1", "--out", str(out)]) == 0
+    with caplog.at_level("INFO"):
+        assert bench.main(["--smoke", "--compare", "tiny", "--profile", "1", "--out", str(out)]) == 0
     case = json.loads(out.read_text())["compare"][0]
     rows = {r["step"]: r for r in case["rows"]}
+    # each row is logged as soon as it is measured (a run cut off by a time limit still tells how far it got)
+    logged = [m for m in caplog.messages if "s/step over" in m]
+    assert [m.rsplit(": ", 1)[0] for m in logged] == list(rows)
+    assert any("warm-up step 1/" in m for m in caplog.messages)
     assert list(rows) == ["peer: peft LoRA, full model", "ours: full model (before)", "ours: full model (after)",
                           "ours: sandwich (before)", "ours: sandwich (after)"]
     peer = rows["peer: peft LoRA, full model"]
