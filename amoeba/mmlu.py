@@ -290,8 +290,9 @@ def letter_logits(model, tokenizer, examples: Sequence[MMLUExample], batch_size:
 
     ``prefix_cache`` (``--mmlu_prefix_cache``): batches hold one subject each, and the tokens their prompts
     share (a five-shot prompt's header and exemplars, about four fifths of it) run once, as one sequence whose
-    KV cache (copied for each batch that shares it) the rest of each prompt then attends to. The same computation with about a fifth of
-    the tokens for five-shot prompts; the numbers differ only by rounding (fp32: 1e-5, tested), bf16's included.
+    KV cache (copied for each batch that shares it) the rest of each prompt then attends to. The same
+    computation with about a fifth of the tokens for five-shot prompts; the numbers differ only by rounding
+    (fp32: 1e-5, tested), bf16's included.
     """
     if batch_size < 1:
         raise UsageError(f"batch size {batch_size} must be at least 1", "--per_device_eval_batch_size")
