@@ -438,6 +438,15 @@ class Plan:
             if readers and all(e.done() for e in readers):
                 logger.info("%s: not needed (every evaluation of its adapters is done)", job.name)
                 continue
+            missing = [n for e in readers if not e.done() for n in e.needs
+                       if job.out in Path(n).parents and not Path(n).exists()]
+            if missing and job.done():
+                # finished elsewhere (--pack carries its record, not its weights): train again; the earlier record
+                # is kept beside, since the evaluations already done came from that run's adapters
+                kept_as = job.out / f"{Path(job.done_file).stem}.earlier-{time.strftime('%Y%m%d-%H%M%S')}.json"
+                (job.out / job.done_file).rename(kept_as)
+                logger.warning("%s: its adapters are not here (%s) but evaluations need them: training again "
+                               "(the earlier run's record kept as %s)", job.name, missing[0], kept_as.name)
             kept.append(job)
         return kept
 
@@ -713,43 +722,47 @@ def training_tokens(plan: Plan) -> list[str]:
 
 
 def comparisons(plan: Plan, rows: dict) -> list[str]:
-    """(d) against (a), (b) at every shape and against (c) (and (c') when measured) at the single shapes."""
+    """(d) against (a), (b) at every shape and against the per-shape rows (c), (c'), (c'') that have results, at
+    the single shapes: average accuracy, MMLU (the paper's aims are in MMLU points) and perplexity."""
     d = rows.get("amoeba", {})
     if not d:
         return []
-    kd = "pershape_kd" in rows  # the distilled per-shape baseline gets its own columns once it has results
+    others = ["stage1", "shortgpt", *(r for r in ("pershape", "pershape_kd", "pershape_kd_total") if r in rows)]
+    if "pershape" not in others and plan.wanted("pershape"):  # a planned (c) has its column before it has results
+        others.insert(2, "pershape")
+    short = {r: ROW_TITLES[r].split(" ", 1)[0] for r in others}  # "(a)", "(c'')"
+    mmlu = "mmlu_test_accuracy"
     lines = ["## One-for-all against the baselines", "",
-             "Average accuracy difference in points, and perplexity ratio (below 1: (d) is better).", "",
-             "| shape | params (M) | (d) avg | (d) - (a) | (d) - (b) | (d) - (c) | " + ("(d) - (c') | " if kd else "")
-             + "(d) ppl | ppl (d) / (a) | ppl (d) / (b) | ppl (d) / (c) |" + (" ppl (d) / (c') |" if kd else ""),
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: | ---: |" if kd else "")]
+             "Differences in points (average accuracy, then MMLU) and perplexity ratio (below 1: (d) is better).", "",
+             "| shape | params (M) | (d) avg | " + "".join(f"(d) - {short[r]} | " for r in others)
+             + "(d) MMLU | " + "".join(f"MMLU (d) - {short[r]} | " for r in others)
+             + "(d) ppl | " + "".join(f"ppl (d) / {short[r]} | " for r in others).rstrip(" "),
+             "| --- |" + " ---: |" * (3 * len(others) + 4)]
     for dd, w in plan.grid:
         lab = label(dd, w)
         if lab not in d:
             continue
         row = d[lab]
 
-        def diff(other):
+        def diff(other, key):
             o = rows.get(other, {}).get(lab, {})
-            if "avg_acc" in o and "avg_acc" in row:
-                return f"{100 * (row['avg_acc'] - o['avg_acc']):+.1f}"
-            return "-"
+            return f"{100 * (row[key] - o[key]):+.1f}" if key in o and key in row else "-"
 
         def ratio(other):
             o = rows.get(other, {}).get(lab, {})
             return f"{row[PPL] / o[PPL]:.3f}" if PPL in o and PPL in row else "-"
         lines.append(f"| {lab} | {row.get('params', float('nan')) / 1e6:.1f} | {_fmt(row.get('avg_acc'), 'acc')} | "
-                     f"{diff('stage1')} | {diff('shortgpt')} | {diff('pershape')} | "
-                     + (f"{diff('pershape_kd')} | " if kd else "") + f"{_fmt(row.get(PPL), 'ppl')} | "
-                     f"{ratio('stage1')} | {ratio('shortgpt')} | {ratio('pershape')} |"
-                     + (f" {ratio('pershape_kd')} |" if kd else ""))
+                     + "".join(f"{diff(r, 'avg_acc')} | " for r in others)
+                     + f"{_fmt(row.get(mmlu), 'acc')} | " + "".join(f"{diff(r, mmlu)} | " for r in others)
+                     + f"{_fmt(row.get(PPL), 'ppl')} | " + "".join(f"{ratio(r)} | " for r in others).rstrip(" "))
     lines.append("")
     singles = [label(a, b) for a, b in plan.single]
     abl = [r for r in ("amoeba_long", "abl_lora", "abl_nobal", "abl_nokd") if r in rows]
-    if abl or kd:
+    per_shape = [r for r in others if r.startswith("pershape")]
+    if abl or set(per_shape) - {"pershape"}:
         lines += ["## Ablations and the long run (avg accuracy % / perplexity)", "",
                   "| row | " + " | ".join(singles) + " |", "| --- | " + " | ".join("---:" for _ in singles) + " |"]
-        for r in ["amoeba", "pershape", *(["pershape_kd"] if kd else []), *abl]:
+        for r in ["amoeba", *per_shape, *abl]:
             cells = []
             for lab in singles:
                 v = rows.get(r, {}).get(lab, {})

@@ -76,6 +76,29 @@ def test_report_tables_comparisons_and_reproducibility(tmp_path):
     assert "DIFFERENT numbers" in exp.render(plan, exp.collect(plan), {}, "python x")
 
 
+def test_comparison_gives_mmlu_differences_against_every_measured_per_shape_row(tmp_path):
+    """The paper's aims are in MMLU points: the comparison gives (d) - (x) in MMLU next to average accuracy, with a
+    column for (c'') once it has results, and none for a (c) the preset does not plan."""
+    exp = _module()
+    plan = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path)]))
+    _write_metrics(tmp_path / "eval" / "amoeba_l18w0.75", ["l18w0.75"], {"ppl": 40.0, "acc": 0.40})
+    _write_metrics(tmp_path / "eval" / "pershape_kd_total_l18w0.75", ["l18w0.75"], {"ppl": 50.0, "acc": 0.42})
+    mmlu = json.loads((tmp_path / "eval" / "pershape_kd_total_l18w0.75" / "metrics.json").read_text())
+    mmlu["mmlu_test_accuracy_l18w0.75"] = 0.31
+    (tmp_path / "eval" / "pershape_kd_total_l18w0.75" / "metrics.json").write_text(json.dumps(mmlu))
+    text = exp.render(plan, exp.collect(plan), {}, "python x")
+    header = next(ln for ln in text.splitlines() if ln.startswith("| shape | params"))
+    assert "MMLU (d) - (c'') |" in header and "(d) - (c) |" not in header
+    line = next(ln for ln in text.splitlines() if ln.startswith("| l18w0.75 |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert len(cells) == len(header.strip("|").split("|"))
+    at = {name.strip(): cells[i] for i, name in enumerate(header.strip("|").split("|"))}
+    # MMLU 25.0 against 31.0; average (40+50+30+25)/4 = 36.25 against (42+52+32+31)/4 = 39.25; ppl 40 / 50
+    assert at["MMLU (d) - (c'')"] == "-6.0" and at["(d) - (c'')"] == "-3.0" and at["ppl (d) / (c'')"] == "0.800"
+    assert at["MMLU (d) - (a)"] == "-"
+    assert "| (c'') per-shape LoRA, distilled, (d)'s total tokens | - / - | - / - | - / - | 39.2 / 50.00 |" in text
+
+
 def test_regenerate_command_drops_scheduling_flags():
     exp = _module()
     cmd = exp.regenerate_command(["--out", "/x", "--jobs", "9", "--phase=eval", "--steps", "400",
@@ -289,6 +312,10 @@ def test_a_packed_run_continues_elsewhere_without_retraining(tmp_path):
     (elsewhere / "eval" / "amoeba_l28w1" / "metrics.json").unlink()
     again = moved.needed_training(moved.train_jobs(), moved.eval_jobs())
     assert [j.name for j in again] == ["train_amoeba"]
+    # ... for real: its record no longer marks it done, and the earlier record is kept beside
+    assert not again[0].done()
+    kept = list((elsewhere / "train" / "amoeba").glob("train_results.earlier-*.json"))
+    assert len(kept) == 1 and kept[0].read_text() == "{}"
     assert not any(j.ready() for j in moved.eval_jobs() if not j.done())
 
 
