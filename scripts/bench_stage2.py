@@ -155,10 +155,11 @@ def mean_seconds(step, warmup: int, steps: int, label: Optional[str] = None) -> 
     return seconds
 
 
-def profile_step(step, steps: int, top: int = 12) -> dict:
+def profile_step(step, steps: int, top: int = 12, label: Optional[str] = None) -> dict:
     """What ``steps`` calls of ``step()`` spend, per call, from torch.profiler: device kernels launched and the
     device's busy time (CUDA; far below the wall time means the step is bound by launching, not computing), and
-    the operators with the most self time (device time on CUDA, CPU time on a CPU)."""
+    the operators with the most self time (device time on CUDA, CPU time on a CPU). With ``label``, the summary
+    is logged as soon as it is known (a 7B profile takes minutes; a run cut off by a time limit keeps it)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -181,6 +182,11 @@ def profile_step(step, steps: int, top: int = 12) -> dict:
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         out["kernels_per_step"] = len(kernels) / steps
         out["device_busy_ms_per_step"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps
+    if label:
+        logger.info("%s: profile: %.0f operators/step%s; top: %s", label, out["operators_per_step"],
+                    f", {out['kernels_per_step']:.0f} kernels/step, device busy {out['device_busy_ms_per_step']:.1f} "
+                    "ms/step" if cuda else "",
+                    "; ".join(f"{t['name']} {t['self_ms_per_step']:.2f} ms ({100 * t['share']:.1f}%)" for t in out["top"]))
     return out
 
 
@@ -301,24 +307,43 @@ def count_ops(opts, out_dir: Path) -> dict:
             "casts": ops["aten._to_copy"], "top": dict(ops.most_common(12))}
 
 
-def _random_7b(path: Path) -> None:
-    """Write a random-weight Llama-2-7B-shaped checkpoint (fp16) once."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def random_tokenizer(path: Path, vocab_size: int) -> None:
+    """Save a word-level tokenizer of ``vocab_size`` tokens (``<unk>``, ``<s>``, ``</s>``, then ``t3``, ...) to
+    ``path``: the random checkpoints' ids are random anyway, and no real model's tokenizer need be present."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    if (path / "config.json").is_file():
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(path)
+
+
+def _random_7b(path: Path) -> None:
+    """Write a random-weight Llama-2-7B-shaped checkpoint (fp16, with its own tokenizer) once; written beside,
+    then renamed, so a run stopped half-way leaves no folder that looks complete."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
         return
     cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                       tie_word_embeddings=False)
     logger.info("writing a random 7B-shaped checkpoint to %s", path)
+    part = path.with_name(path.name + ".partial")
+    shutil.rmtree(part, ignore_errors=True)
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.float16)
-    model.save_pretrained(path)
+    model.save_pretrained(part)
     del model
     torch.cuda.empty_cache()
-    tok_src = ROOT / "models" / "smollm2-135m-instruct"
-    AutoTokenizer.from_pretrained(tok_src).save_pretrained(path)  # ids are random anyway
+    random_tokenizer(part, cfg.vocab_size)
+    shutil.rmtree(path, ignore_errors=True)  # an incomplete folder of an earlier version of this function
+    part.rename(path)
 
 
 def memory(opts, out_dir: Path) -> dict:
@@ -440,7 +465,7 @@ def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> tuple[flo
         peer.zero_grad(set_to_none=True)
 
     seconds = mean_seconds(step, opts.warmup, opts.steps, label="peer: peft LoRA, full model")
-    profiled = profile_step(step, opts.profile) if opts.profile else None
+    profiled = profile_step(step, opts.profile, label="peer: peft LoRA, full model") if opts.profile else None
     if case["bits"] != 4:
         peer.unload()  # the in-memory base goes back to its plain self, for our steps
     del peer, base
@@ -483,7 +508,7 @@ def compare_case(opts, name: str, work: Path) -> dict:
             step = plan_step(trainer, model, batch, plan)
             row = f"{label} ({when})"
             timed.append((row, plan, mean_seconds(step, opts.warmup, opts.steps, row),
-                          profile_step(step, opts.profile) if opts.profile else None))
+                          profile_step(step, opts.profile, label=row) if opts.profile else None))
     trainer.logits_at_targets = current
     compile_error = None
     if opts.compile:  # the same steps with every decoder layer compiled (--compile_layers); warm-up compiles
@@ -493,7 +518,8 @@ def compare_case(opts, name: str, work: Path) -> dict:
                 step = plan_step(trainer, model, batch, plan)
                 timed.append((f"{label} (compiled)", plan,
                               mean_seconds(step, max(opts.warmup, 2), opts.steps, f"{label} (compiled)"),
-                              profile_step(step, opts.profile) if opts.profile else None))
+                              profile_step(step, opts.profile, label=f"{label} (compiled)") if opts.profile
+                              else None))
         except Exception as err:  # noqa: BLE001 - a compiler failure is a result to report, not the end of the run
             compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
             logger.warning("%s: compiled steps failed: %s", name, compile_error)

@@ -43,3 +43,19 @@ def test_compare_rows_flops_and_profile_on_the_tiny_case(tmp_path, caplog):
         assert p["top"] == sorted(p["top"], key=lambda t: t["self_ms_per_step"], reverse=True)
     # the sandwich runs four subnets: more operators than one full-model step
     assert sandwich["profile"]["operators_per_step"] > rows["ours: full model (after)"]["profile"]["operators_per_step"]
+    # each row's profile is logged as soon as it is taken (a 7B profile takes minutes)
+    profiled = [m for m in caplog.messages if ": profile: " in m]
+    assert [m.split(": profile: ")[0] for m in profiled] == list(rows)
+
+
+def test_random_checkpoints_get_their_own_tokenizer(tmp_path):
+    """The random 7B checkpoint needs no real model's tokenizer: a word-level one of the model's vocabulary,
+    loadable by AutoTokenizer, mapping every id below the vocabulary size to one token and back."""
+    from transformers import AutoTokenizer
+
+    bench = _bench()
+    bench.random_tokenizer(tmp_path, 500)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert len(tok) == 500 and tok.pad_token_id == tok.eos_token_id == 2
+    ids = [0, 1, 2, 3, 77, 499]
+    assert tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids
