@@ -427,6 +427,12 @@ class EvaluationArguments:
                           "prompts share (a five-shot prompt's header and exemplars) once per batch, as a KV cache "
                           "the rest of each prompt attends to. The same computation on about a fifth of the tokens "
                           "for five-shot prompts; the numbers differ by rounding only (fp32: within 1e-5)."})
+    lm_eval_prefix_cache: bool = field(
+        default=False,
+        metadata={"help": "lm-eval loglikelihood tasks: run each context that several answers share (HellaSwag's "
+                          "four endings, ARC's answers, PIQA's two solutions) once, and all its answers together on "
+                          "its KV cache, instead of context and answer together for every answer. The same "
+                          "computation on fewer tokens; the numbers differ by rounding only (fp32: within 1e-4)."})
     eval_num_layer: Optional[str] = field(
         default=None,
         metadata={"help": "Depth(s) to evaluate: 24, or a grid 30,26,22. Default: the full depth."})

@@ -228,12 +228,14 @@ class LMEvalRunner:
 
     Where each task comes from is :class:`LMEvalTasks`'s decision (the user's ``--lm_eval_include_path``
     configs, this project's offline configs, or lm-eval's stock tasks). Unknown names raise UsageError with
-    the closest known names; a task whose data cannot be fetched raises UsageError naming it.
+    the closest known names; a task whose data cannot be fetched raises UsageError naming it. With
+    ``prefix_cache`` (``--lm_eval_prefix_cache``) the wrapper runs each shared context once
+    (:class:`amoeba.lm_eval_prefix.ContextSharingHFLM`).
     """
 
     def __init__(self, model, tokenizer, tasks: Sequence[str], data_dir: Optional[str], batch_size: int = 8,
                  limit: Optional[int] = None, num_fewshot: Optional[int] = None,
-                 include_path: Optional[str] = None):
+                 include_path: Optional[str] = None, prefix_cache: bool = False):
         if limit is not None and limit < 1:
             raise UsageError(f"{limit} must be at least 1", "--lm_eval_limit")
         self.sources = LMEvalTasks(tasks, data_dir, include_path)
@@ -242,7 +244,10 @@ class LMEvalRunner:
         self.num_fewshot = num_fewshot
         self.managers = self.sources.managers
         self.samples: dict = {}  # lm-eval's "n-samples" of the last run: {task: {original, effective}}
-        from lm_eval.models.huggingface import HFLM  # deferred: lm-eval is slow to import
+        if prefix_cache:  # deferred: lm-eval is slow to import
+            from amoeba.lm_eval_prefix import ContextSharingHFLM as HFLM
+        else:
+            from lm_eval.models.huggingface import HFLM
 
         _quiet_in_memory_model_warnings()
         try:

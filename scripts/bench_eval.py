@@ -53,8 +53,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lm_eval_limit", type=int, default=None, help="examples per lm-eval task (default: all)")
     p.add_argument("--tasks", default=",".join(TASKS), help="lm-eval tasks")
     p.add_argument("--prefix_cache", action="store_true",
-                   help="also time MMLU with --mmlu_prefix_cache (the exemplars once per batch, as a KV cache) and "
-                        "report how many predictions differ from the plain run")
+                   help="also time MMLU with --mmlu_prefix_cache (the exemplars once per batch, as a KV cache; how "
+                        "many predictions differ from the plain run) and each lm-eval task with --lm_eval_prefix_cache "
+                        "(each shared context once; how far each metric moved)")
     p.add_argument("--batch_size", type=int, default=None, help="default: 32 on CUDA, 8 on CPU")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -137,23 +138,31 @@ def main() -> None:
                          "setup_s": 0.0, "eval_s": run, "metric": "accuracy", "value": cached["accuracy"],
                          "predictions_changed": changed})
         for task in [t for t in a.tasks.split(",") if t]:
-            start = time.perf_counter()
-            runner = LMEvalRunner(model, tok, [task], a.data_dir, batch_size=batch, limit=a.lm_eval_limit)
-            prep = time.perf_counter() - start
-            try:
-                _sync(device)
+            plain = None
+            for cached in (False, True) if a.prefix_cache else (False,):
                 start = time.perf_counter()
-                flat, _ = runner.run()
-                _sync(device)
-                run = time.perf_counter() - start
-            finally:
-                runner.close()
-            n = sum(v.get("effective", 0) for v in runner.samples.values())
-            metric = "acc_norm" if f"{task}_acc_norm" in flat else "acc"
-            rows.append({"task": task, "examples": n, "setup_s": prep, "eval_s": run, "metric": metric,
-                         "value": flat.get(f"{task}_{metric}", float("nan"))})
+                runner = LMEvalRunner(model, tok, [task], a.data_dir, batch_size=batch, limit=a.lm_eval_limit,
+                                      prefix_cache=cached)
+                prep = time.perf_counter() - start
+                try:
+                    _sync(device)
+                    start = time.perf_counter()
+                    flat, _ = runner.run()
+                    _sync(device)
+                    run = time.perf_counter() - start
+                finally:
+                    runner.close()
+                n = sum(v.get("effective", 0) for v in runner.samples.values())
+                metric = "acc_norm" if f"{task}_acc_norm" in flat else "acc"
+                row = {"task": task + (", prefix cache" if cached else ""), "examples": n, "setup_s": prep,
+                       "eval_s": run, "metric": metric, "value": flat.get(f"{task}_{metric}", float("nan"))}
+                if cached:  # the same numbers up to rounding: how far each metric moved
+                    row["metrics_moved"] = {k: flat[k] - plain[k] for k in plain if k in flat and
+                                            isinstance(plain[k], float)}
+                plain = flat
+                rows.append(row)
 
-    total = sum(r["eval_s"] for r in rows)
+    total = sum(r["eval_s"] for r in rows if "prefix cache" not in r["task"])  # the plain evaluation's time
     device_name = torch.cuda.get_device_name(0) if device == "cuda" else (platform.processor() or "CPU")
     result = {"shape": subnet.label, "layers": subnet.num_layers, "width": subnet.width,
               "params": em.param_count(subnet), "params_full": em.param_count(em.full_subnet()),
@@ -171,6 +180,9 @@ def main() -> None:
         print(f"| {r['task']} | {r['examples']} | {r['setup_s']:.1f} | {r['eval_s']:.1f} | {rate:.2f} | "
               f"{r['metric']} {r['value']:.4f}"
               + (f" ({r['predictions_changed']} predictions differ from the plain run)" if "predictions_changed" in r
+                 else "")
+              + (f" (largest change of a metric from the plain run: "
+                 f"{max((abs(v) for v in r['metrics_moved'].values()), default=0.0):.4f})" if "metrics_moved" in r
                  else "") + " |")
     print(f"| total | | | {total:.1f} | | |")
     print(f"\nwritten to {a.out}")

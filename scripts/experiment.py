@@ -265,6 +265,8 @@ class Plan:
             flags += ["--max_wikitext2_windows", str(c.wikitext_windows)]
         if c.mmlu_prefix_cache:
             flags += ["--mmlu_prefix_cache", "True"]
+        if c.lm_eval_prefix_cache:
+            flags += ["--lm_eval_prefix_cache", "True"]
         return flags
 
     # --- phases
@@ -623,14 +625,15 @@ def collect(plan: Plan) -> dict:
     return rows
 
 
-def prefix_cached_rows(plan: Plan) -> list[str]:
-    """The rows whose MMLU ran with the prefix cache, by the ``run_args.json`` each evaluation kept (rows measured
-    with and without it are told apart in the report: the cache changes bf16 rounding, not the method)."""
+def prefix_cached_rows(plan: Plan, option: str = "mmlu_prefix_cache") -> list[str]:
+    """The rows whose MMLU (``option`` ``mmlu_prefix_cache``) or lm-eval tasks (``lm_eval_prefix_cache``) ran with
+    the prefix cache, by the ``run_args.json`` each evaluation kept (rows measured with and without it are told
+    apart in the report: the cache changes bf16 rounding, not the method)."""
     cached = set()
     for record in sorted((plan.out / "eval").glob("*/run_args.json")):
         evaluation = json.loads(record.read_text()).get("arguments", {}).get("evaluation", {})
         row = row_of_folder(record.parent.name)
-        if row is not None and evaluation.get("mmlu_prefix_cache") and (record.parent / "metrics.json").is_file():
+        if row is not None and evaluation.get(option) and (record.parent / "metrics.json").is_file():
             cached.add(row)
     return [r for r in [*ROW_TITLES, REPEAT] if r in cached]
 
@@ -662,6 +665,11 @@ def render(plan: Plan, rows: dict, timings: dict, driver_cmd: str) -> str:
     if cached:
         lines += [f"MMLU with the prefix cache (`--mmlu_prefix_cache`: each batch's shared exemplars run once): "
                   f"{', '.join(ROW_TITLES.get(r, r) for r in cached)}; the other rows without it.", ""]
+    cached = prefix_cached_rows(plan, "lm_eval_prefix_cache")
+    if cached:
+        lines += [f"ARC-Easy, PIQA and HellaSwag with the context cache (`--lm_eval_prefix_cache`: each context "
+                  f"shared by several answers runs once): {', '.join(ROW_TITLES.get(r, r) for r in cached)}; the "
+                  "other rows without it.", ""]
     other = [(m, f"{n} (%)", "acc") for m, n in OTHER_METRICS.items()
              if any(m in v for shapes in rows.values() for v in shapes.values())]
     for metric, title, kind in (("avg_acc", "Average accuracy (%)", "acc"), (PPL, "WikiText-2 perplexity", "ppl"),
@@ -895,6 +903,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--mmlu_prefix_cache", type=int, choices=(0, 1), default=0,
                    help="1: evaluate MMLU with main.py's --mmlu_prefix_cache (each batch's shared exemplars run "
                         "once, as a KV cache; the qwen preset: 1); 0: every prompt in full")
+    p.add_argument("--lm_eval_prefix_cache", type=int, choices=(0, 1), default=0,
+                   help="1: evaluate the lm-eval tasks with main.py's --lm_eval_prefix_cache (each context shared by "
+                        "several answers runs once); 0: HFLM's own path, context and answer together per answer")
     p.add_argument("--flap_samples", type=int, default=512, help="calibrate phase: C4 sequences for FLAP")
     p.add_argument("--dp_batches", type=int, default=40,
                    help="calibrate phase: MMLU validation batches of 8 questions for the layer DP (the seed's 40)")

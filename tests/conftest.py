@@ -78,6 +78,21 @@ def tiny_model(kind: str = "gqa", layers: int = 4, seed: int = 0, **overrides):
     return model.eval()
 
 
+def attach_trained_moe(model, em, widths=(1.0, 0.75), seed: int = 5) -> None:
+    """MoE-LoRA adapters (3 experts, top-2) with their shape router on ``model``, "trained": random weights, so
+    every adapter changes the output; the model is left in eval mode."""
+    from amoeba.adapters import AdapterConfig, attach_adapters, structure_of
+
+    attach_adapters(model, em, AdapterConfig(r=4, alpha=8, num_experts=3, topk=2, use_router=True,
+                                             widths=list(widths), **structure_of(em)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.eval()
+
+
 @pytest.fixture
 def tokens():
     """A small batch of token ids."""

@@ -422,3 +422,13 @@ def test_the_report_names_the_rows_whose_mmlu_used_the_prefix_cache(tmp_path):
     text = exp.render(plan, exp.collect(plan), {}, "python x")
     assert "MMLU with the prefix cache (`--mmlu_prefix_cache`: each batch's shared exemplars run once): " \
            "(d) AmoebaLLM one-for-all; the other rows without it." in text
+    assert "--lm_eval_prefix_cache" not in text  # no row used the lm-eval one
+    record = {"arguments": {"evaluation": {"mmlu_prefix_cache": True, "lm_eval_prefix_cache": True}}}
+    (tmp_path / "eval" / "amoeba_l28w1" / "run_args.json").write_text(json.dumps(record))
+    assert exp.prefix_cached_rows(plan, "lm_eval_prefix_cache") == ["amoeba"]
+    assert "shared by several answers runs once): (d) AmoebaLLM one-for-all; the other rows without it." in \
+        exp.render(plan, exp.collect(plan), {}, "python x")
+    flags = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--lm_eval_prefix_cache",
+                                "1"])).eval_flags()
+    assert flags[flags.index("--lm_eval_prefix_cache") + 1] == "True"
+    assert "--lm_eval_prefix_cache" not in plan.eval_flags()  # off unless asked for

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from amoeba.errors import UsageError
 from amoeba.mmlu import answer_token_ids, load_mmlu, score_mmlu
-from conftest import tiny_model
+from conftest import attach_trained_moe, tiny_model
 
 DATA = Path(os.environ["AMOEBA_DATA_DIR"])
 
@@ -193,16 +193,7 @@ def test_prefix_cache_gives_the_uncached_letter_logits(tokenizer, kind, subnet, 
     model = tiny_model(kind, layers=3, vocab_size=49152, max_position_embeddings=4096)
     em = make_elastic(model)
     if moe:
-        from amoeba.adapters import AdapterConfig, attach_adapters, structure_of
-
-        attach_adapters(model, em, AdapterConfig(r=4, alpha=8, num_experts=3, topk=2, use_router=True,
-                                                 widths=[1.0, 0.75], **structure_of(em)))
-        g = torch.Generator().manual_seed(5)
-        with torch.no_grad():  # "trained": every adapter changes the output
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        model.eval()
+        attach_trained_moe(model, em)
     examples = _three_subjects()
     shape = Subnet(*subnet) if subnet else em.full_subnet()
     tokens = []

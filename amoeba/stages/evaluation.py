@@ -170,7 +170,8 @@ def load_inputs(args: Arguments, model, tokenizer, plan: EvaluationPlan) -> Eval
         inputs.windows = wikitext2_windows(model, tokenizer, args.data_dir, e.max_wikitext2_windows)
     if "lm_eval" in plan.need:  # on every rank, so a bad task name stops every rank alike
         inputs.runner = LMEvalRunner(model, tokenizer, args.lm_eval_tasks, args.data_dir, batch_size=plan.batch_size,
-                                     limit=e.lm_eval_limit, include_path=e.lm_eval_include_path)
+                                     limit=e.lm_eval_limit, include_path=e.lm_eval_include_path,
+                                     prefix_cache=e.lm_eval_prefix_cache)
     return inputs
 
 
