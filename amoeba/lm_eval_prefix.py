@@ -4,7 +4,7 @@ A multiple-choice task asks for the likelihood of every answer after the same co
 ARC's three to five answers, PIQA's two solutions. lm-eval's ``HFLM`` runs context and answer together for each
 of them, so most of its tokens are the same contexts again. :class:`ContextSharingHFLM` implements the
 tokenized-request hook every lm-eval model backend implements (``_loglikelihood_tokens``) so that a batch of
-distinct contexts runs once, keeping their KV cache, and then all their answers run together on that cache. The
+distinct contexts runs once, keeping their KV cache, and then their answers run on that cache, a batch at a time. The
 numbers are the same computation (equal up to rounding; tested against ``HFLM`` in fp32), with the log-softmax in
 ``HFLM``'s precision.
 
@@ -14,6 +14,7 @@ from the left), go through ``HFLM``'s own path unchanged.
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Optional
 
@@ -25,22 +26,11 @@ from tqdm import tqdm
 logger = logging.getLogger(__name__)
 
 
-def context_batches(contexts: list[tuple[int, ...]], rows: dict[tuple[int, ...], list[int]],
-                    longest: dict[tuple[int, ...], int], batch_size: int) -> list[list[tuple[int, ...]]]:
-    """Contexts packed into batches, longest context + answer first, each batch at most ``batch_size`` answers
-    (a context with more answers than that makes a batch of its own)."""
+def context_batches(contexts: list[tuple[int, ...]], longest: dict[tuple[int, ...], int],
+                    batch_size: int) -> list[list[tuple[int, ...]]]:
+    """Contexts in batches of ``batch_size``, longest context + answer first (so a batch's padding is small)."""
     order = sorted(contexts, key=lambda c: (-(len(c) + longest[c]), c))
-    batches, current, answers = [], [], 0
-    for ctx in order:
-        n = len(rows[ctx])
-        if current and answers + n > batch_size:
-            batches.append(current)
-            current, answers = [], 0
-        current.append(ctx)
-        answers += n
-    if current:
-        batches.append(current)
-    return batches
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 class ContextSharingHFLM(HFLM):
@@ -65,13 +55,14 @@ class ContextSharingHFLM(HFLM):
             for i, answer in zip(plain, answers):
                 results[i] = answer
         longest = {c: max(len(requests[i][2]) for i in idx) for c, idx in rows.items()}
-        batches = context_batches(list(rows), rows, longest, max(1, int(override_bs or self.batch_size)))
+        size = max(1, int(override_bs or self.batch_size))
+        batches = context_batches(list(rows), longest, size)
         with tqdm(total=sum(len(v) for v in rows.values()), disable=disable_tqdm or self.rank != 0,
                   desc="Running loglikelihood requests (contexts once)") as bar:
             for batch in batches:
                 members = [(g, i) for g, ctx in enumerate(batch) for i in rows[ctx]]
                 for (g, i), answer in zip(members, self._score_batch(batch, [requests[i][2] for _, i in members],
-                                                                     [g for g, _ in members])):
+                                                                     [g for g, _ in members], size)):
                     results[i] = answer
                     if requests[i][0] is not None:
                         self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
@@ -79,9 +70,10 @@ class ContextSharingHFLM(HFLM):
         return results
 
     @torch.no_grad()
-    def _score_batch(self, contexts: list[tuple[int, ...]], conts: list[list[int]],
-                     owner: list[int]) -> list[tuple[float, bool]]:
-        """(log-likelihood, greedy) of each answer ``conts[k]`` after context ``contexts[owner[k]]``."""
+    def _score_batch(self, contexts: list[tuple[int, ...]], conts: list[list[int]], owner: list[int],
+                     rows: int) -> list[tuple[float, bool]]:
+        """(log-likelihood, greedy) of each answer ``conts[k]`` after context ``contexts[owner[k]]``: the contexts
+        in one forward that keeps their KV cache, then the answers ``rows`` at a time on (a copy of) it."""
         dev = self.device
         width = max(len(c) for c in contexts)
         ids = torch.zeros(len(contexts), width, dtype=torch.long)
@@ -99,31 +91,35 @@ class ContextSharingHFLM(HFLM):
         col = torch.searchsorted(keep, last).to(out.logits.device)
         first = F.log_softmax(out.logits[torch.arange(len(contexts), device=col.device), col], dim=-1,
                               dtype=self.softmax_dtype)  # [contexts, vocab]: each answer's first token
-        tails = [c[:-1] for c in conts]  # the answer's own tokens that predict its next ones
-        span = max(len(t) for t in tails)
-        rest = None
-        if span:
-            cache = out.past_key_values
-            cache.batch_select_indices(torch.tensor(owner, device=dev))
-            tail_ids = torch.zeros(len(conts), span, dtype=torch.long)
-            tail_mask = torch.zeros(len(conts), span, dtype=torch.long)
-            for k, t in enumerate(tails):
-                tail_ids[k, :len(t)] = torch.tensor(t, dtype=torch.long)
-                tail_mask[k, :len(t)] = 1
-            owners = torch.tensor(owner)
-            # the context's padding stays masked; positions continue each context's own length
-            full_mask = torch.cat([mask[owners], tail_mask], dim=1)
-            positions = (last[owners] + 1).unsqueeze(1) + torch.arange(span).unsqueeze(0)
-            with torch.autocast(**autocast):
-                logits = self.model(input_ids=tail_ids.to(dev), attention_mask=full_mask.to(dev),
-                                    position_ids=positions.to(dev), past_key_values=cache, use_cache=True).logits
-            rest = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)  # [answers, span, vocab]
         answers = []
-        for k, cont in enumerate(conts):
-            logp = first[owner[k]].unsqueeze(0)
-            if len(cont) > 1:
-                logp = torch.cat([logp, rest[k, :len(cont) - 1].to(logp.device)], dim=0)
-            target = torch.tensor(cont, dtype=torch.long, device=logp.device)
-            greedy = bool((logp.argmax(dim=-1) == target).all())
-            answers.append((float(logp.gather(1, target.unsqueeze(1)).sum()), greedy))
+        chunks = [list(range(k, min(k + rows, len(conts)))) for k in range(0, len(conts), rows)]
+        for part in chunks:
+            tails = [conts[k][:-1] for k in part]  # the answer's own tokens that predict its next ones
+            span = max(len(t) for t in tails)
+            rest = None
+            if span:
+                # the model extends the cache it is given: each chunk gets its own copy, rows picked per answer
+                cache = out.past_key_values if len(chunks) == 1 else copy.deepcopy(out.past_key_values)
+                owners = torch.tensor([owner[k] for k in part])
+                cache.batch_select_indices(owners.to(dev))
+                tail_ids = torch.zeros(len(part), span, dtype=torch.long)
+                tail_mask = torch.zeros(len(part), span, dtype=torch.long)
+                for r, t in enumerate(tails):
+                    tail_ids[r, :len(t)] = torch.tensor(t, dtype=torch.long)
+                    tail_mask[r, :len(t)] = 1
+                # the context's padding stays masked; positions continue each context's own length
+                full_mask = torch.cat([mask[owners], tail_mask], dim=1)
+                positions = (last[owners] + 1).unsqueeze(1) + torch.arange(span).unsqueeze(0)
+                with torch.autocast(**autocast):
+                    logits = self.model(input_ids=tail_ids.to(dev), attention_mask=full_mask.to(dev),
+                                        position_ids=positions.to(dev), past_key_values=cache, use_cache=True).logits
+                rest = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)  # [answers, span, vocab]
+            for r, k in enumerate(part):
+                cont = conts[k]
+                logp = first[owner[k]].unsqueeze(0)
+                if len(cont) > 1:
+                    logp = torch.cat([logp, rest[r, :len(cont) - 1].to(logp.device)], dim=0)
+                target = torch.tensor(cont, dtype=torch.long, device=logp.device)
+                greedy = bool((logp.argmax(dim=-1) == target).all())
+                answers.append((float(logp.gather(1, target.unsqueeze(1)).sum()), greedy))
         return answers
