@@ -115,6 +115,11 @@ PRESETS = {
         default_rows="stage1,shortgpt,pershape_kd,pershape_kd_total,amoeba,amoeba_seed1,abl_lora,abl_nobal,abl_nokd"),
 }
 PPL = "wikitext2_ppl"
+MMLU = "mmlu_test_accuracy"
+MMLU_MICRO = "mmlu_test_micro_accuracy"
+MMLU_TEST_QUESTIONS = 14042  # the MMLU test split's size: the sampling error when --mmlu_samples is not set
+# lm-eval's standard error of each averaged accuracy it measures (MMLU's comes from its question count)
+STDERR = {m: f"{m}_stderr" for m in ACC_METRICS if m != MMLU}
 REPEAT = "amoeba_repeat"  # (d)'s evaluation run a second time: its own folder, compared with (d)'s
 
 
@@ -609,8 +614,8 @@ def collect(plan: Plan) -> dict:
         metrics = json.loads(path.read_text())
         for d, w in plan.grid + plan.single:
             lab = label(d, w)
-            vals = {m: metrics[f"{m}_{lab}"] for m in (PPL, *ACC_METRICS, *OTHER_METRICS, "params")
-                    if f"{m}_{lab}" in metrics}
+            vals = {m: metrics[f"{m}_{lab}"] for m in (PPL, *ACC_METRICS, *OTHER_METRICS, *STDERR.values(),
+                                                       MMLU_MICRO, "params") if f"{m}_{lab}" in metrics}
             if vals:
                 rows.setdefault(row, {})[lab] = vals
     # (b)'s whole-model cell is (a)'s (Plan.eval_jobs measures that network once)
@@ -622,6 +627,12 @@ def collect(plan: Plan) -> dict:
             accs = [vals[m] for m in ACC_METRICS if m in vals]
             if len(accs) == len(ACC_METRICS):
                 vals["avg_acc"] = sum(accs) / len(accs)
+            if MMLU in vals:  # binomial, over the questions asked (the micro accuracy's; the macro's is close)
+                p = vals.get(MMLU_MICRO, vals[MMLU])
+                vals["mmlu_se"] = math.sqrt(p * (1 - p) / (plan.cfg.mmlu_samples or MMLU_TEST_QUESTIONS))
+            errors = [vals.get(e) for e in STDERR.values()] + [vals.get("mmlu_se")]
+            if "avg_acc" in vals and all(e is not None for e in errors):
+                vals["avg_acc_se"] = math.sqrt(sum(e * e for e in errors)) / len(errors)
     return rows
 
 
@@ -683,11 +694,13 @@ def render(plan: Plan, rows: dict, timings: dict, driver_cmd: str) -> str:
             lines.append(f"| {ROW_TITLES[r]} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += comparisons(plan, rows)
+    lines += ablation_effects(plan, rows)
     rep = rows.get(REPEAT, {})
     if rep:
         first = rows.get("amoeba", {})
+        shown_metrics = (PPL, *ACC_METRICS, *OTHER_METRICS, "avg_acc")  # not their errors: they follow the values
         diffs = [(lab, m, first.get(lab, {}).get(m), v) for lab, vals in rep.items() for m, v in vals.items()
-                 if first.get(lab, {}).get(m) != v]
+                 if m in shown_metrics and first.get(lab, {}).get(m) != v]
         verdict = "identical numbers, every metric" if not diffs else "DIFFERENT numbers"
         shown = ", ".join(f"{lab}: avg {_fmt(v.get('avg_acc'), 'acc')}, ppl {_fmt(v.get(PPL), 'ppl')}"
                           for lab, v in rep.items())
@@ -777,6 +790,53 @@ def comparisons(plan: Plan, rows: dict) -> list[str]:
                 cells.append(f"{_fmt(v.get('avg_acc'), 'acc')} / {_fmt(v.get(PPL), 'ppl')}")
             lines.append(f"| {ROW_TITLES[r]} | " + " | ".join(cells) + " |")
         lines.append("")
+    return lines
+
+
+def ablation_effects(plan: Plan, rows: dict) -> list[str]:
+    """What each component of (d) is worth, with error bars: (d) minus each ablation (e) at the single shapes, in
+    average accuracy and MMLU points, +- two standard errors of the difference (the tasks' sampling errors), against
+    the noise floor of training itself ((d) and (d'') differ only by the seed; measured at the smallest shape)."""
+    d = rows.get("amoeba", {})
+    ablations = [r for r in ("abl_lora", "abl_nobal", "abl_nokd") if r in rows]
+    if not d or not ablations:
+        return []
+    smallest = label(*plan.single[-1])
+    seed = rows.get("amoeba_seed1", {}).get(smallest, {})
+    floor = {m: abs(d[smallest][m] - seed[m]) for m in ("avg_acc", MMLU) if m in d.get(smallest, {}) and m in seed}
+    errors = {"avg_acc": "avg_acc_se", MMLU: "mmlu_se"}
+    lines = ["## What each component is worth", "",
+             "(d) minus each ablation, in points, +- two standard errors of the difference (each task's sampling "
+             "error: lm-eval's for ARC-Easy, PIQA and HellaSwag, binomial over the questions for MMLU). "
+             + (f"Noise floor of training: (d) and (d'') (another seed) differ by "
+                f"{100 * floor.get('avg_acc', float('nan')):.1f} average and {100 * floor.get(MMLU, float('nan')):.1f} "
+                f"MMLU points at {smallest}. " if floor else "The noise floor of training ((d'') at "
+                f"{smallest}) is not measured yet. " if plan.wanted("amoeba_seed1") else
+                "This experiment has no run with another seed ((d''), the noise floor of training): nothing is "
+                "judged. ")
+             + ("An effect counts when the difference is larger than both." if plan.wanted("amoeba_seed1") else ""),
+             "",
+             "| ablation | shape | avg (d) - ablation | MMLU (d) - ablation | beyond the noise |",
+             "| --- | --- | ---: | ---: | --- |"]
+    for r in ablations:
+        for lab in [label(a, b) for a, b in plan.single]:
+            mine, theirs = d.get(lab, {}), rows[r].get(lab, {})
+            cells, verdicts = [], []
+            for metric, name in (("avg_acc", "avg"), (MMLU, "MMLU")):
+                if metric not in mine or metric not in theirs:
+                    cells.append("-")
+                    continue
+                diff = mine[metric] - theirs[metric]
+                se = (math.sqrt(mine[errors[metric]] ** 2 + theirs[errors[metric]] ** 2)
+                      if errors[metric] in mine and errors[metric] in theirs else None)
+                cells.append(f"{100 * diff:+.1f}" + (f" +- {200 * se:.1f}" if se is not None else ""))
+                bar = max(2 * se if se is not None else 0.0, floor.get(metric, 0.0))
+                if se is not None and metric in floor:
+                    verdicts.append(f"{name}: {'yes' if abs(diff) > bar else 'no'}")
+            if cells != ["-", "-"]:
+                lines.append(f"| {ROW_TITLES[r]} | {lab} | {cells[0]} | {cells[1]} | "
+                             f"{', '.join(verdicts) or ('not judged (no noise floor yet)' if plan.wanted('amoeba_seed1') else '-')} |")
+    lines.append("")
     return lines
 
 

@@ -99,6 +99,45 @@ def test_comparison_gives_mmlu_differences_against_every_measured_per_shape_row(
     assert "| (c'') per-shape LoRA, distilled, (d)'s total tokens | - / - | - / - | - / - | 39.2 / 50.00 |" in text
 
 
+def test_ablation_effects_have_error_bars_and_the_seed_noise_floor(tmp_path):
+    """Each ablation's effect is (d) minus the ablation, +- two standard errors of the difference (lm-eval's
+    errors for its tasks, binomial for MMLU), judged against the noise floor (d) and (d'') give at the smallest
+    shape; without (d'') nothing is judged."""
+    import math
+
+    exp = _module()
+    plan = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path)]))
+    small = "l18w0.75"
+
+    def write(folder, acc, mmlu):
+        _write_metrics(tmp_path / "eval" / folder, [small], {"ppl": 50.0, "acc": acc})
+        path = tmp_path / "eval" / folder / "metrics.json"
+        m = json.loads(path.read_text())
+        m.update({f"mmlu_test_accuracy_{small}": mmlu, f"mmlu_test_micro_accuracy_{small}": mmlu,
+                  f"arc_easy_acc_stderr_{small}": 0.01, f"piqa_acc_stderr_{small}": 0.01,
+                  f"hellaswag_acc_norm_stderr_{small}": 0.005})
+        path.write_text(json.dumps(m))
+
+    write(f"amoeba_{small}", 0.40, 0.30)
+    write(f"abl_lora_{small}", 0.40, 0.25)  # MMLU 5 points below (d): an effect
+    write(f"abl_nokd_{small}", 0.395, 0.297)  # within the noise
+    rows = exp.collect(plan)
+    se_mmlu = math.sqrt(0.3 * 0.7 / 14042)
+    assert rows["amoeba"][small]["mmlu_se"] == pytest.approx(se_mmlu)
+    assert rows["amoeba"][small]["avg_acc_se"] == pytest.approx(
+        math.sqrt(0.01 ** 2 + 0.01 ** 2 + 0.005 ** 2 + se_mmlu ** 2) / 4)
+    text = "\n".join(exp.ablation_effects(plan, rows))
+    assert "not measured yet" in text and "not judged (no noise floor yet)" in text
+    write("amoeba_seed1", 0.402, 0.302)  # the seed moves average and MMLU by 0.2 points
+    text = "\n".join(exp.ablation_effects(plan, exp.collect(plan)))
+    assert "differ by 0.2 average and 0.2 MMLU points at l18w0.75" in text
+    lora = next(ln for ln in text.splitlines() if ln.startswith("| (e) plain LoRA"))
+    two_se = 200 * math.sqrt(2) * se_mmlu
+    assert f"| +5.0 +- {two_se:.1f} |" in lora and "MMLU: yes" in lora and "avg: yes" in lora
+    nokd = next(ln for ln in text.splitlines() if ln.startswith("| (e) no distillation"))
+    assert "avg: no, MMLU: no" in nokd
+
+
 def test_regenerate_command_drops_scheduling_flags():
     exp = _module()
     cmd = exp.regenerate_command(["--out", "/x", "--jobs", "9", "--phase=eval", "--steps", "400",
