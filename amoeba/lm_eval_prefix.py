@@ -2,7 +2,8 @@
 
 A multiple-choice task asks for the likelihood of every answer after the same context: HellaSwag's four endings,
 ARC's three to five answers, PIQA's two solutions. lm-eval's ``HFLM`` runs context and answer together for each
-of them, so most of its tokens are the same contexts again. :class:`ContextSharingHFLM` implements the
+of them, so most of its tokens are the same contexts again. :func:`context_sharing_hflm` gives the ``HFLM``
+subclass (with :class:`ContextSharing`'s methods) that implements the
 tokenized-request hook every lm-eval model backend implements (``_loglikelihood_tokens``) so that a batch of
 distinct contexts runs once, keeping their KV cache, and then their answers run on that cache, a batch at a time. The
 numbers are the same computation (equal up to rounding; tested against ``HFLM`` in fp32), with the log-softmax in
@@ -15,12 +16,12 @@ from the left), go through ``HFLM``'s own path unchanged.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,17 @@ def context_batches(contexts: list[tuple[int, ...]], longest: dict[tuple[int, ..
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-class ContextSharingHFLM(HFLM):
-    """``HFLM`` whose loglikelihood runs each shared context once (see the module docstring)."""
+@functools.cache
+def context_sharing_hflm() -> type:
+    """lm-eval's ``HFLM`` with :class:`ContextSharing`'s loglikelihood (built on first use)."""
+    from lm_eval.models.huggingface import HFLM  # deferred: lm-eval is slow to import
+
+    return type("ContextSharingHFLM", (ContextSharing, HFLM), {"__doc__": ContextSharing.__doc__})
+
+
+class ContextSharing:
+    """The methods that make an ``HFLM`` run each shared context once (see the module docstring); combined with
+    ``HFLM`` by :func:`context_sharing_hflm`."""
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: Optional[int] = None):
         if self.backend != "causal" or not isinstance(self.batch_size, int):

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 from amoeba import DropMessage
 from amoeba.errors import UsageError
+from amoeba.lm_eval_prefix import context_sharing_hflm
 from amoeba.lm_eval_tasks import LOCAL_TASKS, render_tasks
 
 logger = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ class LMEvalRunner:
     configs, this project's offline configs, or lm-eval's stock tasks). Unknown names raise UsageError with
     the closest known names; a task whose data cannot be fetched raises UsageError naming it. With
     ``prefix_cache`` (``--lm_eval_prefix_cache``) the wrapper runs each shared context once
-    (:class:`amoeba.lm_eval_prefix.ContextSharingHFLM`).
+    (:func:`amoeba.lm_eval_prefix.context_sharing_hflm`).
     """
 
     def __init__(self, model, tokenizer, tasks: Sequence[str], data_dir: Optional[str], batch_size: int = 8,
@@ -244,10 +245,10 @@ class LMEvalRunner:
         self.num_fewshot = num_fewshot
         self.managers = self.sources.managers
         self.samples: dict = {}  # lm-eval's "n-samples" of the last run: {task: {original, effective}}
-        if prefix_cache:  # deferred: lm-eval is slow to import
-            from amoeba.lm_eval_prefix import ContextSharingHFLM as HFLM
+        if prefix_cache:
+            HFLM = context_sharing_hflm()
         else:
-            from lm_eval.models.huggingface import HFLM
+            from lm_eval.models.huggingface import HFLM  # deferred: lm-eval is slow to import
 
         _quiet_in_memory_model_warnings()
         try:

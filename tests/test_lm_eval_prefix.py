@@ -47,7 +47,7 @@ def _requests(model, tokenizer):
 def test_shared_contexts_give_hflm_loglikelihoods(tokenizer, kind, subnet, moe):
     from lm_eval.models.huggingface import HFLM
 
-    from amoeba.lm_eval_prefix import ContextSharingHFLM
+    from amoeba.lm_eval_prefix import context_sharing_hflm
 
     model = tiny_model(kind, layers=3, vocab_size=49152, max_position_embeddings=512)
     em = make_elastic(model)
@@ -61,10 +61,10 @@ def test_shared_contexts_give_hflm_loglikelihoods(tokenizer, kind, subnet, moe):
             lambda m, a, kw: tokens.append((kw["input_ids"] if "input_ids" in kw else a[0]).numel()), with_kwargs=True)
         plain = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=3).loglikelihood(requests, disable_tqdm=True)
         plain_tokens, tokens[:] = sum(tokens), []
-        shared = ContextSharingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=3).loglikelihood(
+        shared = context_sharing_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=3).loglikelihood(
             requests, disable_tqdm=True)
         hook.remove()
-        one_batch = ContextSharingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=64).loglikelihood(
+        one_batch = context_sharing_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=64).loglikelihood(
             requests, disable_tqdm=True)
     assert sum(tokens) < 0.9 * plain_tokens  # each shared context ran once (padding included)
     assert len(shared) == len(plain) == len(requests)
