@@ -146,6 +146,7 @@ class Job:
     want_keys: list[str] = field(default_factory=list)
     resumable: bool = False
     needs: list[Path] = field(default_factory=list)  # files that must exist before it can start
+    makes: list[Path] = field(default_factory=list)  # files later jobs need from it: without them it is not done
     gpu: Optional[str] = None  # the GPU it runs on (--gpus)
     expected_s: float = 0.0  # rough duration; a job that is not resumable starts only if it fits the deadline
     first_s: float = 0.0  # time to its first kept result, for a job that keeps partial results (0: keeps none)
@@ -161,6 +162,8 @@ class Job:
 
     def done(self) -> bool:
         if self.done_file and not (self.out / self.done_file).is_file():
+            return False
+        if not all(Path(p).exists() for p in self.makes):  # e.g. a record that travelled without its weights
             return False
         if self.want_keys:
             try:
@@ -445,15 +448,8 @@ class Plan:
             if readers and all(e.done() for e in readers):
                 logger.info("%s: not needed (every evaluation of its adapters is done)", job.name)
                 continue
-            missing = [n for e in readers if not e.done() for n in e.needs
-                       if job.out in Path(n).parents and not Path(n).exists()]
-            if missing and job.done():
-                # finished elsewhere (--pack carries its record, not its weights): train again; the earlier record
-                # is kept beside, since the evaluations already done came from that run's adapters
-                kept_as = job.out / f"{Path(job.done_file).stem}.earlier-{time.strftime('%Y%m%d-%H%M%S')}.json"
-                (job.out / job.done_file).rename(kept_as)
-                logger.warning("%s: its adapters are not here (%s) but evaluations need them: training again "
-                               "(the earlier run's record kept as %s)", job.name, missing[0], kept_as.name)
+            # finished elsewhere (--pack carries its record, not its weights), it is not done until they exist
+            job.makes = [Path(n) for e in readers if not e.done() for n in e.needs if job.out in Path(n).parents]
             kept.append(job)
         return kept
 
@@ -461,6 +457,17 @@ class Plan:
 # ----------------------------------------------------------------------------------------------
 # Running jobs
 # ----------------------------------------------------------------------------------------------
+def set_aside_record(job: Job) -> None:
+    """Before a job runs again (its record is here but not what it makes), rename its earlier record so the new
+    run does not overwrite it: evaluations already done came from that run."""
+    record = job.out / job.done_file if job.done_file else None
+    if record is not None and record.is_file():
+        kept_as = record.with_name(f"{record.stem}.earlier-{time.strftime('%Y%m%d-%H%M%S')}{record.suffix}")
+        record.rename(kept_as)
+        logger.warning("%s: running again, as %s is missing; the earlier run's record is kept as %s", job.name,
+                       next((str(p) for p in job.makes if not Path(p).exists()), "its output"), kept_as.name)
+
+
 def resume_argv(out: Path, argv: list) -> None:
     """Add --resume_training when the job's folder holds a complete checkpoint (its trainer_state.json marker).
 
@@ -529,6 +536,7 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float, gpus: O
             if job is None:
                 break
             pending.remove(job)
+            set_aside_record(job)
             argv = list(job.argv)
             if job.resumable:
                 resume_argv(job.out, argv)
