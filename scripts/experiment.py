@@ -760,7 +760,6 @@ def comparisons(plan: Plan, rows: dict) -> list[str]:
     if "pershape" not in others and plan.wanted("pershape"):  # a planned (c) has its column before it has results
         others.insert(2, "pershape")
     short = {r: ROW_TITLES[r].split(" ", 1)[0] for r in others}  # "(a)", "(c'')"
-    mmlu = "mmlu_test_accuracy"
     lines = ["## One-for-all against the baselines", "",
              "Differences in points (average accuracy, then MMLU) and perplexity ratio (below 1: (d) is better).", "",
              "| shape | params (M) | (d) avg | " + "".join(f"(d) - {short[r]} | " for r in others)
@@ -782,7 +781,7 @@ def comparisons(plan: Plan, rows: dict) -> list[str]:
             return f"{row[PPL] / o[PPL]:.3f}" if PPL in o and PPL in row else "-"
         lines.append(f"| {lab} | {row.get('params', float('nan')) / 1e6:.1f} | {_fmt(row.get('avg_acc'), 'acc')} | "
                      + "".join(f"{diff(r, 'avg_acc')} | " for r in others)
-                     + f"{_fmt(row.get(mmlu), 'acc')} | " + "".join(f"{diff(r, mmlu)} | " for r in others)
+                     + f"{_fmt(row.get(MMLU), 'acc')} | " + "".join(f"{diff(r, MMLU)} | " for r in others)
                      + f"{_fmt(row.get(PPL), 'ppl')} | " + "".join(f"{ratio(r)} | " for r in others).rstrip(" "))
     lines.append("")
     singles = [label(a, b) for a, b in plan.single]
@@ -813,17 +812,18 @@ def ablation_effects(plan: Plan, rows: dict) -> list[str]:
     seed = rows.get("amoeba_seed1", {}).get(smallest, {})
     floor = {m: abs(d[smallest][m] - seed[m]) for m in ("avg_acc", MMLU) if m in d.get(smallest, {}) and m in seed}
     errors = {"avg_acc": "avg_acc_se", MMLU: "mmlu_se"}
+    judged = plan.wanted("amoeba_seed1")
+    if floor:
+        avg, mm = (100 * floor.get(m, math.nan) for m in ("avg_acc", MMLU))
+        noise = (f"Noise floor of training: (d) and (d'') (another seed) differ by {avg:.1f} average and {mm:.1f} "
+                 f"MMLU points at {smallest}. An effect counts when the difference is larger than both.")
+    elif judged:
+        noise = f"The noise floor of training ((d'') at {smallest}) is not measured yet."
+    else:
+        noise = "This experiment has no run with another seed ((d''), the noise floor of training): nothing is judged."
     lines = ["## What each component is worth", "",
              "(d) minus each ablation, in points, +- two standard errors of the difference (each task's sampling "
-             "error: lm-eval's for ARC-Easy, PIQA and HellaSwag, binomial over the questions for MMLU). "
-             + (f"Noise floor of training: (d) and (d'') (another seed) differ by "
-                f"{100 * floor.get('avg_acc', float('nan')):.1f} average and {100 * floor.get(MMLU, float('nan')):.1f} "
-                f"MMLU points at {smallest}. " if floor else "The noise floor of training ((d'') at "
-                f"{smallest}) is not measured yet. " if plan.wanted("amoeba_seed1") else
-                "This experiment has no run with another seed ((d''), the noise floor of training): nothing is "
-                "judged. ")
-             + ("An effect counts when the difference is larger than both." if plan.wanted("amoeba_seed1") else ""),
-             "",
+             "error: lm-eval's for ARC-Easy, PIQA and HellaSwag, binomial over the questions for MMLU). " + noise, "",
              "| ablation | shape | avg (d) - ablation | MMLU (d) - ablation | beyond the noise |",
              "| --- | --- | ---: | ---: | --- |"]
     for r in ablations:
@@ -838,12 +838,11 @@ def ablation_effects(plan: Plan, rows: dict) -> list[str]:
                 se = (math.sqrt(mine[errors[metric]] ** 2 + theirs[errors[metric]] ** 2)
                       if errors[metric] in mine and errors[metric] in theirs else None)
                 cells.append(f"{100 * diff:+.1f}" + (f" +- {200 * se:.1f}" if se is not None else ""))
-                bar = max(2 * se if se is not None else 0.0, floor.get(metric, 0.0))
                 if se is not None and metric in floor:
-                    verdicts.append(f"{name}: {'yes' if abs(diff) > bar else 'no'}")
+                    verdicts.append(f"{name}: {'yes' if abs(diff) > max(2 * se, floor[metric]) else 'no'}")
             if cells != ["-", "-"]:
-                lines.append(f"| {ROW_TITLES[r]} | {lab} | {cells[0]} | {cells[1]} | "
-                             f"{', '.join(verdicts) or ('not judged (no noise floor yet)' if plan.wanted('amoeba_seed1') else '-')} |")
+                verdict = ", ".join(verdicts) or ("not judged (no noise floor yet)" if judged else "-")
+                lines.append(f"| {ROW_TITLES[r]} | {lab} | {cells[0]} | {cells[1]} | {verdict} |")
     lines.append("")
     return lines
 
