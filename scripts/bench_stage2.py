@@ -20,8 +20,9 @@ Llama-2-7B-shaped model loaded in 4-bit NF4 with double quantization, batch 2 x 
 **Against the peer** (``--compare``): on one batch per case, the step of a plain peft LoRA model (r=64 on all
 seven projections, alpha 16, the full model, the label loss, bf16 autocast; fp16 and gradient checkpointing for
 the 4-bit case, as QLoRA does) against this project's full-model step and its sandwich step (the seed's Llama-2
-Stage 2 subnets), each before and after the step's optimisations (today's code path and the current one,
-switched in the same process), as s/step, tokens/s and model FLOPs utilisation:
+Stage 2 subnets), each before and after the step's optimisations (the code path before them and the current
+one, switched in the same process: the output matrix at every position or at the answer positions only, the
+experts mixed by one matrix product or element-wise), as s/step, tokens/s and model FLOPs utilisation:
 
     MFU = sum over the step's subnets of 4 * N_sub * T  /  (seconds * peak FLOP/s)
 
@@ -49,6 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from amoeba.adapters import get_router  # noqa: E402
 from amoeba.args import parse_args  # noqa: E402
 from amoeba.compiled import compile_layers  # noqa: E402
 from amoeba.elastic import make_elastic  # noqa: E402
@@ -92,6 +94,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
                         "time, top operators)")
+    p.add_argument("--same_losses", type=int, default=0, metavar="STEPS",
+                   help="with --compare: also train STEPS sandwich steps (optimizer included) from the same start "
+                        "and seed before and after the optimisations, and report how far their losses differ")
     p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, a few steps")
     return p.parse_args(argv)
 
@@ -205,6 +210,41 @@ def plan_step(trainer, model, batch, plan):
 def time_plan(trainer, model, batch, plan, warmup: int, steps: int) -> float:
     """Mean seconds of ``training_step`` (forward + backward of every subnet in ``plan``)."""
     return mean_seconds(plan_step(trainer, model, batch, plan), warmup, steps)
+
+
+def loss_curve(trainer, model, batch, plan, steps: int, start: dict, settings: tuple) -> list[float]:
+    """The training losses of ``steps`` optimizer steps of ``plan`` on ``batch``, from the trainable tensors
+    ``start`` and a fresh optimizer state, with ``settings`` = (logits at the answer positions only, experts
+    mixed element-wise) switched on the trainer and the router."""
+    router = get_router(model)
+    trainer.logits_at_targets, router.elementwise_mix = settings
+    trainer.fixed_plan = plan
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in start:
+                p.copy_(start[name])
+    trainer.optimizer.state.clear()  # optimizers build their state on the first step
+    model.zero_grad(set_to_none=True)
+    model.train()
+    losses = []
+    for i in range(steps):
+        trainer.state.global_step, trainer._micro_step = i, (-1, 0)  # the router's noise follows the step
+        losses.append(float(trainer.training_step(model, dict(batch))))
+        trainer.optimizer.step()
+        model.zero_grad(set_to_none=True)
+    return losses
+
+
+def same_losses(trainer, model, batch, plan, steps: int, before: tuple, after: tuple) -> dict:
+    """Loss curves of ``steps`` sandwich steps before and after the optimisations, from the same start; the
+    trainable tensors are left as they were."""
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    curves = [loss_curve(trainer, model, batch, plan, steps, start, s) for s in (before, after)]
+    loss_curve(trainer, model, batch, plan, 0, start, after)  # puts the start back
+    trainer.state.global_step = 0
+    diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(*curves))
+    logger.info("same losses over %d steps: largest relative difference %.2e", steps, diff)
+    return {"steps": steps, "before": curves[0], "after": curves[1], "max_relative_difference": diff}
 
 
 def time_optimizer(trainer, model, batch, plan, steps: int) -> float:
@@ -501,15 +541,19 @@ def compare_case(opts, name: str, work: Path) -> dict:
         role = "largest" if i == 0 else "smallest" if i == len(pairs) - 1 else f"random{i}"
         sandwich.append((role, Subnet(tuple(range(int(layers))), float(width))))
     timed = [("peer: peft LoRA, full model", full, peer_seconds, peer_profile)]
-    current = trainer.logits_at_targets
+    router = get_router(model)
+    # before: the output matrix over every position, the experts mixed by one matrix product per group
+    current = (trainer.logits_at_targets, router.elementwise_mix)
     for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
-        for when, setting in (("before", False), ("after", current)):
-            trainer.logits_at_targets = setting
+        for when, (at_targets, elementwise) in (("before", (False, False)), ("after", current)):
+            trainer.logits_at_targets, router.elementwise_mix = at_targets, elementwise
             step = plan_step(trainer, model, batch, plan)
             row = f"{label} ({when})"
             timed.append((row, plan, mean_seconds(step, opts.warmup, opts.steps, row),
                           profile_step(step, opts.profile, label=row) if opts.profile else None))
-    trainer.logits_at_targets = current
+    trainer.logits_at_targets, router.elementwise_mix = current
+    losses = (same_losses(trainer, model, batch, sandwich, opts.same_losses, (False, False), current)
+              if opts.same_losses else None)
     compile_error = None
     if opts.compile:  # the same steps with every decoder layer compiled (--compile_layers); warm-up compiles
         undo = compile_layers(em)
@@ -538,7 +582,8 @@ def compare_case(opts, name: str, work: Path) -> dict:
         torch.cuda.empty_cache()
     return {"case": name, **case, "tokens": tokens, "rows": rows,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-            **({"compile_error": compile_error} if compile_error else {})}
+            **({"compile_error": compile_error} if compile_error else {}),
+            **({"same_losses": losses} if losses else {})}
 
 
 def _percent(value) -> str:
@@ -579,6 +624,10 @@ def markdown(results: dict) -> str:
         lines += [f"| {r['step']} | {r['seconds']:.4f} | {r['tokens_per_second']:.0f} | {_percent(r['mfu'])} |"
                   for r in c["rows"]]
         lines.append("")
+        if c.get("same_losses"):
+            sl = c["same_losses"]
+            lines += [f"{sl['steps']} sandwich steps from the same start, before vs after: losses differ by at "
+                      f"most {sl['max_relative_difference']:.2e} (relative)", ""]
         lines += profile_lines(c["rows"])
     s = results.get("speed")
     if s:

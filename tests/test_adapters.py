@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from amoeba.adapters import (ALL_ROLES, AdapterConfig, ShapeRouter, _structure, adapted_modules, adapter_state_dict,
-                             attach_adapters, get_router, load_adapters, remove_adapters, save_adapters)
+                             attach_adapters, get_router, load_adapters, remove_adapters, save_adapters,
+                             weighted_sum)
 from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
 from amoeba.stages.finetuning import load_trained_adapters, parse_lora_modules
@@ -166,39 +167,86 @@ def test_gradients_reach_only_kept_layers_and_kept_features():
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
+def _routed_training_pass(configure, subnet, experts=3, noise_seed=3, autocast=False):
+    """(logits, gradients) of one training forward of ``subnet`` through a routed MoE-LoRA tiny model, the
+    router set up by ``configure(router)`` first."""
+    model = tiny_model("gqa", layers=4)
+    em = make_elastic(model)
+    _moe(em, model, experts=experts)
+    _randomize_b(model)
+    router = get_router(model)
+    configure(router)
+    model.train()
+    router.noise_seed = noise_seed
+    em.set_subnet(subnet)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(torch.arange(12).view(2, 6)).logits.float()
+    logits.square().mean().backward()
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_same_pass(a, b, tol, skipped_layer) -> int:
+    """Logits and every gradient of two passes agree within ``tol``; the skipped layer's adapters have none.
+    Returns how many router tensors got a gradient."""
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    assert torch.allclose(out_a, out_b, rtol=tol, atol=tol * 1e-2)
+    assert grads_a.keys() == grads_b.keys()
+    routed = 0
+    for name, g in grads_a.items():
+        if grads_b[name] is None:
+            assert g is None and f".{skipped_layer}." in name, name
+            continue
+        routed += "router" in name
+        ref = grads_b[name]
+        assert torch.allclose(g, ref, rtol=tol, atol=tol * float(ref.abs().max())), name
+    return routed
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_mixing_all_adapters_at_once_equals_mixing_each(autocast):
     """The router mixes the experts of every adapter of the subnet in one product per shape; outputs and every
     gradient (experts and router) equal mixing each adapter on its own, also in a training forward under bf16
     autocast (within bf16 rounding) and for adapters of skipped layers (no gradient)."""
-    results = []
-    for batched in (True, False):
-        model = tiny_model("gqa", layers=4)
-        em = make_elastic(model)
-        _moe(em, model)
-        _randomize_b(model)
-        router = get_router(model)
-        if not batched:
-            router._members.clear()  # every adapter falls back to mixing its own experts
-        model.train()
-        router.noise_seed = 3
-        em.set_subnet(Subnet((0, 2, 3), 0.75))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits = model(torch.arange(12).view(2, 6)).logits.float()
-        logits.square().mean().backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-        results.append((logits.detach(), grads))
-    (out_a, grads_a), (out_b, grads_b) = results
-    tol = 2e-2 if autocast else 1e-5
-    assert torch.allclose(out_a, out_b, rtol=tol, atol=tol * 1e-2)
-    assert grads_a.keys() == grads_b.keys()
-    for name, g in grads_a.items():
-        if g is None:  # an adapter of the skipped layer 1
-            assert grads_b[name] is None and ".1." in name, name
-            continue
-        ref = grads_b[name]
-        assert torch.allclose(g, ref, rtol=tol, atol=tol * float(ref.abs().max())), name
+    def each_alone(router):
+        router._members.clear()  # every adapter falls back to mixing its own experts
 
+    subnet = Subnet((0, 2, 3), 0.75)
+    batched = _routed_training_pass(lambda router: None, subnet, autocast=autocast)
+    alone = _routed_training_pass(each_alone, subnet, autocast=autocast)
+    _assert_same_pass(batched, alone, 2e-2 if autocast else 1e-5, skipped_layer=1)
+
+
+def test_weighted_sum_is_the_gate_product_with_its_gradients():
+    """The element-wise expert mix equals ``g @ stack`` and its two gradients (float64 gradcheck and against
+    autograd of the product), and refuses gates that do not fit the stack."""
+    g = torch.Generator().manual_seed(0)
+    gates = torch.rand(5, generator=g, dtype=torch.float64).requires_grad_()
+    stack = torch.randn(3, 5, 7, generator=g, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(weighted_sum, (gates, stack))
+    out = weighted_sum(gates, stack)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    mine = torch.autograd.grad(out, (gates, stack), upstream)
+    ref_out = (gates.view(1, 1, 5) @ stack).squeeze(1)
+    ref = torch.autograd.grad(ref_out, (gates, stack), upstream)
+    assert torch.allclose(out, ref_out, rtol=1e-12, atol=0)
+    assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-14) for a, b in zip(mine, ref))
+    with pytest.raises(ValueError, match="do not fit"):
+        weighted_sum(gates, stack[:, :4])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_elementwise_expert_mix_trains_like_the_matrix_product(autocast):
+    """The router's two ways of mixing a group of adapters' experts (element-wise, the CUDA default, and one
+    matrix product, the default elsewhere) give the same logits and the same gradients for every expert and
+    the router, to fp32 rounding (bf16 rounding under autocast), in a training forward of a narrow subnet."""
+    def mixing(elementwise):
+        return lambda router: setattr(router, "elementwise_mix", elementwise)
+
+    subnet = Subnet((0, 1, 3), 0.75)
+    passes = [_routed_training_pass(mixing(e), subnet, experts=5, noise_seed=5, autocast=autocast)
+              for e in (True, False)]
+    routed = _assert_same_pass(*passes, 2e-2 if autocast else 1e-5, skipped_layer=2)
+    assert routed == 6  # the router's three layers (weights and biases) got gradients through the mix
 
 
 @pytest.mark.parametrize("kind", ["gqa", "mha"])

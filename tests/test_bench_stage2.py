@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.conftest import load_script, ROOT
 
@@ -59,3 +60,31 @@ def test_random_checkpoints_get_their_own_tokenizer(tmp_path):
     assert len(tok) == 500 and tok.pad_token_id == tok.eos_token_id == 2
     ids = [0, 1, 2, 3, 77, 499]
     assert tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids
+
+
+def test_same_losses_before_and_after_the_step_optimisations(tmp_path):
+    """--same_losses: the sandwich trained from one start before and after the optimisations. On the CPU (fp32)
+    the losses are bitwise equal, and the trainable tensors are back at their start afterwards; the element-wise
+    expert mix (the CUDA default) trains the same curve to fp32 rounding, and the curve moves (the optimizer
+    steps, so equal losses are not a frozen model's)."""
+    pytest.importorskip("peft")
+    from amoeba.subnet import Subnet
+    from tests.conftest import tiny_model
+
+    bench = _bench()
+    flags = list(bench.SEED_LLAMA2_FLAGS)
+    flags[flags.index("--min_num_layer") + 1] = "1"
+    flags += ["--learning_rate", "1e-2"]
+    args, model, em, trainer = bench.build(str(ROOT / "models" / "smollm2-135m-instruct"), tmp_path, flags,
+                                           tiny_model("gqa", layers=6), None)
+    plan = [("largest", em.full_subnet()), ("random1", Subnet(tuple(range(5)), 0.75)),
+            ("smallest", Subnet(tuple(range(3)), 0.625))]
+    batch = bench.synthetic_batch(2, 24, 8, int(model.config.vocab_size), "cpu")
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out = bench.same_losses(trainer, model, batch, plan, 6, (False, False), (True, None))
+    assert out["before"] == out["after"] and out["max_relative_difference"] == 0.0
+    assert len(set(out["before"])) == 6
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
+    mixed = bench.same_losses(trainer, model, batch, plan, 6, (False, False), (True, True))
+    assert mixed["before"] == out["before"]
+    assert 0 <= mixed["max_relative_difference"] < 1e-5
