@@ -212,17 +212,34 @@ def time_plan(trainer, model, batch, plan, warmup: int, steps: int) -> float:
     return mean_seconds(plan_step(trainer, model, batch, plan), warmup, steps)
 
 
-def loss_curve(trainer, model, batch, plan, steps: int, start: dict, settings: tuple) -> list[float]:
-    """The training losses of ``steps`` optimizer steps of ``plan`` on ``batch``, from the trainable tensors
-    ``start`` and a fresh optimizer state, with ``settings`` = (logits at the answer positions only, experts
-    mixed element-wise) switched on the trainer and the router."""
-    router = get_router(model)
-    trainer.logits_at_targets, router.elementwise_mix = settings
-    trainer.fixed_plan = plan
+# The step's optimisations, as (logits at the answer positions only, experts mixed element-wise; None: on CUDA),
+# switched on the trainer and the router; BEFORE is the code path without them.
+BEFORE = (False, False)
+
+
+def step_settings(trainer, model) -> tuple:
+    """The trainer's and router's current optimisation settings (see ``BEFORE``)."""
+    return trainer.logits_at_targets, get_router(model).elementwise_mix
+
+
+def use_settings(trainer, model, settings: tuple) -> None:
+    """Switch the step's optimisations to ``settings`` (see ``BEFORE``)."""
+    trainer.logits_at_targets, get_router(model).elementwise_mix = settings
+
+
+def _restore(model, start: dict) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in start:
                 p.copy_(start[name])
+
+
+def loss_curve(trainer, model, batch, plan, steps: int, start: dict, settings: tuple) -> list[float]:
+    """The training losses of ``steps`` optimizer steps of ``plan`` on ``batch``, from the trainable tensors
+    ``start`` and a fresh optimizer state, with the optimisations set to ``settings``."""
+    use_settings(trainer, model, settings)
+    trainer.fixed_plan = plan
+    _restore(model, start)
     trainer.optimizer.state.clear()  # optimizers build their state on the first step
     model.zero_grad(set_to_none=True)
     model.train()
@@ -237,11 +254,15 @@ def loss_curve(trainer, model, batch, plan, steps: int, start: dict, settings: t
 
 def same_losses(trainer, model, batch, plan, steps: int, before: tuple, after: tuple) -> dict:
     """Loss curves of ``steps`` sandwich steps before and after the optimisations, from the same start; the
-    trainable tensors are left as they were."""
+    trainable tensors, the settings and the trainer's step are left as they were."""
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    found, global_step = step_settings(trainer, model), trainer.state.global_step
     curves = [loss_curve(trainer, model, batch, plan, steps, start, s) for s in (before, after)]
-    loss_curve(trainer, model, batch, plan, 0, start, after)  # puts the start back
-    trainer.state.global_step = 0
+    _restore(model, start)
+    model.zero_grad(set_to_none=True)
+    trainer.optimizer.state.clear()
+    use_settings(trainer, model, found)
+    trainer.state.global_step = global_step
     diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(*curves))
     logger.info("same losses over %d steps: largest relative difference %.2e", steps, diff)
     return {"steps": steps, "before": curves[0], "after": curves[1], "max_relative_difference": diff}
@@ -541,18 +562,16 @@ def compare_case(opts, name: str, work: Path) -> dict:
         role = "largest" if i == 0 else "smallest" if i == len(pairs) - 1 else f"random{i}"
         sandwich.append((role, Subnet(tuple(range(int(layers))), float(width))))
     timed = [("peer: peft LoRA, full model", full, peer_seconds, peer_profile)]
-    router = get_router(model)
-    # before: the output matrix over every position, the experts mixed by one matrix product per group
-    current = (trainer.logits_at_targets, router.elementwise_mix)
+    current = step_settings(trainer, model)
     for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
-        for when, (at_targets, elementwise) in (("before", (False, False)), ("after", current)):
-            trainer.logits_at_targets, router.elementwise_mix = at_targets, elementwise
+        for when, settings in (("before", BEFORE), ("after", current)):
+            use_settings(trainer, model, settings)
             step = plan_step(trainer, model, batch, plan)
             row = f"{label} ({when})"
             timed.append((row, plan, mean_seconds(step, opts.warmup, opts.steps, row),
                           profile_step(step, opts.profile, label=row) if opts.profile else None))
-    trainer.logits_at_targets, router.elementwise_mix = current
-    losses = (same_losses(trainer, model, batch, sandwich, opts.same_losses, (False, False), current)
+    use_settings(trainer, model, current)
+    losses = (same_losses(trainer, model, batch, sandwich, opts.same_losses, BEFORE, current)
               if opts.same_losses else None)
     compile_error = None
     if opts.compile:  # the same steps with every decoder layer compiled (--compile_layers); warm-up compiles

@@ -81,10 +81,12 @@ def test_same_losses_before_and_after_the_step_optimisations(tmp_path):
             ("smallest", Subnet(tuple(range(3)), 0.625))]
     batch = bench.synthetic_batch(2, 24, 8, int(model.config.vocab_size), "cpu")
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    out = bench.same_losses(trainer, model, batch, plan, 6, (False, False), (True, None))
+    found = bench.step_settings(trainer, model)
+    out = bench.same_losses(trainer, model, batch, plan, 6, bench.BEFORE, (True, None))
     assert out["before"] == out["after"] and out["max_relative_difference"] == 0.0
     assert len(set(out["before"])) == 6
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
-    mixed = bench.same_losses(trainer, model, batch, plan, 6, (False, False), (True, True))
+    assert bench.step_settings(trainer, model) == found and trainer.state.global_step == 0
+    mixed = bench.same_losses(trainer, model, batch, plan, 6, bench.BEFORE, (True, True))
     assert mixed["before"] == out["before"]
     assert 0 <= mixed["max_relative_difference"] < 1e-5
