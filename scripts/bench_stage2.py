@@ -71,7 +71,7 @@ SEED_LLAMA2_FLAGS = ["--lora_modules", "all", "--enable_shrinking", "--kd_weight
 def parse(argv=None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"), help="model folder (speed)")
+    p.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m-instruct"), help="model folder (speed; the smollm2 case of --compare)")
     p.add_argument("--out", default="results/bench_stage2.json", help="json file for the results")
     p.add_argument("--batch", type=int, default=2, help="sequences per micro-batch")
     p.add_argument("--source_len", type=int, default=384, help="prompt tokens per sequence")
@@ -477,15 +477,15 @@ def matmul_params(em, subnet: Subnet) -> int:
     return em.param_count(subnet) - outside + em.model.get_output_embeddings().weight.numel()
 
 
-def _case_model(case: dict, path: Path):
+def _case_model(case: dict, path: Path, smollm2_dir: str):
     """(model folder, in-memory model or None): the random 7B (bf16 built on the GPU; 4-bit from a written
-    fp16 folder), SmolLM2-135M-Instruct, or the tiny test model."""
+    fp16 folder), SmolLM2-135M-Instruct (``smollm2_dir``, i.e. ``--model``), or the tiny test model."""
     if case["model"] == "tiny":
         from tests.conftest import tiny_model
 
         return str(ROOT / "models" / "smollm2-135m-instruct"), tiny_model("gqa", layers=6)
     if case["model"] == "smollm2":
-        return str(ROOT / "models" / "smollm2-135m-instruct"), None
+        return smollm2_dir, None
     _random_7b(path)
     if case["bits"] == 4:
         return str(path), None
@@ -540,7 +540,7 @@ def compare_case(opts, name: str, work: Path) -> dict:
     from transformers import AutoConfig
 
     case = CASES[name]
-    model_dir, model = _case_model(case, Path(opts.memory_model_dir))
+    model_dir, model = _case_model(case, Path(opts.memory_model_dir), opts.model)
     vocab = int((model.config if model is not None else AutoConfig.from_pretrained(model_dir)).vocab_size)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
