@@ -59,7 +59,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -510,9 +510,11 @@ def job_launcher(job: Job, gpus: Optional[list[str]]) -> tuple[list[str], dict]:
     return [], {}
 
 
-def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float, gpus: Optional[list[str]] = None) -> dict:
+def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float, gpus: Optional[list[str]] = None,
+             on_finished: Optional[Callable[[Job], None]] = None) -> dict:
     """Run unfinished ``jobs``, ``parallel`` at a time, until done or ``deadline`` (time.time()); with ``gpus``,
-    each job sees one of them (``CUDA_VISIBLE_DEVICES``), the one running the fewest jobs."""
+    each job sees one of them (``CUDA_VISIBLE_DEVICES``), the one running the fewest jobs. ``on_finished(job)``
+    is called as each job ends (done, failed or stopped), e.g. to pack what is measured so far."""
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     timing_path = out / "timings.json"
@@ -588,6 +590,8 @@ def run_jobs(jobs: list[Job], out: Path, parallel: int, deadline: float, gpus: O
             else:
                 failed.append(job.name)
                 logger.error("%s: exit %s after %.0f s (log: %s)", job.name, code, wall, logs / f"{job.name}.log")
+            if on_finished is not None:
+                on_finished(job)
         running = still
         if pending and not running and not any(j.ready() for j in pending):
             logger.error("cannot start (inputs missing): %s", ", ".join(j.name for j in pending))
@@ -941,8 +945,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="stop after this many seconds (resumable; exit status 3 when something is left to do)")
     p.add_argument("--docs", default=None, help="also write the report here (e.g. docs/results_tables.md)")
     p.add_argument("--pack", default=None,
-                   help="at the end, write --out without weights or checkpoints to this .tar.gz, to continue the "
-                        "run elsewhere (unpack it into --out there)")
+                   help="after each job and at the end, write --out without weights or checkpoints to this .tar.gz "
+                        "(replaced whole each time), to continue the run elsewhere (unpack it into --out there)")
     p.add_argument("--dataset", default="alpaca-clean")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--long_steps", type=int, default=1000)
@@ -1077,7 +1081,9 @@ def main(argv=None) -> int:
     jobs = (plan.needed_training(plan.train_jobs(), evals) if "train" in phases else []) + \
         (evals if "eval" in phases else [])
     if jobs:
-        outcome = run_jobs(jobs, plan.out, cfg.jobs, deadline, gpus)
+        # with --pack, the pack is renewed as each job ends: a session cut off later still carries what finished
+        repack = (lambda job: pack(plan.out, Path(cfg.pack))) if cfg.pack else None
+        outcome = run_jobs(jobs, plan.out, cfg.jobs, deadline, gpus, on_finished=repack)
         failed += outcome["failed"]
         stopped += outcome["stopped"]
     if "report" in phases:

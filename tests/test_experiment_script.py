@@ -472,3 +472,43 @@ def test_the_report_names_the_rows_whose_mmlu_used_the_prefix_cache(tmp_path):
                                 "1"])).eval_flags()
     assert flags[flags.index("--lm_eval_prefix_cache") + 1] == "True"
     assert "--lm_eval_prefix_cache" not in plan.eval_flags()  # off unless asked for
+
+
+def test_the_pack_is_renewed_as_each_job_ends(tmp_path, monkeypatch):
+    """With --pack, what finished is packed as soon as its job ends, not only at the end: a session whose device
+    time runs out during later jobs still carries the earlier jobs' metrics."""
+    import tarfile
+    import time
+
+    exp = _module()
+    out = tmp_path / "run"
+    first = exp.Job("eval_first", ["--help"], out / "eval" / "first", want_keys=["k"])  # main.py --help: ends at once
+    second = exp.Job("eval_second", ["--help"], out / "eval" / "second", want_keys=["k"])
+    packed = []
+
+    def on_finished(job):  # stands in for the job's own metrics, then packs as the driver does
+        job.out.mkdir(parents=True, exist_ok=True)
+        (job.out / "metrics.json").write_text(json.dumps({"k": 1}))
+        with tarfile.open(exp.pack(out, tmp_path / "carry.tgz")) as tar:
+            packed.append((job.name, sorted(n for n in tar.getnames() if n.endswith("metrics.json"))))
+
+    exp.run_jobs([first, second], out, parallel=1, deadline=time.time() + 300, on_finished=on_finished)
+    assert packed == [("eval_first", ["eval/first/metrics.json"]),
+                      ("eval_second", ["eval/first/metrics.json", "eval/second/metrics.json"])]
+
+    # the driver passes a callback that packs to --pack while its jobs still run
+    strategy = tmp_path / "s.npy"
+    strategy.write_bytes(b"x")
+    target = tmp_path / "pack" / "run.tgz"
+    seen = []
+
+    def fake_run_jobs(jobs, out_dir, parallel, deadline, gpus=None, on_finished=None):
+        assert on_finished is not None and not target.exists()
+        on_finished(jobs[0])
+        seen.append(target.is_file())
+        return {"failed": [], "stopped": []}
+
+    monkeypatch.setattr(exp, "run_jobs", fake_run_jobs)
+    assert exp.main(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path / "run2"), "--strategy", str(strategy),
+                     "--rows", "amoeba", "--phase", "eval", "--pack", str(target)]) == 0
+    assert seen == [True]

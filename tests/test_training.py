@@ -286,8 +286,9 @@ def test_training_step_order_distillation_and_balancing(tiny_dir, tmp_path, chec
 
 def test_short_sandwich_run_lowers_the_loss_of_largest_and_smallest(tiny_dir, tmp_path):
     torch.manual_seed(0)  # the adapters' initial values, whatever ran before in this process
-    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, "--max_steps", "30",
-                                     "--learning_rate", "2e-2", "--lr_scheduler_type", "constant",
+    # lr 1e-2: at 2e-2 the largest subnet's loss spikes mid-run and ends only ~0.36 lower (drops here: ~0.9 / ~0.6)
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, "--max_steps", "40",
+                                     "--learning_rate", "1e-2", "--lr_scheduler_type", "constant",
                                      "--warmup_ratio", "0", "--use_moe_lora", "--moe_num_expert", "3",
                                      "--moe_topk", "2")
     from amoeba.instruct_data import make_data_module
