@@ -241,6 +241,11 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
         default=False,
         metadata={"help": "Train with each decoder layer compiled (torch.compile, symbolic shapes; the first steps "
                           "compile). The same computation; needs Triton on CUDA or a C++ compiler on a CPU."})
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Train on batches without padding: each micro-batch's examples laid end to end in one "
+                          "row, position ids restarting per example, attention masked block by block. The same "
+                          "loss (to rounding); no compute is spent on padding tokens."})
     cudnn_attention: bool = field(
         default=False,
         metadata={"help": "Let training use cuDNN's fused attention kernel (SDPA's cuDNN backend). Off by default: "

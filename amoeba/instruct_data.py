@@ -222,12 +222,18 @@ class InstructionCollator:
 
     ``attention_mask`` comes from the sequence lengths (the pad token may equal eos, so it cannot be
     told apart by id). ``labels`` are -100 on the prompt (unless ``train_on_source``) and on padding.
+
+    ``padding_free``: the examples laid end to end in one row [1, total tokens] instead, with ``position_ids``
+    restarting at 0 for each and no ``attention_mask``; transformers' models then mask attention block by block
+    (each example sees only itself). No padding is computed. The first token of each example has no label, so
+    nothing learns to predict an example from the one before it. The same loss as the padded batch.
     """
 
     tokenizer: object
     source_max_len: int
     target_max_len: int
     train_on_source: bool = False
+    padding_free: bool = False
 
     def __post_init__(self):
         if self.source_max_len < 1:
@@ -247,6 +253,8 @@ class InstructionCollator:
         return src[: self.source_max_len], tgt[: self.target_max_len]
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            return self.flattened(examples)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -265,10 +273,33 @@ class InstructionCollator:
                 labels[i, len(s): len(seq)] = torch.tensor(t, dtype=torch.long)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
+    def flattened(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """The padding-free batch: ``input_ids``, ``position_ids`` and ``labels`` of shape [1, total tokens]."""
+        ids, positions, labels = [], [], []
+        for s, t in (self.encode(ex) for ex in examples):
+            seq = s + t
+            ids += seq
+            positions += range(len(seq))
+            own = list(seq) if self.train_on_source else [IGNORE_INDEX] * len(s) + list(t)
+            own[0] = IGNORE_INDEX  # predicted from the end of the previous example otherwise
+            labels += own
+        return {name: torch.tensor([values], dtype=torch.long)
+                for name, values in (("input_ids", ids), ("position_ids", positions), ("labels", labels))}
+
 
 # ----------------------------------------------------------------------------------------------
 # Train / eval split
 # ----------------------------------------------------------------------------------------------
+def packed_sequences_supported() -> bool:
+    """Whether this transformers keeps examples laid end to end in one row apart (attention masked block by block
+    from the position ids), which ``--padding_free`` needs."""
+    try:  # deferred: only --padding_free asks, and old transformers versions lack the module
+        from transformers import masking_utils
+    except ImportError:
+        return False
+    return hasattr(masking_utils, "find_packed_sequence_indices")
+
+
 def split_examples(dataset, eval_size: int, seed: int):
     """(train, eval) with ``eval_size`` examples held out at random (seeded); capped to keep training data."""
     n = len(dataset)
@@ -293,7 +324,7 @@ class InstructionData:
     held out at random with ``split_seed`` (None: no evaluation split); both sets truncated to ``max_train`` /
     ``max_eval`` examples; prompts of at most ``source_max_len`` tokens, responses of at most
     ``target_max_len``, labels on the prompt too with ``train_on_source``; a ``length`` column for the Trainer's
-    length-grouped sampler with ``group_by_length``."""
+    length-grouped sampler with ``group_by_length``; batches without padding with ``padding_free``."""
 
     dataset: str
     dataset_format: Optional[str] = None
@@ -307,6 +338,7 @@ class InstructionData:
     target_max_len: int = 256
     train_on_source: bool = False
     group_by_length: bool = True
+    padding_free: bool = False
 
 
 def make_data_module(tokenizer, data: InstructionData) -> dict:
@@ -331,5 +363,6 @@ def make_data_module(tokenizer, data: InstructionData) -> dict:
             eval_dataset = eval_dataset.map(add_length)
     logger.info("instruction data %s: %d training examples, %s evaluation examples", data.dataset, len(dataset),
                 len(eval_dataset) if eval_dataset is not None else "no")
-    collator = InstructionCollator(tokenizer, data.source_max_len, data.target_max_len, data.train_on_source)
+    collator = InstructionCollator(tokenizer, data.source_max_len, data.target_max_len, data.train_on_source,
+                                   data.padding_free)
     return {"train_dataset": dataset, "eval_dataset": eval_dataset, "data_collator": collator}

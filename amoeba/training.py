@@ -193,6 +193,16 @@ def computes_chosen_logits(model) -> bool:
         return False
 
 
+def model_inputs(inputs: dict) -> dict:
+    """The forward's keyword arguments of a batch (everything but ``labels``). A padding-free batch (position ids,
+    no attention mask) also turns the KV cache off: transformers masks packed examples block by block only
+    without a cache."""
+    feed = {k: v for k, v in inputs.items() if k != "labels"}
+    if "position_ids" in feed and "attention_mask" not in feed:
+        feed["use_cache"] = False
+    return feed
+
+
 def soft_cross_entropy(student: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of -sum_v p_teacher(v) log p_student(v) (``--distill_method sp``)."""
     return -(teacher_probs * F.log_softmax(student, dim=-1)).sum(-1).mean()
@@ -280,6 +290,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         self.logits_at_targets = computes_chosen_logits(em.model)
         self._role_sums: dict[str, list] = {}
         self._tokens = 0  # a device tensor once training runs: counting must not wait for the GPU
+        self._positions = 0  # positions computed, padding included (as _tokens)
         self._tokens_before = 0  # what the checkpoint this run resumed from had seen
         self.add_callback(_TokensAtResume(self))
         # steps whose loss or gradients are not finite: skipped, up to this many over the run, instead of stopping
@@ -296,6 +307,12 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
     def tokens_this_run(self) -> int:
         """Input tokens (attention-mask ones) the run has trained on since it started, all processes'."""
         return int(self._tokens)
+
+    @property
+    def padding_share(self) -> float:
+        """The share of the positions computed since the run started that were padding (0 with --padding_free)."""
+        positions = int(self._positions)
+        return 1.0 - int(self._tokens) / positions if positions else 0.0
 
     @property
     def tokens_seen(self) -> int:
@@ -343,7 +360,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         labels = inputs["labels"]
-        feed = {k: v for k, v in inputs.items() if k != "labels"}
+        feed = model_inputs(inputs)
         ga = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         plan = self.plan_for_step()
         self.last_plan = plan
@@ -353,9 +370,11 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         ref = None
         step, micro = self._micro_step
         # every process's share: the count is the run's, as on one process (one small all-reduce per micro-batch)
-        self._tokens = self._tokens + sum_over_processes(
-            inputs["attention_mask"].sum() if "attention_mask" in inputs
-            else torch.tensor(labels.numel(), device=labels.device))
+        ids = inputs["input_ids"]
+        real = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(ids.numel())
+        counted = sum_over_processes(torch.stack([real.to(ids.device), torch.tensor(ids.numel(), device=ids.device)]))
+        self._tokens = self._tokens + counted[0]
+        self._positions = self._positions + counted[1]
         # Losses are checked for NaN/inf once, after the last subnet: a check per subnet would make the host wait
         # for the GPU before each next forward, and the optimizer step comes later anyway.
         checked: list[tuple[str, Subnet, torch.Tensor]] = []
@@ -501,7 +520,7 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         else:
             largest = self.sampler.largest if self.sampler is not None else self.em.full_subnet()
         labels = inputs["labels"]
-        feed = {k: v for k, v in inputs.items() if k != "labels"}
+        feed = model_inputs(inputs)
         targets = Targets.of(labels, self.logits_at_targets)
         with self.em.use(largest):
             outputs = model(**feed, **targets.model_kwargs())

@@ -48,6 +48,25 @@ def test_collator_masks_source_and_padding_even_when_pad_is_eos():
     assert on_src["labels"][0].tolist() == on_src["input_ids"][0].tolist()
 
 
+def test_padding_free_collation_lays_examples_end_to_end():
+    """--padding_free: the padded rows without their padding, end to end in one row; positions restart per
+    example; no example's first token is a target (it would be predicted from the previous example)."""
+    examples = [{"input": "abcdefgh", "output": "xy"}, {"input": "a", "output": "longer"}, {"input": "", "output": "z"}]
+    for on_source in (False, True):
+        padded = InstructionCollator(CharTokenizer(), 5, 3, train_on_source=on_source)(examples)
+        flat = InstructionCollator(CharTokenizer(), 5, 3, train_on_source=on_source, padding_free=True)(examples)
+        assert set(flat) == {"input_ids", "position_ids", "labels"}  # no attention mask: masked per example
+        lengths = padded["attention_mask"].sum(1).tolist()
+        assert lengths == [8, 5, 3] and flat["input_ids"].shape == (1, 16)
+        keep = padded["attention_mask"].bool()
+        assert flat["input_ids"][0].tolist() == padded["input_ids"][keep].tolist()
+        assert flat["position_ids"][0].tolist() == [*range(8), *range(5), *range(3)]
+        want = padded["labels"].clone()
+        want[:, 0] = IGNORE_INDEX  # never a target in the padded batch either (nothing precedes it)
+        assert flat["labels"][0].tolist() == want[keep].tolist()
+    assert flat["labels"][0, 8].item() == IGNORE_INDEX and flat["labels"][0, 9].item() != IGNORE_INDEX
+
+
 def test_alpaca_template_and_offline_alpaca_gpt4():
     assert alpaca_prompt("Do X.").endswith("### Instruction:\nDo X.\n\n### Response: ")
     assert "### Input:\nctx\n\n" in alpaca_prompt("Do X.", "ctx")

@@ -25,7 +25,7 @@ from amoeba.run_folder import last_complete_checkpoint
 from amoeba.stages.finetuning import prepare_trainer, run_training, validate_training_setup
 from amoeba.subnet import Subnet
 from amoeba.training import SandwichSampler, TrainingDiverged, balanced, router_noise_seed, step_rng
-from tests.conftest import ROOT, tiny_model
+from tests.conftest import ROOT, load_script, tiny_model
 from tests.test_cli import assert_usage_error
 
 torch.set_num_threads(1)  # tiny models: threads only add contention
@@ -600,7 +600,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
     assert all(torch.isfinite(v).all() for v in adapter_state_dict(fresh).values())
 
 
-def test_validation_of_strategy_and_widths(tiny_dir, tmp_path):
+def test_validation_of_strategy_and_widths(tiny_dir, tmp_path, monkeypatch):
     args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH)
     other = tiny_model("gqa", layers=4)
     with pytest.raises(UsageError, match="--shrinking_file.*6 layers.*4"):
@@ -611,6 +611,14 @@ def test_validation_of_strategy_and_widths(tiny_dir, tmp_path):
     args3, *_ = _setup(tiny_dir, tmp_path / "o3", "--full_finetune", strategy=False)
     with pytest.raises(UsageError, match="--full_finetune"):
         validate_training_setup(args3, em, None)
+    # --padding_free where transformers cannot keep packed examples apart: refused, never trained across examples
+    import amoeba.stages.finetuning as finetuning
+
+    args4, *_ = _setup(tiny_dir, tmp_path / "o4", "--padding_free", "True", strategy=False)
+    validate_training_setup(args4, em, None)  # this transformers can
+    monkeypatch.setattr(finetuning, "packed_sequences_supported", lambda: False)
+    with pytest.raises(UsageError, match=r"^--padding_free: transformers .* cannot mask examples laid end to end"):
+        validate_training_setup(args4, em, None)
 
 
 def _run_main(*argv, env_extra=None, wait=True):
@@ -807,3 +815,79 @@ def test_4bit_base_model_trains_with_masked_widths(tiny_dir, tmp_path):
     after = [loss_of(trainer.sampler.largest), loss_of(trainer.sampler.smallest)]
     assert after[0] < before[0] - 0.2 and after[1] < before[1] - 0.2, (before, after)
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_padding_free_batches_train_as_the_padded_ones(tiny_dir, tmp_path):
+    """--padding_free lays each micro-batch's examples end to end in one row (position ids restarting, attention
+    masked per example, no padding computed). Six sandwich steps (MoE-LoRA, distillation, balancing) on examples of
+    very different lengths give the padded run's losses for every subnet, to fp32 rounding, and count the same
+    input tokens; padding these examples (a long prompt template) in batches of 4 computes 1.13x the real
+    tokens."""
+    rng = np.random.default_rng(1)
+    rows = [{"instruction": " ".join(f"w{w}" for w in rng.integers(0, 60, rng.integers(1, 15))), "input": "",
+             "output": " ".join(f"w{w}" for w in rng.integers(60, 90, rng.integers(1, 8)))} for _ in range(48)]
+    data = tmp_path / "varied.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    logs, results, trained = {}, {}, {}
+    for mode, extra in (("padded", []), ("padding_free", ["--padding_free", "True"])):
+        torch.manual_seed(0)
+        args, model, tok, em, s = _setup(tiny_dir, tmp_path / mode, *SANDWICH, "--max_steps", "6",
+                                         "--learning_rate", "1e-2", "--use_moe_lora", "--moe_num_expert", "3",
+                                         "--moe_topk", "2", "--dataset", str(data), *extra)
+        assert args.train.padding_free == (mode == "padding_free")
+        run_training(args, model, tok, em, s)
+        trained[mode] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}
+        logs[mode] = json.loads((tmp_path / mode / "training_log.json").read_text())
+        results[mode] = json.loads((tmp_path / mode / "train_results.json").read_text())
+
+    def losses(log):
+        return [[row[k] for k in sorted(row) if k.startswith("loss")] for row in log if "loss" in row]
+
+    padded, free = losses(logs["padded"]), losses(logs["padding_free"])
+    assert len(padded) == 6 and len(padded[0]) == 5  # loss and the four roles, every step
+    np.testing.assert_allclose(np.array(free), np.array(padded), rtol=2e-4)
+    assert np.ptp(np.array(padded)[:, 0]) > 0.1  # the steps differ: not one number compared six times
+    # the adapters after six optimizer steps (the logged losses are rounded; these are not)
+    assert len(trained["padded"]) > 10 and trained["padded"].keys() == trained["padding_free"].keys()
+    for name, value in trained["padded"].items():
+        # atol: 1% of one Adam step at lr 1e-2 (near-zero gradients make Adam's step direction sensitive)
+        torch.testing.assert_close(trained["padding_free"][name], value, rtol=1e-3, atol=1e-4)
+    tokens = {m: r["tokens_seen"] for m, r in results.items()}
+    assert tokens["padded"] == tokens["padding_free"] > 0, tokens
+    assert results["padding_free"]["padding_share"] == 0 < results["padded"]["padding_share"] < 0.5
+    # what padding would cost on these examples: batches of 4 in file order, padded tokens against real ones
+    from amoeba.instruct_data import InstructionCollator, alpaca_prompt
+
+    collate = InstructionCollator(tok, 64, 8)
+    examples = [{"input": alpaca_prompt(r["instruction"]), "output": r["output"]} for r in rows]
+    batches = [collate(examples[i:i + 4]) for i in range(0, 48, 4)]
+    padded_tokens = sum(b["input_ids"].numel() for b in batches)
+    real_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert padded_tokens > 1.1 * real_tokens, (padded_tokens, real_tokens)  # 2,024 against 1,785
+
+
+def test_bench_padding_free_measures_the_padding_and_both_runs(tiny_dir, tmp_path):
+    """scripts/bench_padding_free.py: the padding share of random batches of the data, and two short Stage 2 runs
+    of main.py (padded, padding-free) with the same losses, their speeds and padding shares, in one json."""
+    bench = load_script(ROOT / "scripts" / "bench_padding_free.py")
+    out = tmp_path / "b.json"
+    assert bench.main(["--model", str(tiny_dir / "model"), "--strategy", str(tiny_dir / "dp_selection_strategy.npy"),
+                       "--dataset", str(tiny_dir / "data.jsonl"), "--batch", "4", "--source_max_len", "64",
+                       "--target_max_len", "8", "--min_num_layer", "3", "--count_batches", "6", "--steps", "3",
+                       "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    data = res["data"]
+    assert data["batches"] == 6 and 0 < data["tokens"] <= data["positions"]
+    assert data["mean_tokens_per_example"] == round(data["tokens"] / 24, 1)
+    assert data["padding_share"] == round(1 - data["tokens"] / data["positions"], 4)
+    runs = res["runs"]
+    assert runs["padding_free"]["padding_share"] == 0 and runs["padded"]["padding_share"] >= 0
+    assert runs["padded"]["tokens_seen"] == runs["padding_free"]["tokens_seen"] > 0
+    assert "--padding_free True" in runs["padding_free"]["command"]
+    assert set(runs["padded"]["losses"]) == {"largest", "random1", "random2", "smallest"}
+    assert all(len(v) == 3 for v in runs["padded"]["losses"].values())
+    assert max(res["comparison"]["max_relative_loss_difference"].values()) < 1e-3
+    # a bad value: one line naming the flag, exit 2
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--steps", "-1", "--out", str(out)])
+    assert err.value.code == 2

@@ -33,7 +33,7 @@ from amoeba.compiled import compile_layers
 from amoeba.elastic import ElasticModel
 from amoeba.errors import Interrupted, UsageError
 from amoeba.files import atomic_path, write_json, write_text
-from amoeba.instruct_data import InstructionData, make_data_module
+from amoeba.instruct_data import InstructionData, make_data_module, packed_sequences_supported
 from amoeba.run_folder import (ADAPTER_DIR, checkpoint_dir, checkpoint_folders, find_adapters,
                                last_complete_checkpoint, save_run_record, snapshot_dir)
 from amoeba.shapes import Shapes, layer_masks
@@ -78,7 +78,7 @@ def instruction_data(args: Arguments) -> InstructionData:
         eval_size=d.eval_dataset_size if t.do_eval else None,
         split_seed=t.data_seed if t.data_seed is not None else t.seed, max_train=d.max_train_samples,
         max_eval=d.max_eval_samples, source_max_len=d.source_max_len, target_max_len=d.target_max_len,
-        train_on_source=t.train_on_source, group_by_length=t.group_by_length)
+        train_on_source=t.train_on_source, group_by_length=t.group_by_length, padding_free=t.padding_free)
 
 
 def validate_training_setup(args: Arguments, em: ElasticModel, strategy) -> Optional[dict]:
@@ -109,6 +109,9 @@ def validate_training_setup(args: Arguments, em: ElasticModel, strategy) -> Opti
         elif narrow:
             logger.warning("--shrinkable_width without a strategy file: widths keep the first heads/channels "
                            "(no importance order)")
+    if t.padding_free and not packed_sequences_supported():
+        raise UsageError(f"transformers {transformers.__version__} cannot mask examples laid end to end apart; "
+                         "train with padded batches (leave out this flag) or upgrade transformers", "--padding_free")
     o = args.one_for_all
     if o.train_num_width is not None and o.train_num_layer is None:
         raise UsageError("give the depth of the fixed subnet too (--train_num_layer)", "--train_num_width")
@@ -374,7 +377,7 @@ def results_markdown(history: list[dict], metrics: dict) -> str:
     for key in sorted(last, key=lambda k: (k == "eval_loss", k)):
         step, val = last[key]
         lines.append(f"| {key.replace('loss_', 'train loss, ')} | {step} | {float(val):.4f} |")
-    for key in ("train_runtime", "tokens_per_second", "tokens_seen"):
+    for key in ("train_runtime", "tokens_per_second", "tokens_seen", "padding_share"):
         if key in metrics:
             lines.append(f"| {key} | | {metrics[key]} |")
     note = ("\nThe largest subnet's loss is the label cross entropy; the others' is their training objective "
@@ -470,6 +473,7 @@ def run_training(args: Arguments, model, tokenizer, em: ElasticModel, strategy, 
         metrics = dict(result.metrics)
         metrics.update({"wall_seconds": round(elapsed, 2), "tokens_seen": trainer.tokens_seen,
                         "tokens_per_second": round(trainer.tokens_this_run / max(elapsed, 1e-9), 2),
+                        "padding_share": round(trainer.padding_share, 4),
                         "sandwich": [r for r, _ in trainer.last_plan], "skipped_steps": trainer.skipped_steps(),
                         "processes": trainer.args.world_size})
         if trainer.distill_full:
