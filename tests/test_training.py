@@ -833,7 +833,8 @@ def test_padding_free_batches_train_as_the_padded_ones(tiny_dir, tmp_path):
         torch.manual_seed(0)
         args, model, tok, em, s = _setup(tiny_dir, tmp_path / mode, *SANDWICH, "--max_steps", "6",
                                          "--learning_rate", "1e-2", "--use_moe_lora", "--moe_num_expert", "3",
-                                         "--moe_topk", "2", "--dataset", str(data), *extra)
+                                         "--moe_topk", "2", "--dataset", str(data), "--do_eval", "True",
+                                         "--eval_dataset_size", "8", "--per_device_eval_batch_size", "4", *extra)
         assert args.train.padding_free == (mode == "padding_free")
         run_training(args, model, tok, em, s)
         trained[mode] = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n}
@@ -855,6 +856,8 @@ def test_padding_free_batches_train_as_the_padded_ones(tiny_dir, tmp_path):
     tokens = {m: r["tokens_seen"] for m, r in results.items()}
     assert tokens["padded"] == tokens["padding_free"] > 0, tokens
     assert results["padding_free"]["padding_share"] == 0 < results["padded"]["padding_share"] < 0.5
+    # the held-out loss at the end (the Trainer's evaluation, batches of 4 either way)
+    assert results["padded"]["eval_loss"] == pytest.approx(results["padding_free"]["eval_loss"], rel=1e-4)
     # what padding would cost on these examples: batches of 4 in file order, padded tokens against real ones
     from amoeba.instruct_data import InstructionCollator, alpaca_prompt
 
