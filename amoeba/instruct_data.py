@@ -253,8 +253,6 @@ class InstructionCollator:
         return src[: self.source_max_len], tgt[: self.target_max_len]
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        if self.padding_free:
-            return self.flattened(examples)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
@@ -271,20 +269,20 @@ class InstructionCollator:
                 labels[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             else:
                 labels[i, len(s): len(seq)] = torch.tensor(t, dtype=torch.long)
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return flatten_batch(batch) if self.padding_free else batch
 
-    def flattened(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
-        """The padding-free batch: ``input_ids``, ``position_ids`` and ``labels`` of shape [1, total tokens]."""
-        ids, positions, labels = [], [], []
-        for s, t in (self.encode(ex) for ex in examples):
-            seq = s + t
-            ids += seq
-            positions += range(len(seq))
-            own = list(seq) if self.train_on_source else [IGNORE_INDEX] * len(s) + list(t)
-            own[0] = IGNORE_INDEX  # predicted from the end of the previous example otherwise
-            labels += own
-        return {name: torch.tensor([values], dtype=torch.long)
-                for name, values in (("input_ids", ids), ("position_ids", positions), ("labels", labels))}
+
+def flatten_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded batch without its padding (``--padding_free``): its rows end to end in one row [1, tokens],
+    ``position_ids`` restarting at 0 for each, no ``attention_mask`` (transformers' models then mask attention
+    row by row). No row's first token is a target: it would be predicted from the end of the row before."""
+    keep = batch["attention_mask"].bool()
+    labels = batch["labels"].clone()
+    labels[:, 0] = IGNORE_INDEX  # never a target in the padded batch either: nothing precedes it
+    positions = torch.cat([torch.arange(int(n)) for n in keep.sum(1)])
+    return {"input_ids": batch["input_ids"][keep][None], "position_ids": positions[None].to(keep.device),
+            "labels": labels[keep][None]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ products, attention's score products and recomputation under checkpointing are n
 (the H200's dense bf16, 989). Cases: ``7b-bf16-4x512``, ``7b-bf16-8x512`` (random Llama-2-7B shape, bf16),
 ``7b-4bit`` (4-bit NF4, the seed's settings: fp16, 2 x 512, checkpointing), ``smollm2-bf16-8x512``. ``--compile``
 adds our two steps with every decoder layer compiled (``--compile_layers``; the warm-up steps compile).
+``--real_lengths alpaca-clean`` gives the batch's examples the lengths of real ones (so the padded batch holds
+padding, as in training) and adds our sandwich step on the same examples without padding (``--padding_free``);
+tokens/s and MFU then count the real tokens, T above.
 
 Prints a markdown table at the end and writes every number to ``--out`` (json).
 """
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,7 +58,9 @@ from amoeba.adapters import get_router  # noqa: E402
 from amoeba.args import parse_args  # noqa: E402
 from amoeba.compiled import compile_layers  # noqa: E402
 from amoeba.elastic import make_elastic  # noqa: E402
+from amoeba.errors import UsageError  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
+from amoeba.instruct_data import InstructionCollator, flatten_batch, load_examples  # noqa: E402
 from amoeba.subnet import Subnet  # noqa: E402
 from amoeba.pipeline import load_settings  # noqa: E402
 from amoeba.stages.finetuning import prepare_trainer  # noqa: E402
@@ -97,6 +103,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--same_losses", type=int, default=0, metavar="STEPS",
                    help="with --compare: also train STEPS sandwich steps (optimizer included) from the same start "
                         "and seed before and after the optimisations, and report how far their losses differ")
+    p.add_argument("--real_lengths", default=None, metavar="DATASET",
+                   help="with --compare: the batch's examples take the lengths of random examples of this "
+                        "instruction data (e.g. alpaca-clean, offline from $AMOEBA_DATA_DIR; tokenized with --model's "
+                        "tokenizer, cut to 384 + 128) instead of full 512-token rows, so the padded batch holds "
+                        "padding; adds our sandwich step on the same examples without it (--padding_free). "
+                        "Tokens/s and MFU then count the real tokens")
     p.add_argument("--smoke", action="store_true", help="tiny random model on the CPU, a few steps")
     return p.parse_args(argv)
 
@@ -113,6 +125,26 @@ def synthetic_batch(batch: int, source_len: int, target_len: int, vocab: int, de
     labels = ids.clone()
     labels[:, :source_len] = -100
     mask = torch.ones_like(ids)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+def real_length_batch(opts, batch: int, source_max: int, target_max: int, vocab: int, device) -> dict:
+    """A right-padded batch of random token ids whose rows take the (prompt, response) lengths of ``batch`` random
+    examples of ``--real_lengths`` as Stage 2 cuts them (``--model``'s tokenizer), labels on the responses."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(opts.model)
+    data = load_examples(opts.real_lengths, data_dir=os.environ.get("AMOEBA_DATA_DIR"))
+    encode = InstructionCollator(tok, source_max, target_max).encode
+    g = torch.Generator().manual_seed(0)
+    lengths = [tuple(map(len, encode(data[i]))) for i in torch.randperm(len(data), generator=g)[:batch].tolist()]
+    width = max(a + b for a, b in lengths)
+    ids = torch.randint(0, vocab, (batch, width), generator=g)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (a, b) in enumerate(lengths):
+        mask[i, :a + b] = 1
+        labels[i, a:a + b] = ids[i, a:a + b]
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
@@ -545,8 +577,13 @@ def compare_case(opts, name: str, work: Path) -> dict:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     source, target = (384, 128) if not opts.smoke else (24, 8)
-    batch = synthetic_batch(case["batch"], source, target, vocab, device)
-    tokens = case["batch"] * (source + target)
+    if opts.real_lengths:  # real examples' lengths: padding in the batch, and the same examples without it
+        batch = real_length_batch(opts, case["batch"], source, target, vocab, device)
+        flat = flatten_batch(batch)
+        tokens = int(batch["attention_mask"].sum())
+    else:
+        batch, flat = synthetic_batch(case["batch"], source, target, vocab, device), None
+        tokens = case["batch"] * (source + target)
     peer_seconds, peer_profile = time_peer(opts, case, model_dir, model, batch)
     flags = list(SEED_LLAMA2_FLAGS) + ["--gradient_checkpointing", str(case["checkpointing"])]
     flags[flags.index("--min_num_layer") + 1] = "1"
@@ -571,14 +608,23 @@ def compare_case(opts, name: str, work: Path) -> dict:
             timed.append((row, plan, mean_seconds(step, opts.warmup, opts.steps, row),
                           profile_step(step, opts.profile, label=row) if opts.profile else None))
     use_settings(trainer, model, current)
+    if flat is not None:
+        row = "ours: sandwich, padding-free (after)"
+        timed.append((row, sandwich, mean_seconds(plan_step(trainer, model, flat, sandwich), opts.warmup,
+                                                  opts.steps, row),
+                      profile_step(plan_step(trainer, model, flat, sandwich), opts.profile, label=row)
+                      if opts.profile else None))
     losses = (same_losses(trainer, model, batch, sandwich, opts.same_losses, BEFORE, current)
               if opts.same_losses else None)
     compile_error = None
     if opts.compile:  # the same steps with every decoder layer compiled (--compile_layers); warm-up compiles
         undo = compile_layers(em)
         try:
-            for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
-                step = plan_step(trainer, model, batch, plan)
+            steps = [("ours: full model", full, batch), ("ours: sandwich", sandwich, batch)]
+            if flat is not None:
+                steps.append(("ours: sandwich, padding-free", sandwich, flat))
+            for label, plan, inputs in steps:
+                step = plan_step(trainer, model, inputs, plan)
                 timed.append((f"{label} (compiled)", plan,
                               mean_seconds(step, max(opts.warmup, 2), opts.steps, f"{label} (compiled)"),
                               profile_step(step, opts.profile, label=f"{label} (compiled)") if opts.profile
@@ -599,7 +645,9 @@ def compare_case(opts, name: str, work: Path) -> dict:
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
-    return {"case": name, **case, "tokens": tokens, "rows": rows,
+    padding = ({"padded_positions": int(batch["input_ids"].numel()), "real_lengths": opts.real_lengths}
+               if flat is not None else {})
+    return {"case": name, **case, "tokens": tokens, **padding, "rows": rows,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             **({"compile_error": compile_error} if compile_error else {}),
             **({"same_losses": losses} if losses else {})}
@@ -638,7 +686,9 @@ def markdown(results: dict) -> str:
     """The results as markdown tables."""
     lines = []
     for c in results.get("compare", []):
-        lines += [f"{c['case']} ({c['device']}; {c['tokens']} tokens per step)", "",
+        padded = (f", padded to {c['padded_positions']} positions ({c['real_lengths']} lengths)"
+                  if "padded_positions" in c else "")
+        lines += [f"{c['case']} ({c['device']}; {c['tokens']} tokens per step{padded})", "",
                   "| step | s/step | tokens/s | MFU |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| {r['step']} | {r['seconds']:.4f} | {r['tokens_per_second']:.0f} | {_percent(r['mfu'])} |"
                   for r in c["rows"]]
@@ -694,6 +744,12 @@ def main(argv=None) -> int:
         unknown = [n for n in names if n not in CASES]
         if unknown:
             raise SystemExit(f"error: --compare: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+        if opts.real_lengths:
+            try:  # a missing or unreadable dataset: one line, before any model is built
+                load_examples(opts.real_lengths, data_dir=os.environ.get("AMOEBA_DATA_DIR"))
+            except UsageError as err:
+                print(f"error: --real_lengths: {err}", file=sys.stderr)
+                return 2
         results["compare"] = [compare_case(opts, n, work / "compare") for n in names]
         write_json(out, results)
         print(markdown(results))

@@ -90,3 +90,43 @@ def test_same_losses_before_and_after_the_step_optimisations(tmp_path):
     mixed = bench.same_losses(trainer, model, batch, plan, 6, bench.BEFORE, (True, True))
     assert mixed["before"] == out["before"]
     assert 0 <= mixed["max_relative_difference"] < 1e-5
+
+
+def test_real_lengths_add_the_padding_free_sandwich(tmp_path):
+    """--real_lengths: the batch's rows take real examples' lengths (padding in the padded batch); the padding-free
+    sandwich runs on the same examples, every row counts the real tokens, and a missing dataset is one line, exit 2."""
+    pytest.importorskip("peft")
+    bench = _bench()
+    out = tmp_path / "cmp.json"
+    assert bench.main(["--smoke", "--compare", "tiny", "--real_lengths", "alpaca-clean", "--out", str(out)]) == 0
+    case = json.loads(out.read_text())["compare"][0]
+    rows = {r["step"]: r for r in case["rows"]}
+    assert list(rows)[-1] == "ours: sandwich, padding-free (after)"
+    assert rows["ours: sandwich, padding-free (after)"]["model_flops"] == rows["ours: sandwich (after)"]["model_flops"]
+    assert 0 < case["tokens"] <= case["padded_positions"] and case["real_lengths"] == "alpaca-clean"
+    for r in rows.values():
+        assert r["tokens_per_second"] == pytest.approx(case["tokens"] / r["seconds"])
+    assert bench.main(["--smoke", "--compare", "tiny", "--real_lengths", str(tmp_path / "none.jsonl"),
+                       "--out", str(out)]) == 2
+
+
+def test_flattened_batch_gives_the_padded_batchs_loss():
+    """The padding-free form of a batch (bench and --padding_free share flatten_batch) gives the padded batch's
+    label loss on a model: the same targets, attention kept within each example."""
+    from amoeba.instruct_data import flatten_batch
+    from tests.conftest import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("gqa", layers=2).eval()
+    model.config.use_cache = False
+    ids = torch.randint(0, 100, (3, 10))
+    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7])
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+    labels[:, :2] = -100
+    padded = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    flat = flatten_batch(padded)
+    assert flat["input_ids"].shape == (1, 19) and flat["position_ids"][0].tolist()[9:13] == [9, 0, 1, 2]
+    with torch.no_grad():
+        want = model(**padded).loss
+        got = model(**flat).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
