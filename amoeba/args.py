@@ -243,9 +243,9 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
                           "compile). The same computation; needs Triton on CUDA or a C++ compiler on a CPU."})
     padding_free: bool = field(
         default=False,
-        metadata={"help": "Train on batches without padding: each micro-batch's examples laid end to end in one "
-                          "row, position ids restarting per example, attention masked block by block. The same "
-                          "loss (to rounding); no compute is spent on padding tokens."})
+        metadata={"help": "Train on packed batches: each micro-batch's examples laid end to end in rows no longer "
+                          "than its longest example, position ids restarting per example, attention masked per "
+                          "example, so far less compute goes to padding. The same loss (to rounding)."})
     cudnn_attention: bool = field(
         default=False,
         metadata={"help": "Let training use cuDNN's fused attention kernel (SDPA's cuDNN backend). Off by default: "

@@ -223,10 +223,9 @@ class InstructionCollator:
     ``attention_mask`` comes from the sequence lengths (the pad token may equal eos, so it cannot be
     told apart by id). ``labels`` are -100 on the prompt (unless ``train_on_source``) and on padding.
 
-    ``padding_free``: the examples laid end to end in one row [1, total tokens] instead, with ``position_ids``
-    restarting at 0 for each and no ``attention_mask``; transformers' models then mask attention block by block
-    (each example sees only itself). No padding is computed. The first token of each example has no label, so
-    nothing learns to predict an example from the one before it. The same loss as the padded batch.
+    ``padding_free``: the examples laid end to end in rows no longer than the longest instead (:func:`pack_batch`),
+    ``position_ids`` restarting at 0 for each and no ``attention_mask``; transformers' models then mask attention
+    example by example. Little padding is computed. The same loss as the padded batch.
     """
 
     tokenizer: object
@@ -270,26 +269,51 @@ class InstructionCollator:
             else:
                 labels[i, len(s): len(seq)] = torch.tensor(t, dtype=torch.long)
         batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-        return flatten_batch(batch) if self.padding_free else batch
+        return pack_batch(batch) if self.padding_free else batch
 
 
-def flatten_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A right-padded batch without its padding (``--padding_free``): its rows end to end in one row [1, tokens],
-    ``position_ids`` restarting at 0 for each, no ``attention_mask`` (transformers' models then mask attention
-    row by row). No row's first token is a target: it would be predicted from the end of the row before."""
-    keep = batch["attention_mask"].bool()
+def pack_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded batch without its padding (``--padding_free``): its examples end to end in rows no longer
+    than the longest example (longest first, each into the first row with room), ``position_ids`` restarting at 0
+    for each example, no ``attention_mask`` (transformers' models then mask attention example by example). A
+    row's unused end is one filler segment (positions from 0, no targets) that no example attends to. No
+    example's first token is a target: it would be predicted from the end of the example before. Rows, not one
+    long row: attention's work grows with the square of a row's length. ``num_tokens``: the examples' tokens."""
+    ids, keep = batch["input_ids"], batch["attention_mask"].bool()
+    lengths = keep.sum(1).tolist()
+    width = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        r = next((r for r, free in enumerate(room) if lengths[i] <= free), None)
+        if r is None:
+            rows.append([])
+            room.append(width)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
     labels = batch["labels"].clone()
     labels[:, 0] = IGNORE_INDEX  # never a target in the padded batch either: nothing precedes it
-    positions = torch.cat([torch.arange(int(n)) for n in keep.sum(1)])
-    return {"input_ids": batch["input_ids"][keep][None], "position_ids": positions[None].to(keep.device),
-            "labels": labels[keep][None]}
+    filler = ids[~keep][0] if (~keep).any() else ids[0, 0]
+    out_ids = torch.full((len(rows), width), int(filler), dtype=ids.dtype)
+    out_labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=labels.dtype)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, members in enumerate(rows):
+        at = 0
+        for i in members:
+            n = lengths[i]
+            out_ids[r, at:at + n] = ids[i, :n]
+            out_labels[r, at:at + n] = labels[i, :n]
+            positions[r, at:at + n] = torch.arange(n)
+            at += n
+        positions[r, at:] = torch.arange(width - at)  # the filler: a segment of its own
+    device = ids.device
+    return {"input_ids": out_ids.to(device), "position_ids": positions.to(device), "labels": out_labels.to(device),
+            "num_tokens": torch.tensor(sum(lengths), device=device)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Train / eval split
-# ----------------------------------------------------------------------------------------------
 def packed_sequences_supported() -> bool:
-    """Whether this transformers keeps examples laid end to end in one row apart (attention masked block by block
+    """Whether this transformers keeps examples packed into one row apart (attention masked example by example
     from the position ids), which ``--padding_free`` needs."""
     try:  # deferred: only --padding_free asks, and old transformers versions lack the module
         from transformers import masking_utils

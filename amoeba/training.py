@@ -194,10 +194,10 @@ def computes_chosen_logits(model) -> bool:
 
 
 def model_inputs(inputs: dict) -> dict:
-    """The forward's keyword arguments of a batch (everything but ``labels``). A padding-free batch (position ids,
-    no attention mask) also turns the KV cache off: transformers masks packed examples block by block only
-    without a cache."""
-    feed = {k: v for k, v in inputs.items() if k != "labels"}
+    """The forward's keyword arguments of a batch (everything but ``labels`` and a packed batch's ``num_tokens``).
+    A padding-free batch (position ids, no attention mask) also turns the KV cache off: transformers masks packed
+    examples apart only without a cache."""
+    feed = {k: v for k, v in inputs.items() if k not in ("labels", "num_tokens")}
     if "position_ids" in feed and "attention_mask" not in feed:
         feed["use_cache"] = False
     return feed
@@ -371,7 +371,8 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
         step, micro = self._micro_step
         # every process's share: the count is the run's, as on one process (one small all-reduce per micro-batch)
         ids = inputs["input_ids"]
-        real = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(ids.numel())
+        real = (inputs["num_tokens"] if "num_tokens" in inputs  # a packed batch: its examples' tokens
+                else inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(ids.numel()))
         counted = sum_over_processes(torch.stack([real.to(ids.device), torch.tensor(ids.numel(), device=ids.device)]))
         self._tokens = self._tokens + counted[0]
         self._positions = self._positions + counted[1]

@@ -4,7 +4,8 @@ Two measurements:
 
 1. **What padding costs on the data** (no model): the training set's examples drawn at random in batches of
    ``--batch`` (seeded), collated as Stage 2 collates them; the share of the positions a padded batch computes
-   that are padding, over ``--count_batches`` batches (1000 by default: a 1000-step run's worth).
+   that are padding, and a packed one (``--padding_free``), over ``--count_batches`` batches (1000 by default:
+   a 1000-step run's worth).
 2. **Two short Stage 2 runs** of ``main.py``, one padded and one with ``--padding_free True``, the same seed,
    data, subnets and flags otherwise (the seed's recipe: MoE-LoRA r=64 x 5 experts, top-2, the sandwich with
    distillation and balancing, widths [1,7/8,3/4,5/8]); from each run's ``train_results.json`` and
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from amoeba.default_model import DEFAULT_MODEL_DIR  # noqa: E402
 from amoeba.errors import UsageError  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
-from amoeba.instruct_data import InstructionCollator, InstructionData, make_data_module  # noqa: E402
+from amoeba.instruct_data import InstructionCollator, InstructionData, make_data_module, pack_batch  # noqa: E402
 
 logger = logging.getLogger("bench_padding_free")
 
@@ -86,6 +87,7 @@ def padding_of_the_data(args) -> dict:
                                                  target_max_len=args.target_max_len, group_by_length=False))
     dataset = data["train_dataset"]
     collate = InstructionCollator(tok, args.source_max_len, args.target_max_len)
+    packed_positions = 0
     g = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(len(dataset), generator=g).tolist()
     positions = tokens = 0
@@ -94,10 +96,13 @@ def padding_of_the_data(args) -> dict:
         picks = [order[(b * args.batch + i) % len(order)] for i in range(args.batch)]
         batch = collate([dataset[i] for i in picks])
         positions += batch["input_ids"].numel()
+        packed_positions += pack_batch(batch)["input_ids"].numel()
         tokens += int(batch["attention_mask"].sum())
         longest.append(batch["input_ids"].shape[1])
     return {"batches": args.count_batches, "batch": args.batch, "positions": positions, "tokens": tokens,
             "padding_share": round(1 - tokens / positions, 4), "positions_per_token": round(positions / tokens, 3),
+            "packed_positions": packed_positions, "packed_padding_share": round(1 - tokens / packed_positions, 4),
+            "packed_positions_per_token": round(packed_positions / tokens, 3),
             "mean_tokens_per_example": round(tokens / (args.count_batches * args.batch), 1),
             "mean_padded_length": round(sum(longest) / len(longest), 1)}
 
@@ -158,10 +163,11 @@ def compare(padded: dict, free: dict) -> dict:
 
 def table(result: dict) -> str:
     d = result["data"]
-    lines = ["| data | batches x examples | mean tokens / example | mean padded length | padding share | "
-             "positions per token |", "| --- | ---: | ---: | ---: | ---: | ---: |",
+    lines = ["| data | batches x examples | mean tokens / example | mean padded length | padding share, padded / "
+             "packed | positions per token, padded / packed |", "| --- | ---: | ---: | ---: | ---: | ---: |",
              f"| {result['dataset']} | {d['batches']} x {d['batch']} | {d['mean_tokens_per_example']} | "
-             f"{d['mean_padded_length']} | {100 * d['padding_share']:.1f}% | {d['positions_per_token']} |"]
+             f"{d['mean_padded_length']} | {100 * d['padding_share']:.1f}% / {100 * d['packed_padding_share']:.1f}% | "
+             f"{d['positions_per_token']} / {d['packed_positions_per_token']} |"]
     runs = result.get("runs")
     if runs:
         lines += ["", "| run | steps | seconds | tokens/s | padding share |", "| --- | ---: | ---: | ---: | ---: |"]

@@ -60,7 +60,7 @@ from amoeba.compiled import compile_layers  # noqa: E402
 from amoeba.elastic import make_elastic  # noqa: E402
 from amoeba.errors import UsageError  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
-from amoeba.instruct_data import InstructionCollator, flatten_batch, load_examples  # noqa: E402
+from amoeba.instruct_data import InstructionCollator, load_examples, pack_batch  # noqa: E402
 from amoeba.subnet import Subnet  # noqa: E402
 from amoeba.pipeline import load_settings  # noqa: E402
 from amoeba.stages.finetuning import prepare_trainer  # noqa: E402
@@ -579,7 +579,7 @@ def compare_case(opts, name: str, work: Path) -> dict:
     source, target = (384, 128) if not opts.smoke else (24, 8)
     if opts.real_lengths:  # real examples' lengths: padding in the batch, and the same examples without it
         batch = real_length_batch(opts, case["batch"], source, target, vocab, device)
-        flat = flatten_batch(batch)
+        flat = pack_batch(batch)
         tokens = int(batch["attention_mask"].sum())
     else:
         batch, flat = synthetic_batch(case["batch"], source, target, vocab, device), None
@@ -645,7 +645,8 @@ def compare_case(opts, name: str, work: Path) -> dict:
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
-    padding = ({"padded_positions": int(batch["input_ids"].numel()), "real_lengths": opts.real_lengths}
+    padding = ({"padded_positions": int(batch["input_ids"].numel()),
+                "packed_positions": int(flat["input_ids"].numel()), "real_lengths": opts.real_lengths}
                if flat is not None else {})
     return {"case": name, **case, "tokens": tokens, **padding, "rows": rows,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -686,7 +687,8 @@ def markdown(results: dict) -> str:
     """The results as markdown tables."""
     lines = []
     for c in results.get("compare", []):
-        padded = (f", padded to {c['padded_positions']} positions ({c['real_lengths']} lengths)"
+        padded = (f", padded to {c['padded_positions']} positions, packed to {c['packed_positions']} "
+                  f"({c['real_lengths']} lengths)"
                   if "padded_positions" in c else "")
         lines += [f"{c['case']} ({c['device']}; {c['tokens']} tokens per step{padded})", "",
                   "| step | s/step | tokens/s | MFU |", "| --- | ---: | ---: | ---: |"]

@@ -110,23 +110,28 @@ def test_real_lengths_add_the_padding_free_sandwich(tmp_path):
                        "--out", str(out)]) == 2
 
 
-def test_flattened_batch_gives_the_padded_batchs_loss():
-    """The padding-free form of a batch (bench and --padding_free share flatten_batch) gives the padded batch's
-    label loss on a model: the same targets, attention kept within each example."""
-    from amoeba.instruct_data import flatten_batch
+def test_packed_batch_gives_the_padded_batchs_loss():
+    """The padding-free form of a batch (the bench and --padding_free share pack_batch) gives the padded batch's
+    label loss on a model: the same targets, attention kept within each example (a filler segment included)."""
+    from amoeba.instruct_data import pack_batch
     from tests.conftest import tiny_model
 
     torch.manual_seed(0)
     model = tiny_model("gqa", layers=2).eval()
     model.config.use_cache = False
-    ids = torch.randint(0, 100, (3, 10))
-    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7])
+    ids = torch.randint(0, 100, (4, 10))
+    mask = torch.tensor([[1] * 10, [1] * 6 + [0] * 4, [1] * 3 + [0] * 7, [1] * 2 + [0] * 8])
     labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
-    labels[:, :2] = -100
+    labels[:, :1] = -100
     padded = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    flat = flatten_batch(padded)
-    assert flat["input_ids"].shape == (1, 19) and flat["position_ids"][0].tolist()[9:13] == [9, 0, 1, 2]
+    packed = pack_batch(padded)
+    # rows: 10; 6 + 3 + filler 1; 2 + filler 8
+    assert packed["input_ids"].shape == (3, 10) and int(packed["num_tokens"]) == 21
+    assert packed["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1, 2, 0]
+    feed = {k: v for k, v in packed.items() if k != "num_tokens"}
     with torch.no_grad():
         want = model(**padded).loss
-        got = model(**flat).loss
+        got = model(**feed).loss
+        leaky = model(**{k: v for k, v in feed.items() if k != "position_ids"}).loss  # one sequence per row
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert abs(float(leaky) - float(want)) > 1e-3  # the check can fail: without the masks the loss differs

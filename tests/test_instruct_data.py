@@ -48,23 +48,34 @@ def test_collator_masks_source_and_padding_even_when_pad_is_eos():
     assert on_src["labels"][0].tolist() == on_src["input_ids"][0].tolist()
 
 
-def test_padding_free_collation_lays_examples_end_to_end():
-    """--padding_free: the padded rows without their padding, end to end in one row; positions restart per
-    example; no example's first token is a target (it would be predicted from the previous example)."""
-    examples = [{"input": "abcdefgh", "output": "xy"}, {"input": "a", "output": "longer"}, {"input": "", "output": "z"}]
+def test_padding_free_collation_packs_examples_into_rows():
+    """--padding_free: the padded batch's examples, whole and unpadded, end to end in rows no longer than the
+    longest (longest first, each into the first row with room); positions restart per example and for the
+    filler at a row's end; no example's first token is a target (it would be predicted from the example before);
+    num_tokens counts the examples' tokens."""
+    examples = [{"input": "abcdefgh", "output": "xy"}, {"input": "a", "output": "longer"}, {"input": "", "output": "z"},
+                {"input": "abc", "output": "q"}]
     for on_source in (False, True):
         padded = InstructionCollator(CharTokenizer(), 5, 3, train_on_source=on_source)(examples)
-        flat = InstructionCollator(CharTokenizer(), 5, 3, train_on_source=on_source, padding_free=True)(examples)
-        assert set(flat) == {"input_ids", "position_ids", "labels"}  # no attention mask: masked per example
+        packed = InstructionCollator(CharTokenizer(), 5, 3, train_on_source=on_source, padding_free=True)(examples)
+        assert set(packed) == {"input_ids", "position_ids", "labels", "num_tokens"}  # no attention mask
         lengths = padded["attention_mask"].sum(1).tolist()
-        assert lengths == [8, 5, 3] and flat["input_ids"].shape == (1, 16)
-        keep = padded["attention_mask"].bool()
-        assert flat["input_ids"][0].tolist() == padded["input_ids"][keep].tolist()
-        assert flat["position_ids"][0].tolist() == [*range(8), *range(5), *range(3)]
+        assert lengths == [8, 5, 3, 6] and int(packed["num_tokens"]) == 22
+        # 8 alone; 6 with a filler of 2 (the 5 does not fit); 5 + 3
+        assert packed["input_ids"].shape == (3, 8)
         want = padded["labels"].clone()
         want[:, 0] = IGNORE_INDEX  # never a target in the padded batch either (nothing precedes it)
-        assert flat["labels"][0].tolist() == want[keep].tolist()
-    assert flat["labels"][0, 8].item() == IGNORE_INDEX and flat["labels"][0, 9].item() != IGNORE_INDEX
+        layout = [[(0, 8)], [(3, 6)], [(1, 5), (2, 3)]]
+        for r, members in enumerate(layout):
+            at = 0
+            for example, n in members:
+                assert packed["input_ids"][r, at:at + n].tolist() == padded["input_ids"][example, :n].tolist()
+                assert packed["labels"][r, at:at + n].tolist() == want[example, :n].tolist()
+                assert packed["position_ids"][r, at:at + n].tolist() == list(range(n))
+                at += n
+            assert packed["labels"][r, at:].tolist() == [IGNORE_INDEX] * (8 - at)  # the filler: no targets
+            assert packed["position_ids"][r, at:].tolist() == list(range(8 - at))
+        assert packed["labels"][2, 5].item() == IGNORE_INDEX and packed["labels"][2, 6].item() != IGNORE_INDEX
 
 
 def test_alpaca_template_and_offline_alpaca_gpt4():

@@ -617,7 +617,7 @@ def test_validation_of_strategy_and_widths(tiny_dir, tmp_path, monkeypatch):
     args4, *_ = _setup(tiny_dir, tmp_path / "o4", "--padding_free", "True", strategy=False)
     validate_training_setup(args4, em, None)  # this transformers can
     monkeypatch.setattr(finetuning, "packed_sequences_supported", lambda: False)
-    with pytest.raises(UsageError, match=r"^--padding_free: transformers .* cannot mask examples laid end to end"):
+    with pytest.raises(UsageError, match=r"^--padding_free: transformers .* cannot mask examples packed into one row"):
         validate_training_setup(args4, em, None)
 
 
@@ -818,8 +818,8 @@ def test_4bit_base_model_trains_with_masked_widths(tiny_dir, tmp_path):
 
 
 def test_padding_free_batches_train_as_the_padded_ones(tiny_dir, tmp_path):
-    """--padding_free lays each micro-batch's examples end to end in one row (position ids restarting, attention
-    masked per example, no padding computed). Six sandwich steps (MoE-LoRA, distillation, balancing) on examples of
+    """--padding_free packs each micro-batch's examples end to end into rows (position ids restarting, attention
+    masked per example, little padding computed). Six sandwich steps (MoE-LoRA, distillation, balancing) on examples of
     very different lengths give the padded run's losses for every subnet, to fp32 rounding, and count the same
     input tokens; padding these examples (a long prompt template) in batches of 4 computes 1.13x the real
     tokens."""
@@ -855,7 +855,7 @@ def test_padding_free_batches_train_as_the_padded_ones(tiny_dir, tmp_path):
         torch.testing.assert_close(trained["padding_free"][name], value, rtol=1e-3, atol=1e-4)
     tokens = {m: r["tokens_seen"] for m, r in results.items()}
     assert tokens["padded"] == tokens["padding_free"] > 0, tokens
-    assert results["padding_free"]["padding_share"] == 0 < results["padded"]["padding_share"] < 0.5
+    assert 0 <= results["padding_free"]["padding_share"] <= results["padded"]["padding_share"] < 0.5
     # the held-out loss at the end (the Trainer's evaluation, batches of 4 either way)
     assert results["padded"]["eval_loss"] == pytest.approx(results["padding_free"]["eval_loss"], rel=1e-4)
     # what padding would cost on these examples: batches of 4 in file order, padded tokens against real ones
@@ -884,7 +884,7 @@ def test_bench_padding_free_measures_the_padding_and_both_runs(tiny_dir, tmp_pat
     assert data["mean_tokens_per_example"] == round(data["tokens"] / 24, 1)
     assert data["padding_share"] == round(1 - data["tokens"] / data["positions"], 4)
     runs = res["runs"]
-    assert runs["padding_free"]["padding_share"] == 0 and runs["padded"]["padding_share"] >= 0
+    assert 0 <= runs["padding_free"]["padding_share"] <= runs["padded"]["padding_share"]
     assert runs["padded"]["tokens_seen"] == runs["padding_free"]["tokens_seen"] > 0
     assert "--padding_free True" in runs["padding_free"]["command"]
     assert set(runs["padded"]["losses"]) == {"largest", "random1", "random2", "smallest"}

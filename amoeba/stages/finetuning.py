@@ -110,7 +110,7 @@ def validate_training_setup(args: Arguments, em: ElasticModel, strategy) -> Opti
             logger.warning("--shrinkable_width without a strategy file: widths keep the first heads/channels "
                            "(no importance order)")
     if t.padding_free and not packed_sequences_supported():
-        raise UsageError(f"transformers {transformers.__version__} cannot mask examples laid end to end apart; "
+        raise UsageError(f"transformers {transformers.__version__} cannot mask examples packed into one row apart; "
                          "train with padded batches (leave out this flag) or upgrade transformers", "--padding_free")
     o = args.one_for_all
     if o.train_num_width is not None and o.train_num_layer is None:
