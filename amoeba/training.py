@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -310,7 +310,8 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
 
     @property
     def padding_share(self) -> float:
-        """The share of the positions computed since the run started that were padding (0 with --padding_free)."""
+        """The share of the positions computed since the run started that were padding (with --padding_free, the
+        filler at the end of packed rows)."""
         positions = int(self._positions)
         return 1.0 - int(self._tokens) / positions if positions else 0.0
 
@@ -514,6 +515,17 @@ class SandwichTrainer(transformers.Seq2SeqTrainer):
                                self.args.ddp_bucket_cap_mb, self.args.ddp_broadcast_buffers)
 
     # --- evaluation: the largest subnet
+    def evaluate(self, *args, **kwargs):
+        """The Trainer's evaluation, always on padded batches: it weights each batch's loss by the batch's rows,
+        which packing (``--padding_free``) would change, so the held-out loss stays comparable between runs."""
+        collator = self.data_collator
+        if getattr(collator, "padding_free", False):
+            self.data_collator = replace(collator, padding_free=False)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.data_collator = collator
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Label loss (mean over target tokens) of the largest subnet."""
         if self.fixed_plan is not None:

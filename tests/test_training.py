@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from amoeba.adapters import adapted_modules, adapter_state_dict, load_adapters
 from amoeba.adapters import get_router
@@ -817,7 +818,7 @@ def test_4bit_base_model_trains_with_masked_widths(tiny_dir, tmp_path):
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
-def test_padding_free_batches_train_as_the_padded_ones(tiny_dir, tmp_path):
+def test_padding_free_batches_train_as_the_padded_ones(tiny_dir, tmp_path, monkeypatch):
     """--padding_free packs each micro-batch's examples end to end into rows (position ids restarting, attention
     masked per example, little padding computed). Six sandwich steps (MoE-LoRA, distillation, balancing) on examples of
     very different lengths give the padded run's losses for every subnet, to fp32 rounding, and count the same
@@ -829,6 +830,14 @@ def test_padding_free_batches_train_as_the_padded_ones(tiny_dir, tmp_path):
     data = tmp_path / "varied.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     logs, results, trained = {}, {}, {}
+    evaluated_packed = []  # the collator the Trainer's evaluation sees: padded either way
+    evaluate = transformers.Seq2SeqTrainer.evaluate
+
+    def spy(self, *args, **kwargs):
+        evaluated_packed.append(self.data_collator.padding_free)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Seq2SeqTrainer, "evaluate", spy)
     for mode, extra in (("padded", []), ("padding_free", ["--padding_free", "True"])):
         torch.manual_seed(0)
         args, model, tok, em, s = _setup(tiny_dir, tmp_path / mode, *SANDWICH, "--max_steps", "6",
@@ -856,7 +865,8 @@ def test_padding_free_batches_train_as_the_padded_ones(tiny_dir, tmp_path):
     tokens = {m: r["tokens_seen"] for m, r in results.items()}
     assert tokens["padded"] == tokens["padding_free"] > 0, tokens
     assert 0 <= results["padding_free"]["padding_share"] <= results["padded"]["padding_share"] < 0.5
-    # the held-out loss at the end (the Trainer's evaluation, batches of 4 either way)
+    # the held-out loss at the end (the Trainer's evaluation, padded batches of 4 either way)
+    assert evaluated_packed == [False, False]
     assert results["padded"]["eval_loss"] == pytest.approx(results["padding_free"]["eval_loss"], rel=1e-4)
     # what padding would cost on these examples: batches of 4 in file order, padded tokens against real ones
     from amoeba.instruct_data import InstructionCollator, alpaca_prompt
