@@ -64,6 +64,7 @@ from typing import Callable, Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from amoeba.errors import UsageError  # noqa: E402
 from amoeba.files import write_json, write_text  # noqa: E402
 
 logger = logging.getLogger("experiment")
@@ -189,10 +190,10 @@ def _merge_module():
     return merge
 
 
-def parse_shapes(text: str) -> list[tuple[int, float]]:
+def parse_shapes(text: str, flag: str = "--single_shapes") -> list[tuple[int, float]]:
     from amoeba.args import parse_shape_list
 
-    return list(parse_shape_list(text, "--single_shapes"))
+    return list(parse_shape_list(text, flag))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +213,13 @@ class Plan:
         self.depths = list(parse_int_list(cfg.depths, "--depths"))
         self.widths = list(parse_ratio_list(cfg.widths, "--widths"))
         self.single = parse_shapes(cfg.single_shapes)
+        # the shapes the ablations (e) are evaluated at: a subset of the single shapes (--ablation_shapes)
+        self.ablation_shapes = (parse_shapes(cfg.ablation_shapes, "--ablation_shapes") if cfg.ablation_shapes
+                                else list(self.single))
+        outside = [s for s in self.ablation_shapes if s not in self.single]
+        if outside:
+            raise UsageError(f"{', '.join(f'{a}x{b:g}' for a, b in outside)} not among --single_shapes "
+                             f"({cfg.single_shapes})", "--ablation_shapes")
         # the shapes rows (a), (b) and (d) are measured at: every depth x width, or the single shapes only
         self.grid = ([(d, w) for d in self.depths for w in self.widths] if cfg.grid == "full" else list(self.single))
         self.min_layers = min(self.depths)
@@ -423,7 +431,7 @@ class Plan:
                 jobs.append(self._eval_job(row, label(layers, width), self.strategy, [(layers, width)],
                                            adapters=train / name / "adapter_model"))
         for name, extra in (("abl_lora", []), ("abl_nobal", self.moe()), ("abl_nokd", self.moe())):
-            trained(name, self.single, extra, train / name / "adapter_model")
+            trained(name, self.ablation_shapes, extra, train / name / "adapter_model")
         # The noise floor: (d) trained with another seed, on the smallest shape.
         jobs.append(self._eval_job("amoeba_seed1", "", self.strategy, [self.single[-1]], self.moe(),
                                    train / "amoeba_seed1" / "adapter_model"))
@@ -961,6 +969,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--depths", default="30,26,22,18")
     p.add_argument("--widths", default="1,3/4,5/8")
     p.add_argument("--single_shapes", default="30x1,26x3/4,22x5/8,18x5/8")
+    p.add_argument("--ablation_shapes", default=None,
+                   help="evaluate the ablations (e) at these of the single shapes only (e.g. 18x3/4, where the noise "
+                        "floor (d'') is measured): one trained ablation and its evaluation then fit one GPU session. "
+                        "Default: every single shape")
     p.add_argument("--lm_eval_limit", type=int, default=1000)
     p.add_argument("--mmlu_samples", type=int, default=0,
                    help="first N MMLU test questions (in subject order); 0: all 14,042")
@@ -1057,7 +1069,11 @@ def regenerate_command(argv: list[str], script: str = PRESETS["smollm2"]["script
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = parse(argv)
-    plan = Plan(cfg)
+    try:
+        plan = Plan(cfg)
+    except UsageError as err:  # a bad shape or list flag: one line, exit 2
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     plan.out.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + cfg.deadline_s if cfg.deadline_s else float("inf")
     phases = [x.strip() for x in cfg.phase.split(",") if x.strip()]

@@ -512,3 +512,22 @@ def test_the_pack_is_renewed_as_each_job_ends(tmp_path, monkeypatch):
     assert exp.main(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path / "run2"), "--strategy", str(strategy),
                      "--rows", "amoeba", "--phase", "eval", "--pack", str(target)]) == 0
     assert seen == [True]
+
+
+def test_ablations_can_be_evaluated_at_chosen_shapes_only(tmp_path, capsys):
+    """--ablation_shapes: the ablations (e) are evaluated at those single shapes only (one job each, with the qwen
+    preset's job per shape), the rest of the plan unchanged; a shape outside --single_shapes, or a malformed one,
+    is one line naming the flag, exit 2."""
+    exp = _module()
+    base = ["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--rows", "amoeba,abl_lora,abl_nokd"]
+    every = [j.name for j in exp.Plan(exp.parse(base)).eval_jobs()]
+    chosen = [j.name for j in exp.Plan(exp.parse([*base, "--ablation_shapes", "18x3/4"])).eval_jobs()]
+    assert [n for n in every if n.startswith("eval_abl_lora")] == [
+        "eval_abl_lora_l28w1", "eval_abl_lora_l26w0.875", "eval_abl_lora_l24w0.75", "eval_abl_lora_l18w0.75"]
+    assert [n for n in chosen if "abl_" in n] == ["eval_abl_lora_l18w0.75", "eval_abl_nokd_l18w0.75"]
+    assert [n for n in chosen if "abl_" not in n] == [n for n in every if "abl_" not in n]
+    for bad, needle in (("20x1", "--ablation_shapes: 20x1 not among --single_shapes"),
+                        ("18by3", "--ablation_shapes: '18by3' is not LAYERSxWIDTH")):
+        assert exp.main([*base, "--ablation_shapes", bad, "--phase", "report"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {needle}"), err
