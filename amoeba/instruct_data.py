@@ -322,6 +322,9 @@ def packed_sequences_supported() -> bool:
     return hasattr(masking_utils, "find_packed_sequence_indices")
 
 
+# ----------------------------------------------------------------------------------------------
+# Train / eval split
+# ----------------------------------------------------------------------------------------------
 def split_examples(dataset, eval_size: int, seed: int):
     """(train, eval) with ``eval_size`` examples held out at random (seeded); capped to keep training data."""
     n = len(dataset)
