@@ -128,24 +128,30 @@ def synthetic_batch(batch: int, source_len: int, target_len: int, vocab: int, de
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
-def real_length_batch(opts, batch: int, source_max: int, target_max: int, vocab: int, device) -> dict:
-    """A right-padded batch of random token ids whose rows take the (prompt, response) lengths of ``batch`` random
-    examples of ``--real_lengths`` as Stage 2 cuts them (``--model``'s tokenizer), labels on the responses."""
+def case_lengths(opts) -> tuple[int, int]:
+    """Prompt and response tokens of a ``--compare`` row: the seed's 384 + 128 (24 + 8 with ``--smoke``)."""
+    return (384, 128) if not opts.smoke else (24, 8)
+
+
+def real_example_layouts(opts, sizes) -> dict:
+    """Batch size -> that many random examples of ``--real_lengths``, collated as Stage 2 collates them
+    (``--model``'s tokenizer, cut to :func:`case_lengths`): the padded layout a case's batch copies. The data and
+    the tokenizer are read once. UsageError: no such data."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(opts.model)
     data = load_examples(opts.real_lengths, data_dir=os.environ.get("AMOEBA_DATA_DIR"))
-    encode = InstructionCollator(tok, source_max, target_max).encode
-    g = torch.Generator().manual_seed(0)
-    lengths = [tuple(map(len, encode(data[i]))) for i in torch.randperm(len(data), generator=g)[:batch].tolist()]
-    width = max(a + b for a, b in lengths)
-    ids = torch.randint(0, vocab, (batch, width), generator=g)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, (a, b) in enumerate(lengths):
-        mask[i, :a + b] = 1
-        labels[i, a:a + b] = ids[i, a:a + b]
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    collate = InstructionCollator(AutoTokenizer.from_pretrained(opts.model), *case_lengths(opts))
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    return {b: collate([data[i] for i in order[:b]]) for b in sizes}
+
+
+def with_random_ids(layout: dict, vocab: int, device) -> dict:
+    """``layout`` (a collated batch) with random token ids below ``vocab`` in place of its own, labels where it has
+    them: the same lengths, prompts and padding, for any model's vocabulary."""
+    ids = torch.randint(0, vocab, layout["input_ids"].shape, generator=torch.Generator().manual_seed(0))
+    labels = torch.where(layout["labels"] != -100, ids, layout["labels"])
+    return {"input_ids": ids.to(device), "attention_mask": layout["attention_mask"].to(device),
+            "labels": labels.to(device)}
 
 
 def _synthetic_data(vocab: int) -> dict:
@@ -567,8 +573,9 @@ def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> tuple[flo
     return seconds, profiled
 
 
-def compare_case(opts, name: str, work: Path) -> dict:
-    """The peer, our full-model step and our sandwich step (before / after) on one batch of ``name``."""
+def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) -> dict:
+    """The peer, our full-model step and our sandwich step (before / after) on one batch of ``name``; with
+    ``layouts`` (``--real_lengths``: batch size -> collated real examples) that batch takes their lengths."""
     from transformers import AutoConfig
 
     case = CASES[name]
@@ -576,9 +583,9 @@ def compare_case(opts, name: str, work: Path) -> dict:
     vocab = int((model.config if model is not None else AutoConfig.from_pretrained(model_dir)).vocab_size)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    source, target = (384, 128) if not opts.smoke else (24, 8)
-    if opts.real_lengths:  # real examples' lengths: padding in the batch, and the same examples without it
-        batch = real_length_batch(opts, case["batch"], source, target, vocab, device)
+    source, target = case_lengths(opts)
+    if layouts:  # real examples' lengths: padding in the batch, and the same examples without it
+        batch = with_random_ids(layouts[case["batch"]], vocab, device)
         flat = pack_batch(batch)
         tokens = int(batch["attention_mask"].sum())
     else:
@@ -609,11 +616,9 @@ def compare_case(opts, name: str, work: Path) -> dict:
                           profile_step(step, opts.profile, label=row) if opts.profile else None))
     use_settings(trainer, model, current)
     if flat is not None:
-        row = "ours: sandwich, padding-free (after)"
-        timed.append((row, sandwich, mean_seconds(plan_step(trainer, model, flat, sandwich), opts.warmup,
-                                                  opts.steps, row),
-                      profile_step(plan_step(trainer, model, flat, sandwich), opts.profile, label=row)
-                      if opts.profile else None))
+        row, step = "ours: sandwich, padding-free (after)", plan_step(trainer, model, flat, sandwich)
+        timed.append((row, sandwich, mean_seconds(step, opts.warmup, opts.steps, row),
+                      profile_step(step, opts.profile, label=row) if opts.profile else None))
     losses = (same_losses(trainer, model, batch, sandwich, opts.same_losses, BEFORE, current)
               if opts.same_losses else None)
     compile_error = None
@@ -746,13 +751,14 @@ def main(argv=None) -> int:
         unknown = [n for n in names if n not in CASES]
         if unknown:
             raise SystemExit(f"error: --compare: unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
-        if opts.real_lengths:
-            try:  # a missing or unreadable dataset: one line, before any model is built
-                load_examples(opts.real_lengths, data_dir=os.environ.get("AMOEBA_DATA_DIR"))
+        layouts = None
+        if opts.real_lengths:  # the real examples, read once, before any model is built
+            try:
+                layouts = real_example_layouts(opts, {CASES[n]["batch"] for n in names})
             except UsageError as err:
                 print(f"error: --real_lengths: {err}", file=sys.stderr)
                 return 2
-        results["compare"] = [compare_case(opts, n, work / "compare") for n in names]
+        results["compare"] = [compare_case(opts, n, work / "compare", layouts) for n in names]
         write_json(out, results)
         print(markdown(results))
         return 0
