@@ -61,6 +61,7 @@ from amoeba.elastic import make_elastic  # noqa: E402
 from amoeba.errors import UsageError  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
 from amoeba.instruct_data import InstructionCollator, load_examples, pack_batch  # noqa: E402
+from amoeba.loading import load_tokenizer  # noqa: E402
 from amoeba.subnet import Subnet  # noqa: E402
 from amoeba.pipeline import load_settings  # noqa: E402
 from amoeba.stages.finetuning import prepare_trainer  # noqa: E402
@@ -136,11 +137,13 @@ def case_lengths(opts) -> tuple[int, int]:
 def real_example_layouts(opts, sizes) -> dict:
     """Batch size -> that many random examples of ``--real_lengths``, collated as Stage 2 collates them
     (``--model``'s tokenizer, cut to :func:`case_lengths`): the padded layout a case's batch copies. The data and
-    the tokenizer are read once. UsageError: no such data."""
-    from transformers import AutoTokenizer
-
+    the tokenizer are read once. UsageError: no such data, or no such tokenizer."""
     data = load_examples(opts.real_lengths, data_dir=os.environ.get("AMOEBA_DATA_DIR"))
-    collate = InstructionCollator(AutoTokenizer.from_pretrained(opts.model), *case_lengths(opts))
+    try:
+        tokenizer = load_tokenizer(opts.model)
+    except UsageError as err:
+        raise UsageError(err.message, "--model") from None
+    collate = InstructionCollator(tokenizer, *case_lengths(opts))
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
     return {b: collate([data[i] for i in order[:b]]) for b in sizes}
 
@@ -756,7 +759,9 @@ def main(argv=None) -> int:
             try:
                 layouts = real_example_layouts(opts, {CASES[n]["batch"] for n in names})
             except UsageError as err:
-                print(f"error: --real_lengths: {err}", file=sys.stderr)
+                # --model's tokenizer, else --real_lengths' data (whatever flag the data loader names)
+                flag = "--model" if err.flag == "--model" else "--real_lengths"
+                print(f"error: {flag}: {getattr(err, 'message', err)}", file=sys.stderr)
                 return 2
         results["compare"] = [compare_case(opts, n, work / "compare", layouts) for n in names]
         write_json(out, results)

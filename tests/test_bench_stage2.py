@@ -92,9 +92,10 @@ def test_same_losses_before_and_after_the_step_optimisations(tmp_path):
     assert 0 <= mixed["max_relative_difference"] < 1e-5
 
 
-def test_real_lengths_add_the_padding_free_sandwich(tmp_path):
+def test_real_lengths_add_the_padding_free_sandwich(tmp_path, capsys):
     """--real_lengths: the batch's rows take real examples' lengths (padding in the padded batch); the padding-free
-    sandwich runs on the same examples, every row counts the real tokens, and a missing dataset is one line, exit 2."""
+    sandwich runs on the same examples, every row counts the real tokens; a missing dataset or tokenizer folder is
+    one line naming its flag, exit 2."""
     pytest.importorskip("peft")
     bench = _bench()
     out = tmp_path / "cmp.json"
@@ -108,6 +109,12 @@ def test_real_lengths_add_the_padding_free_sandwich(tmp_path):
         assert r["tokens_per_second"] == pytest.approx(case["tokens"] / r["seconds"])
     assert bench.main(["--smoke", "--compare", "tiny", "--real_lengths", str(tmp_path / "none.jsonl"),
                        "--out", str(out)]) == 2
+    capsys.readouterr()
+    missing = tmp_path / "no-model"
+    assert bench.main(["--smoke", "--compare", "tiny", "--real_lengths", "alpaca-clean", "--model", str(missing),
+                       "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --model: no such model folder or file: {missing}"]
 
 
 def test_packed_batch_gives_the_padded_batchs_loss():
