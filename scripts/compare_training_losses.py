@@ -7,10 +7,11 @@ have trained (no evaluation needed), and also for runs stopped before their end.
 
 For each run against ``--reference``, and each sandwich role (``loss_largest``, ``loss_smallest``, ...): the mean
 loss of both over the logged steps they share within ``--steps``, the mean difference (run minus reference) and
-its standard error over those steps. A role's loss is only compared where both runs define it the same way: the
-largest subnet always learns from labels, the other roles from labels without distillation (``--distill_method
-none``) and from the largest subnet's outputs with it, so those are marked "not comparable" across that change.
-The random roles are the same subnets only when both runs sample with the same ``--seed``.
+its standard error over those steps. A role's loss is marked "not comparable" where the two runs define it differently:
+the largest subnet learns from the labels; the other roles from the labels without distillation (``--distill_method
+none``) and from the largest subnet's outputs with it; a fixed-shape run (``--train_num_layer``) logs its one
+subnet in the largest's place. The random roles are the same subnets only when both runs sample with the same
+``--seed``.
 
 A run is a Stage 2 output folder (``run_args.json``, and ``training_log.json`` once it ended). For a run stopped
 before it wrote ``training_log.json``, the losses are read from its console log: ``--console_logs`` is the folder
@@ -40,7 +41,6 @@ from amoeba.files import write_json  # noqa: E402
 logger = logging.getLogger("compare_training_losses")
 
 ROLES = ("loss_largest", "loss_random1", "loss_random2", "loss_smallest")
-LABEL_ROLES = {"loss_largest"}  # learns from the labels in every run
 
 
 def run_settings(run: Path) -> dict:
@@ -86,13 +86,26 @@ def run_losses(run: Path, console_logs: Optional[Path], logging_steps: int) -> t
     return console_losses(console, logging_steps), str(console)
 
 
+def role_meaning(role: str, args: dict) -> tuple[str, str]:
+    """(which subnet, which loss) a run's logged ``role`` is: a fixed-shape run (``--train_num_layer``) logs its one
+    subnet as ``loss_largest``; a subnet other than the largest learns from the largest one's outputs when the run
+    distils (``--distill_method sp`` with a non-zero ``--kd_weight``), else from the labels."""
+    distils = args.get("distill_method", "sp") != "none" and float(args.get("kd_weight", 1.0) or 0) != 0
+    if args.get("train_num_layer"):
+        shape = f"the fixed subnet {args['train_num_layer']} x {args.get('train_num_width') or 1}"
+        return shape, "distillation loss (full model)" if distils and args.get("train_distill_full") else "label loss"
+    if role == "loss_largest":
+        return "the largest subnet", "label loss"
+    return role.removeprefix("loss_"), "distillation loss (largest subnet)" if distils else "label loss"
+
+
 def role_comparable(role: str, ref: dict, other: dict) -> Optional[str]:
-    """None when ``role``'s loss means the same in both runs, else why not."""
-    if role in LABEL_ROLES:
-        return None
-    distils = [s.get("distill_method", "sp") not in (None, "none") for s in (ref, other)]
-    if distils[0] != distils[1]:
-        return "not comparable: label loss in one run, distillation loss in the other"
+    """None when ``role``'s logged loss means the same in both runs (the same subnet, the same loss), else why not."""
+    (ref_net, ref_loss), (net, loss) = role_meaning(role, ref), role_meaning(role, other)
+    if ref_net != net:
+        return f"not comparable: {net} against {ref_net}"
+    if ref_loss != loss:
+        return f"not comparable: {loss} against {ref_loss}"
     if role.startswith("loss_random") and ref.get("seed") != other.get("seed"):
         return "other random subnets (another --seed)"
     return None

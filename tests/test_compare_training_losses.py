@@ -14,14 +14,14 @@ def _tool():
     return load_script(ROOT / "scripts" / "compare_training_losses.py")
 
 
-def _run(folder, losses: dict[int, dict], seed=0, distill="sp", data_seed=42, console=None):
+def _run(folder, losses: dict[int, dict], seed=0, distill="sp", data_seed=42, console=None, **one_for_all):
     """A Stage 2 output folder: run_args.json in sections, as main.py writes it, and either training_log.json or
     (``console``: a folder) a console log with the Trainer's lines."""
     folder.mkdir(parents=True)
     args = {"train": {"seed": seed, "data_seed": data_seed, "per_device_train_batch_size": 8,
                       "gradient_accumulation_steps": 1, "logging_steps": 10},
             "data": {"dataset": "alpaca-clean", "source_max_len": 384, "target_max_len": 128},
-            "one_for_all": {"distill_method": distill}}
+            "one_for_all": {"distill_method": distill, "kd_weight": 1.0, **one_for_all}}
     (folder / "run_args.json").write_text(json.dumps({"command": [], "arguments": args}))
     records = [{"loss": r["loss_largest"], **r, "step": s} for s, r in sorted(losses.items())]
     if console is None:
@@ -61,6 +61,17 @@ def test_paired_differences_on_the_same_steps(tmp_path, capsys):
     assert tool.main([str(b), "--reference", str(a), "--console_logs", str(tmp_path / "logs")]) == 0
     table = capsys.readouterr().out
     assert "| b | largest | 6 |" in table and "not comparable" in table
+
+    # a per-shape run logs its one fixed subnet as "largest": not the sandwich's largest subnet
+    fixed = _run(tmp_path / "fixed", ref, train_num_layer=18, train_num_width="0.75", train_distill_full=True)
+    roles = tool.compare(a, [fixed], None, (0, 1000))["runs"][0]["roles"]
+    assert roles["loss_largest"]["note"] == "not comparable: the fixed subnet 18 x 0.75 against the largest subnet"
+    same = tool.compare(fixed, [fixed], None, (0, 1000))["runs"][0]["roles"]["loss_largest"]
+    assert same["note"] is None and same["difference"] == 0.0
+    assert tool.role_meaning("loss_largest", {"train_num_layer": 18, "train_num_width": "0.75",
+                                              "train_distill_full": True, "distill_method": "sp"}) == \
+        ("the fixed subnet 18 x 0.75", "distillation loss (full model)")
+    assert tool.role_meaning("loss_smallest", {"distill_method": "sp", "kd_weight": 0.0})[1] == "label loss"
 
 
 def test_runs_on_other_batches_or_without_a_log_are_refused(tmp_path, capsys):
