@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -142,3 +143,24 @@ def test_packed_batch_gives_the_padded_batchs_loss():
         leaky = model(**{k: v for k, v in feed.items() if k != "position_ids"}).loss  # one sequence per row
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert abs(float(leaky) - float(want)) > 1e-3  # the check can fail: without the masks the loss differs
+
+
+def test_count_ops_lists_the_float32_products(tmp_path, capsys):
+    """--count_ops: one step's operations, and the matrix products autocast leaves in float32 (the router and the
+    experts' weight mix, which take CUDA-core kernels on a GPU) with their shapes; the batch's token activations are
+    never among them: every product over the tokens runs in bf16."""
+    pytest.importorskip("peft")
+    bench = _bench()
+    out = tmp_path / "ops.json"
+    assert bench.main(["--smoke", "--count_ops", "--out", str(out)]) == 0
+    ops = json.loads(out.read_text())["ops"]
+    listed = ops["fp32_products"]
+    assert 0 < ops["fp32_matrix_products"] == sum(e["calls"] for e in listed) < ops["matrix_products"]
+    tokens = ops["batch_tokens"]
+    for e in listed:
+        assert e["operator"] in bench.MATRIX_PRODUCTS
+        operands = [s for s in e["input_shapes"] if len(s) >= 2]
+        assert all(math.prod(s[:-1]) != tokens for s in operands), e  # no [tokens, features] operand
+    printed = capsys.readouterr().out
+    assert f"({ops['fp32_matrix_products']} with a float32 input)" in printed
+    assert printed.count("  float32: ") == len(listed)
