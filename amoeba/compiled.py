@@ -8,7 +8,8 @@ a few graphs with symbolic shapes serve every layer, width and sequence length o
 same computation (equal to the eager step up to the compiler's rounding; tested on the CPU).
 
 Off by default. Where the compiler cannot run (no Triton with CUDA, no C++ compiler on a CPU), asking for it is a
-usage error (exit 2), as are the combinations not covered (4/8-bit bases, FSDP, ``--device_map``).
+usage error (exit 2), as are the combinations not covered (4/8-bit bases, FSDP, ``--device_map``) and CUDA graphs
+(``--compile_mode reduce-overhead``) without a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from amoeba.errors import UsageError
 logger = logging.getLogger(__name__)
 
 FLAG = "--compile_layers"
+MODE_FLAG = "--compile_mode"
+# torch.compile's modes offered: "reduce-overhead" adds CUDA graphs (one launch per compiled layer call)
+MODES = ("default", "reduce-overhead")
 # graphs a compiled layer may collect before the compiler gives up on it (largest + random + smallest subnets,
 # full-width and sliced layers, a few sequence-length specialisations): well above what a sandwich needs
 RECOMPILE_LIMIT = 64
@@ -41,8 +45,12 @@ def compiler_missing(cuda: Optional[bool] = None) -> Optional[str]:
 
 
 def check_compile_command(compile_layers: bool, do_train: bool, bits: int, device_map: Optional[str],
-                          sharded: bool, cuda: Optional[bool] = None) -> None:
-    """Refuse ``--compile_layers`` where it cannot run, before the model loads."""
+                          sharded: bool, cuda: Optional[bool] = None, mode: str = "default") -> None:
+    """Refuse ``--compile_layers`` (and ``--compile_mode``) where it cannot run, before the model loads."""
+    if mode not in MODES:
+        raise UsageError(f"{mode!r} is not one of {', '.join(MODES)}", MODE_FLAG)
+    if mode != "default" and not compile_layers:
+        raise UsageError(f"{mode} applies to compiled layers; add --compile_layers", MODE_FLAG)
     if not compile_layers:
         return
     if not do_train:
@@ -56,22 +64,35 @@ def check_compile_command(compile_layers: bool, do_train: bool, bits: int, devic
     why = compiler_missing(cuda)
     if why is not None:
         raise UsageError(f"torch.compile cannot run here: {why}", FLAG)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if mode == "reduce-overhead" and not cuda:
+        raise UsageError("reduce-overhead captures CUDA graphs, which need a CUDA GPU", MODE_FLAG)
 
 
-def compile_layers(em) -> Callable[[], None]:
-    """Compile every decoder layer of ``em`` (symbolic shapes) and prepare its projections before each decoder
-    forward; return the function that undoes both (evaluation after training runs eager)."""
+def compile_layers(em, mode: str = "default") -> Callable[[], None]:
+    """Compile every decoder layer of ``em`` (symbolic shapes; torch.compile's ``mode``) and prepare its projections
+    before each decoder forward; return the function that undoes both (evaluation after training runs eager).
+
+    With ``mode="reduce-overhead"`` (CUDA graphs) each decoder forward also starts a new graph step: a subnet's
+    forward and backward are done before the next one starts, so the graphs may reuse their memory."""
     if not em.sliceable:
         raise UsageError("needs sliced widths (a dense base model)", FLAG)
     config = torch._dynamo.config
     limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     if getattr(config, limit_name) < RECOMPILE_LIMIT:
         setattr(config, limit_name, RECOMPILE_LIMIT)
-    hook = em.decoder.register_forward_pre_hook(lambda module, args: em.prepare_projections())
+    graphs = mode == "reduce-overhead"
+
+    def before_decoder(module, args) -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        em.prepare_projections()
+
+    hook = em.decoder.register_forward_pre_hook(before_decoder)
     for layer in em.all_layers:
-        layer.compile(dynamic=True)
-    logger.info("%s: %d decoder layers compiled (the first steps compile, later ones reuse)", FLAG,
-                len(em.all_layers))
+        layer.compile(dynamic=True, **({} if mode == "default" else {"mode": mode}))
+    logger.info("%s: %d decoder layers compiled%s (the first steps compile, later ones reuse)", FLAG,
+                len(em.all_layers), f", mode {mode}" if mode != "default" else "")
 
     def undo() -> None:
         hook.remove()

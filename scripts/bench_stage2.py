@@ -98,6 +98,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s, for MFU")
     p.add_argument("--compile", action="store_true",
                    help="with --compare: also time our steps with every decoder layer compiled (--compile_layers)")
+    p.add_argument("--compile_mode", default="default", choices=("default", "reduce-overhead"),
+                   help="with --compile: torch.compile's mode (--compile_mode); reduce-overhead adds CUDA graphs")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
                         "time, top operators)")
@@ -644,7 +646,7 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
               if opts.same_losses else None)
     compile_error = None
     if opts.compile:  # the same steps with every decoder layer compiled (--compile_layers); warm-up compiles
-        undo = compile_layers(em)
+        undo = compile_layers(em, opts.compile_mode)
         try:
             steps = [("ours: full model", full, batch), ("ours: sandwich", sandwich, batch)]
             if flat is not None:
@@ -676,6 +678,7 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
                if flat is not None else {})
     return {"case": name, **case, "tokens": tokens, **padding, "rows": rows,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+            **({"compile_mode": opts.compile_mode} if opts.compile else {}),
             **({"compile_error": compile_error} if compile_error else {}),
             **({"same_losses": losses} if losses else {})}
 
@@ -764,6 +767,12 @@ def main(argv=None) -> int:
         opts.batch, opts.source_len, opts.target_len = 2, 24, 8
         opts.warmup, opts.steps, opts.memory_steps = 1, 2, 2
         opts.subnets = "6:1,5:0.75,4:0.875,3:0.625"
+    if opts.compile_mode != "default" and not (opts.compile and opts.compare):
+        print("error: --compile_mode: applies to the compiled rows; add --compare and --compile", file=sys.stderr)
+        return 2
+    if opts.compile_mode == "reduce-overhead" and not torch.cuda.is_available():
+        print("error: --compile_mode: reduce-overhead captures CUDA graphs, which need a CUDA GPU", file=sys.stderr)
+        return 2
     out = Path(opts.out)
     work = out.parent / (out.stem + "_run")
     results = {"versions": library_versions(), "smoke": opts.smoke}

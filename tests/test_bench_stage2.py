@@ -164,3 +164,18 @@ def test_count_ops_lists_the_float32_products(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"({ops['fp32_matrix_products']} with a float32 input)" in printed
     assert printed.count("  float32: ") == len(listed)
+
+
+def test_compile_mode_needs_the_compiled_rows_and_cuda_graphs_a_gpu(tmp_path, capsys):
+    """--compile_mode reduce-overhead (CUDA graphs) without --compile, or without a CUDA GPU: one line, exit 2."""
+    bench = _bench()
+    out = str(tmp_path / "c.json")
+    assert bench.main(["--smoke", "--compare", "tiny", "--compile_mode", "reduce-overhead", "--out", out]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --compile_mode: applies to the compiled rows; add --compare and --compile"]
+    if not torch.cuda.is_available():
+        assert bench.main(["--smoke", "--compare", "tiny", "--compile", "--compile_mode", "reduce-overhead",
+                           "--out", out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "need a CUDA GPU" in err[0]
+    assert not (tmp_path / "c.json").exists()

@@ -98,3 +98,41 @@ def test_compile_layers_without_training_exits_2_in_one_line(tmp_path, capsys):
                  "--do_train", "False", "--compile_layers"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--compile_layers" in err[0] and "--do_train True" in err[0]
+
+
+def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, tmp_path):  # noqa: F811
+    """--compile_mode: an unknown mode, a mode without --compile_layers and CUDA graphs without a GPU are refused
+    (naming --compile_mode); the mode reaches torch.compile for every layer, and with CUDA graphs each decoder
+    forward (one subnet's) starts a new graph step, before the projections are prepared."""
+    base = dict(do_train=True, bits=16, device_map=None, sharded=False)
+    for compile_layers, mode, cuda, needle in ((True, "max-speed", False, "not one of"),
+                                               (False, "reduce-overhead", True, "add --compile_layers"),
+                                               (True, "reduce-overhead", False, "need a CUDA GPU")):
+        with pytest.raises(UsageError, match=needle) as err:
+            check_compile_command(compile_layers, cuda=cuda, mode=mode, **base)
+        assert err.value.flag == "--compile_mode"
+    if compiler_missing(cuda=True) is None:
+        check_compile_command(True, cuda=True, mode="reduce-overhead", **base)
+
+    from amoeba.compiled import compile_layers
+
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, *MOE)
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    modes, events = [], []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw))
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("step"))
+    prepare = em.prepare_projections
+    monkeypatch.setattr(em, "prepare_projections", lambda: (events.append("prepare"), prepare())[1])
+    undo = compile_layers(em, "reduce-overhead")
+    try:
+        assert modes == [{"dynamic": True, "mode": "reduce-overhead"}] * len(em.all_layers)
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert events == ["step", "prepare"] * 2
+    finally:
+        undo()
+    modes.clear()
+    compile_layers(em)()
+    assert modes == [{"dynamic": True}] * len(em.all_layers)  # the default mode: torch.compile's own default
