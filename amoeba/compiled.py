@@ -47,8 +47,8 @@ def compiler_missing(cuda: Optional[bool] = None) -> Optional[str]:
 def check_compile_command(compile_layers: bool, do_train: bool, bits: int, device_map: Optional[str],
                           sharded: bool, cuda: Optional[bool] = None, mode: str = "default") -> None:
     """Refuse ``--compile_layers`` (and ``--compile_mode``) where it cannot run, before the model loads."""
-    if mode not in MODES:
-        raise UsageError(f"{mode!r} is not one of {', '.join(MODES)}", MODE_FLAG)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    check_compile_mode(mode, cuda)
     if mode != "default" and not compile_layers:
         raise UsageError(f"{mode} applies to compiled layers; add --compile_layers", MODE_FLAG)
     if not compile_layers:
@@ -64,7 +64,12 @@ def check_compile_command(compile_layers: bool, do_train: bool, bits: int, devic
     why = compiler_missing(cuda)
     if why is not None:
         raise UsageError(f"torch.compile cannot run here: {why}", FLAG)
-    cuda = torch.cuda.is_available() if cuda is None else cuda
+
+
+def check_compile_mode(mode: str, cuda: bool) -> None:
+    """Refuse a ``--compile_mode`` that is not offered, or CUDA graphs without a CUDA GPU."""
+    if mode not in MODES:
+        raise UsageError(f"{mode!r} is not one of {', '.join(MODES)}", MODE_FLAG)
     if mode == "reduce-overhead" and not cuda:
         raise UsageError("reduce-overhead captures CUDA graphs, which need a CUDA GPU", MODE_FLAG)
 
@@ -90,7 +95,7 @@ def compile_layers(em, mode: str = "default") -> Callable[[], None]:
 
     hook = em.decoder.register_forward_pre_hook(before_decoder)
     for layer in em.all_layers:
-        layer.compile(dynamic=True, **({} if mode == "default" else {"mode": mode}))
+        layer.compile(dynamic=True, mode=mode)
     logger.info("%s: %d decoder layers compiled%s (the first steps compile, later ones reuse)", FLAG,
                 len(em.all_layers), f", mode {mode}" if mode != "default" else "")
 

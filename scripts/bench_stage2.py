@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amoeba.adapters import get_router  # noqa: E402
 from amoeba.args import parse_args  # noqa: E402
-from amoeba.compiled import compile_layers  # noqa: E402
+from amoeba.compiled import check_compile_mode, compile_layers  # noqa: E402
 from amoeba.elastic import make_elastic  # noqa: E402
 from amoeba.errors import UsageError  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
@@ -386,7 +386,6 @@ def count_ops(opts, out_dir: Path) -> dict:
         def __init__(self):
             super().__init__()
             self.ops = Counter()
-
             self.fp32 = Counter()  # (operator, input shapes) of matrix products with a float32 input
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -770,8 +769,10 @@ def main(argv=None) -> int:
     if opts.compile_mode != "default" and not (opts.compile and opts.compare):
         print("error: --compile_mode: applies to the compiled rows; add --compare and --compile", file=sys.stderr)
         return 2
-    if opts.compile_mode == "reduce-overhead" and not torch.cuda.is_available():
-        print("error: --compile_mode: reduce-overhead captures CUDA graphs, which need a CUDA GPU", file=sys.stderr)
+    try:
+        check_compile_mode(opts.compile_mode, torch.cuda.is_available())
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(opts.out)
     work = out.parent / (out.stem + "_run")
@@ -788,7 +789,7 @@ def main(argv=None) -> int:
             except UsageError as err:
                 # --model's tokenizer, else --real_lengths' data (whatever flag the data loader names)
                 flag = "--model" if err.flag == "--model" else "--real_lengths"
-                print(f"error: {flag}: {getattr(err, 'message', err)}", file=sys.stderr)
+                print(f"error: {flag}: {err.message}", file=sys.stderr)
                 return 2
         results["compare"] = [compare_case(opts, n, work / "compare", layouts) for n in names]
         write_json(out, results)

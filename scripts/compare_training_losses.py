@@ -111,8 +111,7 @@ def role_comparable(role: str, ref: dict, other: dict) -> Optional[str]:
     return None
 
 
-def compare(reference: Path, runs: list[Path], console_logs: Optional[Path], steps: tuple[int, int],
-            roles=ROLES) -> dict:
+def compare(reference: Path, runs: list[Path], console_logs: Optional[Path], steps: tuple[int, int]) -> dict:
     """The paired comparison of every run in ``runs`` with ``reference`` (see the module's docstring)."""
     ref_args = run_settings(reference)
     batch_keys = ("data_seed", "per_device_train_batch_size", "gradient_accumulation_steps", "dataset",
@@ -128,7 +127,7 @@ def compare(reference: Path, runs: list[Path], console_logs: Optional[Path], ste
         losses, source = run_losses(run, console_logs, int(args.get("logging_steps") or 10))
         shared = [s for s in sorted(losses) if s in ref_losses and steps[0] <= s <= steps[1]]
         entry = {"run": str(run), "log": source, "last_step": max(losses, default=0), "roles": {}}
-        for role in roles:
+        for role in ROLES:
             pairs = [(ref_losses[s][role], losses[s][role]) for s in shared
                      if role in ref_losses[s] and role in losses[s]]
             if not pairs:

@@ -135,4 +135,4 @@ def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, 
         undo()
     modes.clear()
     compile_layers(em)()
-    assert modes == [{"dynamic": True}] * len(em.all_layers)  # the default mode: torch.compile's own default
+    assert modes == [{"dynamic": True, "mode": "default"}] * len(em.all_layers)
