@@ -241,11 +241,6 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
         default=False,
         metadata={"help": "Train with each decoder layer compiled (torch.compile, symbolic shapes; the first steps "
                           "compile). The same computation; needs Triton on CUDA or a C++ compiler on a CPU."})
-    compile_mode: str = field(
-        default="default",
-        metadata={"help": "With --compile_layers: torch.compile's mode. default; reduce-overhead also captures each "
-                          "compiled layer's kernels as CUDA graphs, replayed with one launch (CUDA only; for small, "
-                          "launch-bound models; each new batch shape records new graphs)."})
     padding_free: bool = field(
         default=False,
         metadata={"help": "Train on packed batches: each micro-batch's examples laid end to end in rows no longer "

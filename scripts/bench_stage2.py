@@ -99,7 +99,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="with --compare: also time our steps with every decoder layer compiled (--compile_layers)")
     p.add_argument("--compile_mode", default="default", choices=("default", "reduce-overhead"),
-                   help="with --compile: torch.compile's mode (--compile_mode); reduce-overhead adds CUDA graphs")
+                   help="with --compile: torch.compile's mode for the compiled rows; reduce-overhead adds CUDA graphs "
+                        "(measured 32x slower than default on SmolLM2, so not a Stage 2 option)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
                         "time, top operators)")

@@ -255,7 +255,7 @@ def prepare_trainer(args: Arguments, model, tokenizer, em: ElasticModel, strateg
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     attach_adapters(model, em, adapter_config(args, em))
     # after the adapters: its hook must run after the router's (the mixed adapters)
-    uncompile = compile_layers(em, t.compile_mode) if t.compile_layers else None
+    uncompile = compile_layers(em) if t.compile_layers else None
     if t.gradient_checkpointing:
         _enable_checkpointing(model)
     _disable_trainer_checkpointing(t)
