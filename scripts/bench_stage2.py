@@ -33,6 +33,8 @@ products, attention's score products and recomputation under checkpointing are n
 (the H200's dense bf16, 989). Cases: ``7b-bf16-4x512``, ``7b-bf16-8x512`` (random Llama-2-7B shape, bf16),
 ``7b-4bit`` (4-bit NF4, the seed's settings: fp16, 2 x 512, checkpointing), ``smollm2-bf16-8x512``. ``--compile``
 adds our two steps with every decoder layer compiled (``--compile_layers``; the warm-up steps compile).
+``--split_after`` adds our sandwich step with each of the two "after" changes alone (every row of ours records the
+settings it ran with), to tell which one moves a step.
 ``--real_lengths alpaca-clean`` gives the batch's examples the lengths of real ones (so the padded batch holds
 padding, as in training) and adds our sandwich step on the same examples without padding (``--padding_free``);
 tokens/s and MFU then count the real tokens, T above.
@@ -104,6 +106,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
                         "time, top operators)")
+    p.add_argument("--split_after", action="store_true",
+                   help="with --compare: also time the sandwich with each of the after-optimisations alone (logits "
+                        "at the answer positions only; experts mixed element-wise), to tell which one moves the step")
     p.add_argument("--same_losses", type=int, default=0, metavar="STEPS",
                    help="with --compare: also train STEPS sandwich steps (optimizer included) from the same start "
                         "and seed before and after the optimisations, and report how far their losses differ")
@@ -630,18 +635,26 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
         sandwich.append((role, Subnet(tuple(range(int(layers))), float(width))))
     timed = [("peer: peft LoRA, full model", full, peer_seconds, peer_profile)]
     current = step_settings(trainer, model)
+    settings_of = {}  # row -> the step's optimisation settings it ran with (see BEFORE)
+
+    def measure(row: str, plan: list, inputs: dict, warmup: int) -> None:
+        settings_of[row] = step_settings(trainer, model)
+        step = plan_step(trainer, model, inputs, plan)
+        timed.append((row, plan, mean_seconds(step, warmup, opts.steps, row),
+                      profile_step(step, opts.profile, label=row) if opts.profile else None))
+
     for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
         for when, settings in (("before", BEFORE), ("after", current)):
             use_settings(trainer, model, settings)
-            step = plan_step(trainer, model, batch, plan)
-            row = f"{label} ({when})"
-            timed.append((row, plan, mean_seconds(step, opts.warmup, opts.steps, row),
-                          profile_step(step, opts.profile, label=row) if opts.profile else None))
+            measure(f"{label} ({when})", plan, batch, opts.warmup)
+    if opts.split_after:  # each of "after"'s changes alone: which one moves the step (e.g. the 4-bit slowdown)
+        for row, settings in (("ours: sandwich (answer-only logits alone)", (True, BEFORE[1])),
+                              ("ours: sandwich (element-wise mix alone)", (BEFORE[0], True))):
+            use_settings(trainer, model, settings)
+            measure(row, sandwich, batch, opts.warmup)
     use_settings(trainer, model, current)
     if flat is not None:
-        row, step = "ours: sandwich, padding-free (after)", plan_step(trainer, model, flat, sandwich)
-        timed.append((row, sandwich, mean_seconds(step, opts.warmup, opts.steps, row),
-                      profile_step(step, opts.profile, label=row) if opts.profile else None))
+        measure("ours: sandwich, padding-free (after)", sandwich, flat, opts.warmup)
     losses = (same_losses(trainer, model, batch, sandwich, opts.same_losses, BEFORE, current)
               if opts.same_losses else None)
     compile_error = None
@@ -652,11 +665,7 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
             if flat is not None:
                 steps.append(("ours: sandwich, padding-free", sandwich, flat))
             for label, plan, inputs in steps:
-                step = plan_step(trainer, model, inputs, plan)
-                timed.append((f"{label} (compiled)", plan,
-                              mean_seconds(step, max(opts.warmup, 2), opts.steps, f"{label} (compiled)"),
-                              profile_step(step, opts.profile, label=f"{label} (compiled)") if opts.profile
-                              else None))
+                measure(f"{label} (compiled)", plan, inputs, max(opts.warmup, 2))
         except Exception as err:  # noqa: BLE001 - a compiler failure is a result to report, not the end of the run
             compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
             logger.warning("%s: compiled steps failed: %s", name, compile_error)
@@ -669,6 +678,8 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
         rows.append({"step": step, "subnets": [s.label for _, s in plan], "seconds": seconds,
                      "tokens_per_second": tokens / seconds, "model_flops": flops,
                      "mfu": flops / (seconds * peak) if peak else None,
+                     **({"logits_at_targets": settings_of[step][0], "elementwise_mix": settings_of[step][1]}
+                        if step in settings_of else {}),
                      **({"profile": profiled} if profiled else {})})
     del trainer, model
     if cuda:
@@ -767,6 +778,9 @@ def main(argv=None) -> int:
         opts.batch, opts.source_len, opts.target_len = 2, 24, 8
         opts.warmup, opts.steps, opts.memory_steps = 1, 2, 2
         opts.subnets = "6:1,5:0.75,4:0.875,3:0.625"
+    if opts.split_after and not opts.compare:
+        print("error: --split_after: times rows of --compare; add --compare", file=sys.stderr)
+        return 2
     if opts.compile_mode != "default" and not (opts.compile and opts.compare):
         print("error: --compile_mode: applies to the compiled rows; add --compare and --compile", file=sys.stderr)
         return 2

@@ -50,6 +50,29 @@ def test_compare_rows_flops_and_profile_on_the_tiny_case(tmp_path, caplog):
     assert [m.split(": profile: ")[0] for m in profiled] == list(rows)
 
 
+def test_split_after_times_each_optimisation_alone(tmp_path, capsys):
+    """--split_after adds the sandwich with each of the "after" changes alone, and every row of ours records the
+    settings it ran with: "before" neither, each split row exactly one, "after" today's defaults (on the CPU: logits
+    at the answer positions, the expert mix chosen by device, i.e. the product). Without --compare: exit 2."""
+    pytest.importorskip("peft")
+    bench = _bench()
+    out = tmp_path / "split.json"
+    assert bench.main(["--smoke", "--compare", "tiny", "--split_after", "--out", str(out)]) == 0
+    rows = {r["step"]: r for r in json.loads(out.read_text())["compare"][0]["rows"]}
+    settings = {k: (r.get("logits_at_targets"), r.get("elementwise_mix")) for k, r in rows.items()}
+    assert settings == {"peer: peft LoRA, full model": (None, None),
+                        "ours: full model (before)": (False, False), "ours: full model (after)": (True, None),
+                        "ours: sandwich (before)": (False, False), "ours: sandwich (after)": (True, None),
+                        "ours: sandwich (answer-only logits alone)": (True, False),
+                        "ours: sandwich (element-wise mix alone)": (False, True)}
+    sandwich_flops = rows["ours: sandwich (after)"]["model_flops"]
+    assert rows["ours: sandwich (element-wise mix alone)"]["model_flops"] == sandwich_flops
+    assert rows["ours: sandwich (answer-only logits alone)"]["subnets"] == rows["ours: sandwich (after)"]["subnets"]
+    capsys.readouterr()
+    assert bench.main(["--smoke", "--split_after", "--out", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --split_after: times rows of --compare; add --compare"
+
+
 def test_random_checkpoints_get_their_own_tokenizer(tmp_path):
     """The random 7B checkpoint needs no real model's tokenizer: a word-level one of the model's vocabulary,
     loadable by AutoTokenizer, mapping every id below the vocabulary size to one token and back."""
