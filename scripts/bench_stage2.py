@@ -601,6 +601,17 @@ def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> tuple[flo
     return seconds, profiled
 
 
+def compiler_counters(counters) -> dict:
+    """What ``torch.compile`` did in the compiled rows, from dynamo's counters: frames compiled, graphs built and
+    calls captured, each graph break with its reason, and inductor's CUDA-graph events (what a slow
+    ``--compile_mode reduce-overhead`` row is read by)."""
+    out = {"frames.total": counters["frames"].get("total", 0)}
+    out.update({f"stats.{k}": v for k, v in counters["stats"].items()})
+    out.update({f"graph_break.{k}"[:160]: v for k, v in counters["graph_break"].items()})
+    out.update({f"inductor.{k}": v for k, v in counters["inductor"].items() if "cudagraph" in k})
+    return out
+
+
 def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) -> dict:
     """The peer, our full-model step and our sandwich step (before / after) on one batch of ``name``; with
     ``layouts`` (``--real_lengths``: batch size -> collated real examples) that batch takes their lengths."""
@@ -657,8 +668,13 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
         measure("ours: sandwich, padding-free (after)", sandwich, flat, opts.warmup)
     losses = (same_losses(trainer, model, batch, sandwich, opts.same_losses, BEFORE, current)
               if opts.same_losses else None)
-    compile_error = None
+    compile_error, compiler = None, None
     if opts.compile:  # the same steps with every decoder layer compiled (--compile_layers); warm-up compiles
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        if opts.compile_mode == "reduce-overhead":
+            torch._logging.set_logs(perf_hints=True)  # why a CUDA graph is skipped or recorded again
         undo = compile_layers(em, opts.compile_mode)
         try:
             steps = [("ours: full model", full, batch), ("ours: sandwich", sandwich, batch)]
@@ -671,6 +687,8 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
             logger.warning("%s: compiled steps failed: %s", name, compile_error)
         finally:
             undo()
+            compiler = compiler_counters(counters)
+            logger.info("%s: compiler: %s", name, compiler)
     peak = opts.peak_tflops * 1e12 if cuda else None
     rows = []
     for step, plan, seconds, profiled in timed:
@@ -691,6 +709,7 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             **({"compile_mode": opts.compile_mode} if opts.compile else {}),
             **({"compile_error": compile_error} if compile_error else {}),
+            **({"compiler": compiler} if compiler is not None else {}),
             **({"same_losses": losses} if losses else {})}
 
 

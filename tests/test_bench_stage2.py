@@ -73,6 +73,29 @@ def test_split_after_times_each_optimisation_alone(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "error: --split_after: times rows of --compare; add --compare"
 
 
+def test_compiled_rows_report_what_the_compiler_did(tmp_path):
+    """--compile adds our two steps with compiled layers, and the case records what torch.compile did: graphs
+    built, calls captured, and no graph break inside a decoder layer (a break would split each layer into pieces
+    run eagerly in between)."""
+    pytest.importorskip("peft")
+    from amoeba.compiled import compiler_missing
+
+    if compiler_missing(cuda=False) is not None:
+        pytest.skip("no C++ compiler for torch.compile's CPU backend")
+    bench = _bench()
+    out = tmp_path / "compiled.json"
+    assert bench.main(["--smoke", "--compare", "tiny", "--compile", "--out", str(out)]) == 0
+    case = json.loads(out.read_text())["compare"][0]
+    rows = {r["step"]: r for r in case["rows"]}
+    assert "compile_error" not in case
+    assert rows["ours: sandwich (compiled)"]["subnets"] == rows["ours: sandwich (after)"]["subnets"]
+    assert rows["ours: full model (compiled)"]["seconds"] > 0
+    compiler = case["compiler"]
+    assert compiler["frames.total"] >= 1 and compiler["stats.unique_graphs"] >= 1
+    assert compiler["stats.calls_captured"] > compiler["stats.unique_graphs"]
+    assert not [k for k in compiler if k.startswith("graph_break.")]
+
+
 def test_random_checkpoints_get_their_own_tokenizer(tmp_path):
     """The random 7B checkpoint needs no real model's tokenizer: a word-level one of the model's vocabulary,
     loadable by AutoTokenizer, mapping every id below the vocabulary size to one token and back."""
