@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amoeba.adapters import get_router  # noqa: E402
 from amoeba.args import parse_args  # noqa: E402
-from amoeba.compiled import check_compile_mode, compile_layers  # noqa: E402
+from amoeba.compiled import MODES, check_compile_mode, compile_layers  # noqa: E402
 from amoeba.elastic import make_elastic  # noqa: E402
 from amoeba.errors import UsageError  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
@@ -100,9 +100,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's peak dense bf16 TFLOP/s, for MFU")
     p.add_argument("--compile", action="store_true",
                    help="with --compare: also time our steps with every decoder layer compiled (--compile_layers)")
-    p.add_argument("--compile_mode", default="default", choices=("default", "reduce-overhead"),
+    p.add_argument("--compile_mode", default="default", choices=MODES,
                    help="with --compile: torch.compile's mode for the compiled rows; reduce-overhead adds CUDA graphs "
-                        "(measured 32x slower than default on SmolLM2, so not a Stage 2 option)")
+                        "(measured 24x slower than eager on SmolLM2, so not a Stage 2 option)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
                         "time, top operators)")
