@@ -134,11 +134,11 @@ class ShapeRouter(nn.Module):
         self._members: list[tuple[int, MoELoRA]] = []  # (layer, adapter); plain references, not submodules
         self._mixes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._mixed_stamp = None
-        # How the experts of a group of adapters are mixed: element-wise kernels (:func:`weighted_sum`) or one
-        # matrix product per group. None: element-wise on CUDA, where the product's degenerate shapes are slow;
-        # the product elsewhere (the two agree to fp32 rounding; the CPU's numbers stay those of earlier versions
-        # bit for bit).
-        self.elementwise_mix: Optional[bool] = None
+        # How the experts of a group of adapters are mixed: one matrix product per group (the default) or
+        # element-wise kernels (:func:`weighted_sum`; they agree to fp32 rounding). Element-wise was meant to avoid
+        # the product's degenerate shapes on CUDA, but on an H200 it gave no speedup in bf16 and slowed the 4-bit
+        # sandwich (1.65 s against 1.59 s per step; docs/BENCHMARKS.md), so it is an opt-in for measurements.
+        self.elementwise_mix: bool = False
 
     def bind(self, em: ElasticModel) -> None:
         """Read the current subnet from ``em`` and recompute gates at every decoder forward."""
@@ -241,14 +241,13 @@ class ShapeRouter(nn.Module):
         for (shape_a, shape_b, device, dtype, scaling), ads in groups.items():
             e, n = shape_a[0], len(ads)
             cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-            elementwise = self.elementwise_mix if self.elementwise_mix is not None else device.type == "cuda"
             with torch.autocast(device_type=device.type, enabled=False):
                 # stacked on a new first dim, so each adapter's gradient is a contiguous slice the optimizer
                 # can take as it is (no copy per parameter)
                 g = dense.to(device=device, dtype=dtype)
                 stack_a = torch.stack([ad.lora_A for ad in ads]).view(n, e, -1)
                 stack_b = torch.stack([ad.lora_B for ad in ads]).view(n, e, -1)
-                if elementwise:
+                if self.elementwise_mix:
                     a_all, b_all = weighted_sum(g, stack_a), weighted_sum(g * scaling, stack_b)
                 else:
                     a_all, b_all = g.view(1, 1, e) @ stack_a, (g * scaling).view(1, 1, e) @ stack_b

@@ -21,8 +21,8 @@ Llama-2-7B-shaped model loaded in 4-bit NF4 with double quantization, batch 2 x 
 seven projections, alpha 16, the full model, the label loss, bf16 autocast; fp16 and gradient checkpointing for
 the 4-bit case, as QLoRA does) against this project's full-model step and its sandwich step (the seed's Llama-2
 Stage 2 subnets), each before and after the step's optimisations (the code path before them and the current
-one, switched in the same process: the output matrix at every position or at the answer positions only, the
-experts mixed by one matrix product or element-wise), as s/step, tokens/s and model FLOPs utilisation:
+one, switched in the same process: the output matrix at every position or at the answer positions only), as
+s/step, tokens/s and model FLOPs utilisation:
 
     MFU = sum over the step's subnets of 4 * N_sub * T  /  (seconds * peak FLOP/s)
 
@@ -33,8 +33,10 @@ products, attention's score products and recomputation under checkpointing are n
 (the H200's dense bf16, 989). Cases: ``7b-bf16-4x512``, ``7b-bf16-8x512`` (random Llama-2-7B shape, bf16),
 ``7b-4bit`` (4-bit NF4, the seed's settings: fp16, 2 x 512, checkpointing), ``smollm2-bf16-8x512``. ``--compile``
 adds our two steps with every decoder layer compiled (``--compile_layers``; the warm-up steps compile).
-``--split_after`` adds our sandwich step with each of the two "after" changes alone (every row of ours records the
-settings it ran with), to tell which one moves a step.
+``--split_after`` adds our sandwich step with every other setting of the two switches (logits at the answer
+positions only; the MoE-LoRA experts mixed element-wise instead of by one matrix product, an opt-in) that "before"
+and "after" do not already time; every row of ours records the settings it ran with, to tell which one moves a
+step.
 ``--real_lengths alpaca-clean`` gives the batch's examples the lengths of real ones (so the padded batch holds
 padding, as in training) and adds our sandwich step on the same examples without padding (``--padding_free``);
 tokens/s and MFU then count the real tokens, T above.
@@ -107,8 +109,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
                         "time, top operators)")
     p.add_argument("--split_after", action="store_true",
-                   help="with --compare: also time the sandwich with each of the after-optimisations alone (logits "
-                        "at the answer positions only; experts mixed element-wise), to tell which one moves the step")
+                   help="with --compare: also time the sandwich with the other settings of the step's two switches "
+                        "(logits at the answer positions only; experts mixed element-wise), to tell which one moves "
+                        "the step")
     p.add_argument("--same_losses", type=int, default=0, metavar="STEPS",
                    help="with --compare: also train STEPS sandwich steps (optimizer included) from the same start "
                         "and seed before and after the optimisations, and report how far their losses differ")
@@ -261,9 +264,11 @@ def time_plan(trainer, model, batch, plan, warmup: int, steps: int) -> float:
     return mean_seconds(plan_step(trainer, model, batch, plan), warmup, steps)
 
 
-# The step's optimisations, as (logits at the answer positions only, experts mixed element-wise; None: on CUDA),
-# switched on the trainer and the router; BEFORE is the code path without them.
+# The step's switches, as (logits at the answer positions only, experts mixed element-wise), on the trainer and
+# the router; BEFORE is the code path without the first (the second is an opt-in, off by default).
 BEFORE = (False, False)
+SPLIT_ROWS = {(True, False): "answer-only logits alone", (False, True): "element-wise mix alone",
+              (True, True): "answer-only logits, element-wise mix"}
 
 
 def step_settings(trainer, model) -> tuple:
@@ -658,11 +663,11 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
         for when, settings in (("before", BEFORE), ("after", current)):
             use_settings(trainer, model, settings)
             measure(f"{label} ({when})", plan, batch, opts.warmup)
-    if opts.split_after:  # each of "after"'s changes alone: which one moves the step (e.g. the 4-bit slowdown)
-        for row, settings in (("ours: sandwich (answer-only logits alone)", (True, BEFORE[1])),
-                              ("ours: sandwich (element-wise mix alone)", (BEFORE[0], True))):
-            use_settings(trainer, model, settings)
-            measure(row, sandwich, batch, opts.warmup)
+    if opts.split_after:  # the switches' other settings: which one moves the step (e.g. the 4-bit slowdown)
+        for settings, row in SPLIT_ROWS.items():
+            if settings not in (BEFORE, current):
+                use_settings(trainer, model, settings)
+                measure(f"ours: sandwich ({row})", sandwich, batch, opts.warmup)
     use_settings(trainer, model, current)
     if flat is not None:
         measure("ours: sandwich, padding-free (after)", sandwich, flat, opts.warmup)

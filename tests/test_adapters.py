@@ -236,8 +236,8 @@ def test_weighted_sum_is_the_gate_product_with_its_gradients():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_elementwise_expert_mix_trains_like_the_matrix_product(autocast):
-    """The router's two ways of mixing a group of adapters' experts (element-wise, the CUDA default, and one
-    matrix product, the default elsewhere) give the same logits and the same gradients for every expert and
+    """The router's two ways of mixing a group of adapters' experts (element-wise, an opt-in, and one matrix
+    product, the default) give the same logits and the same gradients for every expert and
     the router, to fp32 rounding (bf16 rounding under autocast), in a training forward of a narrow subnet."""
     def mixing(elementwise):
         return lambda router: setattr(router, "elementwise_mix", elementwise)
