@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
                         "time, top operators)")
+    p.add_argument("--profile_kernels", default=None, metavar="REGEX",
+                   help="with --profile: also list where the device kernels whose name matches REGEX come from "
+                        "(launching operator, its input shapes and dtypes, the operators above it)")
     p.add_argument("--split_after", action="store_true",
                    help="with --compare: also time the sandwich with the other settings of the step's two switches "
                         "(logits at the answer positions only; experts mixed element-wise), to tell which one moves "
@@ -212,17 +216,50 @@ def mean_seconds(step, warmup: int, steps: int, label: Optional[str] = None) -> 
     return seconds
 
 
-def profile_step(step, steps: int, top: int = 12, label: Optional[str] = None) -> dict:
+def kernel_sources(events, pattern: str, steps: int, top: int = 12) -> list[dict]:
+    """Where the device kernels whose name matches ``pattern`` (a regular expression) come from: for each, the
+    operator that launched it (the innermost ``aten::`` operator above its launch, with its input shapes and
+    dtypes) and up to three operators above that (e.g. the autograd node of a backward product), grouped, with
+    launches and device milliseconds per step, the costliest ``top`` groups first. ``events``: a profile's
+    events recorded with ``record_shapes``."""
+    rx = re.compile(pattern)
+    groups: dict[tuple, list] = {}
+    for event in events:
+        for kernel in getattr(event, "kernels", None) or ():
+            if not rx.search(kernel.name):
+                continue
+            op = event
+            while op is not None and not op.name.startswith("aten::"):
+                op = op.cpu_parent
+            op = op or event
+            above, parent = [], op.cpu_parent
+            while parent is not None and len(above) < 3:
+                above.append(parent.name)
+                parent = parent.cpu_parent
+            key = (kernel.name, op.name, str(list(op.input_shapes or [])),
+                   str(list(getattr(op, "input_dtypes", None) or [])), " < ".join(above))
+            group = groups.setdefault(key, [0, 0.0])
+            group[0] += 1
+            group[1] += kernel.duration
+    ranked = sorted(groups.items(), key=lambda kv: kv[1][1], reverse=True)[:top]
+    return [{"kernel": k[0], "operator": k[1], "input_shapes": k[2], "input_dtypes": k[3], "called_from": k[4],
+             "launches_per_step": n / steps, "device_ms_per_step": us / 1e3 / steps} for k, (n, us) in ranked]
+
+
+def profile_step(step, steps: int, top: int = 12, label: Optional[str] = None,
+                 kernels: Optional[str] = None) -> dict:
     """What ``steps`` calls of ``step()`` spend, per call, from torch.profiler: device kernels launched and the
     device's busy time (CUDA; far below the wall time means the step is bound by launching, not computing), and
-    the operators with the most self time (device time on CUDA, CPU time on a CPU). With ``label``, the summary
-    is logged as soon as it is known (a 7B profile takes minutes; a run cut off by a time limit keeps it)."""
+    the operators with the most self time (device time on CUDA, CPU time on a CPU). With ``kernels`` (a regular
+    expression), also where the matching device kernels come from (:func:`kernel_sources`). With ``label``, the
+    summary is logged as soon as it is known (a 7B profile takes minutes; a run cut off by a time limit keeps it)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
     _sync()
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                 record_shapes=kernels is not None) as prof:
         for _ in range(steps):
             step()
         _sync()
@@ -236,14 +273,21 @@ def profile_step(step, steps: int, top: int = 12, label: Optional[str] = None) -
                     "self_ms_per_step": getattr(e, key) / 1e3 / steps, "share": getattr(e, key) / total}
                    for e in ranked]}
     if cuda:
-        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        out["kernels_per_step"] = len(kernels) / steps
-        out["device_busy_ms_per_step"] = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps
+        launched = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        out["kernels_per_step"] = len(launched) / steps
+        out["device_busy_ms_per_step"] = sum(e.time_range.elapsed_us() for e in launched) / 1e3 / steps
+    if kernels is not None:
+        out["kernel_pattern"] = kernels
+        out["kernel_sources"] = kernel_sources(prof.events(), kernels, steps)
     if label:
         logger.info("%s: profile: %.0f operators/step%s; top: %s", label, out["operators_per_step"],
                     f", {out['kernels_per_step']:.0f} kernels/step, device busy {out['device_busy_ms_per_step']:.1f} "
                     "ms/step" if cuda else "",
                     "; ".join(f"{t['name']} {t['self_ms_per_step']:.2f} ms ({100 * t['share']:.1f}%)" for t in out["top"]))
+        for source in out.get("kernel_sources", []):
+            logger.info("%s: kernel %s: %.1f launches, %.2f ms per step, from %s %s %s < %s", label,
+                        source["kernel"], source["launches_per_step"], source["device_ms_per_step"],
+                        source["operator"], source["input_shapes"], source["input_dtypes"], source["called_from"])
     return out
 
 
@@ -597,7 +641,8 @@ def time_peer(opts, case: dict, model_dir: str, model, batch: dict) -> tuple[flo
         peer.zero_grad(set_to_none=True)
 
     seconds = mean_seconds(step, opts.warmup, opts.steps, label="peer: peft LoRA, full model")
-    profiled = profile_step(step, opts.profile, label="peer: peft LoRA, full model") if opts.profile else None
+    profiled = (profile_step(step, opts.profile, label="peer: peft LoRA, full model", kernels=opts.profile_kernels)
+                if opts.profile else None)
     if case["bits"] != 4:
         peer.unload()  # the in-memory base goes back to its plain self, for our steps
     del peer, base
@@ -657,7 +702,8 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
         settings_of[row] = step_settings(trainer, model)
         step = plan_step(trainer, model, inputs, plan)
         timed.append((row, plan, mean_seconds(step, warmup, opts.steps, row),
-                      profile_step(step, opts.profile, label=row) if opts.profile else None))
+                      profile_step(step, opts.profile, label=row, kernels=opts.profile_kernels)
+                      if opts.profile else None))
 
     for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
         for when, settings in (("before", BEFORE), ("after", current)):
@@ -744,6 +790,14 @@ def profile_lines(rows: list[dict]) -> list[str]:
         lines += [f"| `{t['name']}` | {t['calls_per_step']:.0f} | {t['self_ms_per_step']:.2f} | "
                   f"{100 * t['share']:.1f}% |" for t in p["top"]]
         lines.append("")
+        if "kernel_sources" in p:
+            lines += [f"Kernels matching `{p['kernel_pattern']}`, {r['step']}, by source:", "",
+                      "| kernel | launched by | input shapes | dtypes | called from | launches/step | ms/step |",
+                      "| --- | --- | --- | --- | --- | ---: | ---: |"]
+            lines += [f"| `{k['kernel'][:60]}` | `{k['operator']}` | {k['input_shapes']} | {k['input_dtypes']} | "
+                      f"{k['called_from']} | {k['launches_per_step']:.0f} | {k['device_ms_per_step']:.2f} |"
+                      for k in p["kernel_sources"]]
+            lines.append("")
     return lines
 
 
@@ -805,6 +859,16 @@ def main(argv=None) -> int:
     if opts.split_after and not opts.compare:
         print("error: --split_after: times rows of --compare; add --compare", file=sys.stderr)
         return 2
+    if opts.profile_kernels is not None:
+        if not (opts.profile and opts.compare):
+            print("error: --profile_kernels: looks into the profiles of --compare; add --compare and --profile",
+                  file=sys.stderr)
+            return 2
+        try:
+            re.compile(opts.profile_kernels)
+        except re.error as e:
+            print(f"error: --profile_kernels: not a regular expression: {e}", file=sys.stderr)
+            return 2
     if opts.compile_mode != "default" and not (opts.compile and opts.compare):
         print("error: --compile_mode: applies to the compiled rows; add --compare and --compile", file=sys.stderr)
         return 2

@@ -225,3 +225,51 @@ def test_compile_mode_needs_the_compiled_rows_and_cuda_graphs_a_gpu(tmp_path, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "need a CUDA GPU" in err[0]
     assert not (tmp_path / "c.json").exists()
+
+
+def test_kernel_sources_name_the_launching_operator():
+    """--profile_kernels: each matching device kernel is traced to the operator that launched it (the innermost
+    aten:: operator above its launch, with input shapes and dtypes) and the operators above that; kernels are
+    grouped by all of these, counted per profiled step, the costliest group first; others are left out."""
+    from collections import namedtuple
+
+    bench = _bench()
+    Kernel = namedtuple("Kernel", "name device duration")
+
+    class Event:
+        def __init__(self, name, parent=None, kernels=(), shapes=(), dtypes=()):
+            self.name, self.cpu_parent, self.kernels = name, parent, list(kernels)
+            self.input_shapes, self.input_dtypes = list(shapes), list(dtypes)
+
+    fp32 = "sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_ffma"
+    root = Event("autograd::engine::evaluate_function: MmBackward0")
+    node = Event("MmBackward0", root)
+    mm = Event("aten::mm", node, shapes=[[4096, 64], [64, 4096]], dtypes=["float", "float"])
+    linear = Event("aten::linear", None)
+    bf16 = Event("aten::mm", linear, shapes=[[512, 4096], [4096, 4096]], dtypes=["c10::BFloat16"] * 2)
+    events = [root, node, mm, linear, bf16,
+              Event("cudaLaunchKernel", mm, kernels=[Kernel(fp32, 0, 30.0)]),
+              Event("cudaLaunchKernel", mm, kernels=[Kernel(fp32, 0, 50.0)]),
+              Event("cudaLaunchKernel", bf16, kernels=[Kernel("nvjet_tst_bf16", 0, 900.0)]),
+              Event("cudaLaunchKernel", bf16, kernels=[Kernel(fp32, 0, 10.0)])]
+    found = bench.kernel_sources(events, r"f32f32|sgemm", steps=2)
+    assert [(k["operator"], k["input_dtypes"], k["launches_per_step"]) for k in found] == [
+        ("aten::mm", "['float', 'float']", 1.0), ("aten::mm", "['c10::BFloat16', 'c10::BFloat16']", 0.5)]
+    assert found[0]["device_ms_per_step"] == pytest.approx(0.04)
+    assert found[0]["called_from"] == "MmBackward0 < autograd::engine::evaluate_function: MmBackward0"
+    assert found[0]["input_shapes"] == "[[4096, 64], [64, 4096]]" and found[1]["called_from"] == "aten::linear"
+    assert bench.kernel_sources(events, "no such kernel", steps=1) == []
+
+
+def test_profile_kernels_needs_profiled_rows_and_a_regex(tmp_path, capsys):
+    """--profile_kernels without --compare and --profile, or with a pattern that does not compile: one line, exit 2,
+    nothing written."""
+    bench = _bench()
+    out = str(tmp_path / "k.json")
+    assert bench.main(["--smoke", "--compare", "tiny", "--profile_kernels", "f32", "--out", out]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --profile_kernels: looks into the profiles of --compare; add --compare and --profile"]
+    assert bench.main(["--smoke", "--compare", "tiny", "--profile", "1", "--profile_kernels", "f32(", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --profile_kernels: not a regular expression")
+    assert not (tmp_path / "k.json").exists()
