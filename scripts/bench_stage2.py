@@ -192,6 +192,10 @@ def build(model_dir: str, out_dir: Path, flags: list[str], model=None, tokenizer
     vocab = int(model.config.vocab_size)
     trainer, _ = prepare_trainer(args, model, tokenizer, em, None, data=_synthetic_data(vocab))
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    # Trainer.train() runs the model's forward under its mixed-precision autocast (accelerate wraps the forward when
+    # it prepares the model); the steps timed here call training_step directly, so the model is prepared the same
+    # way. (Without it, --bf16 steps ran the adapters' float32 products over every token on CUDA cores.)
+    trainer.accelerator.prepare_model(trainer.model, device_placement=False)
     return args, trainer.model, em, trainer
 
 
@@ -236,8 +240,8 @@ def kernel_sources(events, pattern: str, steps: int, top: int = 12) -> list[dict
             while parent is not None and len(above) < 3:
                 above.append(parent.name)
                 parent = parent.cpu_parent
-            key = (kernel.name, op.name, str(list(op.input_shapes or [])),
-                   str(list(getattr(op, "input_dtypes", None) or [])), " < ".join(above))
+            dtypes = getattr(op, "input_dtypes", None) or getattr(op, "input_types", None) or []
+            key = (kernel.name, op.name, str(list(op.input_shapes or [])), str(list(dtypes)), " < ".join(above))
             group = groups.setdefault(key, [0, 0.0])
             group[0] += 1
             group[1] += kernel.duration
@@ -750,13 +754,14 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
                      **({"logits_at_targets": settings_of[step][0], "elementwise_mix": settings_of[step][1]}
                         if step in settings_of else {}),
                      **({"profile": profiled} if profiled else {})})
+    precision = trainer.accelerator.mixed_precision  # our steps' autocast, as in training ("no": none)
     del trainer, model
     if cuda:
         torch.cuda.empty_cache()
     padding = ({"padded_positions": int(batch["input_ids"].numel()),
                 "packed_positions": int(flat["input_ids"].numel()), "real_lengths": opts.real_lengths}
                if flat is not None else {})
-    return {"case": name, **case, "tokens": tokens, **padding, "rows": rows,
+    return {"case": name, **case, "tokens": tokens, **padding, "rows": rows, "ours_mixed_precision": precision,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             **({"compile_mode": opts.compile_mode} if opts.compile else {}),
             **({"compile_error": compile_error} if compile_error else {}),

@@ -273,3 +273,39 @@ def test_profile_kernels_needs_profiled_rows_and_a_regex(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --profile_kernels: not a regular expression")
     assert not (tmp_path / "k.json").exists()
+
+
+def test_our_timed_steps_run_under_the_trainings_autocast(tmp_path):
+    """Trainer.train() runs the model's forward under its mixed-precision autocast (accelerate wraps the forward);
+    the benchmark calls training_step directly, so build() prepares the model the same way: with --bf16 every
+    decoder layer runs under bf16 autocast, and the adapters' products over the tokens are bf16, not float32."""
+    pytest.importorskip("peft")
+    from tests.conftest import tiny_model
+
+    bench = _bench()
+    flags = list(bench.SEED_LLAMA2_FLAGS) + ["--bf16"]
+    flags[flags.index("--min_num_layer") + 1] = "1"
+    args, model, em, trainer = bench.build(str(ROOT / "models" / "smollm2-135m-instruct"), tmp_path, flags,
+                                           tiny_model("gqa", layers=6), None)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+             for layer in em.all_layers]
+    products = []  # (dtypes, shapes) of every matrix product of the step
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket) in bench.MATRIX_PRODUCTS:
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                products.append(({t.dtype for t in tensors}, [tuple(t.shape) for t in tensors]))
+            return func(*args, **(kwargs or {}))
+
+    batch = bench.synthetic_batch(3, 24, 7, int(model.config.vocab_size), "cpu")  # 93 tokens: no model dimension
+    with Products():
+        trainer.training_step(model, dict(batch))
+    for h in hooks:
+        h.remove()
+    assert len(seen) >= 6 and all(seen)  # every layer of every subnet of the sandwich
+    over_tokens = [dtypes for dtypes, shapes in products if any(93 in shape for shape in shapes)]
+    assert len(over_tokens) > 50 and all(dtypes == {torch.bfloat16} for dtypes in over_tokens)
