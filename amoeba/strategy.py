@@ -33,7 +33,7 @@ import torch
 
 from amoeba.errors import UsageError
 from amoeba.files import write_json, write_text
-from amoeba.npy import load_npy_dict, save_npy
+from amoeba.npy import compressed, load_npy_dict, save_npy
 from amoeba.subnet import width_key
 
 logger = logging.getLogger(__name__)
@@ -328,14 +328,16 @@ def load_strategy(path: str | os.PathLike, flag: Optional[str] = None) -> Strate
 # Saving, with a readable view
 # ----------------------------------------------------------------------------------------------
 def save_strategy(strategy: Strategy, path: str | os.PathLike, view: bool = True) -> Path:
-    """Write ``strategy`` in the seed's layout (atomically) and, with ``view``, ``<stem>.json``/``<stem>.md``."""
+    """Write ``strategy`` in the seed's layout (atomically; gzip-compressed when ``path`` ends in ``.gz``) and, with
+    ``view``, ``<stem>.json``/``<stem>.md``."""
     path = Path(path)
     save_npy(path, strategy.to_dict())
     if view:
         summary = describe_strategy(strategy)
         summary["source"] = portable_path(path)  # the file this view describes
-        write_json(path.with_suffix(".json"), summary)
-        write_text(path.with_suffix(".md"), render_markdown(summary, path.name))
+        base = path.with_suffix("") if compressed(path) else path  # x.npy.gz: x.json and x.md, as for x.npy
+        write_json(base.with_suffix(".json"), summary)
+        write_text(base.with_suffix(".md"), render_markdown(summary, path.name))
     logger.info("strategy written to %s", path)
     return path
 

@@ -101,7 +101,7 @@ PRESETS = {
     "qwen2.5-coder-1.5b": dict(
         title="Qwen2.5-Coder-1.5B-Instruct", script="scripts/experiment.py --preset qwen2.5-coder-1.5b",
         model=str(ROOT / "models" / "qwen2.5-coder-1.5b-instruct"),
-        strategy=str(ROOT / "strategies" / "qwen2.5-coder-1.5b-instruct.npy"),
+        strategy=str(ROOT / "strategies" / "qwen2.5-coder-1.5b-instruct.npy.gz"),
         depths="28,26,24,18", widths="1,7/8,3/4", single_shapes="28x1,26x7/8,24x3/4,18x3/4", grid="singles",
         # max_skipped_steps: a safety margin. The first runs' non-finite gradients (every batch padded to 193 tokens)
         # were cuDNN attention's backward, which training no longer uses (--cudnn_attention); the report lists

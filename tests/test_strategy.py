@@ -173,6 +173,47 @@ def test_save_load_round_trip_and_readable_view(tmp_path):
     assert "| 2 | 1 | 1 |" in md and "width 0.875" in md
 
 
+def test_compressed_strategy_round_trips_and_is_checked_like_a_plain_one(tmp_path):
+    """A name ending in .gz is the same file gzip-compressed: saved and loaded as the plain one (same arrays, views
+    named as for .npy), the same bytes for the same strategy, code refused through the compression, and a cut or
+    non-gzip file is one clear error naming it."""
+    import gzip
+
+    model = tiny_model("gqa", layers=3)
+    s = load_strategy_from(random_strategy(model), tmp_path / "in.npy")
+    plain = save_strategy(s, tmp_path / "plain.npy")
+    packed = save_strategy(s, tmp_path / "packed.npy.gz")
+    assert gzip.decompress(packed.read_bytes()) == plain.read_bytes()
+    assert (tmp_path / "packed.json").is_file() and (tmp_path / "packed.md").read_text().startswith("# packed.npy.gz")
+    first = packed.read_bytes()
+    save_strategy(s, packed)
+    assert packed.read_bytes() == first  # no timestamp in the gzip header
+    back = load_strategy(packed)
+    assert back.depths() == s.depths() and back.widths() == s.widths()
+    for name, d in s.bias.items():
+        for r, a in (d or {}).items():
+            np.testing.assert_array_equal(back.bias[name][r], a)
+    # code inside a compressed file is refused as in a plain one
+    marker = tmp_path / "pwned"
+    evil = _Evil()
+    evil.marker = marker
+    raw = tmp_path / "evil.npy"
+    np.save(raw, {"strategy": {1: np.ones(3)}, "x": evil})
+    (tmp_path / "evil.npy.gz").write_bytes(gzip.compress(raw.read_bytes()))
+    with pytest.raises(UsageError, match="refusing"):
+        load_strategy(tmp_path / "evil.npy.gz", "--shrinking_file")
+    assert not marker.exists()
+    cut = tmp_path / "cut.npy.gz"
+    cut.write_bytes(first[: len(first) // 2])
+    with pytest.raises(UsageError) as err:
+        load_strategy(cut, "--shrinking_file")
+    assert str(err.value).startswith("--shrinking_file") and "cut.npy.gz is not a whole gzip file" in str(err.value)
+    notgz = tmp_path / "plain_named.npy.gz"
+    notgz.write_bytes(plain.read_bytes())
+    with pytest.raises(UsageError, match="not a whole gzip file"):
+        load_strategy(notgz)
+
+
 def load_strategy_from(raw: dict, path: Path) -> Strategy:
     np.save(path, raw)
     return load_strategy(path)
@@ -543,14 +584,14 @@ def test_shipped_strategy_names_no_machine_path_and_says_how_it_was_calibrated()
 
 
 def test_shipped_qwen_strategy_fits_qwen2_5_coder_1_5b_and_says_how_it_was_calibrated():
-    """strategies/qwen2.5-coder-1.5b-instruct.npy: the seed's Stage 1 on that model (layer DP by five-shot MMLU
+    """strategies/qwen2.5-coder-1.5b-instruct.npy.gz: the seed's Stage 1 on that model (layer DP by five-shot MMLU
     accuracy on 320 validation questions, FLAP widths on C4), for its 28 layers, 12 query / 2 KV heads and 8,960
     MLP channels; it validates against a model of that shape and its views are the project's rendering of it."""
     import json
 
     from amoeba.strategy import describe_strategy, validate_strategy
 
-    path = ROOT / "strategies" / "qwen2.5-coder-1.5b-instruct.npy"
+    path = ROOT / "strategies" / "qwen2.5-coder-1.5b-instruct.npy.gz"
     shipped = load_strategy(path)
     assert shipped.num_layers == 28 and shipped.widths() == [0.625, 0.75, 0.875, 1.0]
     assert sorted(shipped.layer_masks) == list(range(11))  # 28 (none removed) down to 18 layers
@@ -562,7 +603,7 @@ def test_shipped_qwen_strategy_fits_qwen2_5_coder_1_5b_and_says_how_it_was_calib
     info = shipped.info
     assert (info["model_type"], info["num_heads"], info["num_kv_groups"], info["head_dim"],
             info["intermediate_size"]) == ("qwen2", 12, 2, 128, 8960)
-    view = json.loads(path.with_suffix(".json").read_text())
+    view = json.loads(path.with_suffix("").with_suffix(".json").read_text())
     summary = json.loads(json.dumps(describe_strategy(shipped)))
     summary["source"] = view["source"]
     assert view == summary and view["source"] == path.name
