@@ -5,8 +5,8 @@ run any code when loaded, so :func:`load_npy` parses the ``.npy`` header as a li
 with a restricted unpickler that admits numpy arrays, dtypes, scalars and plain containers only; anything else is
 refused with one :class:`UsageError` naming the file. :func:`save_npy` writes atomically.
 
-A name ending in ``.gz`` (``strategy.npy.gz``) is the same file gzip-compressed, read and written as such: a
-strategy's masks and biases shrink about fifteen-fold.
+A name ending in ``.gz`` (``strategy.npy.gz``) is the same file gzip-compressed, read and written as such (the
+shipped Qwen2.5-Coder-1.5B strategy: 10.4 MB as ``.npy``, 0.65 MB compressed).
 """
 
 from __future__ import annotations

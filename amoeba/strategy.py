@@ -327,6 +327,14 @@ def load_strategy(path: str | os.PathLike, flag: Optional[str] = None) -> Strate
 # ----------------------------------------------------------------------------------------------
 # Saving, with a readable view
 # ----------------------------------------------------------------------------------------------
+def view_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """The readable view of the strategy file ``path``: ``<stem>.json`` and ``<stem>.md`` beside it (``x.npy`` and
+    ``x.npy.gz`` alike: ``x.json``, ``x.md``)."""
+    path = Path(path)
+    base = path.with_suffix("") if compressed(path) else path
+    return base.with_suffix(".json"), base.with_suffix(".md")
+
+
 def save_strategy(strategy: Strategy, path: str | os.PathLike, view: bool = True) -> Path:
     """Write ``strategy`` in the seed's layout (atomically; gzip-compressed when ``path`` ends in ``.gz``) and, with
     ``view``, ``<stem>.json``/``<stem>.md``."""
@@ -335,9 +343,9 @@ def save_strategy(strategy: Strategy, path: str | os.PathLike, view: bool = True
     if view:
         summary = describe_strategy(strategy)
         summary["source"] = portable_path(path)  # the file this view describes
-        base = path.with_suffix("") if compressed(path) else path  # x.npy.gz: x.json and x.md, as for x.npy
-        write_json(base.with_suffix(".json"), summary)
-        write_text(base.with_suffix(".md"), render_markdown(summary, path.name))
+        json_path, md_path = view_paths(path)
+        write_json(json_path, summary)
+        write_text(md_path, render_markdown(summary, path.name))
     logger.info("strategy written to %s", path)
     return path
 

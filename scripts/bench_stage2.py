@@ -240,8 +240,8 @@ def kernel_sources(events, pattern: str, steps: int, top: int = 12) -> list[dict
             while parent is not None and len(above) < 3:
                 above.append(parent.name)
                 parent = parent.cpu_parent
-            dtypes = getattr(op, "input_dtypes", None) or getattr(op, "input_types", None) or []
-            key = (kernel.name, op.name, str(list(op.input_shapes or [])), str(list(dtypes)), " < ".join(above))
+            key = (kernel.name, op.name, str(list(op.input_shapes or [])),
+                   str(list(getattr(op, "input_dtypes", None) or [])), " < ".join(above))
             group = groups.setdefault(key, [0, 0.0])
             group[0] += 1
             group[1] += kernel.duration

@@ -185,6 +185,10 @@ def test_compressed_strategy_round_trips_and_is_checked_like_a_plain_one(tmp_pat
     packed = save_strategy(s, tmp_path / "packed.npy.gz")
     assert gzip.decompress(packed.read_bytes()) == plain.read_bytes()
     assert (tmp_path / "packed.json").is_file() and (tmp_path / "packed.md").read_text().startswith("# packed.npy.gz")
+    from amoeba.strategy import view_paths
+
+    assert view_paths(packed) == view_paths(plain.with_name("packed.npy")) == (tmp_path / "packed.json",
+                                                                                tmp_path / "packed.md")
     first = packed.read_bytes()
     save_strategy(s, packed)
     assert packed.read_bytes() == first  # no timestamp in the gzip header
@@ -589,7 +593,7 @@ def test_shipped_qwen_strategy_fits_qwen2_5_coder_1_5b_and_says_how_it_was_calib
     MLP channels; it validates against a model of that shape and its views are the project's rendering of it."""
     import json
 
-    from amoeba.strategy import describe_strategy, validate_strategy
+    from amoeba.strategy import describe_strategy, validate_strategy, view_paths
 
     path = ROOT / "strategies" / "qwen2.5-coder-1.5b-instruct.npy.gz"
     shipped = load_strategy(path)
@@ -603,7 +607,7 @@ def test_shipped_qwen_strategy_fits_qwen2_5_coder_1_5b_and_says_how_it_was_calib
     info = shipped.info
     assert (info["model_type"], info["num_heads"], info["num_kv_groups"], info["head_dim"],
             info["intermediate_size"]) == ("qwen2", 12, 2, 128, 8960)
-    view = json.loads(path.with_suffix("").with_suffix(".json").read_text())
+    view = json.loads(view_paths(path)[0].read_text())
     summary = json.loads(json.dumps(describe_strategy(shipped)))
     summary["source"] = view["source"]
     assert view == summary and view["source"] == path.name

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from amoeba.errors import UsageError  # noqa: E402
 from amoeba.files import writable_file  # noqa: E402
-from amoeba.npy import compressed, load_npy_dict  # noqa: E402
+from amoeba.npy import load_npy_dict  # noqa: E402
 from amoeba.strategy import (Strategy, is_plain_record, load_strategy,  # noqa: E402
-                             normalise_width_dict, save_strategy)
+                             normalise_width_dict, save_strategy, view_paths)
 
 DEFAULT_DEPTH = "output/calib_dp/final_strategy.npy"
 DEFAULT_WIDTH_MASK = "output/width_calib/width_mask.npy"
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     depths = ", ".join(map(str, sorted(merged.depths(), reverse=True)))
     widths = ", ".join(f"{r:g}" for r in sorted(merged.widths(), reverse=True))
-    out = Path(args.out)
-    view = (out.with_suffix("") if compressed(out) else out).with_suffix(".md")
-    print(f"wrote {args.out}: depths {depths}; widths {widths} (view: {view})")
+    print(f"wrote {args.out}: depths {depths}; widths {widths} (view: {view_paths(args.out)[1]})")
     return 0
 
 
