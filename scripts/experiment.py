@@ -41,7 +41,9 @@ share it; 9 kept an H200 99% busy), spread over ``--gpus`` (each job sees one of
 preset) the one-for-all trainings instead run one at a time over all of them (torchrun). ``--deadline_s`` stops
 starting jobs, and stops running ones, after that many seconds; training resumes from its last checkpoint and
 evaluation measures only what its ``metrics.json`` lacks when run again (exit status 3 says something was left
-for that). Every command, its wall time and its log are kept under ``--out``.
+for that). ``--eval_split 1`` (the qwen preset's) evaluates each shape of a trained row in three jobs side by side
+(MMLU with WikiText-2, HellaSwag, ARC-Easy with PIQA), whose folders the report merges. Every command, its wall time
+and its log are kept under ``--out``.
 """
 
 from __future__ import annotations
@@ -108,11 +110,12 @@ PRESETS = {
         # every skipped step
         # repeat_eval 0: the evaluation's reproducibility was shown on SmolLM2; here its GPU time goes to rows
         # eval_per_shape: a shape's full evaluation is about 12 minutes; the adapters exist only for one GPU session
+        # eval_split: and its parts side by side, so that a training and its evaluation fit one GPU session
         # mmlu_prefix_cache: the whole model's five-shot MMLU in 89 s with a training job beside it (157 s uncached,
         # alone), the same accuracy within bf16 rounding (49.88 against 49.83 at 28 x 1); rows (a) and (b) were
         # measured before, without it (the report says which)
         steps=1000, long_steps=1000, lm_eval_limit=0, mmlu_shots=5, max_skipped_steps=20, repeat_eval=0,
-        eval_per_shape=1, ddp=1, mmlu_prefix_cache=1,
+        eval_per_shape=1, ddp=1, mmlu_prefix_cache=1, eval_split=1,
         default_rows="stage1,shortgpt,pershape_kd,pershape_kd_total,amoeba,amoeba_seed1,abl_lora,abl_nobal,abl_nokd"),
 }
 PPL = "wikitext2_ppl"
@@ -127,6 +130,16 @@ REPEAT = "amoeba_repeat"  # (d)'s evaluation run a second time: its own folder, 
 # Rough duration of an evaluation job on the H200 with other jobs beside it (start-up, then each shape with all
 # metrics; measured: 434 and 446 s for 4 shapes with 9 jobs keeping the GPU 99% busy).
 EVAL_JOB_S, EVAL_SHAPE_S = 40.0, 100.0
+# One trained shape's evaluation in parts that run side by side (--eval_split): in one process it leaves the H200
+# about half idle (one shape alone: 291 s; four shapes side by side: 576 s). Each part: main.py's flags, given after
+# eval_flags() (the later flag wins), and the metrics it gives.
+EVAL_PARTS = {
+    "mmlu": (["--do_lm_eval", "False"], (PPL, "mmlu_test_accuracy")),
+    "hellaswag": (["--do_mmlu_eval", "False", "--do_eval_wikitext2", "False", "--do_lm_eval_task", "hellaswag"],
+                  ("hellaswag_acc_norm",)),
+    "arc_piqa": (["--do_mmlu_eval", "False", "--do_eval_wikitext2", "False", "--do_lm_eval_task", "arc_easy,piqa"],
+                 ("arc_easy_acc", "piqa_acc")),
+}
 
 
 def row_of_folder(name: str) -> Optional[str]:
@@ -379,18 +392,34 @@ class Plan:
         return "amoeba" if row == REPEAT else row
 
     def _eval_job(self, row: str, part: str, strategy: str, shapes: list[tuple[int, float]],
-                  extra: Optional[list[str]] = None, adapters: Optional[Path] = None) -> Job:
+                  extra: Optional[list[str]] = None, adapters: Optional[Path] = None,
+                  metrics: Optional[tuple[str, ...]] = None) -> Job:
+        """One main.py evaluation of ``shapes`` into ``eval/<row>_<part>``; done once ``metrics`` (default: every
+        metric) of each shape are in its metrics.json."""
         o = self.out / "eval" / (f"{row}_{part}" if part else row)
         widths = sorted({w for _, w in shapes} | {1.0}, reverse=True)
         width_flag = "[" + ",".join(f"{w:g}" for w in widths) + "]"
         spec = ",".join(f"{d}x{w:g}" for d, w in shapes)
         argv = [*self.base(o), *self.eval_flags(), *self.elastic(strategy, width_flag), "--eval_shapes", spec,
                 *(["--adapter_dir", str(adapters)] if adapters else []), *(extra or [])]
-        keys = [f"{m}_{label(d, w)}" for d, w in shapes for m in (PPL, *ACC_METRICS)]
+        keys = [f"{m}_{label(d, w)}" for d, w in shapes for m in (metrics or (PPL, *ACC_METRICS))]
         needs = [Path(strategy)] + ([Path(adapters) / "adapter_config.json"] if adapters else [])
         # each finished shape's metrics are kept (--eval_skip_existing resumes), so one shape in time pays off
         return Job(f"eval_{row}" + (f"_{part}" if part else ""), argv, o, want_keys=keys, needs=needs,
                    expected_s=EVAL_JOB_S + EVAL_SHAPE_S * len(shapes), first_s=EVAL_JOB_S + EVAL_SHAPE_S)
+
+    def _shape_eval_jobs(self, row: str, shape: tuple[int, float], extra: Optional[list[str]],
+                         adapters: Optional[Path], folder_part: Optional[str] = None) -> list[Job]:
+        """A trained row's evaluation of one shape (in ``eval/<row>_<folder_part>``, by default the shape's label):
+        one job, or with ``--eval_split`` the parts of EVAL_PARTS side by side (not where the whole job is already
+        done: a run evaluated before keeps its folder)."""
+        part = label(*shape) if folder_part is None else folder_part
+        whole = self._eval_job(row, part, self.strategy, [shape], extra, adapters)
+        if not self.cfg.eval_split or whole.done():
+            return [whole]
+        return [self._eval_job(row, f"{label(*shape)}_{name}", self.strategy, [shape], [*(extra or []), *flags],
+                               adapters, metrics)
+                for name, (flags, metrics) in EVAL_PARTS.items()]
 
     def eval_jobs(self) -> list[Job]:
         c = self.cfg
@@ -415,9 +444,8 @@ class Plan:
             """A trained row's evaluation: one job for its shapes, or with --eval_per_shape one job per shape, so
             that they run side by side while the row's adapters exist (they do not outlive a GPU session)."""
             if c.eval_per_shape:
-                for layers, width in shapes:
-                    jobs.append(self._eval_job(row, label(layers, width), self.strategy, [(layers, width)], extra,
-                                               adapters))
+                for shape in shapes:
+                    jobs.extend(self._shape_eval_jobs(row, shape, extra, adapters))
             else:
                 jobs.append(self._eval_job(row, "", self.strategy, shapes, extra, adapters))
 
@@ -426,23 +454,20 @@ class Plan:
         else:
             by_width("amoeba", self.strategy, self.moe(), snapshot)
         for row in ("pershape", "pershape_kd", "pershape_kd_total"):
-            for layers, width in self.single:
-                name = f"{row}_{label(layers, width)}"
-                jobs.append(self._eval_job(row, label(layers, width), self.strategy, [(layers, width)],
-                                           adapters=train / name / "adapter_model"))
+            for shape in self.single:
+                jobs.extend(self._shape_eval_jobs(row, shape, None, train / f"{row}_{label(*shape)}" / "adapter_model"))
         for name, extra in (("abl_lora", []), ("abl_nobal", self.moe()), ("abl_nokd", self.moe())):
             trained(name, self.ablation_shapes, extra, train / name / "adapter_model")
         # The noise floor: (d) trained with another seed, on the smallest shape.
-        jobs.append(self._eval_job("amoeba_seed1", "", self.strategy, [self.single[-1]], self.moe(),
-                                   train / "amoeba_seed1" / "adapter_model"))
+        jobs.extend(self._shape_eval_jobs("amoeba_seed1", self.single[-1], self.moe(),
+                                          train / "amoeba_seed1" / "adapter_model", folder_part=""))
         # Reproducibility: (d)'s evaluation again, in another process, on the largest and smallest shapes.
         if c.repeat_eval:
             ends = [self.single[0], self.single[-1]]
             jobs.append(self._eval_job(REPEAT, "", self.strategy, ends, self.moe(), snapshot))
         # one job per shape: they start together when the long run ends, so its tail is one shape long
-        for layers, width in self.single:
-            jobs.append(self._eval_job("amoeba_long", label(layers, width), self.strategy, [(layers, width)],
-                                       self.moe(), train / "amoeba" / "adapter_model"))
+        for shape in self.single:
+            jobs.extend(self._shape_eval_jobs("amoeba_long", shape, self.moe(), train / "amoeba" / "adapter_model"))
         # A job whose adapters come from training starts once they exist (Job.needs): from this run or an earlier one.
         return [j for j in jobs if self.wanted(self.row_of(j.name))]
 
@@ -636,8 +661,8 @@ def collect(plan: Plan) -> dict:
             lab = label(d, w)
             vals = {m: metrics[f"{m}_{lab}"] for m in (PPL, *ACC_METRICS, *OTHER_METRICS, *STDERR.values(),
                                                        MMLU_MICRO, "params") if f"{m}_{lab}" in metrics}
-            if vals:
-                rows.setdefault(row, {})[lab] = vals
+            if vals:  # a shape evaluated in parts (--eval_split) has a folder per part
+                rows.setdefault(row, {}).setdefault(lab, {}).update(vals)
     # (b)'s whole-model cell is (a)'s (Plan.eval_jobs measures that network once)
     full = label(max(plan.depths), 1.0)
     if full in rows.get("stage1", {}) and "shortgpt" in rows and full not in rows["shortgpt"]:
@@ -1003,6 +1028,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_per_shape", type=int, choices=(0, 1), default=0,
                    help="1: evaluate each shape of rows (d) and (e) in a job of its own, side by side (the qwen "
                         "preset: 1); 0: one job per width for (d), one per ablation")
+    p.add_argument("--eval_split", type=int, choices=(0, 1), default=0,
+                   help="1: evaluate each shape of a trained row in three jobs side by side (MMLU with WikiText-2, "
+                        "HellaSwag, ARC-Easy with PIQA; one process leaves the GPU about half idle); a shape already "
+                        "evaluated whole stays so (the qwen preset: 1)")
     p.add_argument("--gpus", default=None, help="comma list of GPU indices to spread the jobs over (e.g. 0,1)")
     p.add_argument("--smoke", action="store_true", help="tiny settings to check the plumbing on a CPU")
     p.set_defaults(**{k: v for k, v in PRESETS[preset].items() if k not in ("title", "script", "default_rows")})

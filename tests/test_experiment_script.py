@@ -227,7 +227,7 @@ def test_qwen_preset_plan_rows_shapes_and_metrics(tmp_path):
     exp = _module()
     strategy = tmp_path / "strategies" / "qwen.npy"
     plan = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--strategy",
-                               str(strategy)]))
+                               str(strategy), "--eval_split", "0"]))  # the parts: the next test
     assert plan.grid == plan.single == [(28, 1.0), (26, 0.875), (24, 0.75), (18, 0.75)]
     train = {j.name: j.argv for j in plan.train_jobs()}
     assert "train_pershape_l28w1" not in train and "train_pershape_kd_l28w1" in train  # no plain-LoRA (c)
@@ -259,7 +259,7 @@ def test_qwen_preset_plan_rows_shapes_and_metrics(tmp_path):
                                 str(strategy), "--mmlu_prefix_cache", "0"]))
     assert not any("--mmlu_prefix_cache" in j.argv for j in plain.eval_jobs())  # how rows (a) and (b) were measured
     cached = exp.Plan(exp.parse(["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--strategy",
-                                 str(strategy), "--mmlu_prefix_cache", "1"]))
+                                 str(strategy), "--mmlu_prefix_cache", "1", "--eval_split", "0"]))
     argv = {j.name: j for j in cached.eval_jobs()}["eval_amoeba_l28w1"].argv
     assert argv[argv.index("--mmlu_prefix_cache") + 1] == "True"
     assert not any(j.ready() for j in evals.values())  # all wait for the strategy file
@@ -317,7 +317,8 @@ def test_a_packed_run_continues_elsewhere_without_retraining(tmp_path):
     out = tmp_path / "run"
     strategy = tmp_path / "s.npy"
     strategy.write_bytes(b"x")
-    argv = ["--preset", "qwen2.5-coder-1.5b", "--out", str(out), "--strategy", str(strategy), "--rows", "amoeba"]
+    argv = ["--preset", "qwen2.5-coder-1.5b", "--out", str(out), "--strategy", str(strategy), "--rows", "amoeba",
+            "--eval_split", "0"]
     plan = exp.Plan(exp.parse(argv))
     snapshot = out / "train" / "amoeba" / "adapter_model-step1000"
     snapshot.mkdir(parents=True)
@@ -519,7 +520,8 @@ def test_ablations_can_be_evaluated_at_chosen_shapes_only(tmp_path, capsys):
     preset's job per shape), the rest of the plan unchanged; a shape outside --single_shapes, or a malformed one,
     is one line naming the flag, exit 2."""
     exp = _module()
-    base = ["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--rows", "amoeba,abl_lora,abl_nokd"]
+    base = ["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--rows", "amoeba,abl_lora,abl_nokd",
+            "--eval_split", "0"]
     every = [j.name for j in exp.Plan(exp.parse(base)).eval_jobs()]
     chosen = [j.name for j in exp.Plan(exp.parse([*base, "--ablation_shapes", "18x3/4"])).eval_jobs()]
     assert [n for n in every if n.startswith("eval_abl_lora")] == [
@@ -531,3 +533,63 @@ def test_ablations_can_be_evaluated_at_chosen_shapes_only(tmp_path, capsys):
         assert exp.main([*base, "--ablation_shapes", bad, "--phase", "report"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"error: {needle}"), err
+
+
+def test_a_trained_shape_is_evaluated_in_parts_side_by_side(tmp_path):
+    """--eval_split (the qwen preset's): each trained shape's evaluation is three main.py jobs (MMLU with WikiText-2,
+    HellaSwag, ARC-Easy with PIQA), each asking main.py for its metrics only and done when it has them; the report
+    merges their folders into one cell; a shape already evaluated whole keeps that job, and its training is not
+    needed again."""
+    from amoeba.args import parse_args
+
+    exp = _module()
+    rows = ["--preset", "qwen2.5-coder-1.5b", "--out", str(tmp_path), "--rows", "amoeba_seed1,abl_nokd",
+            "--ablation_shapes", "18x3/4"]
+    plan = exp.Plan(exp.parse(rows))
+    evals = {j.name: j for j in plan.eval_jobs()}
+    parts = ("mmlu", "hellaswag", "arc_piqa")
+    assert sorted(evals) == sorted(f"eval_{r}_l18w0.75_{p}" for r in ("abl_nokd", "amoeba_seed1") for p in parts)
+    asked = {}
+    for part in parts:
+        job = evals[f"eval_abl_nokd_l18w0.75_{part}"]
+        assert job.out == tmp_path / "eval" / f"abl_nokd_l18w0.75_{part}"
+        assert plan.row_of(job.name) == "abl_nokd" and exp.row_of_folder(job.out.name) == "abl_nokd"
+        assert str(tmp_path / "train" / "abl_nokd" / "adapter_model") in job.argv
+        args = parse_args(job.argv)  # as main.py reads the job's command: its part's flags come last and win
+        e = args.evaluation
+        asked[part] = (e.do_mmlu_eval, e.do_eval_wikitext2, e.do_lm_eval and tuple(args.lm_eval_tasks))
+        assert e.mmlu_dataset == "mmlu-fs" and e.eval_skip_existing
+    assert asked == {"mmlu": (True, True, False), "hellaswag": (False, False, ("hellaswag",)),
+                     "arc_piqa": (False, False, ("arc_easy", "piqa"))}
+    keys = {p: evals[f"eval_abl_nokd_l18w0.75_{p}"].want_keys for p in parts}
+    assert keys == {"mmlu": ["wikitext2_ppl_l18w0.75", "mmlu_test_accuracy_l18w0.75"],
+                    "hellaswag": ["hellaswag_acc_norm_l18w0.75"],
+                    "arc_piqa": ["arc_easy_acc_l18w0.75", "piqa_acc_l18w0.75"]}
+
+    # each part's metrics in its folder: the part is done, and the report's cell has them all
+    values = {"wikitext2_ppl": 250.0, "mmlu_test_accuracy": 0.25, "hellaswag_acc_norm": 0.31,
+              "arc_easy_acc": 0.34, "piqa_acc": 0.57}
+    for part in parts:
+        folder = tmp_path / "eval" / f"abl_nokd_l18w0.75_{part}"
+        folder.mkdir(parents=True)
+        mine = {k: values[k.rsplit("_", 1)[0]] for k in keys[part]}
+        (folder / "metrics.json").write_text(json.dumps({**mine, "params_l18w0.75": 7e8}))
+        assert evals[f"eval_abl_nokd_l18w0.75_{part}"].done()
+    cell = exp.collect(plan)["abl_nokd"]["l18w0.75"]
+    assert {k: cell[k] for k in values} == values and cell["params"] == 7e8
+    assert cell["avg_acc"] == pytest.approx((0.34 + 0.57 + 0.31 + 0.25) / 4)
+
+    # (d'') evaluated whole before (its folder has no shape in its name): kept, and not trained again; the
+    # ablation, one part short, is
+    (tmp_path / "eval" / "abl_nokd_l18w0.75_hellaswag" / "metrics.json").unlink()
+    seed = tmp_path / "eval" / "amoeba_seed1"
+    seed.mkdir(parents=True)
+    (seed / "metrics.json").write_text(json.dumps({f"{k}_l18w0.75": v for k, v in values.items()}))
+    again = exp.Plan(exp.parse(rows))
+    evals = {j.name: j for j in again.eval_jobs()}
+    assert "eval_amoeba_seed1" in evals and evals["eval_amoeba_seed1"].done()
+    assert not any(n.startswith("eval_amoeba_seed1_") for n in evals)
+    needed = [j.name for j in again.needed_training(again.train_jobs(), list(evals.values()))]
+    assert needed == ["train_abl_nokd"]
+    whole = exp.Plan(exp.parse([*rows, "--eval_split", "0"]))
+    assert sorted(j.name for j in whole.eval_jobs()) == ["eval_abl_nokd_l18w0.75", "eval_amoeba_seed1"]
