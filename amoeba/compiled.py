@@ -4,11 +4,13 @@ A layer reads which rows and columns of its weights the current subnet keeps fro
 every layer and width would be a graph of its own (the recompile limit is reached within a few sandwich steps).
 So the elastic model first hands each projection its operands as tensors, before every decoder forward
 (:meth:`amoeba.elastic.ElasticModel.prepare_projections`); inside, a layer then depends only on tensor shapes, and
-a few graphs with symbolic shapes serve every layer, width and sequence length once warmed up. The numbers are the
-same computation (equal to the eager step up to the compiler's rounding; tested on the CPU).
+a few graphs with symbolic shapes serve every layer, width and sequence length once warmed up. A 4-bit base (its
+weights packed, so widths are 0/1 masks over full-size products) is compiled the same way, its masks handed over as
+tensors; bitsandbytes' 4-bit products are operators the compiler keeps whole. The numbers are the same computation
+(equal to the eager step up to the compiler's rounding; tested on the CPU, 4-bit too).
 
 Off by default. Where the compiler cannot run (no Triton with CUDA, no C++ compiler on a CPU), asking for it is a
-usage error (exit 2), as are the combinations not covered (4/8-bit bases, FSDP, ``--device_map``).
+usage error (exit 2), as are the combinations not covered (8-bit bases, FSDP, ``--device_map``).
 
 Training compiles in torch.compile's default mode. ``scripts/bench_stage2.py --compile_mode reduce-overhead`` also
 measures the layers captured as CUDA graphs: on an H200 (SmolLM2-135M, 8 x 512) that step took 4.15 s against
@@ -55,8 +57,8 @@ def check_compile_command(compile_layers: bool, do_train: bool, bits: int, devic
         return
     if not do_train:
         raise UsageError("compiles the layers for training; add --do_train True", FLAG)
-    if bits in (4, 8):
-        raise UsageError(f"is not supported with a {bits}-bit base (--bits {bits})", FLAG)
+    if bits == 8:
+        raise UsageError("is not supported with an 8-bit base (--bits 8)", FLAG)
     if device_map:
         raise UsageError("is not supported with --device_map (layers on several devices)", FLAG)
     if sharded:
@@ -80,8 +82,6 @@ def compile_layers(em, mode: str = "default") -> Callable[[], None]:
 
     With ``mode="reduce-overhead"`` (CUDA graphs) each decoder forward also starts a new graph step: a subnet's
     forward and backward are done before the next one starts, so the graphs may reuse their memory."""
-    if not em.sliceable:
-        raise UsageError("needs sliced widths (a dense base model)", FLAG)
     config = torch._dynamo.config
     limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     if getattr(config, limit_name) < RECOMPILE_LIMIT:

@@ -167,12 +167,22 @@ class ElasticLinearMixin:
 
     def _prepared_forward(self, x: torch.Tensor, prepared: tuple) -> torch.Tensor:
         """The same computation from tensors taken before the layer ran (:meth:`ElasticModel.prepare_projections`):
-        no read of per-layer Python state, so a compiled layer serves every layer and width."""
-        weight, bias, a, b, extra = prepared
-        y = F.linear(x, weight, bias)
+        no read of per-layer Python state, so a compiled layer serves every layer and width. ``weight`` None: a
+        packed (4-bit) base, its widths by the 0/1 masks ``in_mask`` / ``out_mask`` (None: all kept)."""
+        weight, bias, a, b, extra, in_mask, out_mask = prepared
+        if weight is None:
+            if in_mask is not None:
+                x = x * in_mask.to(x.dtype)  # 0/1: the same numbers in any dtype
+            y = super().forward(x)
+            if out_mask is not None:
+                y = y * out_mask.to(y.dtype)
+        else:
+            y = F.linear(x, weight, bias)
         if a is not None:
             h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
             delta = F.linear(F.linear(self._modules["amoeba_adapter"].dropout(h), a), b)
+            if weight is None and out_mask is not None:
+                delta = delta * out_mask.to(delta.dtype)
             y = y + delta.to(x.dtype)
         if extra is not None:
             y = y + extra.to(device=y.device, dtype=y.dtype)
@@ -400,22 +410,31 @@ class ElasticModel:
     # ------------------------------------------------------------------ compiled layers
     def prepare_projections(self) -> None:
         """Give each projection of the current subnet's layers its operands as tensors: the kept weight rows and
-        columns, bias, mixed and cut adapter matrices and FLAP bias (the sliced path of
-        :class:`ElasticLinearMixin`, computed once per forward outside the layers). Run before every decoder
-        forward by :mod:`amoeba.compiled`; the numbers are the same as without it."""
-        if not self.state.sliceable:
-            raise ValueError("prepared projections need sliced widths (a dense base model)")
+        columns and bias (a packed base: its 0/1 input and output masks instead), the mixed and cut adapter
+        matrices and the FLAP bias (the paths of :class:`ElasticLinearMixin`, computed once per forward outside
+        the layers). Run before every decoder forward by :mod:`amoeba.compiled`; the numbers are the same as
+        without it."""
+        st = self.state
         for i in self._subnet.layers:
             for role, mod in self.projections(i).items():
-                out_k, in_k = self.state.out_in(i, role)
-                weight, bias = mod.kept_weight(out_k, in_k)
+                out_k, in_k = st.out_in(i, role)
+                weight = bias = in_mask = out_mask = None
+                if st.sliceable:
+                    weight, bias = mod.kept_weight(out_k, in_k)
+                else:  # float32 masks, cast to the operand's dtype in the layer (under autocast it is not known here)
+                    device = mod.weight.device
+                    if in_k is not None:
+                        in_mask = st.unit_mask(i, role, mod.in_features, in_k, device, torch.float32)
+                    if out_k is not None:
+                        out_mask = st.unit_mask(i, role, mod.out_features, out_k, device, torch.float32)
                 a = b = None
                 adapter = mod._modules.get("amoeba_adapter")
                 if adapter is not None:
                     a, b = adapter.combined()
-                    a = a[:, :in_k] if in_k is not None else a
-                    b = b[:out_k] if out_k is not None else b
-                mod.amoeba_prepared = (weight, bias, a, b, self.state.bias[i].get(role))
+                    if st.sliceable:  # masked widths keep every column and row
+                        a = a[:, :in_k] if in_k is not None else a
+                        b = b[:out_k] if out_k is not None else b
+                mod.amoeba_prepared = (weight, bias, a, b, st.bias[i].get(role), in_mask, out_mask)
 
     def drop_prepared_projections(self) -> None:
         """Back to reading the subnet at each call (see :meth:`prepare_projections`)."""

@@ -25,12 +25,9 @@ def _step(trainer, model, batch) -> tuple[float, dict]:
     return loss, grads
 
 
-def test_prepared_projections_give_the_same_sandwich_step_bitwise(tiny_dir, tmp_path):  # noqa: F811
-    """Operands handed to the projections before the decoder runs (sliced weights, mixed and cut MoE adapters,
-    per-layer FLAP widths and biases): the loss and every adapter gradient of a sandwich step are bitwise those
-    of the projections reading the subnet themselves (fp32)."""
-    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, *MOE)
-    trainer, _ = prepare_trainer(args, model, tok, em, s)
+def _assert_prepared_step_is_bitwise_the_same(trainer, model, em) -> None:
+    """One sandwich step with the projections reading the subnet themselves, then with their operands prepared
+    before each decoder forward: the same loss and adapter gradients, bitwise (adapters' B made non-zero first)."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, _, ad in adapted_modules(model):
@@ -42,10 +39,19 @@ def test_prepared_projections_give_the_same_sandwich_step_bitwise(tiny_dir, tmp_
     prepared = _step(trainer, model, batch)
     hook.remove()
     em.drop_prepared_projections()
-    assert {s.width for _, s in trainer.last_plan} > {1.0}  # sliced widths were part of it
+    assert {s.width for _, s in trainer.last_plan} > {1.0}  # narrower widths were part of it
     assert plain[0] == prepared[0]
     assert plain[1].keys() == prepared[1].keys() and plain[1]
     assert all(torch.equal(plain[1][k], prepared[1][k]) for k in plain[1])
+
+
+def test_prepared_projections_give_the_same_sandwich_step_bitwise(tiny_dir, tmp_path):  # noqa: F811
+    """Operands handed to the projections before the decoder runs (sliced weights, mixed and cut MoE adapters,
+    per-layer FLAP widths and biases): the loss and every adapter gradient of a sandwich step are bitwise those
+    of the projections reading the subnet themselves (fp32)."""
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, *MOE)
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    _assert_prepared_step_is_bitwise_the_same(trainer, model, em)
 
 
 @pytest.mark.skipif(compiler_missing(cuda=False) is not None, reason="no C++ compiler for torch.compile on a CPU")
@@ -78,7 +84,7 @@ def test_compiled_layers_train_like_eager_ones_and_are_undone_after(tiny_dir, tm
 
 
 def test_compile_layers_is_refused_where_it_cannot_run(monkeypatch):
-    for kwargs, needle in ((dict(do_train=False), "--do_train True"), (dict(bits=4), "4-bit"),
+    for kwargs, needle in ((dict(do_train=False), "--do_train True"), (dict(bits=8), "8-bit"),
                            (dict(device_map="auto"), "--device_map"), (dict(sharded=True), "--fsdp")):
         call = dict(do_train=True, bits=16, device_map=None, sharded=False, cuda=False)
         call.update(kwargs)
@@ -88,7 +94,9 @@ def test_compile_layers_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr("amoeba.compiled.shutil.which", lambda name: None)
     with pytest.raises(UsageError, match="no C\\+\\+ compiler"):
         check_compile_command(True, do_train=True, bits=16, device_map=None, sharded=False, cuda=False)
-    check_compile_command(False, do_train=False, bits=4, device_map="auto", sharded=True, cuda=False)  # off: nothing
+    check_compile_command(False, do_train=False, bits=8, device_map="auto", sharded=True, cuda=False)  # off: nothing
+    if compiler_missing(cuda=False) is None:  # a 4-bit base compiles (masked widths; tested below)
+        check_compile_command(True, do_train=True, bits=4, device_map=None, sharded=False, cuda=False)
 
 
 def test_compile_layers_without_training_exits_2_in_one_line(tmp_path, capsys):
@@ -140,3 +148,69 @@ def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, 
     modes.clear()
     compile_layers(em)()
     assert modes == [{"dynamic": True, "mode": "default"}] * len(em.all_layers)
+
+
+def _4bit_setup(tiny_dir, out, *extra):  # noqa: F811
+    """The tiny model on a bitsandbytes NF4 base (bitsandbytes runs it on the CPU too): masked widths, the seed's
+    MoE-LoRA sandwich, gradient checkpointing."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
+
+    from amoeba.args import parse_args
+    from amoeba.elastic import make_elastic
+    from amoeba.strategy import apply_strategy, load_strategy
+    from tests.test_training import _flags, _tokenizer
+
+    args = parse_args(_flags(tiny_dir, out, *SANDWICH, *MOE, "--gradient_checkpointing", "True", *extra))
+    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", quantization_config=qconfig, device_map="cpu")
+    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
+    em = make_elastic(model)
+    assert not em.sliceable
+    s = load_strategy(tiny_dir / "dp_selection_strategy.npy")
+    apply_strategy(em, s, args.width_choice)
+    set_seed(0)  # the same adapters in every run
+    trainer, _ = prepare_trainer(args, model, _tokenizer(), em, s)
+    return trainer, model, em
+
+
+def test_prepared_projections_of_a_4bit_base_give_the_same_sandwich_step_bitwise(tiny_dir, tmp_path):  # noqa: F811
+    """A packed 4-bit base, whose widths are 0/1 masks: the masks and the mixed adapters handed over as tensors give
+    a sandwich step's loss and every adapter gradient bitwise as the projections reading the subnet themselves."""
+    trainer, model, em = _4bit_setup(tiny_dir, tmp_path / "o")
+    _assert_prepared_step_is_bitwise_the_same(trainer, model, em)
+
+
+@pytest.mark.skipif(compiler_missing(cuda=False) is not None, reason="no C++ compiler for torch.compile on a CPU")
+def test_compiled_layers_of_a_4bit_base_train_like_eager_ones(tiny_dir, tmp_path):  # noqa: F811
+    """--compile_layers on a 4-bit base (masked widths, gradient checkpointing, the seed's settings): three sandwich
+    steps give eager training's losses and adapters to fp32 rounding, within the recompile limit, without a graph
+    break."""
+    from torch._dynamo.utils import counters
+
+    from amoeba.compiled import compile_layers
+
+    flat = lambda d: torch.cat([d[k].detach().flatten() for k in sorted(d)])  # noqa: E731
+    runs = {}
+    for name in ("eager", "compiled"):
+        torch._dynamo.reset()
+        counters.clear()
+        trainer, model, em = _4bit_setup(tiny_dir, tmp_path / name, "--max_steps", "3", "--learning_rate", "1e-2")
+        start = flat(adapter_state_dict(model)).clone()
+        undo = compile_layers(em) if name == "compiled" else (lambda: None)
+        try:
+            trainer.train()
+        finally:
+            undo()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        runs[name] = (losses, flat(adapter_state_dict(model)).clone(), start)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    (eager_loss, eager, start), (compiled_loss, compiled, _) = runs["eager"], runs["compiled"]
+    assert len(eager_loss) == 3
+    assert 1 <= graphs <= RECOMPILE_LIMIT and breaks == 0
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    moved = float((eager - start).norm())
+    assert moved > 1e-3 * float(start.norm())  # the steps trained the adapters
+    assert float((eager - compiled).norm()) <= 1e-4 * moved
+    assert all(layer._compiled_call_impl is None for layer in em.all_layers)
