@@ -133,12 +133,12 @@ EVAL_JOB_S, EVAL_SHAPE_S = 40.0, 100.0
 # One trained shape's evaluation in parts that run side by side (--eval_split): in one process it leaves the H200
 # about half idle (one shape alone: 291 s; four shapes side by side: 576 s). Each part: main.py's flags, given after
 # eval_flags() (the later flag wins), and the metrics it gives.
+LM_EVAL_TASKS = ("arc_easy", "piqa", "hellaswag")
+_NO_MMLU_NOR_PPL = ["--do_mmlu_eval", "False", "--do_eval_wikitext2", "False"]
 EVAL_PARTS = {
-    "mmlu": (["--do_lm_eval", "False"], (PPL, "mmlu_test_accuracy")),
-    "hellaswag": (["--do_mmlu_eval", "False", "--do_eval_wikitext2", "False", "--do_lm_eval_task", "hellaswag"],
-                  ("hellaswag_acc_norm",)),
-    "arc_piqa": (["--do_mmlu_eval", "False", "--do_eval_wikitext2", "False", "--do_lm_eval_task", "arc_easy,piqa"],
-                 ("arc_easy_acc", "piqa_acc")),
+    "mmlu": (["--do_lm_eval", "False"], (PPL, MMLU)),
+    "hellaswag": ([*_NO_MMLU_NOR_PPL, "--do_lm_eval_task", "hellaswag"], ("hellaswag_acc_norm",)),
+    "arc_piqa": ([*_NO_MMLU_NOR_PPL, "--do_lm_eval_task", "arc_easy,piqa"], ("arc_easy_acc", "piqa_acc")),
 }
 
 
@@ -285,7 +285,7 @@ class Plan:
         flags = ["--do_train", "False", "--do_eval", "False", "--no_eval_orig", "--do_eval_wikitext2", "True",
                  "--do_mmlu_eval", "True", "--mmlu_dataset", "mmlu-fs" if c.mmlu_shots else "mmlu-zs",
                  "--mmlu_split", "test", *(["--max_mmlu_samples", str(c.mmlu_samples)] if c.mmlu_samples else []),
-                 "--do_lm_eval", "True", "--do_lm_eval_task", "arc_easy,piqa,hellaswag",
+                 "--do_lm_eval", "True", "--do_lm_eval_task", ",".join(LM_EVAL_TASKS),
                  *(["--lm_eval_limit", str(c.lm_eval_limit)] if c.lm_eval_limit else []),
                  "--per_device_eval_batch_size", str(c.eval_batch_size),
                  # a job stopped at the deadline keeps each finished shape's metrics; run again, it does the rest

@@ -561,6 +561,10 @@ def test_a_trained_shape_is_evaluated_in_parts_side_by_side(tmp_path):
         assert e.mmlu_dataset == "mmlu-fs" and e.eval_skip_existing
     assert asked == {"mmlu": (True, True, False), "hellaswag": (False, False, ("hellaswag",)),
                      "arc_piqa": (False, False, ("arc_easy", "piqa"))}
+    # together the parts measure every metric of a whole evaluation, each once, and every lm-eval task of it
+    measured = [m for _, metrics in exp.EVAL_PARTS.values() for m in metrics]
+    assert sorted(measured) == sorted((exp.PPL, *exp.ACC_METRICS))
+    assert sorted(t for *_, tasks in asked.values() if tasks for t in tasks) == sorted(exp.LM_EVAL_TASKS)
     keys = {p: evals[f"eval_abl_nokd_l18w0.75_{p}"].want_keys for p in parts}
     assert keys == {"mmlu": ["wikitext2_ppl_l18w0.75", "mmlu_test_accuracy_l18w0.75"],
                     "hellaswag": ["hellaswag_acc_norm_l18w0.75"],
