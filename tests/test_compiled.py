@@ -150,26 +150,16 @@ def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, 
     assert modes == [{"dynamic": True, "mode": "default"}] * len(em.all_layers)
 
 
-def _4bit_setup(tiny_dir, out, *extra):  # noqa: F811
+def _4bit_setup(tiny_dir, out, *extra):
     """The tiny model on a bitsandbytes NF4 base (bitsandbytes runs it on the CPU too): masked widths, the seed's
     MoE-LoRA sandwich, gradient checkpointing."""
-    bnb = pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed
+    from transformers import set_seed
 
     from amoeba.args import parse_args
-    from amoeba.elastic import make_elastic
-    from amoeba.strategy import apply_strategy, load_strategy
-    from tests.test_training import _flags, _tokenizer
+    from tests.test_training import _4bit_elastic, _flags, _tokenizer
 
     args = parse_args(_flags(tiny_dir, out, *SANDWICH, *MOE, "--gradient_checkpointing", "True", *extra))
-    qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                 bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", quantization_config=qconfig, device_map="cpu")
-    assert isinstance(model.model.layers[0].mlp.up_proj, bnb.nn.Linear4bit)
-    em = make_elastic(model)
-    assert not em.sliceable
-    s = load_strategy(tiny_dir / "dp_selection_strategy.npy")
-    apply_strategy(em, s, args.width_choice)
+    model, em, s = _4bit_elastic(tiny_dir, args)
     set_seed(0)  # the same adapters in every run
     trainer, _ = prepare_trainer(args, model, _tokenizer(), em, s)
     return trainer, model, em

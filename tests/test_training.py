@@ -779,17 +779,14 @@ def test_seed_stage2_commands_run_on_a_tiny_folder(command, tiny_dir, tmp_path):
     assert last_complete_checkpoint(out).name == "checkpoint-2"
 
 
-def test_4bit_base_model_trains_with_masked_widths(tiny_dir, tmp_path):
-    """A bitsandbytes NF4 base (double quant; bitsandbytes runs it on the CPU too): k-bit preparation, masked
-    widths, gradient checkpointing and the Trainer's quantized-model check all work, and the loss drops."""
+def _4bit_elastic(tiny_dir, args):
+    """The tiny model on a bitsandbytes NF4 base (double quant; bitsandbytes runs it on the CPU too), elastic, with
+    the tiny strategy applied at ``args``' widths: (model, elastic model, strategy). Skipped without bitsandbytes."""
     bnb = pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from amoeba.strategy import apply_strategy, load_strategy
 
-    args = parse_args(_flags(tiny_dir, tmp_path / "o", *SANDWICH, "--max_steps", "12", "--learning_rate", "2e-2",
-                             "--gradient_checkpointing", "True", "--use_moe_lora", "--moe_num_expert", "3",
-                             "--moe_topk", "2"))
     qconfig = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                  bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", quantization_config=qconfig, device_map="cpu")
@@ -798,6 +795,16 @@ def test_4bit_base_model_trains_with_masked_widths(tiny_dir, tmp_path):
     assert not em.sliceable  # packed weights: widths by masks
     s = load_strategy(tiny_dir / "dp_selection_strategy.npy")
     apply_strategy(em, s, args.width_choice)
+    return model, em, s
+
+
+def test_4bit_base_model_trains_with_masked_widths(tiny_dir, tmp_path):
+    """A bitsandbytes NF4 base (double quant; bitsandbytes runs it on the CPU too): k-bit preparation, masked
+    widths, gradient checkpointing and the Trainer's quantized-model check all work, and the loss drops."""
+    args = parse_args(_flags(tiny_dir, tmp_path / "o", *SANDWICH, "--max_steps", "12", "--learning_rate", "2e-2",
+                             "--gradient_checkpointing", "True", "--use_moe_lora", "--moe_num_expert", "3",
+                             "--moe_topk", "2"))
+    model, em, s = _4bit_elastic(tiny_dir, args)
     trainer, _ = prepare_trainer(args, model, _tokenizer(), em, s)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(16)])
 
