@@ -181,7 +181,7 @@ class ElasticLinearMixin:
         if a is not None:
             h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)
             delta = F.linear(F.linear(self._modules["amoeba_adapter"].dropout(h), a), b)
-            if weight is None and out_mask is not None:
+            if out_mask is not None:  # only a packed base has masks
                 delta = delta * out_mask.to(delta.dtype)
             y = y + delta.to(x.dtype)
         if extra is not None:
