@@ -32,7 +32,8 @@ decoder layers as kept, and the output matrix; not the input embedding, a lookup
 products, attention's score products and recomputation under checkpointing are not counted. Peak: ``--peak_tflops``
 (the H200's dense bf16, 989). Cases: ``7b-bf16-4x512``, ``7b-bf16-8x512`` (random Llama-2-7B shape, bf16),
 ``7b-4bit`` (4-bit NF4, the seed's settings: fp16, 2 x 512, checkpointing), ``smollm2-bf16-8x512``. ``--compile``
-adds our two steps with every decoder layer compiled (``--compile_layers``; the warm-up steps compile).
+adds our two steps with every decoder layer compiled (``--compile_layers``; the warm-up steps compile);
+``--compiled_only`` then skips our eager rows (the peer stays), e.g. to profile the compiled steps in a short run.
 ``--split_after`` adds our sandwich step with every other setting of the two switches (logits at the answer
 positions only; the MoE-LoRA experts mixed element-wise instead of by one matrix product, an opt-in) that "before"
 and "after" do not already time; every row of ours records the settings it ran with, to tell which one moves a
@@ -106,6 +107,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_mode", default="default", choices=MODES,
                    help="with --compile: torch.compile's mode for the compiled rows; reduce-overhead adds CUDA graphs "
                         "(measured 24x slower than eager on SmolLM2, so not a Stage 2 option)")
+    p.add_argument("--compiled_only", action="store_true",
+                   help="with --compile: time only the peer and the compiled rows (skip our eager rows), e.g. to "
+                        "profile the compiled steps within a short run")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
                         "time, top operators)")
@@ -709,17 +713,18 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
                       profile_step(step, opts.profile, label=row, kernels=opts.profile_kernels)
                       if opts.profile else None))
 
-    for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
+    eager = not opts.compiled_only
+    for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)) if eager else ():
         for when, settings in (("before", BEFORE), ("after", current)):
             use_settings(trainer, model, settings)
             measure(f"{label} ({when})", plan, batch, opts.warmup)
-    if opts.split_after:  # the switches' other settings: which one moves the step (e.g. the 4-bit slowdown)
+    if opts.split_after and eager:  # the switches' other settings: which one moves the step (e.g. the 4-bit slowdown)
         for settings, row in SPLIT_ROWS.items():
             if settings not in (BEFORE, current):
                 use_settings(trainer, model, settings)
                 measure(f"ours: sandwich ({row})", sandwich, batch, opts.warmup)
     use_settings(trainer, model, current)
-    if flat is not None:
+    if flat is not None and eager:
         measure("ours: sandwich, padding-free (after)", sandwich, flat, opts.warmup)
     losses = (same_losses(trainer, model, batch, sandwich, opts.same_losses, BEFORE, current)
               if opts.same_losses else None)
@@ -874,6 +879,10 @@ def main(argv=None) -> int:
         except re.error as e:
             print(f"error: --profile_kernels: not a regular expression: {e}", file=sys.stderr)
             return 2
+    if opts.compiled_only and not (opts.compile and opts.compare):
+        print("error: --compiled_only: skips the eager rows of the compiled comparison; add --compare and --compile",
+              file=sys.stderr)
+        return 2
     if opts.compile_mode != "default" and not (opts.compile and opts.compare):
         print("error: --compile_mode: applies to the compiled rows; add --compare and --compile", file=sys.stderr)
         return 2

@@ -96,6 +96,28 @@ def test_compiled_rows_report_what_the_compiler_did(tmp_path):
     assert not [k for k in compiler if k.startswith("graph_break.")]
 
 
+def test_compiled_only_times_the_peer_and_the_compiled_rows(tmp_path, capsys):
+    """--compiled_only skips our eager rows (a short run that profiles the compiled steps): the peer and the two
+    compiled rows remain, each profiled; without --compile it is a usage error (one line, exit 2)."""
+    pytest.importorskip("peft")
+    from amoeba.compiled import compiler_missing
+
+    bench = _bench()
+    assert bench.main(["--smoke", "--compare", "tiny", "--compiled_only", "--out", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --compiled_only: skips the eager rows of the compiled "
+                                               "comparison; add --compare and --compile")
+    if compiler_missing(cuda=False) is not None:
+        pytest.skip("no C++ compiler for torch.compile's CPU backend")
+    out = tmp_path / "compiled.json"
+    assert bench.main(["--smoke", "--compare", "tiny", "--compile", "--compiled_only", "--profile", "1",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["compare"][0]["rows"]
+    assert [r["step"] for r in rows] == ["peer: peft LoRA, full model", "ours: full model (compiled)",
+                                         "ours: sandwich (compiled)"]
+    assert all(r["profile"]["operators_per_step"] > 0 for r in rows)
+    assert len(rows[2]["subnets"]) == 4 and rows[1]["subnets"] == rows[0]["subnets"]
+
+
 def test_random_checkpoints_get_their_own_tokenizer(tmp_path):
     """The random 7B checkpoint needs no real model's tokenizer: a word-level one of the model's vocabulary,
     loadable by AutoTokenizer, mapping every id below the vocabulary size to one token and back."""
