@@ -897,16 +897,20 @@ def plot(plan: Plan, rows: dict, path: Path) -> Optional[Path]:
     # a shape's size is the same in every row; a shape whose evaluation is incomplete may lack it in its own
     params = {lab: v["params"] for shapes in rows.values() for lab, v in shapes.items() if "params" in v}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, r in enumerate(ROW_TITLES):
+    # colours by the rows that have results, so that no two of them share one (matplotlib has ten; past ten
+    # rows the marker tells them apart)
+    present = [r for r in ROW_TITLES if rows.get(r)]
+    for i, r in enumerate(present):
         for ax, metric in zip(axes, ("avg_acc", PPL)):
             sign = 1 if metric == "avg_acc" else -1  # higher accuracy, lower perplexity is better
             pts = sorted((params[lab] / 1e6, v[metric] * (100 if metric == "avg_acc" else 1))
                          for lab, v in rows.get(r, {}).items() if metric in v and lab in params)
             if not pts:
                 continue
-            color = f"C{i}"
+            color = f"C{i % 10}"
             many = len(pts) > 4
-            ax.plot([x for x, _ in pts], [y for _, y in pts], "o" if many else "s", color=color, markersize=5,
+            marker = ("o", "s", "^", "D")[(i // 10) * 2 + (0 if many else 1)] if i < 20 else "x"
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker, color=color, markersize=5,
                     alpha=0.85, label=ROW_TITLES[r] if metric == "avg_acc" else None)
             if many:
                 front, best = [], None
