@@ -742,6 +742,8 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
                 steps.append(("ours: sandwich, padding-free", sandwich, flat))
             for label, plan, inputs in steps:
                 measure(f"{label} (compiled)", plan, inputs, max(opts.warmup, 2))
+                # after each row too: a run cut off by a time limit keeps what the compiler did so far
+                logger.info("%s: compiler after %s: %s", name, label, compiler_counters(counters))
         except Exception as err:  # noqa: BLE001 - a compiler failure is a result to report, not the end of the run
             compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
             logger.warning("%s: compiled steps failed: %s", name, compile_error)
