@@ -713,19 +713,19 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
                       profile_step(step, opts.profile, label=row, kernels=opts.profile_kernels)
                       if opts.profile else None))
 
-    eager = not opts.compiled_only
-    for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)) if eager else ():
-        for when, settings in (("before", BEFORE), ("after", current)):
-            use_settings(trainer, model, settings)
-            measure(f"{label} ({when})", plan, batch, opts.warmup)
-    if opts.split_after and eager:  # the switches' other settings: which one moves the step (e.g. the 4-bit slowdown)
-        for settings, row in SPLIT_ROWS.items():
-            if settings not in (BEFORE, current):
+    if not opts.compiled_only:  # our eager rows
+        for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
+            for when, settings in (("before", BEFORE), ("after", current)):
                 use_settings(trainer, model, settings)
-                measure(f"ours: sandwich ({row})", sandwich, batch, opts.warmup)
-    use_settings(trainer, model, current)
-    if flat is not None and eager:
-        measure("ours: sandwich, padding-free (after)", sandwich, flat, opts.warmup)
+                measure(f"{label} ({when})", plan, batch, opts.warmup)
+        if opts.split_after:  # the switches' other settings: which one moves the step (e.g. the 4-bit slowdown)
+            for settings, row in SPLIT_ROWS.items():
+                if settings not in (BEFORE, current):
+                    use_settings(trainer, model, settings)
+                    measure(f"ours: sandwich ({row})", sandwich, batch, opts.warmup)
+        use_settings(trainer, model, current)
+        if flat is not None:
+            measure("ours: sandwich, padding-free (after)", sandwich, flat, opts.warmup)
     losses = (same_losses(trainer, model, batch, sandwich, opts.same_losses, BEFORE, current)
               if opts.same_losses else None)
     compile_error, compiler = None, None

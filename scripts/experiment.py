@@ -898,7 +898,7 @@ def plot(plan: Plan, rows: dict, path: Path) -> Optional[Path]:
     params = {lab: v["params"] for shapes in rows.values() for lab, v in shapes.items() if "params" in v}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     # colours by the rows that have results, so that no two of them share one (matplotlib has ten; past ten
-    # rows the marker tells them apart)
+    # rows the markers are hollow)
     present = [r for r in ROW_TITLES if rows.get(r)]
     for i, r in enumerate(present):
         for ax, metric in zip(axes, ("avg_acc", PPL)):
@@ -909,9 +909,9 @@ def plot(plan: Plan, rows: dict, path: Path) -> Optional[Path]:
                 continue
             color = f"C{i % 10}"
             many = len(pts) > 4
-            marker = ("o", "s", "^", "D")[(i // 10) * 2 + (0 if many else 1)] if i < 20 else "x"
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker, color=color, markersize=5,
-                    alpha=0.85, label=ROW_TITLES[r] if metric == "avg_acc" else None)
+            ax.plot([x for x, _ in pts], [y for _, y in pts], "o" if many else "s", color=color, markersize=5,
+                    markerfacecolor=color if i < 10 else "none", alpha=0.85,
+                    label=ROW_TITLES[r] if metric == "avg_acc" else None)
             if many:
                 front, best = [], None
                 for x, y in pts:
