@@ -139,6 +139,11 @@ class ShapeRouter(nn.Module):
         # the product's degenerate shapes on CUDA, but on an H200 it gave no speedup in bf16 and slowed the 4-bit
         # sandwich (1.65 s against 1.59 s per step; docs/BENCHMARKS.md), so it is an opt-in for measurements.
         self.elementwise_mix: bool = False
+        # Mixed adapters written into storage kept per group, so each adapter's mix sits at the same address at every
+        # forward of a subnet: CUDA graphs of compiled layers (amoeba.compiled, --compile_mode reduce-overhead) read a
+        # module's tensors where they were recorded, and record again when one moved.
+        self.fixed_addresses: bool = False
+        self._fixed_storage: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def bind(self, em: ElasticModel) -> None:
         """Read the current subnet from ``em`` and recompute gates at every decoder forward."""
@@ -171,7 +176,7 @@ class ShapeRouter(nn.Module):
         noisy = self.training if noisy is None else noisy
         w = self.lora_route_in.weight
         with torch.autocast(device_type=w.device.type, enabled=False):
-            x = self.features(subnet).to(device=w.device, dtype=w.dtype)
+            x = to_device_async(self.features(subnet), w.device).to(w.dtype)
             logits = self.logits(x)
             if noisy:
                 std = F.softplus(self.lora_noise(x))
@@ -180,7 +185,7 @@ class ShapeRouter(nn.Module):
                     eps = torch.randn(self.num_experts, generator=g)
                 else:
                     eps = torch.randn(self.num_experts)
-                logits = logits + eps.to(device=w.device, dtype=w.dtype) * std
+                logits = logits + to_device_async(eps, w.device).to(w.dtype) * std
             top, idx = torch.topk(logits, self.topk)
             return idx, torch.softmax(top, dim=-1)
 
@@ -235,10 +240,10 @@ class ShapeRouter(nn.Module):
         groups: dict[tuple, list[MoELoRA]] = {}
         for layer, ad in self._members:
             if layer in kept:
-                key = (tuple(ad.lora_A.shape), tuple(ad.lora_B.shape), ad.lora_A.device, ad.lora_A.dtype, ad.scaling)
-                groups.setdefault(key, []).append(ad)
+                groups.setdefault(_group_key(ad), []).append(ad)
         mixes = {}
-        for (shape_a, shape_b, device, dtype, scaling), ads in groups.items():
+        for key, ads in groups.items():
+            shape_a, shape_b, device, dtype, scaling = key
             e, n = shape_a[0], len(ads)
             cast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
             with torch.autocast(device_type=device.type, enabled=False):
@@ -252,11 +257,26 @@ class ShapeRouter(nn.Module):
                 else:
                     a_all, b_all = g.view(1, 1, e) @ stack_a, (g * scaling).view(1, 1, e) @ stack_b
                 a_all, b_all = a_all.view(n, *shape_a[1:]), b_all.view(n, *shape_b[1:])
-                if cast is not None:  # once here instead of once per adapter inside each product
+                if self.fixed_addresses:  # the copy casts too
+                    a_all, b_all = self._at_fixed_address(key, a_all, b_all, cast or dtype)
+                elif cast is not None:  # once here instead of once per adapter inside each product
                     a_all, b_all = a_all.to(cast), b_all.to(cast)
             for ad, a, b in zip(ads, a_all.unbind(0), b_all.unbind(0)):
                 mixes[id(ad)] = (a, b)
         return mixes
+
+    def _at_fixed_address(self, key: tuple, a_all: torch.Tensor, b_all: torch.Tensor,
+                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a_all`` and ``b_all`` [n, ...] (a group's mixes, ``n`` of its adapters) copied as ``dtype`` into the
+        group's kept storage, first ``n`` rows (allocated once per group for all its adapters), differentiable."""
+        stored = self._fixed_storage.get(key)
+        if stored is None or stored[0].dtype != dtype:
+            size = sum(1 for _, ad in self._members if _group_key(ad) == key)
+            stored = self._fixed_storage[key] = tuple(
+                torch.empty((size, *t.shape[1:]), dtype=dtype, device=t.device) for t in (a_all, b_all))
+        n = a_all.shape[0]
+        # detached: a fresh autograd history at each forward; the gradient flows back to the mixes
+        return stored[0].detach()[:n].copy_(a_all), stored[1].detach()[:n].copy_(b_all)
 
     def _current(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._em is None:
@@ -277,6 +297,20 @@ class ShapeRouter(nn.Module):
                 self._mixes = self._mix_all(subnet, self._cache[2])
             self._cache_key = key
         return self._cache
+
+
+def _group_key(ad: "MoELoRA") -> tuple:
+    """Adapters mixed together by one product: the same shapes, device, type and scaling."""
+    return tuple(ad.lora_A.shape), tuple(ad.lora_B.shape), ad.lora_A.device, ad.lora_A.dtype, ad.scaling
+
+
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without the host waiting: a copy from pageable memory to a GPU first waits
+    for the GPU's queued work, so the next subnet's forward could not be queued while the last one's backward
+    runs; from pinned memory the copy is queued like a kernel."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def mix_experts(gates: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,

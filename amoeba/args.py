@@ -241,6 +241,11 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
         default=False,
         metadata={"help": "Train with each decoder layer compiled (torch.compile, symbolic shapes; the first steps "
                           "compile). The same computation; needs Triton on CUDA or a C++ compiler on a CPU."})
+    compile_mode: str = field(
+        default="default",
+        metadata={"help": "With --compile_layers: torch.compile's mode, default or reduce-overhead (each layer's "
+                          "forward and backward also captured as CUDA graphs, recorded once per subnet shape and "
+                          "replayed after; needs a CUDA GPU). The same computation."})
     padding_free: bool = field(
         default=False,
         metadata={"help": "Train on packed batches: each micro-batch's examples laid end to end in rows no longer "

@@ -12,9 +12,19 @@ tensors; bitsandbytes' 4-bit products are operators the compiler keeps whole. Th
 Off by default. Where the compiler cannot run (no Triton with CUDA, no C++ compiler on a CPU), asking for it is a
 usage error (exit 2), as are the combinations not covered (8-bit bases, FSDP, ``--device_map``).
 
-Training compiles in torch.compile's default mode. ``scripts/bench_stage2.py --compile_mode reduce-overhead`` also
-measures the layers captured as CUDA graphs: on an H200 (SmolLM2-135M, 8 x 512) that step took 4.15 s against
-0.13 s in the default mode, so it is a measurement knob, not a training option (docs/BENCHMARKS.md).
+With gradient checkpointing (the default), the checkpoint is taken inside the compiled function: each layer pass is
+one compiled forward (keeping only the layer's inputs) and one compiled backward that recomputes the activations
+itself, fused with the gradient kernels. transformers before 5.24 checkpoints outside the layer's call, which would
+run the compiled forward a second time in the backward, a third host-side pass over the layer's operators; a step
+bound by launching them (the 4-bit seed settings) pays for every pass.
+
+``--compile_mode reduce-overhead`` (CUDA GPUs) also captures each compiled layer's forward and backward as CUDA
+graphs, recorded at a subnet shape's first steps and replayed after: one launch per graph instead of one per kernel,
+for steps bound by launching kernels (a small model, a 4-bit base). A graph's replay reads the tensors a module held
+where they were when it was recorded, and the compiler records again when one has moved; so in this mode the
+operands made anew at each forward (the mixed MoE adapters above all) are written into storage kept at fixed
+addresses (``prepare_projections(fixed_addresses=True)``, ``ShapeRouter.fixed_addresses``). Without that every
+replay was a new recording: SmolLM2-135M's step took 2.6 s on an H200 instead of 0.07 s (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -22,17 +32,20 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+from functools import partial
 from typing import Callable, Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
+from amoeba.adapters import get_router
 from amoeba.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
 FLAG = "--compile_layers"
-MODE_FLAG = "--compile_mode"  # scripts/bench_stage2.py's
-# torch.compile's modes the benchmark offers: "reduce-overhead" adds CUDA graphs (one launch per compiled layer call)
+MODE_FLAG = "--compile_mode"
+# torch.compile's modes offered: "reduce-overhead" adds CUDA graphs (one launch per compiled layer call)
 MODES = ("default", "reduce-overhead")
 # graphs a compiled layer may collect before the compiler gives up on it (largest + random + smallest subnets,
 # full-width and sliced layers, a few sequence-length specialisations): well above what a sandwich needs
@@ -50,11 +63,14 @@ def compiler_missing(cuda: Optional[bool] = None) -> Optional[str]:
 
 
 def check_compile_command(compile_layers: bool, do_train: bool, bits: int, device_map: Optional[str],
-                          sharded: bool, cuda: Optional[bool] = None) -> None:
-    """Refuse ``--compile_layers`` where it cannot run, before the model loads."""
+                          sharded: bool, cuda: Optional[bool] = None, mode: str = "default") -> None:
+    """Refuse ``--compile_layers`` (and its ``--compile_mode``) where it cannot run, before the model loads."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
     if not compile_layers:
+        if mode != "default":
+            raise UsageError("needs --compile_layers", MODE_FLAG)
         return
+    check_compile_mode(mode, cuda)
     if not do_train:
         raise UsageError("compiles the layers for training; add --do_train True", FLAG)
     if bits == 8:
@@ -76,6 +92,16 @@ def check_compile_mode(mode: str, cuda: bool) -> None:
         raise UsageError("reduce-overhead captures CUDA graphs, which need a CUDA GPU", MODE_FLAG)
 
 
+def checkpointed_call(layer, *args, **kwargs):
+    """``layer``'s call under non-reentrant activation checkpointing while it trains (with gradients), plain
+    otherwise: the function a checkpointed layer is compiled as, so the compiler sees the checkpoint and puts the
+    recomputation into the compiled backward. One function for every layer (the layer is an argument, not part of
+    the function), so its graphs serve them all."""
+    if layer.training and torch.is_grad_enabled():
+        return checkpoint(layer._call_impl, *args, use_reentrant=False, **kwargs)
+    return layer._call_impl(*args, **kwargs)
+
+
 def compile_layers(em, mode: str = "default") -> Callable[[], None]:
     """Compile every decoder layer of ``em`` (symbolic shapes; torch.compile's ``mode``) and prepare its projections
     before each decoder forward; return the function that undoes both (evaluation after training runs eager).
@@ -91,18 +117,37 @@ def compile_layers(em, mode: str = "default") -> Callable[[], None]:
     def before_decoder(module, args) -> None:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        em.prepare_projections()
+        em.prepare_projections(fixed_addresses=graphs)
 
     hook = em.decoder.register_forward_pre_hook(before_decoder)
+    router = get_router(em.model)
+    if router is not None:  # CUDA graphs: the mixed adapters at fixed addresses (see prepare_projections)
+        router.fixed_addresses = graphs
+    checkpointed = [layer for layer in em.all_layers if getattr(layer, "gradient_checkpointing", False)]
+    compiled_checkpointed = torch.compile(checkpointed_call, dynamic=True, mode=mode) if checkpointed else None
     for layer in em.all_layers:
-        layer.compile(dynamic=True, mode=mode)
-    logger.info("%s: %d decoder layers compiled%s (the first steps compile, later ones reuse)", FLAG,
-                len(em.all_layers), f", mode {mode}" if mode != "default" else "")
+        if layer in checkpointed:  # transformers' own checkpoint off: the compiled function takes it
+            layer.gradient_checkpointing = False
+            layer._compiled_call_impl = partial(compiled_checkpointed, layer)
+        else:
+            layer.compile(dynamic=True, mode=mode)
+    logger.info("%s: %d decoder layers compiled%s%s (the first steps compile, later ones reuse)", FLAG,
+                len(em.all_layers), f", mode {mode}" if mode != "default" else "",
+                ", activation checkpointing inside" if checkpointed else "")
 
     def undo() -> None:
         hook.remove()
         em.drop_prepared_projections()
         for layer in em.all_layers:
             layer._compiled_call_impl = None
+        for layer in checkpointed:
+            layer.gradient_checkpointing = True
+        if router is not None:
+            router.fixed_addresses = False
+            router._fixed_storage.clear()
+        if graphs:  # the recorded graphs hold their memory pool until their trees are cleared
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+            reset_cudagraph_trees()
 
     return undo

@@ -297,6 +297,19 @@ def find_decoder(model: nn.Module) -> nn.Module:
     raise UsageError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+FIXED_STORAGE = "_amoeba_fixed_storage"  # a projection's operand storage for prepare_projections(fixed_addresses=True)
+
+
+def _at_fixed_address(mod: nn.Module, slot: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into storage ``mod`` keeps for ``slot`` (allocated once per shape and type), differentiable:
+    the same values at the same address at every call."""
+    store = mod.__dict__.setdefault(FIXED_STORAGE, {})  # not a buffer: no state dict entry, no module attribute
+    kept = store.get(slot)
+    if kept is None or kept.shape != t.shape or kept.dtype != t.dtype or kept.device != t.device:
+        kept = store[slot] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return kept.detach().copy_(t)  # a fresh autograd history at each call; the gradient flows back to t
+
+
 class ElasticModel:
     """Run any subnet of a Llama-family causal LM. Create with :func:`make_elastic`.
 
@@ -408,13 +421,20 @@ class ElasticModel:
             self.config.layer_types = list(self._orig_layer_types)
 
     # ------------------------------------------------------------------ compiled layers
-    def prepare_projections(self) -> None:
+    def prepare_projections(self, fixed_addresses: bool = False) -> None:
         """Give each projection of the current subnet's layers its operands as tensors: the kept weight rows and
         columns and bias (a packed base: its 0/1 input and output masks instead), the mixed and cut adapter
         matrices and the FLAP bias (the paths of :class:`ElasticLinearMixin`, computed once per forward outside
         the layers). Run before every decoder forward by :mod:`amoeba.compiled`; the numbers are the same as
-        without it."""
+        without it.
+
+        ``fixed_addresses``: the operands computed anew at each forward (plain LoRA's scaled B, a packed base's
+        masks) are copied into storage kept per projection, so each sits at the same address at every forward (the
+        router does the same for the mixed MoE adapters, see :class:`amoeba.adapters.ShapeRouter`). The compiler
+        takes tensors held by modules as fixed inputs of a CUDA graph, whose replay reads them where they were
+        recorded; at a new address the graph is recorded again, at every forward."""
         st = self.state
+        keep = _at_fixed_address if fixed_addresses else (lambda mod, slot, t: t)
         for i in self._subnet.layers:
             for role, mod in self.projections(i).items():
                 out_k, in_k = st.out_in(i, role)
@@ -424,23 +444,30 @@ class ElasticModel:
                 else:  # float32 masks, cast to the operand's dtype in the layer (under autocast it is not known here)
                     device = mod.weight.device
                     if in_k is not None:
-                        in_mask = st.unit_mask(i, role, mod.in_features, in_k, device, torch.float32)
+                        in_mask = keep(mod, "in_mask", st.unit_mask(i, role, mod.in_features, in_k, device,
+                                                                    torch.float32))
                     if out_k is not None:
-                        out_mask = st.unit_mask(i, role, mod.out_features, out_k, device, torch.float32)
+                        out_mask = keep(mod, "out_mask", st.unit_mask(i, role, mod.out_features, out_k, device,
+                                                                      torch.float32))
                 a = b = None
                 adapter = mod._modules.get("amoeba_adapter")
                 if adapter is not None:
                     a, b = adapter.combined()
+                    if adapter.router is None:  # plain LoRA: A is the parameter itself, B its scaled copy
+                        b = keep(mod, "lora_b", b)
+                    # MoE-LoRA: the router mixes into kept storage itself (see compile_layers), a product per group
                     if st.sliceable:  # masked widths keep every column and row
                         a = a[:, :in_k] if in_k is not None else a
                         b = b[:out_k] if out_k is not None else b
                 mod.amoeba_prepared = (weight, bias, a, b, st.bias[i].get(role), in_mask, out_mask)
 
     def drop_prepared_projections(self) -> None:
-        """Back to reading the subnet at each call (see :meth:`prepare_projections`)."""
+        """Back to reading the subnet at each call (see :meth:`prepare_projections`); the storage kept for fixed
+        addresses is freed."""
         for i in range(self.num_layers):
             for mod in self.projections(i).values():
                 mod.amoeba_prepared = None
+                mod.__dict__.pop(FIXED_STORAGE, None)
 
     # ------------------------------------------------------------------ subnets
     @property

@@ -105,8 +105,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="with --compare: also time our steps with every decoder layer compiled (--compile_layers)")
     p.add_argument("--compile_mode", default="default", choices=MODES,
-                   help="with --compile: torch.compile's mode for the compiled rows; reduce-overhead adds CUDA graphs "
-                        "(measured 24x slower than eager on SmolLM2, so not a Stage 2 option)")
+                   help="with --compile: torch.compile's mode for the compiled rows (Stage 2's --compile_mode); "
+                        "reduce-overhead adds CUDA graphs (CUDA only)")
     p.add_argument("--compiled_only", action="store_true",
                    help="with --compile: time only the peer and the compiled rows (skip our eager rows), e.g. to "
                         "profile the compiled steps within a short run")

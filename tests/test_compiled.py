@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from amoeba.adapters import adapted_modules, adapter_state_dict
+from amoeba.adapters import adapted_modules, adapter_state_dict, get_router
 from amoeba.compiled import RECOMPILE_LIMIT, check_compile_command, check_compile_mode, compiler_missing
 from amoeba.errors import UsageError
 from amoeba.stages.finetuning import prepare_trainer, run_training
@@ -54,6 +54,61 @@ def test_prepared_projections_give_the_same_sandwich_step_bitwise(tiny_dir, tmp_
     _assert_prepared_step_is_bitwise_the_same(trainer, model, em)
 
 
+def test_cuda_graph_mode_keeps_operands_at_fixed_addresses_and_the_same_step(monkeypatch, tiny_dir, tmp_path):  # noqa: F811
+    """CUDA graphs (``--compile_mode reduce-overhead``) replay a module's tensors where they were recorded, and
+    record again when one moved. In that mode every prepared operand of a projection (the router's mixed MoE
+    adapters among them) sits at the same address at every training forward of a subnet, where the default mode
+    makes new ones; the sandwich step is bitwise the same; undoing frees the kept storage. (The layers run eager
+    here: torch.compile is replaced, CUDA graphs need a GPU.)"""
+    from amoeba.compiled import compile_layers
+    from amoeba.elastic import FIXED_STORAGE
+    from amoeba.subnet import Subnet
+
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, *MOE)
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    router = get_router(model)
+
+    def addresses() -> list:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return [t.data_ptr() if t is not None else None for i in em.subnet.layers
+                for mod in em.projections(i).values() for t in mod.amoeba_prepared]
+
+    model.train()
+    for mode in ("default", "reduce-overhead"):
+        undo = compile_layers(em, mode)
+        assert router.fixed_addresses == (mode == "reduce-overhead")
+        try:
+            for subnet in (em.full_subnet(), Subnet(tuple(range(em.num_layers - 1)), 0.75)):
+                with em.use(subnet):
+                    runs = [addresses() for _ in range(3)]
+                if mode == "default":
+                    assert runs[1] != runs[2]  # the mixed adapters are new tensors at each forward
+                else:
+                    assert runs[0] == runs[1] == runs[2]
+        finally:
+            undo()
+        assert not router.fixed_addresses and not router._fixed_storage
+        assert not any(FIXED_STORAGE in vars(mod) for i in range(em.num_layers) for mod in em.projections(i).values())
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, _, ad in adapted_modules(model):
+            ad.lora_B.normal_(0, 0.05, generator=g)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    plain = _step(trainer, model, batch)
+    undo = compile_layers(em, "reduce-overhead")
+    try:
+        fixed = _step(trainer, model, batch)
+    finally:
+        undo()
+    assert {sub.width for _, sub in trainer.last_plan} > {1.0}
+    assert plain[0] == fixed[0] and plain[1].keys() == fixed[1].keys() and plain[1]
+    assert all(torch.equal(plain[1][k], fixed[1][k]) for k in plain[1])
+
+
 @pytest.mark.skipif(compiler_missing(cuda=False) is not None, reason="no C++ compiler for torch.compile on a CPU")
 def test_compiled_layers_train_like_eager_ones_and_are_undone_after(tiny_dir, tmp_path):  # noqa: F811
     """Two sandwich steps with every decoder layer compiled: the losses and adapters of eager training to 1e-5,
@@ -83,6 +138,61 @@ def test_compiled_layers_train_like_eager_ones_and_are_undone_after(tiny_dir, tm
     assert all(mod.amoeba_prepared is None for i in range(em.num_layers) for mod in em.projections(i).values())
 
 
+@pytest.mark.skipif(compiler_missing(cuda=False) is not None, reason="no C++ compiler for torch.compile on a CPU")
+def test_checkpointed_layers_are_compiled_with_their_checkpoint_inside(tiny_dir, tmp_path):  # noqa: F811
+    """With gradient checkpointing, each layer pass of a sandwich step is one compiled forward: the recomputation runs
+    inside the compiled backward, not as a second call of the compiled layer (transformers before 5.24 checkpoints
+    outside the layer's call, which ran it twice). transformers' own checkpoint is off while compiled and back after;
+    the step's loss and adapter gradients are the eager checkpointed step's to fp32 rounding."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from amoeba.compiled import compile_layers
+
+    torch._dynamo.reset()
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, *MOE, "--gradient_checkpointing", "True")
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    assert all(layer.gradient_checkpointing for layer in em.all_layers)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model.train()
+    eager = _step(trainer, model, batch)
+    undo = compile_layers(em)
+    try:
+        assert not any(layer.gradient_checkpointing for layer in em.all_layers)
+        compiled = _step(trainer, model, batch)  # compiles
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _step(trainer, model, batch)
+    finally:
+        undo()
+    assert all(layer.gradient_checkpointing and layer._compiled_call_impl is None for layer in em.all_layers)
+    passes = sum(sub.num_layers for _, sub in trainer.last_plan)
+    forwards = sum(e.count for e in prof.key_averages() if e.key == "CompiledFunction")
+    backwards = sum(e.count for e in prof.key_averages() if e.key == "CompiledFunctionBackward")
+    assert passes > em.num_layers and forwards == backwards == passes
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
+    assert compiled[1].keys() == eager[1].keys() and eager[1]
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
+    assert float((flat(eager[1]) - flat(compiled[1])).norm()) <= 1e-5 * float(flat(eager[1]).norm())
+
+
+def test_training_compiles_checkpointed_layers_with_the_checkpoint_inside(tiny_dir, tmp_path):  # noqa: F811
+    """Stage 2 with --compile_layers and gradient checkpointing: checkpointing is switched on before the layers are
+    compiled, so every layer is compiled with its checkpoint inside (transformers' own checkpoint off while
+    compiled, back on after training)."""
+    from amoeba.compiled import checkpointed_call
+
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, *MOE, "--gradient_checkpointing", "True",
+                                     "--compile_layers")
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    try:
+        for layer in em.all_layers:
+            assert not layer.gradient_checkpointing
+            assert layer._compiled_call_impl.args == (layer,)
+            assert layer._compiled_call_impl.func._torchdynamo_orig_callable is checkpointed_call
+    finally:
+        trainer.uncompile()
+    assert all(layer.gradient_checkpointing and layer._compiled_call_impl is None for layer in em.all_layers)
+
+
 def test_compile_layers_is_refused_where_it_cannot_run(monkeypatch):
     for kwargs, needle in ((dict(do_train=False), "--do_train True"), (dict(bits=8), "8-bit"),
                            (dict(device_map="auto"), "--device_map"), (dict(sharded=True), "--fsdp")):
@@ -109,10 +219,10 @@ def test_compile_layers_without_training_exits_2_in_one_line(tmp_path, capsys):
 
 
 def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, tmp_path, capsys):  # noqa: F811
-    """The benchmark's --compile_mode: an unknown mode and CUDA graphs without a GPU are refused (naming
-    --compile_mode); the mode reaches torch.compile for every layer, and with CUDA graphs each decoder forward (one
-    subnet's) starts a new graph step, before the projections are prepared. Training has no such flag: measured on
-    an H200, CUDA graphs made SmolLM2's step 24x slower than eager, so main.py refuses it as an unknown option (one line, exit 2)."""
+    """--compile_mode: an unknown mode, CUDA graphs without a GPU and a mode without --compile_layers are refused by
+    main.py in one line naming --compile_mode (exit 2); the mode reaches torch.compile for every layer, and with CUDA
+    graphs each decoder forward (one subnet's) starts a new graph step, before the projections are prepared at
+    fixed addresses."""
     for mode, cuda, needle in (("max-speed", True, "not one of"), ("reduce-overhead", False, "need a CUDA GPU")):
         with pytest.raises(UsageError, match=needle) as err:
             check_compile_mode(mode, cuda)
@@ -121,10 +231,14 @@ def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, 
 
     from main import main
 
-    code = main(["--model_name_or_path", str(tiny_dir), "--output_dir", str(tmp_path / "m"), "--compile_layers",
-                 "--compile_mode", "reduce-overhead"])
-    err_lines = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err_lines) == 1 and "--compile_mode" in err_lines[0]
+    base = ["--model_name_or_path", str(tiny_dir), "--output_dir", str(tmp_path / "m"), "--do_train", "True"]
+    for extra, needle in ((["--compile_layers", "--compile_mode", "reduce-overhead"], "need a CUDA GPU"),
+                          (["--compile_layers", "--compile_mode", "max-speed"], "not one of"),
+                          (["--compile_mode", "reduce-overhead"], "needs --compile_layers")):
+        code = main(base + extra)
+        err_lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err_lines) == 1 and "--compile_mode" in err_lines[0] and needle in err_lines[0]
+    assert not (tmp_path / "m").exists()  # refused before anything was written
 
     from amoeba.compiled import compile_layers
 
@@ -135,14 +249,14 @@ def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, 
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw))
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("step"))
     prepare = em.prepare_projections
-    monkeypatch.setattr(em, "prepare_projections", lambda: (events.append("prepare"), prepare())[1])
+    monkeypatch.setattr(em, "prepare_projections", lambda **kw: (events.append(("prepare", kw)), prepare(**kw))[1])
     undo = compile_layers(em, "reduce-overhead")
     try:
         assert modes == [{"dynamic": True, "mode": "reduce-overhead"}] * len(em.all_layers)
         with torch.no_grad():
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        assert events == ["step", "prepare"] * 2
+        assert events == ["step", ("prepare", {"fixed_addresses": True})] * 2
     finally:
         undo()
     modes.clear()

@@ -254,10 +254,11 @@ def prepare_trainer(args: Arguments, model, tokenizer, em: ElasticModel, strateg
         # its deprecated name)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     attach_adapters(model, em, adapter_config(args, em))
-    # after the adapters: its hook must run after the router's (the mixed adapters)
-    uncompile = compile_layers(em) if t.compile_layers else None
     if t.gradient_checkpointing:
         _enable_checkpointing(model)
+    # after the adapters (its hook must run after the router's: the mixed adapters) and after checkpointing (taken
+    # inside the compiled layers)
+    uncompile = compile_layers(em, t.compile_mode) if t.compile_layers else None
     _disable_trainer_checkpointing(t)
     if t.shard_settings is not None:
         shard_frozen_base(model, em.all_layers, t.shard_settings)
