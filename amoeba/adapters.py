@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from amoeba.elastic import ATTN_ROLES, IN_SLICED, MLP_ROLES, OUT_SLICED, ElasticModel, get_elastic
+from amoeba.elastic import (ATTN_ROLES, IN_SLICED, MLP_ROLES, OUT_SLICED, ElasticModel, copy_to_fixed_address,
+                            get_elastic)
 from amoeba.errors import UsageError
 from amoeba.files import atomic_path, write_json
 from amoeba.subnet import Subnet
@@ -143,7 +144,7 @@ class ShapeRouter(nn.Module):
         # forward of a subnet: CUDA graphs of compiled layers (amoeba.compiled, --compile_mode reduce-overhead) read a
         # module's tensors where they were recorded, and record again when one moved.
         self.fixed_addresses: bool = False
-        self._fixed_storage: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fixed_storage: dict[tuple, torch.Tensor] = {}
 
     def bind(self, em: ElasticModel) -> None:
         """Read the current subnet from ``em`` and recompute gates at every decoder forward."""
@@ -238,9 +239,12 @@ class ShapeRouter(nn.Module):
         """
         kept = set(subnet.layers)
         groups: dict[tuple, list[MoELoRA]] = {}
+        sizes: dict[tuple, int] = {}  # each group's adapters in all layers (the rows of its kept storage)
         for layer, ad in self._members:
+            key = _group_key(ad)
+            sizes[key] = sizes.get(key, 0) + 1
             if layer in kept:
-                groups.setdefault(_group_key(ad), []).append(ad)
+                groups.setdefault(key, []).append(ad)
         mixes = {}
         for key, ads in groups.items():
             shape_a, shape_b, device, dtype, scaling = key
@@ -258,25 +262,20 @@ class ShapeRouter(nn.Module):
                     a_all, b_all = g.view(1, 1, e) @ stack_a, (g * scaling).view(1, 1, e) @ stack_b
                 a_all, b_all = a_all.view(n, *shape_a[1:]), b_all.view(n, *shape_b[1:])
                 if self.fixed_addresses:  # the copy casts too
-                    a_all, b_all = self._at_fixed_address(key, a_all, b_all, cast or dtype)
+                    store, rows = self._fixed_storage, sizes[key]
+                    a_all, b_all = (copy_to_fixed_address(store, (key, part), t, rows, cast or dtype)
+                                    for part, t in (("a", a_all), ("b", b_all)))
                 elif cast is not None:  # once here instead of once per adapter inside each product
                     a_all, b_all = a_all.to(cast), b_all.to(cast)
             for ad, a, b in zip(ads, a_all.unbind(0), b_all.unbind(0)):
                 mixes[id(ad)] = (a, b)
         return mixes
 
-    def _at_fixed_address(self, key: tuple, a_all: torch.Tensor, b_all: torch.Tensor,
-                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a_all`` and ``b_all`` [n, ...] (a group's mixes, ``n`` of its adapters) copied as ``dtype`` into the
-        group's kept storage, first ``n`` rows (allocated once per group for all its adapters), differentiable."""
-        stored = self._fixed_storage.get(key)
-        if stored is None or stored[0].dtype != dtype:
-            size = sum(1 for _, ad in self._members if _group_key(ad) == key)
-            stored = self._fixed_storage[key] = tuple(
-                torch.empty((size, *t.shape[1:]), dtype=dtype, device=t.device) for t in (a_all, b_all))
-        n = a_all.shape[0]
-        # detached: a fresh autograd history at each forward; the gradient flows back to the mixes
-        return stored[0].detach()[:n].copy_(a_all), stored[1].detach()[:n].copy_(b_all)
+    def use_fixed_addresses(self, on: bool) -> None:
+        """Mix into kept storage from now on (``on``), or as before, the storage freed (see ``fixed_addresses``)."""
+        self.fixed_addresses = bool(on)
+        if not on:
+            self._fixed_storage.clear()
 
     def _current(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._em is None:

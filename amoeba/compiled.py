@@ -122,11 +122,12 @@ def compile_layers(em, mode: str = "default") -> Callable[[], None]:
     hook = em.decoder.register_forward_pre_hook(before_decoder)
     router = get_router(em.model)
     if router is not None:  # CUDA graphs: the mixed adapters at fixed addresses (see prepare_projections)
-        router.fixed_addresses = graphs
-    checkpointed = [layer for layer in em.all_layers if getattr(layer, "gradient_checkpointing", False)]
-    compiled_checkpointed = torch.compile(checkpointed_call, dynamic=True, mode=mode) if checkpointed else None
+        router.use_fixed_addresses(graphs)
+    compiled_checkpointed = torch.compile(checkpointed_call, dynamic=True, mode=mode)  # compiles at its first call
+    checkpointed = []
     for layer in em.all_layers:
-        if layer in checkpointed:  # transformers' own checkpoint off: the compiled function takes it
+        if getattr(layer, "gradient_checkpointing", False):  # transformers' own checkpoint off: ours takes it
+            checkpointed.append(layer)
             layer.gradient_checkpointing = False
             layer._compiled_call_impl = partial(compiled_checkpointed, layer)
         else:
@@ -143,8 +144,7 @@ def compile_layers(em, mode: str = "default") -> Callable[[], None]:
         for layer in checkpointed:
             layer.gradient_checkpointing = True
         if router is not None:
-            router.fixed_addresses = False
-            router._fixed_storage.clear()
+            router.use_fixed_addresses(False)
         if graphs:  # the recorded graphs hold their memory pool until their trees are cleared
             from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 

@@ -300,14 +300,22 @@ def find_decoder(model: nn.Module) -> nn.Module:
 FIXED_STORAGE = "_amoeba_fixed_storage"  # a projection's operand storage for prepare_projections(fixed_addresses=True)
 
 
-def _at_fixed_address(mod: nn.Module, slot: str, t: torch.Tensor) -> torch.Tensor:
-    """``t`` copied into storage ``mod`` keeps for ``slot`` (allocated once per shape and type), differentiable:
-    the same values at the same address at every call."""
-    store = mod.__dict__.setdefault(FIXED_STORAGE, {})  # not a buffer: no state dict entry, no module attribute
+def copy_to_fixed_address(store: dict, slot, t: torch.Tensor, rows: Optional[int] = None,
+                          dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``t`` copied (as ``dtype``, default its own) into the first rows of the storage ``store`` keeps for ``slot``,
+    differentiable: the same values at the same address at every call. The storage has ``rows`` rows (default
+    ``t``'s) and is allocated again only when its shape, type or device no longer fit."""
+    dtype = dtype or t.dtype
+    shape = (rows if rows is not None else t.shape[0], *t.shape[1:])
     kept = store.get(slot)
-    if kept is None or kept.shape != t.shape or kept.dtype != t.dtype or kept.device != t.device:
-        kept = store[slot] = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    return kept.detach().copy_(t)  # a fresh autograd history at each call; the gradient flows back to t
+    if kept is None or tuple(kept.shape) != shape or kept.dtype != dtype or kept.device != t.device:
+        kept = store[slot] = torch.empty(shape, dtype=dtype, device=t.device)
+    return kept.detach()[:t.shape[0]].copy_(t)  # a fresh autograd history at each call; the gradient flows to t
+
+
+def _at_fixed_address(mod: nn.Module, slot: str, t: torch.Tensor) -> torch.Tensor:
+    """:func:`copy_to_fixed_address` into storage ``mod`` keeps (not a buffer: no state dict entry)."""
+    return copy_to_fixed_address(mod.__dict__.setdefault(FIXED_STORAGE, {}), slot, t)
 
 
 class ElasticModel:

@@ -54,7 +54,8 @@ def test_prepared_projections_give_the_same_sandwich_step_bitwise(tiny_dir, tmp_
     _assert_prepared_step_is_bitwise_the_same(trainer, model, em)
 
 
-def test_cuda_graph_mode_keeps_operands_at_fixed_addresses_and_the_same_step(monkeypatch, tiny_dir, tmp_path):  # noqa: F811
+def test_cuda_graph_mode_keeps_operands_at_fixed_addresses_and_the_same_step(monkeypatch, tiny_dir,  # noqa: F811
+                                                                             tmp_path):
     """CUDA graphs (``--compile_mode reduce-overhead``) replay a module's tensors where they were recorded, and
     record again when one moved. In that mode every prepared operand of a projection (the router's mixed MoE
     adapters among them) sits at the same address at every training forward of a subnet, where the default mode
