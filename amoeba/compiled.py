@@ -25,6 +25,9 @@ where they were when it was recorded, and the compiler records again when one ha
 operands made anew at each forward (the mixed MoE adapters above all) are written into storage kept at fixed
 addresses (``prepare_projections(fixed_addresses=True)``, ``ShapeRouter.fixed_addresses``). Without that every
 replay was a new recording: SmolLM2-135M's step took 2.6 s on an H200 instead of 0.07 s (docs/BENCHMARKS.md).
+Graphs are also recorded per input shape, and training changes shapes at every step (each batch padded to its
+longest example, random subnets' widths), so in training this mode records more than it replays and is slower than
+eager (measured; compile_layers warns of it): it pays on the benchmark's fixed batches.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ MODES = ("default", "reduce-overhead")
 # graphs a compiled layer may collect before the compiler gives up on it (largest + random + smallest subnets,
 # full-width and sliced layers, a few sequence-length specialisations): well above what a sandwich needs
 RECOMPILE_LIMIT = 64
+# CUDA graphs are recorded per input shape; measured in training (docs/BENCHMARKS.md, thirteenth measurement)
+GRAPHS_IN_TRAINING = (
+    f"{MODE_FLAG} reduce-overhead records CUDA graphs for every new input shape, and training changes shapes at every "
+    "step (batches padded to their longest example, random subnets' widths): a 20-step SmolLM2-135M run on an H200 "
+    "took 3.8 s per step after its first (314 s), against 0.89 s eager; it pays only for fixed shapes (2-3x on the "
+    "benchmark's fixed batch), so keep the default mode for training")
 
 
 def compiler_missing(cuda: Optional[bool] = None) -> Optional[str]:
@@ -113,6 +122,8 @@ def compile_layers(em, mode: str = "default") -> Callable[[], None]:
     if getattr(config, limit_name) < RECOMPILE_LIMIT:
         setattr(config, limit_name, RECOMPILE_LIMIT)
     graphs = mode == "reduce-overhead"
+    if graphs:
+        logger.warning(GRAPHS_IN_TRAINING)
 
     def before_decoder(module, args) -> None:
         if graphs:

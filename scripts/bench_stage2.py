@@ -254,7 +254,7 @@ def kernel_sources(events, pattern: str, steps: int, top: int = 12) -> list[dict
              "launches_per_step": n / steps, "device_ms_per_step": us / 1e3 / steps} for k, (n, us) in ranked]
 
 
-def profile_step(step, steps: int, top: int = 12, label: Optional[str] = None,
+def profile_step(step, steps: int, top: int = 20, label: Optional[str] = None,
                  kernels: Optional[str] = None) -> dict:
     """What ``steps`` calls of ``step()`` spend, per call, from torch.profiler: device kernels launched and the
     device's busy time (CUDA; far below the wall time means the step is bound by launching, not computing), and

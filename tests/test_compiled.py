@@ -4,6 +4,7 @@ layers train like eager ones, and the flag is refused where it cannot run."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -219,7 +220,7 @@ def test_compile_layers_without_training_exits_2_in_one_line(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "--compile_layers" in err[0] and "--do_train True" in err[0]
 
 
-def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, tmp_path, capsys):  # noqa: F811
+def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, tmp_path, capsys, caplog):  # noqa: F811
     """--compile_mode: an unknown mode, CUDA graphs without a GPU and a mode without --compile_layers are refused by
     main.py in one line naming --compile_mode (exit 2); the mode reaches torch.compile for every layer, and with CUDA
     graphs each decoder forward (one subnet's) starts a new graph step, before the projections are prepared at
@@ -251,7 +252,11 @@ def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, 
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: events.append("step"))
     prepare = em.prepare_projections
     monkeypatch.setattr(em, "prepare_projections", lambda **kw: (events.append(("prepare", kw)), prepare(**kw))[1])
-    undo = compile_layers(em, "reduce-overhead")
+    with caplog.at_level(logging.WARNING, logger="amoeba.compiled"):
+        undo = compile_layers(em, "reduce-overhead")
+    # the measured cost of CUDA graphs in training is said once, in one line
+    said = [r.getMessage() for r in caplog.records if "reduce-overhead" in r.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and "default mode" in said[0]
     try:
         assert modes == [{"dynamic": True, "mode": "reduce-overhead"}] * len(em.all_layers)
         with torch.no_grad():
@@ -261,7 +266,10 @@ def test_compile_mode_is_checked_and_reaches_every_layer(monkeypatch, tiny_dir, 
     finally:
         undo()
     modes.clear()
-    compile_layers(em)()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="amoeba.compiled"):
+        compile_layers(em)()
+    assert not caplog.records  # the default mode has nothing to warn of
     assert modes == [{"dynamic": True, "mode": "default"}] * len(em.all_layers)
 
 
