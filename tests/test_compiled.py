@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,6 +175,36 @@ def test_checkpointed_layers_are_compiled_with_their_checkpoint_inside(tiny_dir,
     assert compiled[1].keys() == eager[1].keys() and eager[1]
     flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
     assert float((flat(eager[1]) - flat(compiled[1])).norm()) <= 1e-5 * float(flat(eager[1]).norm())
+
+
+@pytest.mark.skipif(compiler_missing(cuda=False) is not None, reason="no C++ compiler for torch.compile on a CPU")
+def test_compiled_training_builds_its_graphs_in_the_first_steps(tiny_dir, tmp_path):  # noqa: F811
+    """What makes compiled layers pay in training: batches of varying length and random subnets (per-layer widths
+    from the strategy) reuse the graphs of the first steps. Ten steps build no graph more than two do (CUDA graphs,
+    recorded per concrete shape, are what does not have this; docs/BENCHMARKS.md, thirteenth measurement)."""
+    from torch._dynamo.utils import counters
+    from transformers import set_seed
+
+    folder = tmp_path / "varied"
+    folder.mkdir()
+    for name in ("model", "dp_selection_strategy.npy"):
+        (folder / name).symlink_to(tiny_dir / name)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(64):  # 2 to 29 words: every batch padded to another length
+        words = rng.integers(0, 60, int(rng.integers(2, 30)))
+        rows.append({"instruction": " ".join(f"w{w}" for w in words), "input": "", "output": f"w90 w{words[0] + 1}"})
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    graphs = {}
+    for steps in (2, 10):
+        torch._dynamo.reset()
+        counters.clear()
+        set_seed(0)
+        out = tmp_path / f"s{steps}"
+        args, model, tok, em, s = _setup(folder, out, *SANDWICH, *MOE, "--max_steps", str(steps), "--compile_layers")
+        run_training(args, model, tok, em, s)
+        graphs[steps] = counters["stats"]["unique_graphs"]
+    assert graphs[2] >= 1 and graphs[10] == graphs[2]  # measured: 8 and 8
 
 
 def test_training_compiles_checkpointed_layers_with_the_checkpoint_inside(tiny_dir, tmp_path):  # noqa: F811
