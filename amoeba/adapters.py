@@ -135,11 +135,13 @@ class ShapeRouter(nn.Module):
         self._members: list[tuple[int, MoELoRA]] = []  # (layer, adapter); plain references, not submodules
         self._mixes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._mixed_stamp = None
-        # How the experts of a group of adapters are mixed: one matrix product per group (the default) or
-        # element-wise kernels (:func:`weighted_sum`; they agree to fp32 rounding). Element-wise was meant to avoid
-        # the product's degenerate shapes on CUDA, but on an H200 it gave no speedup in bf16 and slowed the 4-bit
-        # sandwich (1.65 s against 1.59 s per step; docs/BENCHMARKS.md), so it is an opt-in for measurements.
-        self.elementwise_mix: bool = False
+        # How the experts of a group of adapters are mixed (one of MIX_METHODS): "product", one batched matrix product
+        # with autograd's backward; "hybrid", element-wise kernels with a matrix-vector product for the gates' gradient
+        # (:func:`hybrid_mix`); "elementwise", element-wise kernels only (:func:`weighted_sum`, an opt-in for
+        # measurements). All agree to fp32 rounding. "auto" (the default): "hybrid" on CUDA, where it halves the mix's
+        # time on the Llama-2-7B shape (docs/BENCHMARKS.md), and "product" elsewhere, which keeps the CPU's numbers
+        # exactly as they were.
+        self.mix: str = "auto"
         # Mixed adapters written into storage kept per group, so each adapter's mix sits at the same address at every
         # forward of a subnet: CUDA graphs of compiled layers (amoeba.compiled, --compile_mode reduce-overhead) read a
         # module's tensors where they were recorded, and record again when one moved.
@@ -256,10 +258,8 @@ class ShapeRouter(nn.Module):
                 g = dense.to(device=device, dtype=dtype)
                 stack_a = torch.stack([ad.lora_A for ad in ads]).view(n, e, -1)
                 stack_b = torch.stack([ad.lora_B for ad in ads]).view(n, e, -1)
-                if self.elementwise_mix:
-                    a_all, b_all = weighted_sum(g, stack_a), weighted_sum(g * scaling, stack_b)
-                else:
-                    a_all, b_all = g.view(1, 1, e) @ stack_a, (g * scaling).view(1, 1, e) @ stack_b
+                mix = MIX_FUNCTIONS[self.mix_method(device)]
+                a_all, b_all = mix(g, stack_a), mix(g * scaling, stack_b)
                 a_all, b_all = a_all.view(n, *shape_a[1:]), b_all.view(n, *shape_b[1:])
                 if self.fixed_addresses:  # the copy casts too
                     store, rows = self._fixed_storage, sizes[key]
@@ -270,6 +270,14 @@ class ShapeRouter(nn.Module):
             for ad, a, b in zip(ads, a_all.unbind(0), b_all.unbind(0)):
                 mixes[id(ad)] = (a, b)
         return mixes
+
+    def mix_method(self, device: torch.device) -> str:
+        """The way experts on ``device`` are mixed: ``self.mix``, with "auto" resolved (see ``__init__``)."""
+        if self.mix not in MIX_METHODS + ("auto",):
+            raise ValueError(f"unknown expert mix {self.mix!r}; one of {', '.join(MIX_METHODS + ('auto',))}")
+        if self.mix == "auto":
+            return "hybrid" if device.type == "cuda" else "product"
+        return self.mix
 
     def use_fixed_addresses(self, on: bool) -> None:
         """Mix into kept storage from now on (``on``), or as before, the storage freed (see ``fixed_addresses``)."""
@@ -337,21 +345,60 @@ class _WeightedSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gates: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:  # noqa: D102
         ctx.save_for_backward(gates, stack)
-        out = stack[:, 0] * gates[0]
-        for i in range(1, stack.shape[1]):
-            out.addcmul_(stack[:, i], gates[i])
-        return out
+        return _weighted_slices(gates, stack)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: D102
-        gates, stack = ctx.saved_tensors
-        e = stack.shape[1]
-        grad_gates = grad_stack = None
-        if ctx.needs_input_grad[0]:  # one dot product per expert, each over one expert's slice of the stack
-            grad_gates = torch.stack([(stack[:, i] * grad).sum() for i in range(e)])
-        if ctx.needs_input_grad[1]:  # written once, as the optimizer needs it
-            grad_stack = grad.unsqueeze(1) * gates.view(1, e, 1)
-        return grad_gates, grad_stack
+        # the gates' gradient: one dot product per expert, each over one expert's slice of the stack
+        return _mix_backward(ctx, grad, lambda stack: torch.stack([(stack[:, i] * grad).sum()
+                                                                    for i in range(stack.shape[1])]))
+
+
+class _HybridMix(_WeightedSum):
+    """:class:`_WeightedSum` with the gates' gradient by a batched matrix-vector product (see :func:`hybrid_mix`)."""
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        # per adapter the gradient [1, X] times its stack [X, E], summed over adapters
+        return _mix_backward(ctx, grad, lambda stack: (grad.unsqueeze(1) @ stack.transpose(1, 2)).sum(0).view(-1))
+
+
+def _mix_backward(ctx, grad: torch.Tensor, grad_of_gates) -> tuple:
+    """(gates' gradient by ``grad_of_gates(stack)``, the stack's gradient) of a mix saved as (gates, stack)."""
+    gates, stack = ctx.saved_tensors
+    grad_gates = grad_of_gates(stack) if ctx.needs_input_grad[0] else None
+    # the stack's gradient, an outer product: one element-wise kernel, written once, as the optimizer needs it
+    grad_stack = grad.unsqueeze(1) * gates.view(1, -1, 1) if ctx.needs_input_grad[1] else None
+    return grad_gates, grad_stack
+
+
+def _check_fit(name: str, gates: torch.Tensor, stack: torch.Tensor) -> None:
+    if gates.dim() != 1 or stack.dim() != 3 or stack.shape[1] != gates.shape[0]:
+        raise ValueError(f"{name}: gates {tuple(gates.shape)} do not fit a stack {tuple(stack.shape)}")
+
+
+def hybrid_mix(gates: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """sum_e gates[e] * stack[:, e] ([N, X]) for gates [E] and stack [N, E, X], differentiable in both: how the
+    router mixes a group of adapters' experts on CUDA by default.
+
+    Each part takes the fastest of the kernels measured for it (``scripts/bench_expert_mix.py``; docs/BENCHMARKS.md):
+    the forward and the stack's gradient (an outer product of the output's gradient and the gates) element-wise, as
+    :func:`weighted_sum`; the gates' gradient as one batched matrix-vector product, reading the stack once. The plain
+    product ``gates.view(1, 1, E) @ stack`` pairs a dimension of E (a handful of experts) with one of millions, and
+    cuBLAS runs it, and the outer product of its backward, far below the memory bandwidth. The stack's gradient
+    equals the product's exactly (each entry is the same single product); the output and the gates' gradient
+    agree to fp32 rounding.
+    """
+    _check_fit("hybrid_mix", gates, stack)
+    return _HybridMix.apply(gates, stack)
+
+
+def _weighted_slices(gates: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """sum_e gates[e] * stack[:, e], one element-wise kernel per expert."""
+    out = stack[:, 0] * gates[0]
+    for i in range(1, stack.shape[1]):
+        out.addcmul_(stack[:, i], gates[i])
+    return out
 
 
 def weighted_sum(gates: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
@@ -365,9 +412,17 @@ def weighted_sum(gates: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
     the forward reads each expert's slice once, and the backward writes the stack's gradient once and reads
     the stack once more for the gates' gradient.
     """
-    if gates.dim() != 1 or stack.dim() != 3 or stack.shape[1] != gates.shape[0]:
-        raise ValueError(f"weighted_sum: gates {tuple(gates.shape)} do not fit a stack {tuple(stack.shape)}")
+    _check_fit("weighted_sum", gates, stack)
     return _WeightedSum.apply(gates, stack)
+
+
+def _plain_product(gates: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
+    """``gates [E] @ stack [N, E, X]`` as one batched product, autograd's backward (see :func:`hybrid_mix`)."""
+    return (gates.view(1, 1, -1) @ stack).squeeze(1)
+
+
+MIX_FUNCTIONS = {"product": _plain_product, "hybrid": hybrid_mix, "elementwise": weighted_sum}
+MIX_METHODS = tuple(MIX_FUNCTIONS)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,9 +34,9 @@ products, attention's score products and recomputation under checkpointing are n
 ``7b-4bit`` (4-bit NF4, the seed's settings: fp16, 2 x 512, checkpointing), ``smollm2-bf16-8x512``. ``--compile``
 adds our two steps with every decoder layer compiled (``--compile_layers``; the warm-up steps compile);
 ``--compiled_only`` then skips our eager rows (the peer stays), e.g. to profile the compiled steps in a short run.
-``--split_after`` adds our sandwich step with every other setting of the two switches (logits at the answer
-positions only; the MoE-LoRA experts mixed element-wise instead of by one matrix product, an opt-in) that "before"
-and "after" do not already time; every row of ours records the settings it ran with, to tell which one moves a
+``--split_after`` adds our sandwich step with the other settings of the two switches (logits at the answer
+positions only; how the MoE-LoRA experts are mixed: the plain product "before", the default -- the product with a
+hand-written backward on CUDA --, or element-wise, an opt-in) that "before" and "after" do not already time; every row of ours records the settings it ran with, to tell which one moves a
 step.
 ``--real_lengths alpaca-clean`` gives the batch's examples the lengths of real ones (so the padded batch holds
 padding, as in training) and adds our sandwich step on the same examples without padding (``--padding_free``);
@@ -118,7 +118,7 @@ def parse(argv=None) -> argparse.Namespace:
                         "(launching operator, its input shapes and dtypes, the operators above it)")
     p.add_argument("--split_after", action="store_true",
                    help="with --compare: also time the sandwich with the other settings of the step's two switches "
-                        "(logits at the answer positions only; experts mixed element-wise), to tell which one moves "
+                        "(logits at the answer positions only; how the experts are mixed), to tell which one moves "
                         "the step")
     p.add_argument("--same_losses", type=int, default=0, metavar="STEPS",
                    help="with --compare: also train STEPS sandwich steps (optimizer included) from the same start "
@@ -316,21 +316,29 @@ def time_plan(trainer, model, batch, plan, warmup: int, steps: int) -> float:
     return mean_seconds(plan_step(trainer, model, batch, plan), warmup, steps)
 
 
-# The step's switches, as (logits at the answer positions only, experts mixed element-wise), on the trainer and
-# the router; BEFORE is the code path without the first (the second is an opt-in, off by default).
-BEFORE = (False, False)
-SPLIT_ROWS = {(True, False): "answer-only logits alone", (False, True): "element-wise mix alone",
-              (True, True): "answer-only logits, element-wise mix"}
+# The step's switches, as (logits at the answer positions only, how the MoE-LoRA experts are mixed: one of the
+# router's MIX_METHODS or "auto"), on the trainer and the router; BEFORE is the code path without the optimisations:
+# every position's logits, the experts mixed by the plain product (autograd's backward).
+BEFORE = (False, "product")
+SPLIT_ROWS = {(True, "product"): "answer-only logits alone", (False, "auto"): "default expert mix alone",
+              (False, "elementwise"): "element-wise mix alone",
+              (True, "elementwise"): "answer-only logits, element-wise mix"}
 
 
 def step_settings(trainer, model) -> tuple:
     """The trainer's and router's current optimisation settings (see ``BEFORE``)."""
-    return trainer.logits_at_targets, get_router(model).elementwise_mix
+    return trainer.logits_at_targets, get_router(model).mix
+
+
+def resolved(model, settings: tuple) -> tuple:
+    """``settings`` with the expert mix "auto" resolved for the adapters' device (what a step runs)."""
+    router = get_router(model)
+    return settings[0], router.mix_method(router.lora_route_in.weight.device) if settings[1] == "auto" else settings[1]
 
 
 def use_settings(trainer, model, settings: tuple) -> None:
     """Switch the step's optimisations to ``settings`` (see ``BEFORE``)."""
-    trainer.logits_at_targets, get_router(model).elementwise_mix = settings
+    trainer.logits_at_targets, get_router(model).mix = settings
 
 
 def _restore(model, start: dict) -> None:
@@ -707,7 +715,7 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
     settings_of = {}  # row -> the step's optimisation settings it ran with (see BEFORE)
 
     def measure(row: str, plan: list, inputs: dict, warmup: int) -> None:
-        settings_of[row] = step_settings(trainer, model)
+        settings_of[row] = resolved(model, step_settings(trainer, model))
         step = plan_step(trainer, model, inputs, plan)
         timed.append((row, plan, mean_seconds(step, warmup, opts.steps, row),
                       profile_step(step, opts.profile, label=row, kernels=opts.profile_kernels)
@@ -719,8 +727,10 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
                 use_settings(trainer, model, settings)
                 measure(f"{label} ({when})", plan, batch, opts.warmup)
         if opts.split_after:  # the switches' other settings: which one moves the step (e.g. the 4-bit slowdown)
+            timed_settings = {resolved(model, BEFORE), resolved(model, current)}
             for settings, row in SPLIT_ROWS.items():
-                if settings not in (BEFORE, current):
+                if resolved(model, settings) not in timed_settings:
+                    timed_settings.add(resolved(model, settings))
                     use_settings(trainer, model, settings)
                     measure(f"ours: sandwich ({row})", sandwich, batch, opts.warmup)
         use_settings(trainer, model, current)
@@ -758,7 +768,7 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
         rows.append({"step": step, "subnets": [s.label for _, s in plan], "seconds": seconds,
                      "tokens_per_second": tokens / seconds, "model_flops": flops,
                      "mfu": flops / (seconds * peak) if peak else None,
-                     **({"logits_at_targets": settings_of[step][0], "elementwise_mix": settings_of[step][1]}
+                     **({"logits_at_targets": settings_of[step][0], "mix": settings_of[step][1]}
                         if step in settings_of else {}),
                      **({"profile": profiled} if profiled else {})})
     precision = trainer.accelerator.mixed_precision  # our steps' autocast, as in training ("no": none)

@@ -10,7 +10,7 @@ import torch
 
 from amoeba.adapters import (ALL_ROLES, AdapterConfig, ShapeRouter, _structure, adapted_modules, adapter_state_dict,
                              attach_adapters, get_router, load_adapters, remove_adapters, save_adapters,
-                             weighted_sum)
+                             hybrid_mix, weighted_sum)
 from amoeba.elastic import make_elastic
 from amoeba.errors import UsageError
 from amoeba.stages.finetuning import load_trained_adapters, parse_lora_modules
@@ -216,6 +216,37 @@ def test_mixing_all_adapters_at_once_equals_mixing_each(autocast):
     _assert_same_pass(batched, alone, 2e-2 if autocast else 1e-5, skipped_layer=1)
 
 
+def test_hybrid_mix_is_the_gate_product_with_its_gradients():
+    """CUDA's default mix equals ``g @ stack`` to fp32 rounding, its experts' gradient is autograd's exactly (the same
+    single products), the gates' to rounding (float64 gradcheck too); gates that do not fit the stack are refused."""
+    g = torch.Generator().manual_seed(0)
+    gates = torch.rand(5, generator=g).requires_grad_()
+    stack = torch.randn(6, 5, 300, generator=g).requires_grad_()
+    out = hybrid_mix(gates, stack)
+    ref_out = (gates.view(1, 1, 5) @ stack).squeeze(1)
+    upstream = torch.randn(out.shape, generator=g)
+    mine = torch.autograd.grad(out, (gates, stack), upstream)
+    ref = torch.autograd.grad(ref_out, (gates, stack), upstream)
+    assert torch.allclose(out, ref_out, rtol=1e-6, atol=1e-6) and torch.equal(mine[1], ref[1])
+    assert torch.allclose(mine[0], ref[0], rtol=1e-5, atol=1e-3)  # sums of 1,800 products, about 40 in size
+    assert torch.autograd.gradcheck(hybrid_mix, (gates.detach().double().requires_grad_(),
+                                                 stack.detach()[:2, :, :7].double().requires_grad_()))
+    with pytest.raises(ValueError, match="do not fit"):
+        hybrid_mix(gates, stack[:, :4])
+
+
+def test_router_mix_methods_resolve_by_device():
+    """"auto" mixes by the hybrid on CUDA and by the plain product elsewhere; an unknown name is refused."""
+    router = ShapeRouter(num_layers=2, num_widths=1, num_experts=3, topk=2)
+    assert router.mix_method(torch.device("cuda")) == "hybrid"
+    assert router.mix_method(torch.device("cpu")) == "product"
+    router.mix = "elementwise"
+    assert router.mix_method(torch.device("cuda")) == "elementwise"
+    router.mix = "fast"
+    with pytest.raises(ValueError, match="unknown expert mix 'fast'"):
+        router.mix_method(torch.device("cpu"))
+
+
 def test_weighted_sum_is_the_gate_product_with_its_gradients():
     """The element-wise expert mix equals ``g @ stack`` and its two gradients (float64 gradcheck and against
     autograd of the product), and refuses gates that do not fit the stack."""
@@ -234,17 +265,19 @@ def test_weighted_sum_is_the_gate_product_with_its_gradients():
         weighted_sum(gates, stack[:, :4])
 
 
+@pytest.mark.parametrize("method", ["elementwise", "hybrid"])
 @pytest.mark.parametrize("autocast", [False, True])
-def test_elementwise_expert_mix_trains_like_the_matrix_product(autocast):
-    """The router's two ways of mixing a group of adapters' experts (element-wise, an opt-in, and one matrix
-    product, the default) give the same logits and the same gradients for every expert and
-    the router, to fp32 rounding (bf16 rounding under autocast), in a training forward of a narrow subnet."""
-    def mixing(elementwise):
-        return lambda router: setattr(router, "elementwise_mix", elementwise)
+def test_every_expert_mix_trains_like_the_matrix_product(method, autocast):
+    """The router's ways of mixing a group of adapters' experts (element-wise, an opt-in; the product with its
+    hand-written backward, CUDA's default) give the same logits and the same gradients for every expert and the
+    router as the plain matrix product (the CPU's default), to fp32 rounding (bf16 rounding under autocast), in a
+    training forward of a narrow subnet."""
+    def mixing(name):
+        return lambda router: setattr(router, "mix", name)
 
     subnet = Subnet((0, 1, 3), 0.75)
-    passes = [_routed_training_pass(mixing(e), subnet, experts=5, noise_seed=5, autocast=autocast)
-              for e in (True, False)]
+    passes = [_routed_training_pass(mixing(m), subnet, experts=5, noise_seed=5, autocast=autocast)
+              for m in (method, "product")]
     routed = _assert_same_pass(*passes, 2e-2 if autocast else 1e-5, skipped_layer=2)
     assert routed == 6  # the router's three layers (weights and biases) got gradients through the mix
 

@@ -51,20 +51,21 @@ def test_compare_rows_flops_and_profile_on_the_tiny_case(tmp_path, caplog):
 
 
 def test_split_after_times_each_optimisation_alone(tmp_path, capsys):
-    """--split_after adds the sandwich with the switches' settings that "before" (neither) and "after" (today's
-    defaults: logits at the answer positions, experts mixed by the product) do not time, and every row of ours
-    records the settings it ran with. Without --compare: exit 2."""
+    """--split_after adds the sandwich with the switches' settings that "before" (every position's logits, the
+    plain product mix) and "after" (today's defaults: logits at the answer positions, the device's default mix) do
+    not time, and every row of ours records the settings it ran with. Without --compare: exit 2."""
     pytest.importorskip("peft")
     bench = _bench()
     out = tmp_path / "split.json"
     assert bench.main(["--smoke", "--compare", "tiny", "--split_after", "--out", str(out)]) == 0
     rows = {r["step"]: r for r in json.loads(out.read_text())["compare"][0]["rows"]}
-    settings = {k: (r.get("logits_at_targets"), r.get("elementwise_mix")) for k, r in rows.items()}
+    settings = {k: (r.get("logits_at_targets"), r.get("mix")) for k, r in rows.items()}
+    # on the CPU the default mix is the plain product, so "default expert mix alone" is "before" and is not timed again
     assert settings == {"peer: peft LoRA, full model": (None, None),
-                        "ours: full model (before)": (False, False), "ours: full model (after)": (True, False),
-                        "ours: sandwich (before)": (False, False), "ours: sandwich (after)": (True, False),
-                        "ours: sandwich (element-wise mix alone)": (False, True),
-                        "ours: sandwich (answer-only logits, element-wise mix)": (True, True)}
+                        "ours: full model (before)": (False, "product"), "ours: full model (after)": (True, "product"),
+                        "ours: sandwich (before)": (False, "product"), "ours: sandwich (after)": (True, "product"),
+                        "ours: sandwich (element-wise mix alone)": (False, "elementwise"),
+                        "ours: sandwich (answer-only logits, element-wise mix)": (True, "elementwise")}
     sandwich_flops = rows["ours: sandwich (after)"]["model_flops"]
     assert rows["ours: sandwich (element-wise mix alone)"]["model_flops"] == sandwich_flops
     assert rows["ours: sandwich (element-wise mix alone)"]["subnets"] == rows["ours: sandwich (after)"]["subnets"]
@@ -133,8 +134,8 @@ def test_random_checkpoints_get_their_own_tokenizer(tmp_path):
 
 def test_same_losses_before_and_after_the_step_optimisations(tmp_path):
     """--same_losses: the sandwich trained from one start before and after the optimisations. On the CPU (fp32)
-    the losses are bitwise equal, and the trainable tensors are back at their start afterwards; the element-wise
-    expert mix (an opt-in) trains the same curve to fp32 rounding, and the curve moves (the optimizer
+    the losses are bitwise equal, and the trainable tensors are back at their start afterwards; the hybrid expert mix
+    (CUDA's default) and the element-wise one (an opt-in) train the same curve to fp32 rounding, and the curve moves (the optimizer
     steps, so equal losses are not a frozen model's)."""
     pytest.importorskip("peft")
     from amoeba.subnet import Subnet
@@ -151,14 +152,15 @@ def test_same_losses_before_and_after_the_step_optimisations(tmp_path):
     batch = bench.synthetic_batch(2, 24, 8, int(model.config.vocab_size), "cpu")
     start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     found = bench.step_settings(trainer, model)
-    out = bench.same_losses(trainer, model, batch, plan, 6, bench.BEFORE, (True, False))
+    out = bench.same_losses(trainer, model, batch, plan, 6, bench.BEFORE, (True, "auto"))  # the CPU's: the product
     assert out["before"] == out["after"] and out["max_relative_difference"] == 0.0
     assert len(set(out["before"])) == 6
     assert all(torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
     assert bench.step_settings(trainer, model) == found and trainer.state.global_step == 0
-    mixed = bench.same_losses(trainer, model, batch, plan, 6, bench.BEFORE, (True, True))
-    assert mixed["before"] == out["before"]
-    assert 0 <= mixed["max_relative_difference"] < 1e-5
+    for mix in ("hybrid", "elementwise"):  # CUDA's default and the opt-in: the same curve to fp32 rounding
+        mixed = bench.same_losses(trainer, model, batch, plan, 6, bench.BEFORE, (True, mix))
+        assert mixed["before"] == out["before"]
+        assert 0 <= mixed["max_relative_difference"] < 1e-5
 
 
 def test_real_lengths_add_the_padding_free_sandwich(tmp_path, capsys):
