@@ -580,6 +580,16 @@ def get_router(model: nn.Module) -> Optional[ShapeRouter]:
     return r if isinstance(r, ShapeRouter) else None
 
 
+def set_expert_mix(model: nn.Module, mix: str) -> None:
+    """Mix the model's MoE-LoRA experts by ``mix`` ("auto" or one of MIX_METHODS; see ``ShapeRouter.mix``); a
+    model without a router (plain LoRA) has nothing to mix."""
+    if mix not in MIX_METHODS + ("auto",):
+        raise ValueError(f"unknown expert mix {mix!r}; one of {', '.join(MIX_METHODS + ('auto',))}")
+    router = get_router(model)
+    if router is not None:
+        router.mix = mix
+
+
 def remove_adapters(model: nn.Module) -> None:
     """Detach every adapter and the router (the base model's modules and keys are left as loaded)."""
     for mod in model.modules():

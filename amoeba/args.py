@@ -318,6 +318,14 @@ class AdapterArguments:
     use_moe_lora: bool = field(default=False, metadata={"help": "Use shape-aware MoE-LoRA adapters."})
     moe_num_expert: int = field(default=5, metadata={"help": "MoE-LoRA experts per adapted layer."})
     moe_topk: int = field(default=2, metadata={"help": "Experts the router picks per subnet."})
+    moe_mix: str = field(
+        default="auto",
+        metadata={"help": "How the MoE-LoRA experts are mixed at each forward: auto (hybrid on a CUDA GPU, product "
+                          "elsewhere), product (one matrix product, autograd's backward: the mix of earlier "
+                          "versions, for bitwise comparisons with their runs), hybrid (element-wise kernels and a "
+                          "matrix-vector product; half the product's time on a Llama-2-7B shape on an H200) or "
+                          "elementwise. All give the same numbers to fp32 rounding.",
+                  "choices": ["auto", "product", "hybrid", "elementwise"]})
     adapter_dir: Optional[str] = field(default=None, metadata={"help": "Read trained adapters from this run "
                                                                        "folder, checkpoint or adapter_model/ "
                                                                        "folder instead of --output_dir."})

@@ -385,7 +385,7 @@ def test_lora_modules_flag():
 
 
 def test_load_trained_adapters_finds_checkpoints_and_complains(tmp_path):
-    train = types.SimpleNamespace(use_moe_lora=True, moe_num_expert=3, moe_topk=2)
+    train = types.SimpleNamespace(use_moe_lora=True, moe_num_expert=3, moe_topk=2, moe_mix="elementwise")
     args = types.SimpleNamespace(adapters=train, elastic=types.SimpleNamespace(shrinkable_width=False),
                                  width_choice=(1.0,))
     model = tiny_model("gqa", layers=2)
@@ -404,6 +404,7 @@ def test_load_trained_adapters_finds_checkpoints_and_complains(tmp_path):
     train.moe_num_expert = 3
     load_trained_adapters(args, model, em, tmp_path)
     assert get_router(model) is not None and not model.training
+    assert get_router(model).mix == "elementwise"  # --moe_mix reaches evaluation's router too
     a, b = adapter_state_dict(model), adapter_state_dict(src)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -328,6 +328,27 @@ def test_short_sandwich_run_lowers_the_loss_of_largest_and_smallest(tiny_dir, tm
     assert not model.training and em.subnet == em.full_subnet()
 
 
+def test_moe_mix_flag_sets_how_the_router_mixes(tiny_dir, tmp_path):
+    """--moe_mix reaches the router of the model Stage 2 trains ("auto" by default: the plain product on the CPU);
+    the flag's choices are the router's ways of mixing; an unknown one is one line naming the flag."""
+    from amoeba.adapters import MIX_METHODS, set_expert_mix
+    from amoeba.args import build_parser
+
+    moe = ("--use_moe_lora", "--moe_num_expert", "3", "--moe_topk", "2")
+    for extra, want in (((), "auto"), (("--moe_mix", "elementwise"), "elementwise")):
+        args, model, tok, em, s = _setup(tiny_dir, tmp_path / want, *SANDWICH, *moe, *extra)
+        trainer, _ = prepare_trainer(args, model, tok, em, s)
+        router = get_router(trainer.model)
+        assert router.mix == want
+        assert router.mix_method(torch.device("cpu")) == ("product" if want == "auto" else want)
+    with pytest.raises(UsageError, match="--moe_mix"):
+        parse_args(["--moe_mix", "fast"])
+    action = next(a for a in build_parser()._actions if "--moe_mix" in a.option_strings)
+    assert sorted(action.choices) == sorted(MIX_METHODS + ("auto",))
+    with pytest.raises(ValueError, match="unknown expert mix"):
+        set_expert_mix(model, "fast")
+
+
 def test_plain_lora_without_shrinking_trains_only_the_full_model(tiny_dir, tmp_path):
     args, model, tok, em, _ = _setup(tiny_dir, tmp_path / "o", "--max_steps", "2", strategy=False)
     seen = []

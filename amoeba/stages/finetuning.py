@@ -27,7 +27,7 @@ from transformers.trainer_utils import IntervalStrategy
 from transformers.training_args import OptimizerNames
 
 from amoeba.adapters import (ALL_ROLES, AdapterConfig, attach_adapters, load_adapters, read_adapter_config,
-                             save_adapters, structure_of)
+                             save_adapters, set_expert_mix, structure_of)
 from amoeba.args import Arguments, parse_int_list, parse_ratio
 from amoeba.compiled import compile_layers
 from amoeba.elastic import ElasticModel
@@ -254,6 +254,7 @@ def prepare_trainer(args: Arguments, model, tokenizer, em: ElasticModel, strateg
         # its deprecated name)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     attach_adapters(model, em, adapter_config(args, em))
+    set_expert_mix(model, args.adapters.moe_mix)
     if t.gradient_checkpointing:
         _enable_checkpointing(model)
     # after the adapters (its hook must run after the router's: the mixed adapters) and after checkpointing (taken
@@ -518,6 +519,7 @@ def load_trained_adapters(args: Arguments, model: nn.Module, em: ElasticModel, f
             logger.warning("widths %s were not trained (router widths %s): they use the nearest one",
                            missing, saved.widths)
     load_adapters(model, em, where)
+    set_expert_mix(model, a.moe_mix)
     logger.info("loaded adapters from %s", where)
     model.eval()
     return where
