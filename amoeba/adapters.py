@@ -141,7 +141,7 @@ class ShapeRouter(nn.Module):
         # measurements). All agree to fp32 rounding. "auto" (the default): "hybrid" on CUDA, where it halves the mix's
         # time on the Llama-2-7B shape (docs/BENCHMARKS.md), and "product" elsewhere, which keeps the CPU's numbers
         # exactly as they were.
-        self.mix: str = "auto"
+        self.mix = "auto"
         # Mixed adapters written into storage kept per group, so each adapter's mix sits at the same address at every
         # forward of a subnet: CUDA graphs of compiled layers (amoeba.compiled, --compile_mode reduce-overhead) read a
         # module's tensors where they were recorded, and record again when one moved.
@@ -271,13 +271,22 @@ class ShapeRouter(nn.Module):
                 mixes[id(ad)] = (a, b)
         return mixes
 
+    @property
+    def mix(self) -> str:
+        """How the experts are mixed: "auto" or one of MIX_METHODS (see ``__init__``); checked when set."""
+        return self._mix
+
+    @mix.setter
+    def mix(self, name: str) -> None:
+        if name not in MIX_CHOICES:
+            raise ValueError(f"unknown expert mix {name!r}; one of {', '.join(MIX_CHOICES)}")
+        self._mix = name
+
     def mix_method(self, device: torch.device) -> str:
         """The way experts on ``device`` are mixed: ``self.mix``, with "auto" resolved (see ``__init__``)."""
-        if self.mix not in MIX_METHODS + ("auto",):
-            raise ValueError(f"unknown expert mix {self.mix!r}; one of {', '.join(MIX_METHODS + ('auto',))}")
-        if self.mix == "auto":
+        if self._mix == "auto":
             return "hybrid" if device.type == "cuda" else "product"
-        return self.mix
+        return self._mix
 
     def use_fixed_addresses(self, on: bool) -> None:
         """Mix into kept storage from now on (``on``), or as before, the storage freed (see ``fixed_addresses``)."""
@@ -423,6 +432,7 @@ def _plain_product(gates: torch.Tensor, stack: torch.Tensor) -> torch.Tensor:
 
 MIX_FUNCTIONS = {"product": _plain_product, "hybrid": hybrid_mix, "elementwise": weighted_sum}
 MIX_METHODS = tuple(MIX_FUNCTIONS)
+MIX_CHOICES = MIX_METHODS + ("auto",)  # what ShapeRouter.mix and --moe_mix accept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -581,10 +591,8 @@ def get_router(model: nn.Module) -> Optional[ShapeRouter]:
 
 
 def set_expert_mix(model: nn.Module, mix: str) -> None:
-    """Mix the model's MoE-LoRA experts by ``mix`` ("auto" or one of MIX_METHODS; see ``ShapeRouter.mix``); a
+    """Mix the model's MoE-LoRA experts by ``mix`` (one of MIX_CHOICES; see ``ShapeRouter.mix``, which checks it); a
     model without a router (plain LoRA) has nothing to mix."""
-    if mix not in MIX_METHODS + ("auto",):
-        raise ValueError(f"unknown expert mix {mix!r}; one of {', '.join(MIX_METHODS + ('auto',))}")
     router = get_router(model)
     if router is not None:
         router.mix = mix

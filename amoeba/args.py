@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import transformers
 
+from amoeba.adapters import MIX_CHOICES
 from amoeba.default_model import DEFAULT_MODEL_DIR
 from amoeba.depth_dp import CALIB_DATASETS, CALIB_METRICS
 from amoeba.errors import UsageError, shown
@@ -325,7 +326,7 @@ class AdapterArguments:
                           "versions, for bitwise comparisons with their runs), hybrid (element-wise kernels and a "
                           "matrix-vector product; half the product's time on a Llama-2-7B shape on an H200) or "
                           "elementwise. All give the same numbers to fp32 rounding.",
-                  "choices": ["auto", "product", "hybrid", "elementwise"]})
+                  "choices": list(MIX_CHOICES)})
     adapter_dir: Optional[str] = field(default=None, metadata={"help": "Read trained adapters from this run "
                                                                        "folder, checkpoint or adapter_model/ "
                                                                        "folder instead of --output_dir."})
