@@ -68,7 +68,7 @@ def run(opts) -> dict:
     gates.requires_grad_()
     g = torch.Generator(device="cpu").manual_seed(1)
     upstream = [torch.randn(len(ads), ads[0][0].numel(), generator=g).to(device=device, dtype=cast) for ads in groups]
-    kept = [int(k) for k in opts.kept.split(",")]
+    kept = opts.kept_layers
 
     # every method's gradients against the product's, on the smallest subnet: each tensor's largest difference
     # relative to its largest entry
@@ -120,12 +120,14 @@ def main(argv=None) -> int:
     if opts.smoke:
         opts.hidden, opts.intermediate, opts.layers, opts.r, opts.kept = 64, 160, 4, 8, "4,3"
         opts.warmup, opts.steps = 1, 2
-    kept = [int(k) for k in opts.kept.split(",")]
-    if any(not 1 <= k <= opts.layers for k in kept):
+    try:
+        opts.kept_layers = [int(k) for k in opts.kept.split(",")]
+    except ValueError:
+        ap.error(f"--kept: '{opts.kept}' is not a comma-separated list of layer counts")
+    if any(not 1 <= k <= opts.layers for k in opts.kept_layers):
         ap.error(f"--kept: each subnet keeps 1 to {opts.layers} layers")
     res = run(opts)
-    name = "cuda" if opts.device.startswith("cuda") else opts.device
-    device = torch.cuda.get_device_name() if name == "cuda" else name
+    device = torch.cuda.get_device_name(opts.device) if opts.device.startswith("cuda") else opts.device
     print(f"\nExpert mix of a sandwich step ({opts.kept} of {opts.layers} layers; hidden {opts.hidden}, "
           f"intermediate {opts.intermediate}, r={opts.r}, {opts.experts} experts; {device})\n")
     print("| mix | ms per sandwich step | gradients against the product's (largest relative difference) |\n"

@@ -35,9 +35,9 @@ products, attention's score products and recomputation under checkpointing are n
 adds our two steps with every decoder layer compiled (``--compile_layers``; the warm-up steps compile);
 ``--compiled_only`` then skips our eager rows (the peer stays), e.g. to profile the compiled steps in a short run.
 ``--split_after`` adds our sandwich step with the other settings of the two switches (logits at the answer
-positions only; how the MoE-LoRA experts are mixed: the plain product "before", the default -- the product with a
-hand-written backward on CUDA --, or element-wise, an opt-in) that "before" and "after" do not already time; every row of ours records the settings it ran with, to tell which one moves a
-step.
+positions only; how the MoE-LoRA experts are mixed: the plain product "before", the router's default -- the hybrid
+mix on CUDA --, or element-wise, an opt-in) that "before" and "after" do not already time; every row of ours records
+the settings it ran with, to tell which one moves a step.
 ``--real_lengths alpaca-clean`` gives the batch's examples the lengths of real ones (so the padded batch holds
 padding, as in training) and adds our sandwich step on the same examples without padding (``--padding_free``);
 tokens/s and MFU then count the real tokens, T above.

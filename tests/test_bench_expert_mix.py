@@ -36,3 +36,7 @@ def test_a_subnet_larger_than_the_model_is_a_usage_error(capsys):
         _bench().main(["--layers", "2", "--kept", "2,3", "--device", "cpu"])
     assert exc.value.code == 2
     assert "--kept: each subnet keeps 1 to" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        _bench().main(["--kept", "3,x", "--device", "cpu"])
+    assert exc.value.code == 2
+    assert "--kept: '3,x' is not a comma-separated list" in capsys.readouterr().err
