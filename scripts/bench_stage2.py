@@ -38,6 +38,9 @@ adds our two steps with every decoder layer compiled (``--compile_layers``; the 
 positions only; how the MoE-LoRA experts are mixed: the plain product "before", the router's default -- the hybrid
 mix on CUDA --, or element-wise, an opt-in) that "before" and "after" do not already time; every row of ours records
 the settings it ran with, to tell which one moves a step.
+``--profile STEPS`` adds what torch.profiler sees per step (operators, kernels, the device's busy time, the top
+operators); ``--host_profile STEPS`` what Python's cProfile sees (the functions the host spends the step in), for a
+step bound by the host, where the device's busy time is far below the wall time.
 ``--real_lengths alpaca-clean`` gives the batch's examples the lengths of real ones (so the padded batch holds
 padding, as in training) and adds our sandwich step on the same examples without padding (``--padding_free``);
 tokens/s and MFU then count the real tokens, T above.
@@ -113,6 +116,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="with --compare: also profile each step over STEPS calls (kernels launched, device busy "
                         "time, top operators)")
+    p.add_argument("--host_profile", type=int, default=0, metavar="STEPS",
+                   help="with --compare: also run each of our steps STEPS times under Python's cProfile and list the "
+                        "functions the host spends the most time in (own and cumulative), for steps bound by the host")
     p.add_argument("--profile_kernels", default=None, metavar="REGEX",
                    help="with --profile: also list where the device kernels whose name matches REGEX come from "
                         "(launching operator, its input shapes and dtypes, the operators above it)")
@@ -296,6 +302,40 @@ def profile_step(step, steps: int, top: int = 20, label: Optional[str] = None,
             logger.info("%s: kernel %s: %.1f launches, %.2f ms per step, from %s %s %s < %s", label,
                         source["kernel"], source["launches_per_step"], source["device_ms_per_step"],
                         source["operator"], source["input_shapes"], source["input_dtypes"], source["called_from"])
+    return out
+
+
+def host_profile_step(step, steps: int, top: int = 25, label: Optional[str] = None) -> dict:
+    """Where the host spends ``steps`` calls of ``step()``: Python's cProfile, the ``top`` functions by their own
+    time and by their cumulative time (ms per step). Operators and kernels are what torch.profiler sees
+    (:func:`profile_step`); this shows the Python around them (routing, preparing operands, replaying graphs)."""
+    import cProfile
+    import pstats
+
+    _sync()
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    _sync()
+    profiler.disable()
+    wall = (time.perf_counter() - start) / steps
+    table = pstats.Stats(profiler).stats  # (file, line, function) -> (primitive calls, calls, own s, cumulative s, ...)
+
+    def ranked(column: int) -> list[dict]:
+        rows = sorted(table.items(), key=lambda kv: kv[1][column], reverse=True)[:top]
+        return [{"function": f"{Path(f).name}:{line}({fn})", "calls_per_step": calls / steps,
+                 "own_ms_per_step": 1e3 * own / steps, "cumulative_ms_per_step": 1e3 * cum / steps}
+                for (f, line, fn), (_, calls, own, cum, _) in rows]
+
+    out = {"steps": steps, "wall_ms_per_step": 1e3 * wall, "by_own_time": ranked(2), "by_cumulative_time": ranked(3)}
+    if label:
+        for kind in ("by_own_time", "by_cumulative_time"):
+            logger.info("%s: host profile (%.1f ms/step under cProfile), %s: %s", label, out["wall_ms_per_step"],
+                        kind.replace("_", " "), "; ".join(
+                            f"{r['function']} x{r['calls_per_step']:.0f} {r['own_ms_per_step']:.2f}/"
+                            f"{r['cumulative_ms_per_step']:.2f} ms" for r in out[kind]))
     return out
 
 
@@ -717,9 +757,12 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
     def measure(row: str, plan: list, inputs: dict, warmup: int) -> None:
         settings_of[row] = resolved(model, step_settings(trainer, model))
         step = plan_step(trainer, model, inputs, plan)
-        timed.append((row, plan, mean_seconds(step, warmup, opts.steps, row),
-                      profile_step(step, opts.profile, label=row, kernels=opts.profile_kernels)
-                      if opts.profile else None))
+        seconds = mean_seconds(step, warmup, opts.steps, row)
+        profiled = (profile_step(step, opts.profile, label=row, kernels=opts.profile_kernels)
+                    if opts.profile else None)
+        if opts.host_profile:
+            profiled = {**(profiled or {}), "host": host_profile_step(step, opts.host_profile, label=row)}
+        timed.append((row, plan, seconds, profiled))
 
     if not opts.compiled_only:  # our eager rows
         for label, plan in (("ours: full model", full), ("ours: sandwich", sandwich)):
@@ -791,13 +834,24 @@ def _percent(value) -> str:
 
 
 def profile_lines(rows: list[dict]) -> list[str]:
-    """The ``--profile`` part of a case: launches and busy time per step, then each step's top operators."""
-    profiled = [r for r in rows if r.get("profile")]
+    """The ``--profile`` part of a case: launches and busy time per step, then each step's top operators; then the
+    ``--host_profile`` part: each step's Python functions with the most own time."""
+    lines = []
+    for r in rows:
+        host = (r.get("profile") or {}).get("host")
+        if host:
+            lines += [f"Host functions by own time under cProfile ({host['wall_ms_per_step']:.1f} ms/step), "
+                      f"{r['step']}:", "", "| function | calls/step | own ms/step | cumulative ms/step |",
+                      "| --- | ---: | ---: | ---: |"]
+            lines += [f"| `{h['function']}` | {h['calls_per_step']:.0f} | {h['own_ms_per_step']:.2f} | "
+                      f"{h['cumulative_ms_per_step']:.2f} |" for h in host["by_own_time"]]
+            lines.append("")
+    profiled = [r for r in rows if (r.get("profile") or {}).get("top")]
     if not profiled:
-        return []
+        return lines
     device = profiled[0]["profile"]["time"] == "device"
-    lines = ["| step | operators/step | kernels/step | device busy ms/step | wall ms/step |",
-             "| --- | ---: | ---: | ---: | ---: |"]
+    lines += ["| step | operators/step | kernels/step | device busy ms/step | wall ms/step |",
+              "| --- | ---: | ---: | ---: | ---: |"]
     for r in profiled:
         p = r["profile"]
         kernels = f"{p['kernels_per_step']:.0f}" if device else "-"
@@ -880,6 +934,12 @@ def main(argv=None) -> int:
         opts.subnets = "6:1,5:0.75,4:0.875,3:0.625"
     if opts.split_after and not opts.compare:
         print("error: --split_after: times rows of --compare; add --compare", file=sys.stderr)
+        return 2
+    if opts.host_profile and not opts.compare:
+        print("error: --host_profile: profiles the rows of --compare; add --compare", file=sys.stderr)
+        return 2
+    if opts.host_profile < 0:
+        print("error: --host_profile: the number of steps to profile, at least 1", file=sys.stderr)
         return 2
     if opts.profile_kernels is not None:
         if not (opts.profile and opts.compare):

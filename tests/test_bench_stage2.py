@@ -119,6 +119,37 @@ def test_compiled_only_times_the_peer_and_the_compiled_rows(tmp_path, capsys):
     assert len(rows[2]["subnets"]) == 4 and rows[1]["subnets"] == rows[0]["subnets"]
 
 
+def test_host_profile_lists_where_the_hosts_step_time_goes(tmp_path, capsys):
+    """--host_profile: each of our rows gets the Python functions of its step ranked by own and by cumulative time
+    under cProfile, per step; one training_step per step, one backward per subnet, and no
+    function's cumulative time exceeds the profiled step's. Without --compare, or a negative count: exit 2."""
+    pytest.importorskip("peft")
+    bench = _bench()
+    assert bench.main(["--smoke", "--host_profile", "2", "--out", str(tmp_path / "x.json")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --host_profile: profiles the rows of --compare; add --compare"
+    assert bench.main(["--smoke", "--compare", "tiny", "--host_profile", "-1", "--out", str(tmp_path / "x.json")]) == 2
+    assert "--host_profile" in capsys.readouterr().err
+    out = tmp_path / "host.json"
+    assert bench.main(["--smoke", "--compare", "tiny", "--host_profile", "2", "--out", str(out)]) == 0
+    rows = {r["step"]: r for r in json.loads(out.read_text())["compare"][0]["rows"]}
+    assert "profile" not in rows["peer: peft LoRA, full model"]
+    for name in ("ours: full model (after)", "ours: sandwich (after)"):
+        host = rows[name]["profile"]["host"]
+        assert host["steps"] == 2 and host["wall_ms_per_step"] > 0
+        own = [h["own_ms_per_step"] for h in host["by_own_time"]]
+        assert own == sorted(own, reverse=True) and len(own) == 25
+        cumulative = {h["function"]: h for h in host["by_cumulative_time"]}
+        step = next(h for f, h in cumulative.items() if f.endswith("(training_step)"))
+        assert step["calls_per_step"] == 1
+        assert all(h["cumulative_ms_per_step"] <= host["wall_ms_per_step"] * 1.01 for h in cumulative.values())
+    # one backward per subnet (accelerate's, which the trainer calls)
+    backwards = {name: next(h["calls_per_step"] for h in rows[name]["profile"]["host"]["by_cumulative_time"]
+                            if h["function"].startswith("accelerator.py:") and h["function"].endswith("(backward)"))
+                 for name in ("ours: full model (after)", "ours: sandwich (after)")}
+    assert backwards == {"ours: full model (after)": 1, "ours: sandwich (after)": 4}
+    assert "Host functions by own time under cProfile" in capsys.readouterr().out
+
+
 def test_random_checkpoints_get_their_own_tokenizer(tmp_path):
     """The random 7B checkpoint needs no real model's tokenizer: a word-level one of the model's vocabulary,
     loadable by AutoTokenizer, mapping every id below the vocabulary size to one token and back."""
