@@ -111,6 +111,23 @@ def checkpointed_call(layer, *args, **kwargs):
     return layer._call_impl(*args, **kwargs)
 
 
+def _allow_side_effects_under_checkpoint() -> Optional[Callable[[], None]]:
+    """Let the compiler keep a checkpointed layer whole when its forward writes Python state, and return the function
+    that puts the setting back (None where this torch has no such setting).
+
+    transformers 5.25 and later wrap the attention's forward with the ``kernels`` package, which sets a context variable
+    at every call. Inside a checkpoint the compiler refuses that write (eager checkpointing would replay it in the
+    backward), gives the whole layer up and runs it eager: nothing was compiled, silently. The variable only says which
+    hub kernels the call may use and is reset before the call returns, so not replaying it is safe."""
+    config = torch._dynamo.config
+    name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    if not hasattr(config, name):
+        return None
+    before = getattr(config, name)
+    setattr(config, name, True)
+    return partial(setattr, config, name, before)
+
+
 def compile_layers(em, mode: str = "default") -> Callable[[], None]:
     """Compile every decoder layer of ``em`` (symbolic shapes; torch.compile's ``mode``) and prepare its projections
     before each decoder forward; return the function that undoes both (evaluation after training runs eager).
@@ -143,6 +160,7 @@ def compile_layers(em, mode: str = "default") -> Callable[[], None]:
             layer._compiled_call_impl = partial(compiled_checkpointed, layer)
         else:
             layer.compile(dynamic=True, mode=mode)
+    side_effects = _allow_side_effects_under_checkpoint() if checkpointed else None
     logger.info("%s: %d decoder layers compiled%s%s (the first steps compile, later ones reuse)", FLAG,
                 len(em.all_layers), f", mode {mode}" if mode != "default" else "",
                 ", activation checkpointing inside" if checkpointed else "")
@@ -154,6 +172,8 @@ def compile_layers(em, mode: str = "default") -> Callable[[], None]:
             layer._compiled_call_impl = None
         for layer in checkpointed:
             layer.gradient_checkpointing = True
+        if side_effects is not None:
+            side_effects()
         if router is not None:
             router.use_fixed_addresses(False)
         if graphs:  # the recorded graphs hold their memory pool until their trees are cleared
