@@ -115,13 +115,15 @@ def _allow_side_effects_under_checkpoint() -> Optional[Callable[[], None]]:
     """Let the compiler keep a checkpointed layer whole when its forward writes Python state, and return the function
     that puts the setting back (None where this torch has no such setting).
 
-    transformers 5.25 and later wrap the attention's forward with the ``kernels`` package, which sets a context variable
+    transformers 5.25 wraps the attention's forward with the ``kernels`` package, which sets a context variable
     at every call. Inside a checkpoint the compiler refuses that write (eager checkpointing would replay it in the
     backward), gives the whole layer up and runs it eager: nothing was compiled, silently. The variable only says which
     hub kernels the call may use and is reset before the call returns, so not replaying it is safe."""
     config = torch._dynamo.config
     name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
     if not hasattr(config, name):
+        logger.warning("%s: this torch cannot let a checkpointed layer's forward write Python state; a layer that "
+                       "does (transformers 5.25's attention) runs uncompiled under gradient checkpointing", FLAG)
         return None
     before = getattr(config, name)
     setattr(config, name, True)

@@ -358,3 +358,24 @@ def test_compiled_layers_of_a_4bit_base_train_like_eager_ones(tiny_dir, tmp_path
     assert moved > 1e-3 * float(start.norm())  # the steps trained the adapters
     assert float((eager - compiled).norm()) <= 1e-4 * moved
     assert all(layer._compiled_call_impl is None for layer in em.all_layers)
+
+
+def test_side_effects_under_checkpoint_are_allowed_while_compiled_and_restored_after(monkeypatch, caplog):
+    """While layers are compiled, the compiler may keep a checkpointed layer whose forward writes Python state
+    (transformers 5.25's kernels-wrapped attention); undoing puts the setting back. A torch without the setting warns
+    once, naming the flag, instead of compiling nothing silently."""
+    from amoeba import compiled
+
+    config = torch._dynamo.config
+    name = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+    if not hasattr(config, name):
+        pytest.skip("this torch has no such setting")
+    before = getattr(config, name)
+    restore = compiled._allow_side_effects_under_checkpoint()
+    assert getattr(config, name) is True
+    restore()
+    assert getattr(config, name) == before
+    monkeypatch.setattr(compiled, "torch", type("T", (), {"_dynamo": type("D", (), {"config": object()})}))
+    with caplog.at_level("WARNING", logger="amoeba.compiled"):
+        assert compiled._allow_side_effects_under_checkpoint() is None
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["--compile_layers"]
