@@ -247,6 +247,12 @@ class TrainingArguments(transformers.Seq2SeqTrainingArguments):
         metadata={"help": "With --compile_layers: torch.compile's mode, default or reduce-overhead (each layer's "
                           "forward and backward also captured as CUDA graphs, recorded once per subnet shape and "
                           "replayed after; needs a CUDA GPU). The same computation."})
+    layers_per_graph: int = field(
+        default=1,
+        metadata={"help": "With --compile_layers: compile runs of this many consecutive decoder layers as one call "
+                          "(fewer compiled calls per step, each of which costs host time: for a small model, "
+                          "above all with --compile_mode reduce-overhead). The same computation; with gradient "
+                          "checkpointing the backward recomputes a run's layers at once."})
     padding_free: bool = field(
         default=False,
         metadata={"help": "Train on packed batches: each micro-batch's examples laid end to end in rows no longer "

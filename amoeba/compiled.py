@@ -28,6 +28,14 @@ replay was a new recording: SmolLM2-135M's step took 2.6 s on an H200 instead of
 Graphs are also recorded per input shape, and training changes shapes at every step (each batch padded to its
 longest example, random subnets' widths), so in training this mode records more than it replays and is slower than
 eager (measured; compile_layers warns of it): it pays on the benchmark's fixed batches.
+
+``--layers_per_graph N`` compiles runs of N consecutive decoder layers as one call instead of each layer alone
+(:class:`LayerGroup`): every compiled call costs host time (the compiler's guards and runtime wrappers, and with CUDA
+graphs the graph trees' bookkeeping around each replay), which bounds a small model's graphed step (SmolLM2-135M's
+sandwich made 94 compiled forwards and as many backwards; docs/BENCHMARKS.md, fifteenth measurement). The same
+computation; with checkpointing the checkpoint then holds the group's input only and the backward recomputes the
+group's N layers at once (N layers' activations alive in the backward instead of one). Not shown to pay yet, and a
+6-layer graph compiles in 70-100 s on an H200 host against about 20 s for one layer (sixteenth measurement).
 """
 
 from __future__ import annotations
@@ -36,9 +44,10 @@ import importlib.util
 import logging
 import shutil
 from functools import partial
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from amoeba.adapters import get_router
@@ -48,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 FLAG = "--compile_layers"
 MODE_FLAG = "--compile_mode"
+GROUP_FLAG = "--layers_per_graph"
 # torch.compile's modes offered: "reduce-overhead" adds CUDA graphs (one launch per compiled layer call)
 MODES = ("default", "reduce-overhead")
 # graphs a compiled layer may collect before the compiler gives up on it (largest + random + smallest subnets,
@@ -72,9 +82,12 @@ def compiler_missing(cuda: Optional[bool] = None) -> Optional[str]:
 
 
 def check_compile_command(compile_layers: bool, do_train: bool, bits: int, device_map: Optional[str],
-                          sharded: bool, cuda: Optional[bool] = None, mode: str = "default") -> None:
-    """Refuse ``--compile_layers`` (and its ``--compile_mode``) where it cannot run, before the model loads."""
+                          sharded: bool, cuda: Optional[bool] = None, mode: str = "default",
+                          layers_per_graph: int = 1) -> None:
+    """Refuse ``--compile_layers`` (and its ``--compile_mode``, ``--layers_per_graph``) where it cannot run, before
+    the model loads."""
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    check_layers_per_graph(layers_per_graph, compile_layers)
     if not compile_layers:
         if mode != "default":
             raise UsageError("needs --compile_layers", MODE_FLAG)
@@ -99,6 +112,124 @@ def check_compile_mode(mode: str, cuda: bool) -> None:
         raise UsageError(f"{mode!r} is not one of {', '.join(MODES)}", MODE_FLAG)
     if mode == "reduce-overhead" and not cuda:
         raise UsageError("reduce-overhead captures CUDA graphs, which need a CUDA GPU", MODE_FLAG)
+
+
+def check_layers_per_graph(layers_per_graph: int, compile_layers: bool = True) -> None:
+    """Refuse a ``--layers_per_graph`` below 1, or above 1 without ``--compile_layers``."""
+    if layers_per_graph < 1:
+        raise UsageError(f"must be at least 1, got {layers_per_graph}", GROUP_FLAG)
+    if layers_per_graph > 1 and not compile_layers:
+        raise UsageError("needs --compile_layers", GROUP_FLAG)
+
+
+class LayerGroup(nn.Module):
+    """Consecutive decoder layers called as one layer (``--layers_per_graph``): each member is called in turn with
+    the same arguments, on the hidden states the one before returned. The members stay registered where they are
+    (the decoder's layer list); a group is only the decoder's layer list while the decoder runs."""
+
+    def __init__(self, layers: Sequence[nn.Module], layer_type: Optional[str] = None):
+        super().__init__()
+        self.members = list(layers)  # a plain list: not submodules, so state_dict and parameters do not change
+        self.attention_type = layer_type
+        self.gradient_checkpointing = False  # read by transformers' layer call; the compiled call checkpoints
+
+    def forward(self, hidden_states, *args, **kwargs):  # noqa: D102 (see class)
+        out = hidden_states
+        for layer in self.members:
+            out = layer(hidden_states, *args, **kwargs)
+            hidden_states = out[0] if isinstance(out, tuple) else out  # older layers return (hidden_states, ...)
+        return out
+
+
+def layer_runs(count: int, per_graph: int, layer_types: Optional[Sequence[str]] = None) -> list[range]:
+    """Positions of ``count`` consecutive layers split into runs of at most ``per_graph``, of equal size as far as
+    they go (30 layers by 8: 8, 8, 7, 7); a run never spans two attention types (``layer_types``: sliding-window and
+    full-attention layers take different masks from the decoder)."""
+    runs, start = [], 0
+    while start < count:  # stretches of one attention type
+        end = start + 1
+        while end < count and layer_types is not None and layer_types[end] == layer_types[start]:
+            end += 1
+        if layer_types is None:
+            end = count
+        parts = -(-(end - start) // per_graph)
+        sizes = [(end - start) // parts + (i < (end - start) % parts) for i in range(parts)]
+        for size in sizes:
+            runs.append(range(start, start + size))
+            start += size
+    return runs
+
+
+class LayerGrouping:
+    """While the decoder runs, its layer list (the current subnet's) is a list of :class:`LayerGroup`, each called
+    through ``call`` (a compiled function of the group and the layer's arguments); ``config.layer_types`` then
+    names one type per group. Groups are kept per layer list, so a subnet met again calls the same groups (the
+    same compiled graphs, and with CUDA graphs the same recordings)."""
+
+    def __init__(self, decoder: nn.Module, per_graph: int, call: Callable):
+        self.decoder, self.per_graph, self.call = decoder, per_graph, call
+        self._groups: dict[tuple, tuple[nn.ModuleList, Optional[list]]] = {}
+        self._saved: Optional[tuple] = None
+        self._restore = decoder.register_forward_hook(self._leave, prepend=True, always_call=True)
+
+    def groups(self, layers: Sequence[nn.Module], layer_types: Optional[Sequence[str]]):
+        """The groups of ``layers`` (built at their first forward) and their attention types."""
+        key = (tuple(map(id, layers)), tuple(layer_types) if layer_types is not None else None)
+        if key not in self._groups:
+            groups, types = nn.ModuleList(), [] if layer_types is not None else None
+            for run in layer_runs(len(layers), self.per_graph, layer_types):
+                kind = layer_types[run[0]] if layer_types is not None else None
+                group = LayerGroup([layers[i] for i in run], kind)
+                group._compiled_call_impl = partial(self.call, group)
+                groups.append(group)
+                if types is not None:
+                    types.append(kind)
+            self._groups[key] = (groups, types)
+        return self._groups[key]
+
+    def enter(self) -> None:
+        """Make the decoder's layer list (as the subnet left it) its groups; undone when the decoder returns."""
+        config = self.decoder.config
+        layers = self.decoder.layers
+        layer_types = getattr(config, "layer_types", None)
+        layer_types = list(layer_types[:len(layers)]) if layer_types else None
+        groups, types = self.groups(layers, layer_types)
+        self._saved = (layers, getattr(config, "layer_types", None))
+        for group in groups:
+            group.training = self.decoder.training
+        self.decoder.layers = groups
+        if types is not None:
+            config.layer_types = types
+
+    def _leave(self, module, args, output) -> None:
+        if self._saved is None:
+            return
+        self.decoder.layers, layer_types = self._saved
+        if layer_types is not None:
+            self.decoder.config.layer_types = layer_types
+        self._saved = None
+
+    def remove(self) -> None:
+        """Stop grouping; the groups (and the graphs they hold) are dropped."""
+        self._restore.remove()
+        self._groups.clear()
+
+
+def _no_duck_sizing() -> Callable[[], None]:
+    """Stop the compiler from taking symbolic sizes that happen to be equal for one (duck sizing), and return the
+    function that puts the setting back. A group's graph holds several layers' operands, whose sizes and storage
+    offsets (the mixed adapters are views into one buffer) coincide differently in every group: each coincidence
+    became a guard, and each group a graph of its own (measured: 5 graphs for 3 groups of a 6-layer model)."""
+    config = torch.fx.experimental._config
+    before = config.use_duck_shape
+    config.use_duck_shape = False
+    return partial(setattr, config, "use_duck_shape", before)
+
+
+def plain_call(layer, *args, **kwargs):
+    """``layer``'s call: the function a layer group is compiled as without checkpointing (the group an argument, so
+    one function serves every group)."""
+    return layer._call_impl(*args, **kwargs)
 
 
 def checkpointed_call(layer, *args, **kwargs):
@@ -130,12 +261,15 @@ def _allow_side_effects_under_checkpoint() -> Optional[Callable[[], None]]:
     return partial(setattr, config, name, before)
 
 
-def compile_layers(em, mode: str = "default") -> Callable[[], None]:
+def compile_layers(em, mode: str = "default", layers_per_graph: int = 1) -> Callable[[], None]:
     """Compile every decoder layer of ``em`` (symbolic shapes; torch.compile's ``mode``) and prepare its projections
     before each decoder forward; return the function that undoes both (evaluation after training runs eager).
 
     With ``mode="reduce-overhead"`` (CUDA graphs) each decoder forward also starts a new graph step: a subnet's
-    forward and backward are done before the next one starts, so the graphs may reuse their memory."""
+    forward and backward are done before the next one starts, so the graphs may reuse their memory. With
+    ``layers_per_graph`` above 1 runs of that many consecutive layers of the subnet are compiled as one call
+    (:class:`LayerGrouping`) instead of each layer alone."""
+    check_layers_per_graph(layers_per_graph)
     config = torch._dynamo.config
     limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     if getattr(config, limit_name) < RECOMPILE_LIMIT:
@@ -144,31 +278,45 @@ def compile_layers(em, mode: str = "default") -> Callable[[], None]:
     if graphs:
         logger.warning(GRAPHS_IN_TRAINING)
 
+    grouping: Optional[LayerGrouping] = None
+    duck_sizing: Optional[Callable[[], None]] = None
+
     def before_decoder(module, args) -> None:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         em.prepare_projections(fixed_addresses=graphs)
+        if grouping is not None:  # after the depth hook: the subnet's layers are the decoder's now
+            grouping.enter()
 
     hook = em.decoder.register_forward_pre_hook(before_decoder)
     router = get_router(em.model)
     if router is not None:  # CUDA graphs: the mixed adapters at fixed addresses (see prepare_projections)
         router.use_fixed_addresses(graphs)
     compiled_checkpointed = torch.compile(checkpointed_call, dynamic=True, mode=mode)  # compiles at its first call
-    checkpointed = []
-    for layer in em.all_layers:
-        if getattr(layer, "gradient_checkpointing", False):  # transformers' own checkpoint off: ours takes it
-            checkpointed.append(layer)
-            layer.gradient_checkpointing = False
-            layer._compiled_call_impl = partial(compiled_checkpointed, layer)
-        else:
-            layer.compile(dynamic=True, mode=mode)
+    checkpointed = [layer for layer in em.all_layers if getattr(layer, "gradient_checkpointing", False)]
+    for layer in checkpointed:  # transformers' own checkpoint off: ours takes it
+        layer.gradient_checkpointing = False
+    if layers_per_graph > 1:
+        call = compiled_checkpointed if checkpointed else torch.compile(plain_call, dynamic=True, mode=mode)
+        grouping = LayerGrouping(em.decoder, layers_per_graph, call)
+        duck_sizing = _no_duck_sizing()
+    else:
+        for layer in em.all_layers:
+            if layer in checkpointed:
+                layer._compiled_call_impl = partial(compiled_checkpointed, layer)
+            else:
+                layer.compile(dynamic=True, mode=mode)
     side_effects = _allow_side_effects_under_checkpoint() if checkpointed else None
-    logger.info("%s: %d decoder layers compiled%s%s (the first steps compile, later ones reuse)", FLAG,
-                len(em.all_layers), f", mode {mode}" if mode != "default" else "",
+    logger.info("%s: %d decoder layers compiled%s%s%s (the first steps compile, later ones reuse)", FLAG,
+                len(em.all_layers), f", {layers_per_graph} per graph" if grouping is not None else "",
+                f", mode {mode}" if mode != "default" else "",
                 ", activation checkpointing inside" if checkpointed else "")
 
     def undo() -> None:
         hook.remove()
+        if grouping is not None:
+            grouping.remove()
+            duck_sizing()
         em.drop_prepared_projections()
         for layer in em.all_layers:
             layer._compiled_call_impl = None

@@ -113,7 +113,8 @@ def check_command(args: Arguments) -> None:
                        exporting=bool(args.export.export_dir or wants_budget(args)), world_size=process_count())
     check_compile_command(bool(args.train.compile_layers), do_train=bool(args.train.do_train), bits=args.model.bits,
                           device_map=args.model.device_map, sharded=args.train.shard_settings is not None,
-                          cuda=torch.cuda.is_available() and not args.train.use_cpu, mode=args.train.compile_mode)
+                          cuda=torch.cuda.is_available() and not args.train.use_cpu, mode=args.train.compile_mode,
+                          layers_per_graph=args.train.layers_per_graph)
     e = args.elastic
     if e.shrinking_file and not Path(e.shrinking_file).is_file():
         raise UsageError(f"no such file: {e.shrinking_file}", "--shrinking_file")

@@ -34,6 +34,8 @@ products, attention's score products and recomputation under checkpointing are n
 ``7b-4bit`` (4-bit NF4, the seed's settings: fp16, 2 x 512, checkpointing), ``smollm2-bf16-8x512``. ``--compile``
 adds our two steps with every decoder layer compiled (``--compile_layers``; the warm-up steps compile);
 ``--compiled_only`` then skips our eager rows (the peer stays), e.g. to profile the compiled steps in a short run.
+``--layers_per_graph N[,N...]`` compiles runs of N consecutive layers as one call (Stage 2's option), timing the
+compiled rows once per value.
 ``--split_after`` adds our sandwich step with the other settings of the two switches (logits at the answer
 positions only; how the MoE-LoRA experts are mixed: the plain product "before", the router's default -- the hybrid
 mix on CUDA --, or element-wise, an opt-in) that "before" and "after" do not already time; every row of ours records
@@ -65,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amoeba.adapters import get_router  # noqa: E402
 from amoeba.args import parse_args  # noqa: E402
-from amoeba.compiled import MODES, check_compile_mode, compile_layers  # noqa: E402
+from amoeba.compiled import MODES, check_compile_mode, check_layers_per_graph, compile_layers  # noqa: E402
 from amoeba.elastic import make_elastic  # noqa: E402
 from amoeba.errors import UsageError  # noqa: E402
 from amoeba.files import library_versions, write_json  # noqa: E402
@@ -110,6 +112,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--compile_mode", default="default", choices=MODES,
                    help="with --compile: torch.compile's mode for the compiled rows (Stage 2's --compile_mode); "
                         "reduce-overhead adds CUDA graphs (CUDA only)")
+    p.add_argument("--layers_per_graph", default="1", metavar="N[,N...]",
+                   help="with --compile: consecutive decoder layers compiled as one call (Stage 2's "
+                        "--layers_per_graph); a comma list times the compiled rows once per value")
     p.add_argument("--compiled_only", action="store_true",
                    help="with --compile: time only the peer and the compiled rows (skip our eager rows), e.g. to "
                         "profile the compiled steps within a short run")
@@ -788,22 +793,26 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
         counters.clear()
         if opts.compile_mode == "reduce-overhead":
             torch._logging.set_logs(perf_hints=True)  # why a CUDA graph is skipped or recorded again
-        undo = compile_layers(em, opts.compile_mode)
-        try:
-            steps = [("ours: full model", full, batch), ("ours: sandwich", sandwich, batch)]
-            if flat is not None:
-                steps.append(("ours: sandwich, padding-free", sandwich, flat))
-            for label, plan, inputs in steps:
-                measure(f"{label} (compiled)", plan, inputs, max(opts.warmup, 2))
-                # after each row too: a run cut off by a time limit keeps what the compiler did so far
-                logger.info("%s: compiler after %s: %s", name, label, compiler_counters(counters))
-        except Exception as err:  # noqa: BLE001 - a compiler failure is a result to report, not the end of the run
-            compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
-            logger.warning("%s: compiled steps failed: %s", name, compile_error)
-        finally:
-            undo()
-            compiler = compiler_counters(counters)
-            logger.info("%s: compiler: %s", name, compiler)
+        for per_graph in opts.layers_per_graph:
+            undo = compile_layers(em, opts.compile_mode, per_graph)
+            grouped = "" if per_graph == 1 else f", {per_graph} layers per graph"
+            try:
+                steps = [("ours: full model", full, batch), ("ours: sandwich", sandwich, batch)]
+                if flat is not None:
+                    steps.append(("ours: sandwich, padding-free", sandwich, flat))
+                for label, plan, inputs in steps:
+                    measure(f"{label} (compiled{grouped})", plan, inputs, max(opts.warmup, 2))
+                    # after each row too: a run cut off by a time limit keeps what the compiler did so far
+                    logger.info("%s: compiler after %s: %s", name, label, compiler_counters(counters))
+            except Exception as err:  # noqa: BLE001 - a compiler failure is a result to report, not the run's end
+                compile_error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+                logger.warning("%s: compiled steps failed: %s", name, compile_error)
+            finally:
+                undo()
+                compiler = compiler_counters(counters)
+                logger.info("%s: compiler: %s", name, compiler)
+            if compile_error:
+                break
     peak = opts.peak_tflops * 1e12 if cuda else None
     rows = []
     for step, plan, seconds, profiled in timed:
@@ -823,10 +832,24 @@ def compare_case(opts, name: str, work: Path, layouts: Optional[dict] = None) ->
                if flat is not None else {})
     return {"case": name, **case, "tokens": tokens, **padding, "rows": rows, "ours_mixed_precision": precision,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-            **({"compile_mode": opts.compile_mode} if opts.compile else {}),
+            **({"compile_mode": opts.compile_mode, "layers_per_graph": opts.layers_per_graph} if opts.compile else {}),
             **({"compile_error": compile_error} if compile_error else {}),
             **({"compiler": compiler} if compiler is not None else {}),
             **({"same_losses": losses} if losses else {})}
+
+
+def layers_per_graph_list(text: str) -> list[int]:
+    """``--layers_per_graph``'s comma list as distinct numbers, in the order given (UsageError naming the flag)."""
+    values = []
+    for part in text.split(","):
+        try:
+            value = int(part)
+        except ValueError:
+            raise UsageError(f"{part.strip()!r} is not a whole number", "--layers_per_graph") from None
+        check_layers_per_graph(value)
+        if value not in values:
+            values.append(value)
+    return values
 
 
 def _percent(value) -> str:
@@ -960,6 +983,9 @@ def main(argv=None) -> int:
         return 2
     try:
         check_compile_mode(opts.compile_mode, torch.cuda.is_available())
+        opts.layers_per_graph = layers_per_graph_list(opts.layers_per_graph)
+        if opts.layers_per_graph != [1] and not (opts.compile and opts.compare):
+            raise UsageError("applies to the compiled rows; add --compare and --compile", "--layers_per_graph")
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

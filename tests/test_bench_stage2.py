@@ -282,6 +282,20 @@ def test_compile_mode_needs_the_compiled_rows_and_cuda_graphs_a_gpu(tmp_path, ca
     assert not (tmp_path / "c.json").exists()
 
 
+def test_layers_per_graph_is_a_list_of_whole_numbers_for_the_compiled_rows(tmp_path, capsys):
+    """--layers_per_graph: distinct values in the order given; a non-number, a value below 1, or a value above 1
+    without the compiled rows: one line naming it, exit 2, nothing written."""
+    bench = _bench()
+    assert bench.layers_per_graph_list("1,6,6,30") == [1, 6, 30]
+    out = str(tmp_path / "c.json")
+    for extra, message in ((["--compile", "--layers_per_graph", "1,x"], "'x' is not a whole number"),
+                           (["--compile", "--layers_per_graph", "0"], "must be at least 1, got 0"),
+                           (["--layers_per_graph", "4"], "applies to the compiled rows; add --compare and --compile")):
+        assert bench.main(["--smoke", "--compare", "tiny", *extra, "--out", out]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"error: --layers_per_graph: {message}"]
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_kernel_sources_name_the_launching_operator():
     """--profile_kernels: each matching device kernel is traced to the operator that launched it (the innermost
     aten:: operator above its launch, with input shapes and dtypes) and the operators above that; kernels are

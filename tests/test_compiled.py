@@ -27,13 +27,18 @@ def _step(trainer, model, batch) -> tuple[float, dict]:
     return loss, grads
 
 
-def _assert_prepared_step_is_bitwise_the_same(trainer, model, em) -> None:
-    """One sandwich step with the projections reading the subnet themselves, then with their operands prepared
-    before each decoder forward: the same loss and adapter gradients, bitwise (adapters' B made non-zero first)."""
+def _nonzero_adapters(model) -> None:
+    """Every adapter's B drawn at random (it starts at zero), so the adapters' gradients depend on every path."""
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for _, _, ad in adapted_modules(model):
             ad.lora_B.normal_(0, 0.05, generator=g)
+
+
+def _assert_prepared_step_is_bitwise_the_same(trainer, model, em) -> None:
+    """One sandwich step with the projections reading the subnet themselves, then with their operands prepared
+    before each decoder forward: the same loss and adapter gradients, bitwise (adapters' B made non-zero first)."""
+    _nonzero_adapters(model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     model.train()
     plain = _step(trainer, model, batch)
@@ -96,10 +101,7 @@ def test_cuda_graph_mode_keeps_operands_at_fixed_addresses_and_the_same_step(mon
         assert not router.fixed_addresses and not router._fixed_storage
         assert not any(FIXED_STORAGE in vars(mod) for i in range(em.num_layers) for mod in em.projections(i).values())
 
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, _, ad in adapted_modules(model):
-            ad.lora_B.normal_(0, 0.05, generator=g)
+    _nonzero_adapters(model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     plain = _step(trainer, model, batch)
     undo = compile_layers(em, "reduce-overhead")
@@ -379,3 +381,120 @@ def test_side_effects_under_checkpoint_are_allowed_while_compiled_and_restored_a
     with caplog.at_level("WARNING", logger="amoeba.compiled"):
         assert compiled._allow_side_effects_under_checkpoint() is None
     assert [r.getMessage().split(":")[0] for r in caplog.records] == ["--compile_layers"]
+
+
+def test_layer_runs_split_evenly_and_never_across_attention_types():
+    from amoeba.compiled import layer_runs
+
+    assert [len(r) for r in layer_runs(30, 8)] == [8, 8, 7, 7]
+    assert [len(r) for r in layer_runs(6, 1)] == [1] * 6
+    assert [len(r) for r in layer_runs(5, 30)] == [5]
+    types = ["sliding", "sliding", "full", "sliding", "sliding", "sliding", "full"]
+    runs = layer_runs(len(types), 2, types)
+    assert [list(r) for r in runs] == [[0, 1], [2], [3, 4], [5], [6]]
+    assert all(len({types[i] for i in r}) == 1 for r in runs)
+    assert [i for r in layer_runs(17, 4, ["full"] * 17) for i in r] == list(range(17))
+
+
+def test_grouped_layers_give_the_same_sandwich_step_bitwise_and_are_undone(monkeypatch, tiny_dir,  # noqa: F811
+                                                                           tmp_path):
+    """--layers_per_graph: while the decoder runs, its layer list is the subnet's layers in runs of N (one call
+    each), and after it the subnet's own list again; the sandwich step (checkpointed) is bitwise the eager one,
+    the groups are built once per layer list and reused, and undoing drops them. (torch.compile is replaced by the
+    function itself here: the compiled groups are tested below.)"""
+    from amoeba.compiled import LayerGroup, compile_layers
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", *SANDWICH, *MOE, "--gradient_checkpointing", "True")
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    _nonzero_adapters(model)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model.train()
+    plain = _step(trainer, model, batch)
+    seen = []
+    hook = em.decoder.register_forward_pre_hook(lambda module, a: seen.append(list(module.layers)))
+    undo = compile_layers(em, "default", layers_per_graph=2)  # its hook runs after the one above
+    try:
+        grouped = _step(trainer, model, batch)
+        assert em.decoder.layers is em.all_layers and not any(layer.gradient_checkpointing for layer in em.all_layers)
+        calls = []
+        monkeypatch.setattr(LayerGroup, "forward", lambda self, h, *a, **k: (calls.append(len(self.members)),
+                                                                               h)[1])
+        with torch.no_grad():
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert calls == [2, 2, 2]  # the full model's 6 layers in three calls
+        monkeypatch.undo()
+    finally:
+        hook.remove()
+        undo()
+    plan = [sub for _, sub in trainer.last_plan]
+    assert {sub.width for sub in plan} > {1.0} and any(sub.num_layers < em.num_layers for sub in plan)
+    assert [len(layers) for layers in seen[:len(plan)]] == [sub.num_layers for sub in plan]
+    assert plain[0] == grouped[0] and plain[1].keys() == grouped[1].keys() and plain[1]
+    assert all(torch.equal(plain[1][k], grouped[1][k]) for k in plain[1])
+    assert em.decoder.layers is em.all_layers
+    assert all(layer.gradient_checkpointing and layer._compiled_call_impl is None for layer in em.all_layers)
+
+
+@pytest.mark.skipif(compiler_missing(cuda=False) is not None, reason="no C++ compiler for torch.compile on a CPU")
+def test_layers_compiled_in_runs_make_one_compiled_call_per_run(tiny_dir, tmp_path):  # noqa: F811
+    """--layers_per_graph 3 with checkpointing: the full model (6 layers) and a 3-layer subnet make one compiled
+    forward and one compiled backward per run of 3 layers (3 of each), not one per layer; the loss and adapter
+    gradients are eager's to fp32 rounding, and one graph serves every run (the subnet's too)."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    from amoeba.compiled import compile_layers
+    from amoeba.subnet import Subnet
+
+    torch._dynamo.reset()
+    counters.clear()
+    args, model, tok, em, s = _setup(tiny_dir, tmp_path / "o", "--gradient_checkpointing", "True")
+    trainer, _ = prepare_trainer(args, model, tok, em, s)
+    _nonzero_adapters(model)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model.train()
+
+    def step() -> tuple[list, dict]:
+        losses = []
+        for subnet in (em.full_subnet(), Subnet((0, 2, 5), 1.0)):
+            with em.use(subnet):
+                loss = model(**batch).loss
+                loss.backward()
+                losses.append(float(loss.detach()))
+        grads = {k: v.grad.clone() for k, v in adapter_state_dict(model).items() if v.grad is not None}
+        model.zero_grad()
+        return losses, grads
+
+    eager = step()
+    undo = compile_layers(em, layers_per_graph=3)
+    try:
+        compiled = step()  # compiles
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+    finally:
+        undo()
+    forwards = sum(e.count for e in prof.key_averages() if e.key == "CompiledFunction")
+    backwards = sum(e.count for e in prof.key_averages() if e.key == "CompiledFunctionBackward")
+    assert forwards == backwards == 3  # 6 + 3 layers in runs of 3
+    assert counters["stats"]["unique_graphs"] == 1
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-5)
+    assert compiled[1].keys() == eager[1].keys() and eager[1]
+    flat = lambda d: torch.cat([d[k].flatten() for k in sorted(d)])  # noqa: E731
+    assert float((flat(eager[1]) - flat(compiled[1])).norm()) <= 1e-5 * float(flat(eager[1]).norm())
+    assert em.decoder.layers is em.all_layers
+    assert all(layer.gradient_checkpointing and layer._compiled_call_impl is None for layer in em.all_layers)
+
+
+def test_layers_per_graph_is_checked(tiny_dir, tmp_path, capsys):  # noqa: F811
+    """--layers_per_graph below 1, or above 1 without --compile_layers: one line naming it, exit 2, nothing
+    written."""
+    from main import main
+
+    base = ["--model_name_or_path", str(tiny_dir), "--output_dir", str(tmp_path / "m"), "--do_train", "True"]
+    for extra, needle in ((["--compile_layers", "--layers_per_graph", "0"], "at least 1"),
+                          (["--layers_per_graph", "4"], "needs --compile_layers")):
+        code = main(base + extra)
+        err_lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err_lines) == 1 and "--layers_per_graph" in err_lines[0] and needle in err_lines[0]
+    assert not (tmp_path / "m").exists()

@@ -259,7 +259,7 @@ def prepare_trainer(args: Arguments, model, tokenizer, em: ElasticModel, strateg
         _enable_checkpointing(model)
     # after the adapters (its hook must run after the router's: the mixed adapters) and after checkpointing (taken
     # inside the compiled layers)
-    uncompile = compile_layers(em, t.compile_mode) if t.compile_layers else None
+    uncompile = compile_layers(em, t.compile_mode, t.layers_per_graph) if t.compile_layers else None
     _disable_trainer_checkpointing(t)
     if t.shard_settings is not None:
         shard_frozen_base(model, em.all_layers, t.shard_settings)
