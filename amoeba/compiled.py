@@ -34,7 +34,8 @@ eager (measured; compile_layers warns of it): it pays on the benchmark's fixed b
 graphs the graph trees' bookkeeping around each replay), which bounds a small model's graphed step (SmolLM2-135M's
 sandwich made 94 compiled forwards and as many backwards; docs/BENCHMARKS.md, fifteenth measurement). The same
 computation; with checkpointing the checkpoint then holds the group's input only and the backward recomputes the
-group's N layers at once (N layers' activations alive in the backward instead of one). Not shown to pay yet, and a
+group's N layers at once (N layers' activations alive in the backward instead of one). Only training forwards are
+grouped, without a KV cache (a cache is sized per layer); evaluation runs the layers eager. Not shown to pay yet, and a
 6-layer graph compiles in 70-100 s on an H200 host against about 20 s for one layer (sixteenth measurement).
 """
 
@@ -187,8 +188,14 @@ class LayerGrouping:
             self._groups[key] = (groups, types)
         return self._groups[key]
 
-    def enter(self) -> None:
-        """Make the decoder's layer list (as the subnet left it) its groups; undone when the decoder returns."""
+    def enter(self, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+        """Make the decoder's layer list (as the subnet left it) its groups, undone when the decoder returns, and
+        return the decoder's arguments with ``use_cache=False``. Only for a training forward (gradients on) that is
+        given no cache: a cache is sized and typed per layer (from ``config.layer_types``, which names groups here)
+        and training reads none; any other forward (evaluation, generation) runs the layers as they are, eager."""
+        if kwargs.get("cache", kwargs.get("past_key_values")) is not None or not (
+                self.decoder.training and torch.is_grad_enabled()):
+            return None
         config = self.decoder.config
         layers = self.decoder.layers
         layer_types = getattr(config, "layer_types", None)
@@ -200,6 +207,7 @@ class LayerGrouping:
         self.decoder.layers = groups
         if types is not None:
             config.layer_types = types
+        return args, {**kwargs, "use_cache": False}
 
     def _leave(self, module, args, output) -> None:
         if self._saved is None:
@@ -281,14 +289,15 @@ def compile_layers(em, mode: str = "default", layers_per_graph: int = 1) -> Call
     grouping: Optional[LayerGrouping] = None
     duck_sizing: Optional[Callable[[], None]] = None
 
-    def before_decoder(module, args) -> None:
+    def before_decoder(module, args, kwargs):
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         em.prepare_projections(fixed_addresses=graphs)
         if grouping is not None:  # after the depth hook: the subnet's layers are the decoder's now
-            grouping.enter()
+            return grouping.enter(args, kwargs)
+        return None
 
-    hook = em.decoder.register_forward_pre_hook(before_decoder)
+    hook = em.decoder.register_forward_pre_hook(before_decoder, with_kwargs=True)
     router = get_router(em.model)
     if router is not None:  # CUDA graphs: the mixed adapters at fixed addresses (see prepare_projections)
         router.use_fixed_addresses(graphs)

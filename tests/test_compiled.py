@@ -400,8 +400,9 @@ def test_grouped_layers_give_the_same_sandwich_step_bitwise_and_are_undone(monke
                                                                            tmp_path):
     """--layers_per_graph: while the decoder runs, its layer list is the subnet's layers in runs of N (one call
     each), and after it the subnet's own list again; the sandwich step (checkpointed) is bitwise the eager one,
-    the groups are built once per layer list and reused, and undoing drops them. (torch.compile is replaced by the
-    function itself here: the compiled groups are tested below.)"""
+    the groups are built once per layer list and reused, and undoing drops them. A forward without gradients
+    (evaluation, generation) is not grouped. (torch.compile is replaced by the function itself here: the compiled
+    groups are tested below.)"""
     from amoeba.compiled import LayerGroup, compile_layers
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
@@ -420,9 +421,11 @@ def test_grouped_layers_give_the_same_sandwich_step_bitwise_and_are_undone(monke
         calls = []
         monkeypatch.setattr(LayerGroup, "forward", lambda self, h, *a, **k: (calls.append(len(self.members)),
                                                                                h)[1])
-        with torch.no_grad():
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         assert calls == [2, 2, 2]  # the full model's 6 layers in three calls
+        with torch.no_grad():  # not training: the layers as they are (a cache, if any, is made per layer)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True)
+        assert calls == [2, 2, 2]
         monkeypatch.undo()
     finally:
         hook.remove()
@@ -434,6 +437,48 @@ def test_grouped_layers_give_the_same_sandwich_step_bitwise_and_are_undone(monke
     assert all(torch.equal(plain[1][k], grouped[1][k]) for k in plain[1])
     assert em.decoder.layers is em.all_layers
     assert all(layer.gradient_checkpointing and layer._compiled_call_impl is None for layer in em.all_layers)
+
+
+def test_grouped_layers_keep_sliding_window_and_full_attention_apart(monkeypatch):
+    """Gemma 2 alternates sliding-window and full-attention layers, whose masks the decoder picks by
+    ``config.layer_types``: grouped, the full model and a depth subnet that breaks the alternation give the logits
+    of ungrouped layers (train mode, gradients on), no group mixes two types, and the config's types are back
+    after each forward."""
+    from amoeba.compiled import LayerGroup, compile_layers
+    from amoeba.elastic import make_elastic
+    from amoeba.subnet import Subnet
+    from tests.test_families import IDS, KEEP, family_model
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    model = family_model("gemma2").train()
+    types = list(model.config.layer_types)
+    assert len(set(types)) == 2
+    em = make_elastic(model)
+    subnets = (em.full_subnet(), Subnet(KEEP, 0.75))
+    want = []
+    for sub in subnets:
+        with em.use(sub):
+            want.append(model(IDS).logits.detach())
+    seen = []
+    forward = LayerGroup.forward
+    index = {id(layer): i for i, layer in enumerate(em.all_layers)}  # a subnet renumbers its layers' layer_idx
+
+    def counted(self, *args, **kwargs):
+        seen.append((self.attention_type, [types[index[id(m)]] for m in self.members]))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LayerGroup, "forward", counted)
+    undo = compile_layers(em, layers_per_graph=2)
+    try:
+        for sub, logits in zip(subnets, want):
+            with em.use(sub):
+                assert torch.equal(model(IDS).logits.detach(), logits)
+            assert model.config.layer_types == types and em.decoder.layers is em.all_layers
+    finally:
+        undo()
+    kept = [types[i] for i in KEEP]
+    # the full model: 6 alternating layers, one group each; the subnet's sliding, sliding, full, full: two groups
+    assert seen == [(t, [t]) for t in types] + [(kept[0], kept[:2]), (kept[2], kept[2:])]
 
 
 @pytest.mark.skipif(compiler_missing(cuda=False) is not None, reason="no C++ compiler for torch.compile on a CPU")
