@@ -36,3 +36,7 @@ class DropMessage(logging.Filter):
 # exactly that one. Set before any module of this package imports bitsandbytes (through peft/transformers).
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community"))
+# The same attempt, through the ``kernels`` package, also says offline that it skips the hub's publisher check for that
+# kernel (seen with kernels 0.19.1 and HF_HUB_OFFLINE=1): the same kernel, the same reason to drop it.
+logging.getLogger("kernels._internals.hf_hub").addFilter(
+    DropMessage("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"))
