@@ -36,7 +36,7 @@ sandwich made 94 compiled forwards and as many backwards; docs/BENCHMARKS.md, fi
 computation; with checkpointing the checkpoint then holds the group's input only and the backward recomputes the
 group's N layers at once (N layers' activations alive in the backward instead of one). Only training forwards are
 grouped, without a KV cache (a cache is sized per layer); evaluation runs the layers eager. Not shown to pay yet, and a
-6-layer graph compiles in 70-100 s on an H200 host against about 20 s for one layer (sixteenth measurement).
+6-layer graph compiles in 45-100 s on an H200 host against about 20 s for one layer (sixteenth measurement).
 """
 
 from __future__ import annotations
@@ -148,11 +148,8 @@ def layer_runs(count: int, per_graph: int, layer_types: Optional[Sequence[str]] 
     full-attention layers take different masks from the decoder)."""
     runs, start = [], 0
     while start < count:  # stretches of one attention type
-        end = start + 1
-        while end < count and layer_types is not None and layer_types[end] == layer_types[start]:
-            end += 1
-        if layer_types is None:
-            end = count
+        end = count if layer_types is None else next(
+            (j for j in range(start + 1, count) if layer_types[j] != layer_types[start]), count)
         parts = -(-(end - start) // per_graph)
         sizes = [(end - start) // parts + (i < (end - start) % parts) for i in range(parts)]
         for size in sizes:
@@ -169,23 +166,20 @@ class LayerGrouping:
 
     def __init__(self, decoder: nn.Module, per_graph: int, call: Callable):
         self.decoder, self.per_graph, self.call = decoder, per_graph, call
-        self._groups: dict[tuple, tuple[nn.ModuleList, Optional[list]]] = {}
+        self._groups: dict[tuple, nn.ModuleList] = {}
         self._saved: Optional[tuple] = None
         self._restore = decoder.register_forward_hook(self._leave, prepend=True, always_call=True)
 
-    def groups(self, layers: Sequence[nn.Module], layer_types: Optional[Sequence[str]]):
-        """The groups of ``layers`` (built at their first forward) and their attention types."""
+    def groups(self, layers: Sequence[nn.Module], layer_types: Optional[Sequence[str]]) -> nn.ModuleList:
+        """The groups of ``layers`` (built at their first forward; they stay in training mode, the only one grouped)."""
         key = (tuple(map(id, layers)), tuple(layer_types) if layer_types is not None else None)
         if key not in self._groups:
-            groups, types = nn.ModuleList(), [] if layer_types is not None else None
+            groups = nn.ModuleList()
             for run in layer_runs(len(layers), self.per_graph, layer_types):
-                kind = layer_types[run[0]] if layer_types is not None else None
-                group = LayerGroup([layers[i] for i in run], kind)
+                group = LayerGroup([layers[i] for i in run], layer_types[run[0]] if layer_types is not None else None)
                 group._compiled_call_impl = partial(self.call, group)
                 groups.append(group)
-                if types is not None:
-                    types.append(kind)
-            self._groups[key] = (groups, types)
+            self._groups[key] = groups
         return self._groups[key]
 
     def enter(self, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
@@ -200,13 +194,11 @@ class LayerGrouping:
         layers = self.decoder.layers
         layer_types = getattr(config, "layer_types", None)
         layer_types = list(layer_types[:len(layers)]) if layer_types else None
-        groups, types = self.groups(layers, layer_types)
+        groups = self.groups(layers, layer_types)
         self._saved = (layers, getattr(config, "layer_types", None))
-        for group in groups:
-            group.training = self.decoder.training
         self.decoder.layers = groups
-        if types is not None:
-            config.layer_types = types
+        if layer_types is not None:
+            config.layer_types = [group.attention_type for group in groups]
         return args, {**kwargs, "use_cache": False}
 
     def _leave(self, module, args, output) -> None:
@@ -228,10 +220,14 @@ def _no_duck_sizing() -> Callable[[], None]:
     function that puts the setting back. A group's graph holds several layers' operands, whose sizes and storage
     offsets (the mixed adapters are views into one buffer) coincide differently in every group: each coincidence
     became a guard, and each group a graph of its own (measured: 5 graphs for 3 groups of a 6-layer model)."""
-    config = torch.fx.experimental._config
-    before = config.use_duck_shape
-    config.use_duck_shape = False
-    return partial(setattr, config, "use_duck_shape", before)
+    return _set_until_undone(torch.fx.experimental._config, "use_duck_shape", False)
+
+
+def _set_until_undone(config, name: str, value) -> Callable[[], None]:
+    """Set a compiler setting and return the function that puts its earlier value back."""
+    before = getattr(config, name)
+    setattr(config, name, value)
+    return partial(setattr, config, name, before)
 
 
 def plain_call(layer, *args, **kwargs):
@@ -264,9 +260,7 @@ def _allow_side_effects_under_checkpoint() -> Optional[Callable[[], None]]:
         logger.warning("%s: this torch cannot let a checkpointed layer's forward write Python state; a layer that "
                        "does (transformers 5.25's attention) runs uncompiled under gradient checkpointing", FLAG)
         return None
-    before = getattr(config, name)
-    setattr(config, name, True)
-    return partial(setattr, config, name, before)
+    return _set_until_undone(config, name, True)
 
 
 def compile_layers(em, mode: str = "default", layers_per_graph: int = 1) -> Callable[[], None]:
